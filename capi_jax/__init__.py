@@ -1,0 +1,1 @@
+"""capi_jax: CAPI (Cluster and Predict Latent Patches) pretraining in JAX/Flax."""

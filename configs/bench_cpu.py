@@ -1,0 +1,36 @@
+r"""A fixed CPU benchmark shape, for comparing capi_jax with the official PyTorch code.
+
+Run:
+  python -m capi_jax.bench --config=configs/bench_cpu.py
+
+Images 112x112, patch 14 (64 tokens), width 192, 3 heads, encoder depth 12, predictor depth 6,
+16 registers, 1024 clusters, global batch 64, mask ratio 0.65, prediction subsampling 0.25,
+drop path 0.1, float32, synthetic images. The official PyTorch code runs this shape at about
+59 images/s on the 2-core CPU machine (eager; torch.compile was slower).
+"""
+
+import ml_collections
+
+from configs import vitl
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = vitl.get_config()
+  c.name = 'bench_cpu'
+  c.capi.num_clusters = 1024
+  c.optim.global_batch_size = 64
+  c.data.dataset = 'synthetic'
+  c.data.image_size = 112
+  c.data.mask_ratio = 0.65
+  c.data.prediction_subsampling = 0.25
+  c.data.num_workers = 0
+  c.model.patch_size = 14
+  c.model.n_registers = 16
+  c.model.embed_dim = 192
+  c.model.num_heads = 3
+  c.model.encoder_depth = 12
+  c.model.decoder_depth = 6
+  c.model.drop_path_rate = 0.1
+  c.efficiency.compute_dtype = 'float32'
+  c.efficiency.remat_policy = 'none'
+  return c
