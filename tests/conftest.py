@@ -1,0 +1,21 @@
+"""Test setup: 8 fake CPU devices for the whole session (set before JAX is imported).
+
+Single-device tests build their mesh from `jax.devices()[:1]`; sharded tests use all 8.
+"""
+
+import os
+import pathlib
+
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'capi_ref_small.npz'
+
+
+@pytest.fixture(scope='session')
+def fixture_path() -> pathlib.Path:
+  """The official PyTorch release's numbers for a small random model (see fixtures/README.md)."""
+  return FIXTURE
