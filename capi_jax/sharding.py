@@ -1,0 +1,91 @@
+"""Device mesh, regex parameter-sharding rules and batch sharding.
+
+The mesh comes from `config.sharding.mesh`, e.g. (('data', 1), ('fsdp', -1)): named axes and
+their sizes, -1 taking the devices left. Parameters (and everything shaped like them: EMA,
+optimiser moments) are placed by `config.sharding.param_rules`, a sequence of
+(regex on the '/'-joined path, strategy), first match wins:
+  'fsdp'       shard the largest dimension divisible by the 'fsdp' axis size over it
+               (ZeRO-3 style: XLA all-gathers weights where they are used);
+  'replicate'  a full copy on every device.
+The batch's leading axis is split over all mesh axes, so every device holds distinct samples.
+"""
+
+from collections.abc import Sequence
+import math
+import re
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from capi_jax import optim
+
+PyTree = Any
+FSDP_AXIS = 'fsdp'
+
+
+def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """Resolves one -1 in the axis sizes so that their product is `n_devices`."""
+  names = tuple(name for name, _ in axes)
+  sizes = [int(size) for _, size in axes]
+  known = math.prod(s for s in sizes if s != -1)
+  if sizes.count(-1) > 1:
+    raise ValueError(f'At most one mesh axis may have size -1, got {axes}.')
+  if -1 in sizes:
+    if n_devices % known:
+      raise ValueError(f'{n_devices} devices do not split into mesh {axes}.')
+    sizes[sizes.index(-1)] = n_devices // known
+  if math.prod(sizes) != n_devices:
+    raise ValueError(f'Mesh {axes} needs {math.prod(sizes)} devices, but {n_devices} are given. '
+                     'Set config.sharding.mesh sizes to multiply to the device count, or use -1.')
+  return names, tuple(sizes)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of `config.sharding.mesh` over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  names, sizes = mesh_shape(config.sharding.mesh, len(devices))
+  # Auto axes: GSPMD propagates shardings through the model, which is written for global arrays.
+  axis_types = (jax.sharding.AxisType.Auto,) * len(names)
+  return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every mesh axis."""
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def leaf_spec(shape: Sequence[int], strategy: str, fsdp_size: int) -> P:
+  """PartitionSpec of one array under a rule's strategy."""
+  if strategy == 'replicate' or fsdp_size == 1 or not shape:
+    return P()
+  if strategy != 'fsdp':
+    raise ValueError(f"Unknown sharding strategy {strategy!r}: use 'fsdp' or 'replicate'.")
+  # The largest dimension divisible by the axis size; ties go to the last dimension (the
+  # output features of a kernel), which keeps the all-gather contiguous.
+  candidates = [(d, i) for i, d in enumerate(shape) if d % fsdp_size == 0]
+  if not candidates:
+    return P()
+  _, axis = max(candidates)
+  spec = [None] * len(shape)
+  spec[axis] = FSDP_AXIS
+  return P(*spec)
+
+
+def tree_shardings(mesh: Mesh, abstract_tree: PyTree, rules: Sequence[tuple[str, str]]) -> PyTree:
+  """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs)."""
+  fsdp_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(FSDP_AXIS, 1)
+  compiled = [(re.compile(pattern), strategy) for pattern, strategy in rules]
+
+  def one(path, leaf):
+    name = optim.path_name(path)
+    strategy = next((s for r, s in compiled if r.search(name)), 'replicate')
+    return NamedSharding(mesh, leaf_spec(np.shape(leaf), strategy, fsdp_size))
+
+  return jax.tree_util.tree_map_with_path(one, abstract_tree)
