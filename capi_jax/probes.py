@@ -1,7 +1,7 @@
 """Classification protocols on frozen features: k-NN, linear probes and the attentive probe.
 
 Everything here works on features already extracted (see `evaluate.py`), held in device memory:
-- `knn_scores` / `knn_classify`: cosine k-NN with temperature-weighted votes (DINO), several k in
+- `knn_index` / `knn_classify`: cosine k-NN with temperature-weighted votes (DINO), several k in
   one pass, chunked over the keys so that memory is bounded by (query_chunk, key_chunk), with the
   queries sharded over all devices.
 - `train_probe_grid`: trains one probe per (learning rate, weight decay) pair in ONE jitted pass,
@@ -91,16 +91,19 @@ def _knn_votes(sim: jax.Array, neighbour_targets: jax.Array, *, ks: tuple[int, .
   return jnp.stack([weighted[:, :k].sum(axis=1) for k in ks])
 
 
-def knn_scores(queries: np.ndarray, keys: np.ndarray, key_targets: np.ndarray, *,
-               ks: Sequence[int], num_classes: int, temperature: float = 0.07,
-               metric: str = 'cosine', query_chunk: int = 1024,
-               key_chunk: int = 8192) -> np.ndarray:
-  """Class votes of the k nearest keys, for several k at once.
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def knn_index(keys: np.ndarray, key_targets: np.ndarray, *, ks: Sequence[int],
+              num_classes: int, temperature: float = 0.07, metric: str = 'cosine',
+              query_chunk: int = 1024, key_chunk: int = 8192
+              ) -> Callable[[np.ndarray], np.ndarray]:
+  """A k-NN voter over `keys`, placed on the devices once for any number of query batches.
 
   Cosine votes are weighted by exp(similarity / temperature) as in DINO; L2 votes are uniform.
 
   Args:
-    queries: (n_queries, dim) features.
     keys: (n_keys, dim) features.
     key_targets: (n_keys,) int class labels, or (n_keys, num_classes) soft labels (e.g. the class
       fractions of a segmentation patch).
@@ -112,7 +115,7 @@ def knn_scores(queries: np.ndarray, keys: np.ndarray, key_targets: np.ndarray, *
     key_chunk: keys compared at once.
 
   Returns:
-    (len(ks), n_queries, num_classes) float32 votes.
+    queries (n_queries, dim) -> (len(ks), n_queries, num_classes) float32 votes.
   """
   if metric not in ('cosine', 'l2'):
     raise ValueError(f'Unknown k-NN metric {metric!r}: use "cosine" or "l2".')
@@ -121,40 +124,44 @@ def knn_scores(queries: np.ndarray, keys: np.ndarray, key_targets: np.ndarray, *
   if max(ks) > n_keys:
     raise ValueError(f'k-NN with k={max(ks)} needs at least that many keys, got {n_keys}: '
                      'lower the ks or use more training images.')
-  queries = np.asarray(queries, np.float32)
   keys = np.asarray(keys, np.float32)
   if metric == 'cosine':
-    queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+    keys = _unit(keys)
   key_targets = np.asarray(key_targets)
   if key_targets.ndim == 1:
     key_targets = np.eye(num_classes, dtype=np.float32)[key_targets]
-  key_targets = jnp.asarray(key_targets, jnp.float32)
-
   mesh = _mesh()
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   by_batch = jax.sharding.NamedSharding(mesh, jax.P('batch'))
   key_chunk = min(key_chunk, n_keys)
   keys = jax.device_put(_pad_to(keys, math.ceil(n_keys / key_chunk) * key_chunk), replicated)
+  key_targets = jax.device_put(key_targets.astype(np.float32), replicated)
   n_dev = jax.device_count()
-  query_chunk = math.ceil(min(query_chunk, len(queries)) / n_dev) * n_dev
-  votes = []
-  for start in range(0, len(queries), query_chunk):
-    chunk = queries[start:start + query_chunk]
-    padded = jax.device_put(_pad_to(chunk, query_chunk), by_batch)
-    sim, idx = _knn_chunk(padded, keys, jnp.int32(n_keys), k_max=max(ks), metric=metric,
-                          key_chunk=key_chunk)
-    v = _knn_votes(sim, key_targets[idx], ks=ks, temperature=temperature, metric=metric)
-    votes.append(np.asarray(v)[:, :len(chunk)])
-  return np.concatenate(votes, axis=1)
+
+  def votes(queries: np.ndarray) -> np.ndarray:
+    queries = np.asarray(queries, np.float32)
+    if metric == 'cosine':
+      queries = _unit(queries)
+    chunk_size = math.ceil(min(query_chunk, len(queries)) / n_dev) * n_dev
+    out = []
+    for start in range(0, len(queries), chunk_size):
+      chunk = queries[start:start + chunk_size]
+      padded = jax.device_put(_pad_to(chunk, chunk_size), by_batch)
+      sim, idx = _knn_chunk(padded, keys, jnp.int32(n_keys), k_max=max(ks), metric=metric,
+                            key_chunk=key_chunk)
+      v = _knn_votes(sim, key_targets[idx], ks=ks, temperature=temperature, metric=metric)
+      out.append(np.asarray(v)[:, :len(chunk)])
+    return np.concatenate(out, axis=1)
+
+  return votes
 
 
 def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, ks: Sequence[int], num_classes: int,
                  temperature: float = 0.07) -> dict[str, float]:
   """Cosine k-NN top-1 accuracy on test for each k: {'k10': acc, ...} (accuracies in [0, 1])."""
-  votes = knn_scores(test_x, train_x, train_y, ks=ks, num_classes=num_classes,
-                     temperature=temperature)
+  votes = knn_index(train_x, train_y, ks=ks, num_classes=num_classes,
+                    temperature=temperature)(test_x)
   correct = votes.argmax(-1) == np.asarray(test_y)[None]
   return {f'k{k}': float(c.mean()) for k, c in zip(ks, correct)}
 

@@ -48,8 +48,8 @@ def test_knn_matches_brute_force_across_chunks(metric):
   keys = rng.normal(size=(150, 8)).astype(np.float32)
   soft = rng.dirichlet(np.ones(4), size=150).astype(np.float32)
   # Chunks smaller than both sets exercise the running top-k merge and the padding of both.
-  got = probes.knn_scores(queries, keys, soft, ks=(1, 5, 20), num_classes=4, temperature=0.5,
-                          metric=metric, query_chunk=16, key_chunk=64)
+  got = probes.knn_index(keys, soft, ks=(1, 5, 20), num_classes=4, temperature=0.5,
+                         metric=metric, query_chunk=16, key_chunk=64)(queries)
   want = _brute_force_votes(queries, keys, soft, (1, 5, 20), 0.5, metric)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)  # float32 matmul vs float64.
 
