@@ -1,0 +1,317 @@
+"""Random-access image sources selected by one string, and robust decoding to RGB.
+
+`make_source(dataset, split, data_dir)` understands:
+- `fashion_mnist` / `fashion_mnist:DIR`: Fashion-MNIST IDX files (`.gz` or raw) in DIR, default
+  `data_dir` or /usr/share/datasets/fashion-mnist (Debian's `dataset-fashion-mnist`).
+  Splits 'train' (60k) and 'test' (10k); grey 28x28 images, labels 0..9.
+- `tfds:NAME`: a TFDS dataset prepared in ArrayRecord format (`tfds build NAME
+  --file_format=array_record`), read with `tfds.data_source` (no TensorFlow needed). Any TFDS
+  split string works ('train', 'validation', 'train[:10%]'). The first `Image` feature is the
+  image; a `label` feature, if any, is the label. Images are decoded here, not by TFDS, so that a
+  corrupt record is skipped rather than fatal.
+- `folder:PATH`: JPEG / PNG / WebP files. If PATH has a sub-folder named like the split
+  (`PATH/train/`, `PATH/val/`, ...), that is the split; otherwise PATH itself is the 'train'
+  split and other splits are an error. Inside the split folder, first-level sub-folders are
+  classes (label = index in sorted order, like torchvision's ImageFolder; files are found
+  recursively below them); a folder with no sub-folders is one unlabelled set (label -1).
+- `synthetic`: random pixels (1M records, deterministic per index), for benchmarks.
+
+Every source returns records `{'image': bytes | uint8 array, 'label': int, 'name': str}`;
+`decode(record)` turns one into `{'image': PIL RGB image, 'label': int32}` or None when the
+record cannot be decoded (logged with its name and counted in `skipped_records()`).
+"""
+
+import gzip
+import io
+import logging
+import os
+import pathlib
+import struct
+import threading
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
+SYNTHETIC_SIZE = 1_000_000
+# After this many undecodable records in a row, a process stops with an error instead of
+# looping forever over an unreadable dataset (scattered bad files in a shuffled stream never
+# come close).
+_MAX_CONSECUTIVE_SKIPS = 100
+
+Record = dict[str, Any]
+
+
+class FashionMnistSource:
+  """Fashion-MNIST from local IDX files: records with a (28, 28) uint8 image and a label."""
+
+  _PREFIX = {'train': 'train', 'test': 't10k'}
+
+  def __init__(self, root: str, split: str):
+    if split not in self._PREFIX:
+      raise ValueError(f'Fashion-MNIST has splits {sorted(self._PREFIX)}, not {split!r}.')
+    prefix = self._PREFIX[split]
+    self.images = _read_idx(_find_idx(root, f'{prefix}-images-idx3-ubyte'), ndim=3)
+    self.labels = _read_idx(_find_idx(root, f'{prefix}-labels-idx1-ubyte'), ndim=1)
+    if len(self.images) != len(self.labels):
+      raise ValueError(f'Fashion-MNIST in {root}: {len(self.images)} images but '
+                       f'{len(self.labels)} labels for split {split!r}; the files are damaged.')
+    self.num_classes = 10
+    self.description = f'fashion_mnist:{root} split {split!r} ({len(self)} images)'
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> Record:
+    return {'image': self.images[index], 'label': int(self.labels[index]),
+            'name': f'fashion_mnist[{index}]'}
+
+
+def _find_idx(root: str, stem: str) -> pathlib.Path:
+  for name in (f'{stem}.gz', stem):
+    if (path := pathlib.Path(root) / name).is_file():
+      return path
+  raise FileNotFoundError(
+      f'Fashion-MNIST file {stem}[.gz] not found in {root!r}. Install Debian\'s '
+      f'`dataset-fashion-mnist` package (files in {FASHION_MNIST_DIR}) or give the folder '
+      'holding the four IDX files as `fashion_mnist:DIR`.')
+
+
+def _read_idx(path: pathlib.Path, ndim: int) -> np.ndarray:
+  """Reads an unsigned-byte IDX file (the MNIST format): (n, ...) uint8."""
+  opener = gzip.open if path.suffix == '.gz' else open
+  try:
+    with opener(path, 'rb') as f:
+      data = f.read()
+    zero, dtype_code, dims = struct.unpack('>HBB', data[:4])
+    shape = struct.unpack(f'>{dims}I', data[4:4 + 4 * dims])
+    if zero != 0 or dtype_code != 0x08 or dims != ndim:
+      raise ValueError(f'header says dtype 0x{dtype_code:02x}, {dims} dims; expected uint8 with '
+                       f'{ndim} dims')
+    array = np.frombuffer(data, np.uint8, count=int(np.prod(shape)), offset=4 + 4 * dims)
+  except (OSError, EOFError, ValueError, struct.error) as e:
+    raise ValueError(f'Cannot read IDX file {path}: {e}. Re-download or reinstall it.') from e
+  return array.reshape(shape)
+
+
+class FolderSource:
+  """Image files below a folder; records carry the encoded bytes, read lazily."""
+
+  def __init__(self, root: str, split: str):
+    split_dir = _folder_split_dir(root, split)
+    self.paths, self.labels, self.class_names = _scan_images(split_dir)
+    self.num_classes = len(self.class_names)
+    self.description = (f'folder:{split_dir} ({len(self.paths)} images, '
+                        f'{self.num_classes or "no"} classes)')
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> Record:
+    path = self.paths[index]
+    try:
+      data = pathlib.Path(path).read_bytes()
+    except OSError as e:  # A vanished or unreadable file is a bad record, not a crash.
+      data = e
+    return {'image': data, 'label': self.labels[index], 'name': path}
+
+
+def _folder_split_dir(root: str, split: str) -> pathlib.Path:
+  path = pathlib.Path(root)
+  if not path.is_dir():
+    raise FileNotFoundError(f'Image folder {root!r} does not exist; check the path in '
+                            '`folder:PATH` (config.data.dataset or config.evals.dataset).')
+  if (path / split).is_dir():
+    return path / split
+  if split == 'train':
+    return path
+  raise FileNotFoundError(
+      f'Image folder {root!r} has no sub-folder {split!r} for split {split!r}. Put that split\'s '
+      f'images in {path / split}/ (optionally in class sub-folders), or choose an existing split.')
+
+
+def _scan_images(split_dir: pathlib.Path) -> tuple[list[str], list[int], list[str]]:
+  """(paths, labels, class_names), sorted so that every host sees the same order."""
+
+  def images_below(directory: pathlib.Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+      dirnames.sort()
+      found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+  class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
+  if class_dirs:
+    loose = [f for f in split_dir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+      logging.warning('%s: %d images directly in the folder are ignored because it has class '
+                      'sub-folders (e.g. %s).', split_dir, len(loose), loose[0].name)
+    paths, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+      found = images_below(class_dir)
+      paths += found
+      labels += [label] * len(found)
+    class_names = [d.name for d in class_dirs]
+  else:
+    paths = images_below(split_dir)
+    labels, class_names = [-1] * len(paths), []
+  if not paths:
+    raise FileNotFoundError(
+        f'No images ({", ".join(IMAGE_EXTENSIONS)}) found in {split_dir}. Put the images there, '
+        'optionally in one sub-folder per class.')
+  return paths, labels, class_names
+
+
+class TfdsSource:
+  """A TFDS ArrayRecord dataset through `tfds.data_source`, images left encoded.
+
+  The TFDS source is opened lazily in each process (it holds file handles, which do not travel
+  to Grain's worker processes).
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str):
+    self._args = (name, split, data_dir or None)
+    source = self._open()  # Fail here, in the main process, with a readable message.
+    self.image_key, self.label_key, self.num_classes = _tfds_keys(source.dataset_info, name)
+    self._length = len(source)
+    self.description = f'tfds:{name} split {split!r} ({self._length} images)'
+
+  def _open(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    name, split, data_dir = self._args
+    try:
+      info = tfds.builder(name, data_dir=data_dir).info
+      image_keys = [k for k, f in info.features.items() if isinstance(f, tfds.features.Image)]
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                decoders={k: tfds.decode.SkipDecoding() for k in image_keys})
+    except Exception as e:  # TFDS raises many types (registration, missing files, formats).
+      raise FileNotFoundError(
+          f'Cannot open TFDS dataset {name!r} split {split!r} in data_dir {data_dir or "(default)"}'
+          f': {type(e).__name__}: {e}. Prepare it in ArrayRecord format, e.g. `tfds build {name} '
+          '--file_format=array_record --data_dir=DIR` (ImageNet needs its archives in '
+          'DIR/downloads/manual), and set config.data.data_dir=DIR.') from e
+    self._source = source
+    return source
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != '_source'}
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> Record:
+    source = self.__dict__.get('_source') or self._open()
+    example = source[index]
+    label = int(example[self.label_key]) if self.label_key else -1
+    return {'image': example[self.image_key], 'label': label,
+            'name': f'tfds:{self._args[0]}/{self._args[1]}[{index}]'}
+
+
+def _tfds_keys(info, name: str) -> tuple[str, str | None, int]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  features = info.features
+  image_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+  if not image_keys:
+    raise ValueError(f'TFDS dataset {name!r} has no Image feature (features: {list(features)}).')
+  label = features['label'] if 'label' in features else None
+  num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
+  return image_keys[0], ('label' if label is not None else None), num_classes
+
+
+class SyntheticSource:
+  """Random uint8 pixels, deterministic per index; for benchmarks."""
+
+  def __init__(self, image_size: int):
+    self.image_size = image_size
+    self.num_classes = 0
+    self.description = f'synthetic ({SYNTHETIC_SIZE} random {image_size}x{image_size} images)'
+
+  def __len__(self) -> int:
+    return SYNTHETIC_SIZE
+
+  def __getitem__(self, index: int) -> Record:
+    rng = np.random.default_rng(index)
+    shape = (self.image_size, self.image_size, 3)
+    return {'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': -1,
+            'name': f'synthetic[{index}]'}
+
+
+def make_source(dataset: str, split: str, data_dir: str = '', image_size: int = 224):
+  """The random-access source named by `dataset` (see the module docstring)."""
+  kind, _, arg = dataset.partition(':')
+  if kind == 'fashion_mnist':
+    return FashionMnistSource(arg or data_dir or FASHION_MNIST_DIR, split)
+  if kind == 'tfds' and arg:
+    return TfdsSource(arg, split, data_dir)
+  if kind == 'folder' and arg:
+    return FolderSource(arg, split)
+  if kind == 'synthetic':
+    return SyntheticSource(image_size)
+  raise ValueError(f'Unknown dataset {dataset!r}. Use fashion_mnist, fashion_mnist:DIR, '
+                   'tfds:NAME, folder:PATH or synthetic.')
+
+
+# Per-process decoding statistics (each Grain worker process counts its own records).
+_stats_lock = threading.Lock()
+_stats = {'decoded': 0, 'skipped': 0, 'skipped_in_a_row': 0}
+
+
+def skipped_records() -> int:
+  """How many records this process skipped as undecodable so far."""
+  return _stats['skipped']
+
+
+def _count(name: str, error: Exception | None) -> None:
+  """Counts one decoded (error None) or skipped record; logs skips, stops a hopeless stream."""
+  with _stats_lock:
+    if error is None:
+      _stats['decoded'] += 1
+      _stats['skipped_in_a_row'] = 0
+      return
+    _stats['skipped'] += 1
+    _stats['skipped_in_a_row'] += 1
+    skipped, in_a_row = _stats['skipped'], _stats['skipped_in_a_row']
+  logging.warning('Skipping unreadable record %s (%s: %s); %d skipped so far in this process.',
+                  name, type(error).__name__, error, skipped)
+  if in_a_row >= _MAX_CONSECUTIVE_SKIPS:
+    raise ValueError(
+        f'{in_a_row} records in a row could not be decoded as images (latest: {name}: '
+        f'{type(error).__name__}: {error}). The dataset is damaged or is not an image dataset; '
+        'check the path and the files, or remove the bad ones.')
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Converts any PIL mode to 8-bit RGB (alpha dropped, as torchvision's loader does)."""
+  if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
+    # 16/32-bit greyscale: convert('RGB') would clip to 255; rescale the 16-bit range instead.
+    array = np.asarray(image, dtype=np.float32)
+    if image.mode != 'F':
+      array = array / 257.0
+    image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode='L')
+  elif image.mode == 'P' and 'transparency' in image.info:
+    image = image.convert('RGBA')  # Pillow asks for this step for palette images with alpha.
+  return image if image.mode == 'RGB' else image.convert('RGB')
+
+
+def decode(record: Record) -> dict[str, Any] | None:
+  """`{'image': PIL RGB image, 'label': int32}`, or None if the record cannot be decoded."""
+  data = record['image']
+  try:
+    if isinstance(data, Exception):
+      raise data
+    if isinstance(data, np.ndarray):
+      image = Image.fromarray(data)
+    else:
+      image = Image.open(io.BytesIO(data))
+      image.load()  # Decode now, so that a truncated file fails here and not later.
+    image = to_rgb(image)
+  except Exception as e:  # pylint: disable=broad-except
+    # Any decoder failure (truncated, corrupt, unsupported mode, decompression bomb) makes this
+    # one record unusable; the pipeline skips it instead of killing a worker.
+    _count(record['name'], e)
+    return None
+  _count(record['name'], None)
+  return {'image': image, 'label': np.int32(record['label'])}

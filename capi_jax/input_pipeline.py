@@ -1,0 +1,273 @@
+"""Grain input pipeline: augmentation and host-side masks, resumable loaders, global batches.
+
+Training (`create_train_loader`), per host:
+  source[process_index::process_count] -> shuffle (reshuffled every epoch) -> repeat forever
+  -> decode (undecodable records become None and are dropped) -> random_map(crop, flip,
+  normalise, masks) -> batch(global_batch / process_count) -> `num_workers` worker processes.
+The random_map's generator is seeded from (seed, host) and the record's position in the
+infinite shuffled stream, so augmentations and masks are reproducible, differ every epoch, and
+a resumed iterator (`get_state` / `set_state`) yields exactly the batches an uninterrupted one
+would. A skipped record shortens nothing: batching happens after the drop, so the next records
+fill the batch, identically on every run.
+
+Checkpointing the iterator with the model, in Orbax (grain 0.2.18):
+  ocp.args.Composite(..., data_iter=grain.checkpoint.CheckpointSave(iterator))   # save
+  ocp.args.Composite(..., data_iter=grain.checkpoint.CheckpointRestore(iterator))  # restore
+with `grain.checkpoint.CheckpointHandler` registered for the 'data_iter' item
+(`ocp.CheckpointManager(..., item_handlers={'data_iter': grain.checkpoint.CheckpointHandler()})`).
+The handler writes one JSON file per process, so every host restores its own position.
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from absl import flags
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from capi_jax import data_sources
+from capi_jax import masking
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+CROP_RATIO = (3 / 4, 4 / 3)
+# Threads per process that read and transform records (PIL releases the GIL while decoding
+# and resizing, so threads overlap well even in a single process).
+READ_THREADS = 8
+
+Batch = dict[str, np.ndarray]
+
+
+def sample_crop_box(height: int, width: int, scale: tuple[float, float],
+                    ratio: tuple[float, float],
+                    rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop.get_params: (top, left, h, w).
+
+  Ten tries at a random area fraction in `scale` and log-uniform aspect ratio (w / h) in `ratio`;
+  if none fits, the largest centred crop with an aspect ratio inside `ratio`.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect_ratio)))
+    h = int(round(math.sqrt(target_area / aspect_ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def normalize(image: Image.Image) -> np.ndarray:
+  """RGB image -> float32 (H, W, 3), ImageNet mean/std normalised."""
+  pixels = np.asarray(image, dtype=np.float32)
+  return (pixels * (1 / 255) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def eval_image(image: Image.Image, image_size: int) -> np.ndarray:
+  """The reference evaluation transform: float32 (image_size, image_size, 3).
+
+  Resize the shorter side to image_size * 256 / 224 (bicubic), centre-crop image_size
+  (torchvision's Resize(int) + CenterCrop rounding), normalise.
+  """
+  resize = int(image_size * 256 / 224)
+  width, height = image.size
+  if width <= height:
+    size = (resize, max(int(resize * height / width), resize))
+  else:
+    size = (max(int(resize * width / height), resize), resize)
+  image = image.resize(size, Image.Resampling.BICUBIC)
+  top = int(round((size[1] - image_size) / 2.0))
+  left = int(round((size[0] - image_size) / 2.0))
+  return normalize(image.crop((left, top, left + image_size, top + image_size)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform(grain.transforms.RandomMap):
+  """RandomResizedCrop (bicubic) + horizontal flip + normalisation + this image's masks.
+
+  All randomness comes from the generator Grain derives from the seed and the record index.
+  Output: images float32 (S, S, 3), visible_indices int32 (n_visible,) ascending,
+  predict_indices int32 (n_predict,), label int32 ().
+  """
+  image_size: int
+  patch_size: int
+  crop_scale: tuple[float, float]
+  do_hflip: bool
+  masking_generator: str
+  masking_roll: bool
+  mask_ratio: float
+  prediction_subsampling: float
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return (self.image_size // self.patch_size,) * 2
+
+  def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> Batch:
+    image = element['image']
+    top, left, h, w = sample_crop_box(image.height, image.width, self.crop_scale, CROP_RATIO,
+                                      rng)
+    # crop, then resize: torchvision's order (resizing with a box would read pixels outside it).
+    image = image.crop((left, top, left + w, top + h)).resize(
+        (self.image_size, self.image_size), Image.Resampling.BICUBIC)
+    if self.do_hflip and rng.random() < 0.5:
+      image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    generate = masking.make_mask_generator(self.masking_generator, self.grid, self.masking_roll)
+    visible, predict = masking.sample_indices(generate, self.grid, self.mask_ratio,
+                                              self.prediction_subsampling, rng)
+    return {'images': normalize(image), 'visible_indices': visible, 'predict_indices': predict,
+            'label': element['label']}
+
+
+def train_transform(config: ml_collections.ConfigDict) -> TrainTransform:
+  """The training transform from `config.data` and `config.model.patch_size`."""
+  data = config.data
+  if data.image_size % config.model.patch_size:
+    raise ValueError(f'config.data.image_size={data.image_size} is not a multiple of '
+                     f'config.model.patch_size={config.model.patch_size}.')
+  transform = TrainTransform(
+      image_size=data.image_size, patch_size=config.model.patch_size,
+      crop_scale=tuple(data.crop_scale), do_hflip=data.do_hflip,
+      masking_generator=data.masking_generator, masking_roll=data.masking_roll,
+      mask_ratio=data.mask_ratio, prediction_subsampling=data.prediction_subsampling)
+  # Fail now, in the main process, on a bad generator name or empty visible/predicted sets.
+  masking.make_mask_generator(transform.masking_generator, transform.grid)
+  masking.mask_counts(transform.grid[0] * transform.grid[1], data.mask_ratio,
+                      data.prediction_subsampling)
+  return transform
+
+
+def _host_seeds(seed: int, process_index: int) -> tuple[int, int]:
+  """(shuffle seed, augmentation seed), distinct per host so hosts' crops/masks are independent."""
+  shuffle_seed, map_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
+  return int(shuffle_seed), int(map_seed)
+
+
+def train_dataset(config: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """This host's infinite stream of augmented, masked examples (before batching)."""
+  source = data_sources.make_source(config.data.dataset, config.data.split, config.data.data_dir,
+                                    config.data.image_size)
+  if len(source) < process_count:
+    raise ValueError(f'{source.description} has fewer images than the {process_count} hosts.')
+  shuffle_seed, map_seed = _host_seeds(seed, process_index)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.shuffle(seed=shuffle_seed).repeat(None)
+  ds = ds.map(data_sources.decode)
+  return ds.random_map(train_transform(config), seed=map_seed)
+
+
+def _in_worker_processes(ds: grain.IterDataset,
+                         config: ml_collections.ConfigDict) -> grain.IterDataset:
+  """Runs `ds` in config.data.num_workers processes (0: in this process's threads)."""
+  if config.data.num_workers <= 0:
+    return ds
+  # Grain's worker launcher reads its absl flags; outside an absl app (tests, notebooks,
+  # benchmarks) they are unparsed, so take their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=config.data.num_workers,
+      per_worker_buffer_size=config.data.prefetch_buffer_size))
+
+
+def create_train_loader(config: ml_collections.ConfigDict, *, seed: int,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
+  """Iterator over this host's training batches, of global_batch_size / process_count each.
+
+  The iterator is infinite, supports `get_state()` / `set_state()` (JSON-serialisable dicts)
+  and Grain's Orbax checkpoint handler (see the module docstring). With
+  `config.data.num_workers` > 0, batches are built in that many worker processes; the stream
+  depends on num_workers, so resume with the same value.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  global_batch = config.optim.global_batch_size
+  if global_batch % process_count:
+    raise ValueError(f'config.optim.global_batch_size={global_batch} is not divisible by the '
+                     f'{process_count} hosts.')
+  ds = train_dataset(config, seed=seed, process_index=process_index, process_count=process_count)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                            prefetch_buffer_size=2 * READ_THREADS))
+  ds = ds.batch(global_batch // process_count, drop_remainder=True)
+  return iter(_in_worker_processes(ds, config))
+
+
+def create_eval_dataset(config: ml_collections.ConfigDict, split: str, max_images: int = 0,
+                        batch_size: int | None = None) -> grain.IterDataset:
+  """Evaluation batches `{'images': (b, S, S, 3) float32, 'label': (b,) int32}` of `split`.
+
+  Source `config.evals.dataset` (same strings as training; `config.data.data_dir` applies),
+  image size `config.data.image_size`, batch size `config.evals.batch_size` unless given. Order
+  is fixed; the last batch may be smaller; undecodable records are skipped. With
+  `max_images` > 0 and a larger split, a fixed random subset (seed 0) of that many images is
+  used, so class-sorted sources (folders) stay balanced. Every host reads the whole split.
+  Iterate it as often as needed.
+  """
+  source = data_sources.make_source(config.evals.dataset, split, config.data.data_dir,
+                                    config.data.image_size)
+  ds = grain.MapDataset.source(source)
+  if 0 < max_images < len(ds):
+    ds = ds.shuffle(seed=0)[:max_images]
+  image_size = config.data.image_size
+
+  def transform(element: Mapping[str, Any]) -> Batch:
+    return {'images': eval_image(element['image'], image_size), 'label': element['label']}
+
+  ds = ds.map(data_sources.decode).map(transform)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                            prefetch_buffer_size=2 * READ_THREADS))
+  ds = ds.batch(batch_size or config.evals.batch_size, drop_remainder=False)
+  return _in_worker_processes(ds, config)
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
+                      batch_spec: jax.sharding.PartitionSpec) -> dict[str, jax.Array]:
+  """This host's batch -> global `jax.Array`s whose leading axis is sharded by `batch_spec`."""
+  sharding = jax.sharding.NamedSharding(mesh, batch_spec)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def measure_throughput(config: ml_collections.ConfigDict, num_batches: int = 20,
+                       warmup_batches: int = 2) -> dict[str, float]:
+  """Host pipeline throughput of the training loader (no accelerator work).
+
+  Returns images_per_s, images_per_s_per_worker (per worker process; the main process counts
+  as one worker when num_workers=0), seconds, num_batches, batch_size, num_workers,
+  image_size.
+  """
+  iterator = create_train_loader(config, seed=config.train.seed)
+  try:
+    for _ in range(warmup_batches):  # Worker start-up and first file opens are not throughput.
+      batch = next(iterator)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      batch = next(iterator)
+    seconds = time.perf_counter() - start
+  finally:
+    if hasattr(iterator, 'close'):
+      iterator.close()
+  images = num_batches * batch['images'].shape[0]
+  workers = max(config.data.num_workers, 1)
+  return {'images_per_s': images / seconds, 'images_per_s_per_worker': images / seconds / workers,
+          'seconds': seconds, 'num_batches': num_batches,
+          'batch_size': int(batch['images'].shape[0]), 'num_workers': config.data.num_workers,
+          'image_size': config.data.image_size}
+
