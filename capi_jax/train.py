@@ -1,0 +1,243 @@
+"""`train_and_evaluate(config, workdir)`: the pretraining loop.
+
+From one CPU to a pod, the same loop:
+  - multi-process runs call `jax.distributed.initialize()` (set by `launch/`), each host reads
+    its slice of the data and assembles global arrays;
+  - the TrainState is created abstractly, born sharded (or restored sharded from the latest
+    checkpoint in WORKDIR/checkpoints), the step is compiled ahead of time and its memory use
+    logged;
+  - inside the loop the host only dispatches; it syncs with the devices at logging, NaN checks
+    and checkpoints;
+  - SIGTERM / SIGUSR1 (pre-emption, SLURM's warning signal) -> checkpoint and exit cleanly; the
+    next run with the same workdir resumes exactly where this one stopped;
+  - loss NaN/inf at more than 2 consecutive checks (every `train.nan_check_period` steps) -> abort
+    with an error; checkpoints are only written from finite states, so the last one is good.
+"""
+
+import logging
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import tqdm
+
+from capi_jax import checkpointing
+from capi_jax import input_pipeline
+from capi_jax import methods
+from capi_jax import metrics_writer
+from capi_jax import sharding
+from capi_jax import train_step
+
+logger = logging.getLogger(__name__)
+# The reference aborts after more than this many consecutive NaN checks.
+CONSECUTIVE_NAN_LIMIT = 2
+LOSS_KEYS = ('capi_loss', 'clustering_loss')
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss was NaN/inf at more than CONSECUTIVE_NAN_LIMIT consecutive checks."""
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize()` when launched as one of several processes.
+
+  Explicit settings (launch/local_multiprocess.py, or any launcher): JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID. Otherwise JAX detects SLURM (more than one task) and Cloud
+  TPU pods (more than one worker) itself. Single-process runs skip it.
+  """
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  if 'JAX_COORDINATOR_ADDRESS' in env:
+    jax.distributed.initialize(
+        coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+        num_processes=int(env['JAX_NUM_PROCESSES']),
+        process_id=int(env['JAX_PROCESS_ID']))
+  elif int(env.get('SLURM_NTASKS', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+    jax.distributed.initialize()
+
+
+class _StopFlag:
+  """Set by SIGTERM / SIGUSR1; read by the loop between steps."""
+
+  def __init__(self):
+    self.signal = None
+
+  def __call__(self, signum, frame):
+    del frame
+    self.signal = signum
+    logger.warning('Received signal %d: checkpointing and exiting after this step.', signum)
+
+  def install(self) -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+      signal.signal(sig, self)
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if it is True on any (so all stop at the same step)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _is_finite(metrics: dict[str, Any]) -> bool:
+  return bool(np.isfinite(sum(float(metrics[k]) for k in LOSS_KEYS)))
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+
+
+def _log_memory(compiled) -> None:
+  try:
+    mem = compiled.memory_analysis()
+  except (NotImplementedError, jax.errors.JaxRuntimeError):
+    mem = None
+  if mem is None:
+    return
+  gib = lambda b: f'{b / 2**30:.3f} GiB'
+  logger.info('Train step memory per device: arguments %s, outputs %s, temporaries %s, '
+               'code %s (arguments are donated).',
+               gib(mem.argument_size_in_bytes), gib(mem.output_size_in_bytes),
+               gib(mem.temp_size_in_bytes), gib(mem.generated_code_size_in_bytes))
+
+
+def run_evals(config: ml_collections.ConfigDict, state: train_step.TrainState, step: int,
+              workdir: pathlib.Path, which: str, writer: metrics_writer.MetricsWriter) -> None:
+  """Evaluates the student or EMA backbone with `capi_jax.evaluate` and logs the results."""
+  from capi_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only when used)
+  params = state.ema_params if which == 'ema' else state.params
+  results = evaluate.run_evals(config, params['backbone'], step, workdir)
+  if results:
+    writer.write(step, {f'{which}/{k}': v for k, v in results.items()
+                        if np.ndim(v) == 0}, prefix='eval/')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+                       ) -> train_step.TrainState:
+  """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
+  initialize_distributed()
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  _save_config(config, workdir)
+  is_main = jax.process_index() == 0
+  logger.info('Process %d/%d, %d local / %d global devices (%s).', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    return _train(config, workdir, mesh, is_main)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
+           is_main: bool) -> train_step.TrainState:
+  method = methods.from_config(config)
+  init, optimizers = train_step.init_fn(config, method)
+  rng = jax.random.PRNGKey(config.train.seed)
+  abstract = jax.eval_shape(init, rng)
+  state_shardings = sharding.tree_shardings(mesh, abstract, config.sharding.param_rules)
+
+  data_iter = input_pipeline.create_train_loader(
+      config, seed=config.train.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
+  latest = ckpt.latest_step()
+  if latest is not None and not config.train.auto_resume:
+    raise ValueError(f'{ckpt.directory} already holds checkpoint {latest} and '
+                     'config.train.auto_resume is False: use a new --workdir, or resume.')
+  if latest is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+    state = ckpt.restore(latest, target, data_iter)
+    logger.info('Resuming from step %d.', latest)
+  else:
+    state = jax.jit(init, out_shardings=state_shardings)(rng)
+
+  total = config.optim.total_iters
+  start = int(jax.device_get(state.step))
+  writer = metrics_writer.MetricsWriter(workdir, enabled=is_main)
+  stop = _StopFlag()
+  stop.install()
+  batch_spec = sharding.batch_sharding(mesh).spec
+  next_batch = lambda: input_pipeline.make_global_batch(
+      {k: v for k, v in next(data_iter).items() if k in train_step.STEP_KEYS}, mesh, batch_spec)
+
+  step_fn = train_step.jit_train_step(method, optimizers, state_shardings, mesh)
+  compiled = None
+  cfg = config.train
+  global_batch = config.optim.global_batch_size
+  bad_checks = 0
+  last_log_time, last_log_step = time.perf_counter(), start
+  metrics = None
+  progress = tqdm.tqdm(total=total, initial=start, disable=not (is_main and sys.stderr.isatty()),
+                       desc='train', unit='step', dynamic_ncols=True)
+  try:
+    for step in range(start, total):
+      batch = next_batch()
+      if compiled is None:
+        compiled = step_fn.lower(state, batch).compile()
+        _log_memory(compiled)
+        last_log_time = time.perf_counter()
+      with jax.transfer_guard('disallow'):
+        state, metrics = compiled(state, batch)
+      progress.update(1)
+      done = step + 1
+
+      if cfg.nan_check_period > 0 and step % cfg.nan_check_period == 0:
+        host = jax.device_get(metrics)
+        if _is_finite(host):
+          bad_checks = 0
+        else:
+          bad_checks += 1
+          logger.warning('Non-finite loss at step %d (%d consecutive checks): %s', step,
+                          bad_checks, {k: float(host[k]) for k in LOSS_KEYS})
+          if bad_checks > CONSECUTIVE_NAN_LIMIT:
+            ckpt.wait()
+            raise NonFiniteLossError(
+                f'Loss is NaN/inf at {bad_checks} consecutive checks (every '
+                f'{cfg.nan_check_period} steps), last at step {step}: training diverged. The '
+                f'last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}; '
+                'lower optim.lr_schedule.base_value or check the data, then rerun to resume.')
+
+      if step % cfg.log_loss_every == 0 or done == total:
+        host = jax.device_get(metrics)
+        now = time.perf_counter()
+        host['images_per_s'] = (step + 1 - last_log_step) * global_batch / (now - last_log_time)
+        last_log_time, last_log_step = now, step + 1
+        writer.write(step, host)
+
+      stopping = (stop.signal is not None if jax.process_count() == 1 else
+                  step % cfg.log_loss_every == 0 and _any_process(stop.signal is not None))
+      if stopping or done % cfg.checkpointing.period == 0:
+        # Only finite states become checkpoints, so the latest one is always good.
+        if _is_finite(jax.device_get(metrics)):
+          ckpt.save(done, state, data_iter)
+        else:
+          logger.warning('Not checkpointing step %d: the loss is not finite.', done)
+      if stopping:
+        ckpt.wait()
+        logger.warning('Stopped by signal at step %d; checkpoint saved, rerun to resume.', done)
+        return state
+
+      if config.evals.period and done % config.evals.period == 0 and done != total:
+        run_evals(config, state, done, workdir, config.evals.model, writer)
+
+    if metrics is not None and _is_finite(jax.device_get(metrics)):
+      ckpt.save(total, state, data_iter)
+    ckpt.wait()
+    if config.evals.get('final', True):
+      run_evals(config, state, total, workdir, 'ema', writer)
+    return state
+  finally:
+    progress.close()
+    ckpt.close()
+    writer.close()
