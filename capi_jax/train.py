@@ -75,9 +75,14 @@ class _StopFlag:
     self.signal = signum
     logger.warning('Received signal %d: checkpointing and exiting after this step.', signum)
 
-  def install(self) -> None:
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-      signal.signal(sig, self)
+  def install(self) -> dict[int, Any]:
+    """Installs the handler; returns the previous handlers, for `restore`."""
+    return {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+  @staticmethod
+  def restore(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def _any_process(flag: bool) -> bool:
@@ -166,7 +171,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
   start = int(jax.device_get(state.step))
   writer = metrics_writer.MetricsWriter(workdir, enabled=is_main)
   stop = _StopFlag()
-  stop.install()
+  previous_handlers = stop.install()
   batch_spec = sharding.batch_sharding(mesh).spec
   next_batch = lambda: input_pipeline.make_global_batch(
       {k: v for k, v in next(data_iter).items() if k in train_step.STEP_KEYS}, mesh, batch_spec)
@@ -238,6 +243,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
       run_evals(config, state, total, workdir, 'ema', writer)
     return state
   finally:
+    stop.restore(previous_handlers)
     progress.close()
     ckpt.close()
     writer.close()

@@ -1,0 +1,93 @@
+"""The train step: parity with the official release, and 1 device == 8 devices."""
+
+import jax
+import ml_collections
+import numpy as np
+
+from capi_jax import check_reference
+from capi_jax import input_pipeline
+from capi_jax import methods
+from capi_jax import sharding
+from capi_jax import train_step
+from configs import tiny
+
+
+def micro_config() -> ml_collections.ConfigDict:
+  """configs/tiny.py shrunk to seconds: 16x16 Fashion-MNIST crops, width 32, depth 1+1."""
+  c = tiny.get_config()
+  c.model.embed_dim = 32
+  c.model.num_heads = 2
+  c.model.encoder_depth = 1
+  c.model.decoder_depth = 1
+  c.model.n_registers = 4
+  c.model.drop_path_rate = 0.1
+  c.data.image_size = 16
+  c.capi.num_clusters = 16
+  c.optim.global_batch_size = 16
+  c.optim.total_iters = 12
+  c.optim.lr_schedule.warmup_iters = 2
+  c.optim.momentum_schedule.warmup_iters = 2
+  c.capi.clustering_optimizer.lr_schedule.warmup_iters = 2
+  c.train.log_loss_every = 1
+  c.train.nan_check_period = 1
+  c.train.checkpointing.period = 4
+  c.train.checkpointing.async_save = True
+  c.evals.final = False  # The evaluation has its own tests.
+  return c
+
+
+def test_two_official_training_iterations(fixture_path):
+  """Losses and every parameter after two steps from the fixture's weights and batches."""
+  comparisons = [c for c in check_reference.COMPARISONS if c.name == 'two training iterations']
+  assert comparisons, 'check_reference lost its "two training iterations" comparison'
+  report = check_reference.run(check_reference.load_fixture(str(fixture_path)), comparisons)
+  assert not report.skipped, report.table()
+  assert len(report.results) == 6 + 5, report.table()
+  assert report.ok, report.table()
+
+
+def _losses(config, devices, batches):
+  mesh = sharding.make_mesh(config, devices)
+  method = methods.from_config(config)
+  with jax.set_mesh(mesh):
+    state, shardings, optimizers = train_step.create_state(
+        config, method, mesh, jax.random.PRNGKey(config.train.seed))
+    step = train_step.jit_train_step(method, optimizers, shardings, mesh)
+    losses = []
+    for batch in batches:
+      batch = input_pipeline.make_global_batch(batch, mesh, sharding.batch_sharding(mesh).spec)
+      state, metrics = step(state, batch)
+      losses.append(jax.device_get(metrics))
+  return losses, jax.device_get(state.params)
+
+
+def test_one_device_equals_eight_devices():
+  config = micro_config()
+  loader = input_pipeline.create_train_loader(config, seed=0, process_index=0, process_count=1)
+  batches = [{k: v for k, v in next(loader).items() if k in train_step.STEP_KEYS}
+             for _ in range(3)]
+  one, params_one = _losses(config, jax.devices()[:1], batches)
+  eight, params_eight = _losses(config, jax.devices(), batches)
+  assert len(jax.devices()) == 8
+  for a, b in zip(one, eight):
+    for key in ('capi_loss', 'clustering_loss', 'target_entropy', 'lr', 'momentum'):
+      # Same math, different reduction order across devices: float32 rounding only.
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=key)
+  assert one[0]['capi_loss'] != one[2]['capi_loss']  # It trains.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_one, params_eight)
+
+
+def test_state_is_born_sharded_fsdp():
+  config = micro_config()
+  mesh = sharding.make_mesh(config)
+  method = methods.from_config(config)
+  state, _, _ = train_step.create_state(config, method, mesh, jax.random.PRNGKey(0))
+  kernel = state.params['backbone']['encoder']['blocks_0']['residual2']['fn']['fc1']['kernel']
+  assert kernel.shape == (32, 128)
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+  assert {s.data.shape for s in kernel.addressable_shards} == {(32, 16)}
+  mu = state.opt_state[0].mu['backbone']['encoder']['blocks_0']['residual2']['fn']['fc1']['kernel']
+  assert mu.sharding.spec == kernel.sharding.spec
+  # EMA starts as the student.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+               jax.device_get(state.ema_params))
