@@ -1,0 +1,227 @@
+"""EncoderDecoder: parity with the official release, shape generality, stochastic depth, dtypes."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from capi_jax import check_reference
+from capi_jax import models
+
+# float32 parity with the PyTorch release; errors measured ~3e-6 on values of order 3.
+FORWARD_TOL = 1e-5
+
+
+@pytest.fixture(scope='module')
+def ctx(fixture_path):
+  return check_reference.Context(check_reference.load_fixture(fixture_path))
+
+
+def small_config(**overrides) -> ml_collections.ConfigDict:
+  """A second architecture: other patch size, width, heads, depths and register count."""
+  model = dict(patch_size=8, n_registers=8, register_coordinates='edge', scale_reg_to_visible=True,
+               norm_eps=1e-5, embed_dim=48, num_heads=3, mlp_ratio=4, drop_path_rate=0.0,
+               encoder_depth=2, decoder_depth=2, out_layer=-1)
+  model.update(overrides)
+  return ml_collections.ConfigDict(dict(
+      model=model, efficiency=dict(compute_dtype='float32', param_dtype='float32',
+                                   remat_policy='none')))
+
+
+def test_rope_frequencies_bit_identical_to_release(ctx):
+  ref = ctx.arrays['backbone/encoder.blocks.0.residual1.fn.rope.freqs']
+  np.testing.assert_array_equal(models.rope_frequencies(ref.shape[1]), ref)
+
+
+def test_torch_linspace_endpoints_and_symmetry():
+  x = models.torch_linspace(0, 1, 7)
+  assert x[0] == 0 and x[-1] == 1 and x.dtype == np.float32
+  np.testing.assert_array_equal(models.torch_linspace(0, 1, 1), [0])
+
+
+def test_edge_register_coordinates_go_around_the_square():
+  coords = models.register_coordinates('edge', 8)
+  np.testing.assert_array_equal(
+      coords, [[0, 0], [0.5, 0], [1, 0], [1, 0.5], [1, 1], [0.5, 1], [0, 1], [0, 0.5]])
+  np.testing.assert_array_equal(models.register_coordinates('zeros', 4), np.zeros((4, 2)))
+  with pytest.raises(ValueError, match='divisible by 4'):
+    models.register_coordinates('edge', 6)
+
+
+def test_patch_coordinates_row_major_non_square():
+  coords = models.patch_coordinates(2, 3)
+  np.testing.assert_array_equal(coords[:, 0], [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(coords[:, 1], [0, 0.5, 1, 0, 0.5, 1])
+
+
+def test_eval_forward_matches_reference(ctx):
+  global_repr, registers, feature_map = ctx.model.apply(
+      {'params': ctx.backbone}, ctx.images('fwd/images'))
+  for name, ours in [('global_repr', global_repr), ('registers', registers),
+                     ('feature_map', feature_map)]:
+    np.testing.assert_allclose(ours, ctx.arrays[f'fwd/{name}'], atol=FORWARD_TOL, rtol=0,
+                               err_msg=name)
+
+
+def test_training_forward_matches_reference(ctx):
+  variables = {'params': ctx.backbone}
+  images = ctx.images('pretrain/images')
+  visible = ctx.per_image_indices('pretrain/visible_indices', 'pretrain/images')
+  predict = ctx.per_image_indices('pretrain/predict_indices', 'pretrain/images')
+  student_patches, predictions = ctx.model.apply(
+      variables, images, visible, predict, train=False, method='pretrain')
+  teacher_patches = ctx.model.apply(variables, images, method='encode_all')
+  np.testing.assert_allclose(student_patches, ctx.arrays['pretrain/student_patches'],
+                             atol=FORWARD_TOL, rtol=0)
+  ref_predictions = ctx.arrays['pretrain/student_predictions']
+  np.testing.assert_allclose(np.asarray(predictions).reshape(ref_predictions.shape),
+                             ref_predictions, atol=FORWARD_TOL, rtol=0)
+  np.testing.assert_allclose(teacher_patches, ctx.arrays['pretrain/teacher_patches'],
+                             atol=FORWARD_TOL, rtol=0)
+
+
+def test_parameter_names_used_by_optimiser_groups(ctx):
+  paths = {'/'.join(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      ctx.backbone)[0]}
+  assert {'patch_embed/kernel', 'patch_embed/bias', 'registers', 'mask_token'} <= paths
+  assert 'encoder/blocks_0/residual1/norm/scale' in paths
+  assert 'decoder/blocks_1/residual1/fn/rope/freqs' in paths
+  assert 'encoder/blocks_2/residual2/fn/fc2/kernel' in paths
+  assert not any(p.endswith('bias') and 'patch_embed' not in p for p in paths)
+
+
+@pytest.mark.parametrize('overrides', [
+    {},
+    {'register_coordinates': 'zeros', 'scale_reg_to_visible': False, 'out_layer': 1,
+     'n_registers': 2},
+])
+def test_teacher_equals_student_when_everything_is_visible(overrides):
+  """encode_all == pretrain's student patches when all tokens are visible (non-square image)."""
+  model = models.from_config(small_config(**overrides))
+  images = jax.random.normal(jax.random.key(0), (2, 40, 24, 3))
+  variables = jax.jit(model.init)(jax.random.key(1), images)
+  n_tokens = (40 // 8) * (24 // 8)
+  visible = jnp.tile(jnp.arange(n_tokens)[None], (2, 1))
+  predict = jnp.array([[0, 7], [14, 3]])
+  student, predictions = jax.jit(functools.partial(model.apply, train=False, method='pretrain'))(
+      variables, images, visible, predict)
+  teacher = jax.jit(functools.partial(model.apply, method='encode_all'))(variables, images)
+  np.testing.assert_allclose(student, teacher, atol=1e-5, rtol=1e-5)
+  assert predictions.shape == (2, 2, 48)
+  _, registers, feature_map = jax.jit(model.apply)(variables, images)
+  np.testing.assert_allclose(feature_map.reshape(2, n_tokens, 48), teacher, atol=1e-5, rtol=1e-5)
+  assert registers.shape == (2, model.n_registers, 48)
+
+
+def test_predictions_depend_only_on_own_image_and_position():
+  """A query's prediction doesn't depend on the other queries (cross-attention only)."""
+  model = models.from_config(small_config())
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = jax.jit(model.init)(jax.random.key(1), images)
+  visible = jnp.tile(jnp.array([0, 1, 4, 5, 6, 9]), (2, 1))
+  apply = jax.jit(functools.partial(model.apply, variables, images, visible, train=False,
+                                    method='pretrain'))
+  _, both = apply(jnp.array([[2, 3], [2, 3]]))
+  _, one = apply(jnp.array([[3], [3]]))
+  np.testing.assert_allclose(both[:, 1:], one, atol=1e-5, rtol=1e-5)
+
+
+def test_image_size_must_be_divisible_by_patch_size():
+  model = models.from_config(small_config())
+  with pytest.raises(ValueError, match='not divisible by the patch size'):
+    model.init(jax.random.key(0), jnp.zeros((1, 30, 32, 3)))
+
+
+def test_efficient_drop_path_updates_a_random_subset_scaled():
+  """Exactly max(int(B*keep), 1) samples get the branch, scaled by B / n_keep."""
+  b, drop = 5, 0.5
+  n_keep = max(int(b * (1 - drop)), 1)
+  mlp = functools.partial(models.Mlp, 2)
+  norm = functools.partial(models.RMSNorm, 1e-5)
+  train = models.Residual(norm, mlp, drop_rate=drop, deterministic=False)
+  evaluate = models.Residual(norm, mlp, drop_rate=drop, deterministic=True)
+  x = jax.random.normal(jax.random.key(0), (b, 3, 8))
+  variables = evaluate.init(jax.random.key(1), x)
+  full = evaluate.apply(variables, x)
+  out = train.apply(variables, x, rngs={'drop_path': jax.random.key(2)})
+  changed = np.any(np.asarray(out) != np.asarray(x), axis=(1, 2))
+  assert changed.sum() == n_keep
+  np.testing.assert_allclose(out[changed] - x[changed], (full - x)[changed] * b / n_keep,
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_drop_path_in_training_forward_needs_and_uses_rng():
+  model = models.from_config(small_config(drop_path_rate=0.4))
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  variables = jax.jit(model.init)(jax.random.key(1), images)
+  visible = jnp.tile(jnp.array([0, 1, 2]), (4, 1))
+  predict = jnp.tile(jnp.array([3]), (4, 1))
+  apply = jax.jit(lambda k: model.apply(variables, images, visible, predict, train=True,
+                                        rngs={'drop_path': k}, method='pretrain'))
+  a, b = apply(jax.random.key(2)), apply(jax.random.key(3))
+  assert a[0].shape == (4, 3, 48) and a[1].shape == (4, 1, 48)
+  assert not np.allclose(a[1], b[1])
+  np.testing.assert_array_equal(apply(jax.random.key(2))[1], a[1])
+
+
+def test_remat_policies_do_not_change_values_or_gradients():
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  visible = jnp.tile(jnp.array([0, 1, 2]), (2, 1))
+  predict = jnp.tile(jnp.array([3]), (2, 1))
+  params = jax.jit(models.from_config(small_config()).init)(jax.random.key(1), images)['params']
+  directions = jax.random.normal(jax.random.key(4), (2, 2, 3, 48))
+
+  def grads(policy):
+    cfg = small_config(drop_path_rate=0.5)
+    cfg.efficiency.remat_policy = policy
+    model = models.from_config(cfg)
+
+    def loss(p):
+      s, pr = model.apply({'params': p}, images, visible, predict, train=True,
+                          rngs={'drop_path': jax.random.key(3)}, method='pretrain')
+      # Outputs are RMS-normed, so sum(s**2) would be constant: project on fixed directions.
+      return jnp.sum(s * directions[0][:, :3]) + jnp.sum(pr * directions[1][:, :1])
+
+    return jax.jit(jax.grad(loss))(params)
+
+  reference = grads('none')
+  for policy in ('dots_with_no_batch_dims_saveable',):
+    for ours, ref in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(reference)):
+      # Recomputation reorders float32 sums: agree to ~1e-5 of each gradient's scale.
+      assert np.max(np.abs(ours - ref)) <= 1e-4 * np.max(np.abs(ref)), policy
+
+
+def test_bf16_compute_keeps_float32_params_and_stays_close():
+  cfg = small_config()
+  images = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
+  f32 = models.from_config(cfg)
+  variables = jax.jit(f32.init)(jax.random.key(1), images)
+  cfg.efficiency.compute_dtype = 'bfloat16'
+  bf16 = models.from_config(cfg)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
+      jax.eval_shape(bf16.init, jax.random.key(1), images)))
+  out16 = jax.jit(bf16.apply)(variables, images)
+  out32 = jax.jit(f32.apply)(variables, images)
+  for a, b in zip(out16, out32):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.1, rtol=0.05)
+
+
+def test_from_config_rejects_unknown_remat_policy():
+  cfg = small_config()
+  cfg.efficiency.remat_policy = 'everything'
+  with pytest.raises(ValueError, match='remat_policy'):
+    models.from_config(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_residual_is_plain_when_deterministic():
+  """No rng is needed outside training even with a non-zero drop rate."""
+  res = models.Residual(functools.partial(models.RMSNorm), functools.partial(nn.Dense, 4),
+                        drop_rate=0.9, deterministic=True)
+  x = jnp.ones((3, 2, 4))
+  variables = res.init(jax.random.key(0), x)
+  assert res.apply(variables, x).shape == x.shape
