@@ -24,7 +24,9 @@ What runs is set by `config.evals`:
   Fashion-MNIST items, see `segmentation.py`) or 'folder:PATH' (ADE20K layout), scored with
   k-NN (`evals.seg_knn_ks`, cosine and L2) and a linear classifier, ignoring
   `evals.seg_ignore_labels`;
-- `evals.visualize`: the pictures.
+- `evals.visualize`: the pictures;
+- `evals.random_init_baseline` (optional, default False): show the random init's numbers and the
+  raw-pixel k-NN beside every evaluation (computed once per workdir, then read back).
 Probe training keeps the patch tokens of the whole train set in memory only when 'attentive' is
 asked for: (n, tokens, dim) floats, so cap `evals.max_train_images` accordingly.
 """
@@ -59,6 +61,7 @@ Batch = dict[str, np.ndarray]
 
 SCENES_TRAIN, SCENES_TEST = 1000, 300  # Composed segmentation scenes per split.
 PCA_IMAGES = 8  # Images in the PCA picture.
+RANDOM_INIT = 'random_init'  # Output folder of the random initialisation's evaluation.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ class FeatureExtractor:
     self.params = jax.device_put(
         params, sharding.tree_shardings(mesh, params, config.sharding.param_rules))
     self._fn = jax.jit(functools.partial(_forward, models.from_config(config)),
-                       out_shardings=sharding.replicated(mesh))
+                       out_shardings=self.batch_sharding)
 
   def _global_batch(self, images: np.ndarray) -> jax.Array:
     """This batch, identical on every host, as a global array split over the devices."""
@@ -105,20 +108,24 @@ class FeatureExtractor:
       'pca_maps' (the first PCA_IMAGES images and feature maps)}.
     """
     out: dict[str, list[np.ndarray]] = {}
+    # Only what is asked for leaves the devices: feature maps are most of the bytes.
+    fetch = lambda x: multihost_utils.process_allgather(x, tiled=True)
     for batch in self._rebatch(batches):
       n = batch['n']
-      feats = multihost_utils.process_allgather(
-          self._fn(self.params, self._global_batch(batch['images'])), tiled=True)
-      parts = {'global_repr': feats[0][:n], 'patch_mean': feats[1][:n]}
+      global_repr, patch_mean, feature_map = self._fn(self.params,
+                                                      self._global_batch(batch['images']))
+      parts = {'global_repr': fetch(global_repr)[:n], 'patch_mean': fetch(patch_mean)[:n]}
+      if keep_maps or not out:
+        feature_map = fetch(feature_map)
       if keep_maps:
-        parts['feature_map'] = feats[2][:n]
+        parts['feature_map'] = feature_map[:n]
       if keep_pixels:
         parts['pixels'] = batch['images'][:n].reshape(n, -1)
       if 'label' in batch:
         parts['label'] = batch['label'][:n]
       if not out:  # The first images also make the PCA picture.
         parts['pca_images'] = batch['images'][:min(n, PCA_IMAGES)]
-        parts['pca_maps'] = feats[2][:min(n, PCA_IMAGES)]
+        parts['pca_maps'] = feature_map[:min(n, PCA_IMAGES)]
       for k, v in parts.items():
         out.setdefault(k, []).append(np.asarray(v))
     if not out:
@@ -263,16 +270,22 @@ def _flatten(results: dict[str, Any], prefix: str = '') -> dict[str, float]:
   return flat
 
 
-def format_table(results: dict[str, Any]) -> str:
-  """The headline numbers (accuracies and mIoU in %) of one or more evaluated models."""
-  score_keys = ('k', 'top1', 'miou', 'pixel_acc')
-  rows = []
-  for name, value in _flatten(results).items():
-    leaf = name.rsplit('/', 1)[-1]
-    if leaf.startswith(score_keys) and not leaf == 'k' and 'held_out' not in leaf:
-      rows.append((name, f'{100 * value:6.2f}'))
-  width = max((len(r[0]) for r in rows), default=0)
-  return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
+def format_table(results: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
+  """The headline numbers (accuracies and mIoU in %), beside the random init's when given."""
+
+  def scores(res):
+    return {name: value for name, value in _flatten(res).items()
+            if name.rsplit('/', 1)[-1].startswith(('k', 'top1', 'miou', 'pixel_acc'))
+            and name.rsplit('/', 1)[-1] != 'k' and 'held_out' not in name}
+
+  mine, base = scores(results), scores(baseline or {})
+  names = list(mine) + [n for n in base if n not in mine]
+  cell = lambda d, n: f'{100 * d[n]:6.2f}' if n in d else '     -'
+  rows = [(n, cell(mine, n) + (f'  {cell(base, n)}' if baseline else '')) for n in names]
+  if baseline:
+    rows.insert(0, ('', '  this  ' + RANDOM_INIT))
+  width = max((len(n) for n, _ in rows), default=0)
+  return '\n'.join(f'{n:<{width}}  {v}' for n, v in rows)
 
 
 def evaluate_params(config: ml_collections.ConfigDict, params: PyTree, mesh: jax.sharding.Mesh,
@@ -340,16 +353,60 @@ def random_init_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
       mesh, abstract, config.sharding.param_rules))(rng)
 
 
+def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a saved random-init evaluation depends on (besides the architecture)."""
+  return json.loads(json.dumps({'evals': config.evals.to_dict(), 'seed': config.train.seed,
+                                'image_size': config.data.image_size,
+                                'data_dir': config.data.data_dir}))
+
+
+def _evaluate_and_save(config: ml_collections.ConfigDict, params: PyTree, step: int | str,
+                       workdir: pathlib.Path, mesh: jax.sharding.Mesh, pixel_baseline: bool
+                       ) -> tuple[dict[str, Any], pathlib.Path]:
+  """(nested results, output folder); process 0 writes results.json and the pictures."""
+  t0 = time.perf_counter()
+  results, pictures = evaluate_params(config, params, mesh, pixel_baseline=pixel_baseline)
+  results['seconds']['total'] = time.perf_counter() - t0
+  out_dir = workdir / 'eval' / str(step)
+  if jax.process_index() == 0:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / 'results.json', 'w') as f:
+      json.dump({'step': step, 'settings': _settings(config), **results}, f, indent=2)
+    if config.evals.visualize:
+      save_pictures(pictures, out_dir, workdir, title=f'{config.name} {step}')
+  return results, out_dir
+
+
+def random_init_results(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """The random init's results (with the raw-pixel k-NN), computed once per run and settings.
+
+  They do not change during training, so WORKDIR/eval/random_init/results.json is reused when
+  it was made with the same evaluation settings.
+  """
+  path = workdir / 'eval' / RANDOM_INIT / 'results.json'
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved.get('settings') == _settings(config):
+      return {k: v for k, v in saved.items() if k not in ('step', 'settings')}
+  results, _ = _evaluate_and_save(config, random_init_params(config, mesh), RANDOM_INIT,
+                                  workdir, mesh, pixel_baseline=True)
+  return results
+
+
 def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str,
               workdir: str | pathlib.Path, *, pixel_baseline: bool = False,
               mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
   """Evaluates an encoder, writes WORKDIR/eval/<step>/results.json and pictures, prints a table.
 
+  With `config.evals.random_init_baseline` (default False) the table also shows the random
+  init's numbers and the raw-pixel k-NN (see `random_init_results`); they are not returned.
+
   Args:
     config: the run's config (`config.evals` says what to run).
     params: the EncoderDecoder's parameters (`variables['params']`), e.g. a TrainState's
       `ema_params['backbone']`.
-    step: training step, or a name ('random_init', 'converted') for the output folder.
+    step: training step, or a name (RANDOM_INIT, 'converted') for the output folder.
     workdir: the run's directory.
     pixel_baseline: also run the raw-pixel k-NN baseline.
     mesh: devices to use; default `sharding.make_mesh(config)`.
@@ -359,18 +416,13 @@ def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str
   """
   mesh = mesh or sharding.make_mesh(config)
   workdir = pathlib.Path(workdir)
-  t0 = time.perf_counter()
-  results, pictures = evaluate_params(config, params, mesh, pixel_baseline=pixel_baseline)
-  results['seconds']['total'] = time.perf_counter() - t0
+  results, out_dir = _evaluate_and_save(config, params, step, workdir, mesh, pixel_baseline)
+  baseline = None
+  if config.evals.get('random_init_baseline', False) and step != RANDOM_INIT:
+    baseline = random_init_results(config, workdir, mesh)
   if jax.process_index() == 0:
-    out_dir = workdir / 'eval' / str(step)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / 'results.json', 'w') as f:
-      json.dump({'step': step, **results}, f, indent=2)
-    if config.evals.visualize:
-      save_pictures(pictures, out_dir, workdir, title=f'{config.name} {step}')
     print(f'Evaluation at {step} ({results["seconds"]["total"]:.1f} s), written to {out_dir}:\n'
-          + format_table(results), flush=True)
+          + format_table(results, baseline), flush=True)
   return _flatten({k: v for k, v in results.items() if k != 'seconds'})
 
 
@@ -403,7 +455,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkp
                 init: str, which: str, mesh: jax.sharding.Mesh) -> tuple[PyTree, int | str]:
   """(backbone params, output folder name) for the command line's choice of encoder."""
   if init == 'random':
-    return random_init_params(config, mesh), 'random_init'
+    return random_init_params(config, mesh), RANDOM_INIT
   if not checkpoint:
     return _restore_training_checkpoint(config, workdir / 'checkpoints', mesh, which)
   path = pathlib.Path(checkpoint)

@@ -92,10 +92,14 @@ def test_extractor_rebatches_pads_and_matches_the_model():
   assert out['pca_images'].shape == (evaluate.PCA_IMAGES, 16, 16, 3)
 
 
-def test_run_evals_end_to_end(data, tmp_path):
+def test_run_evals_end_to_end(data, tmp_path, capsys):
   config = _config(data)
-  params = evaluate.random_init_params(config, sharding.make_mesh(config))
+  config.evals.random_init_baseline = True
+  mesh = sharding.make_mesh(config)
+  params = evaluate.random_init_params(config, mesh)
   flat = evaluate.run_evals(config, params, 7, tmp_path, pixel_baseline=True)
+  table = capsys.readouterr().out
+  assert 'random_init' in table and 'segmentation/knn/miou' in table
   saved = json.loads((tmp_path / 'eval' / '7' / 'results.json').read_text())
   assert saved['step'] == 7
   for key in ('knn/k1', 'linear_global/top1', 'linear_patch_mean/top1', 'linear_concat/top1',
@@ -107,6 +111,24 @@ def test_run_evals_end_to_end(data, tmp_path):
   assert saved['segmentation']['knn']['metric'] in ('cosine', 'l2')
   for picture in ('pca.png', 'pca_segmentation.png'):
     assert (tmp_path / 'eval' / '7' / picture).stat().st_size > 1000
+  # The baseline was evaluated once (the same weights here, so the same numbers) and is reused.
+  baseline_file = tmp_path / 'eval' / 'random_init' / 'results.json'
+  mtime = baseline_file.stat().st_mtime_ns
+  baseline = evaluate.random_init_results(config, tmp_path, mesh)
+  assert baseline_file.stat().st_mtime_ns == mtime
+  assert baseline['knn'] == saved['knn'] and 'pixels_knn' in baseline
+
+
+def test_format_table():
+  table = evaluate.format_table(
+      {'knn': {'k10': 0.5}, 'linear_global': {'top1': 0.25, 'held_out_top1': 0.3, 'lr': 1e-3}},
+      baseline={'knn': {'k10': 0.125}, 'pixels_knn': {'k10': 0.75}})
+  lines = table.splitlines()
+  assert 'random_init' in lines[0]
+  assert lines[1].split() == ['knn/k10', '50.00', '12.50']
+  assert lines[2].split() == ['linear_global/top1', '25.00', '-']
+  assert lines[3].split() == ['pixels_knn/k10', '-', '75.00']
+  assert 'held_out' not in table and 'lr' not in table
 
 
 def test_segmentation_spec_errors(data):
