@@ -1,0 +1,393 @@
+r"""Official PyTorch CAPI checkpoints <-> capi_jax parameters, both directions, bit for bit.
+
+Official names (facebookresearch/capi `state_dict`) map onto the capi_jax parameter tree by rule:
+`blocks.<i>` <-> `blocks_<i>`, `.` <-> `/`, linear `weight (out, in)` <-> `kernel (in, out)`,
+conv `weight (out, in, kh, kw)` <-> `kernel (kh, kw, in, out)`, RMSNorm `weight` <-> `scale`;
+student head `last_layer.weight_v (K, D)` / `weight_g (K, 1)` <-> `kernel_v (D, K)` /
+`kernel_g (1, K)`; clustering head `layer.weight (K, D)` / `layer.bias` <-> `kernel (D, K)` / `bias`.
+Transposes only: no arithmetic touches the values, so official -> capi_jax -> official is exact.
+
+Official-format files (`.pth`, or `.npz` with the same names) hold a flat mapping with
+`backbone.<name>` (required), `head.<name>` (student head, optional) and `teacher_head.<name>`
+(clustering head, optional). A full official training checkpoint (`{'model': ..., ...}` with
+`student.` / `student_ema.` / `teacher.` prefixes) is read too: `--source` picks the student or
+its EMA, and `teacher.head.` is the clustering head. Reading `.pth` needs PyTorch (the
+`capi_jax[torch]` extra); `.npz` does not.
+
+Run:
+  # official -> capi_jax: writes OUT/params, an Orbax StandardCheckpointer checkpoint of
+  # {'backbone': ..., ['head': ...], ['teacher_head': ...]} (capi_jax parameter trees).
+  python -m capi_jax.convert --config=configs/vitl.py --to=capi_jax \
+      --input=capi_vitl14_lvd.pth --output=/tmp/capi_vitl14_lvd
+  # capi_jax -> official names (.npz, or .pth when PyTorch is installed).
+  python -m capi_jax.convert --config=configs/vitl.py --to=official \
+      --input=/tmp/capi_vitl14_lvd/params --output=/tmp/capi_vitl14_lvd.npz
+
+The architecture comes from `config.model`, the number of clusters from `config.capi`; any name
+or shape that does not fit it is an error naming the parameter (never a silent skip).
+"""
+
+from collections.abc import Callable, Mapping
+import os
+import pathlib
+import re
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import numpy as np
+
+from capi_jax import heads
+from capi_jax import models
+
+Params = Any
+StateDict = dict[str, np.ndarray]
+
+# File prefix of each part; part names are those of capi_jax's TrainState (`params['backbone']`,
+# `params['head']`, `teacher_head_params`).
+PREFIXES = {'backbone': 'backbone.', 'head': 'head.', 'teacher_head': 'teacher_head.'}
+
+
+_MAX_PROBLEMS_SHOWN = 30
+
+
+class CheckpointMismatchError(ValueError):
+  """An official checkpoint does not fit the architecture it is loaded into."""
+
+
+# ---------------------------------------------------------------------------- leaf layouts
+def _linear_to_official(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x.T)
+
+
+def _conv_to_official(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # (kh, kw, in, out) -> (out, in, kh, kw)
+
+
+def _conv_to_flax(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # (out, in, kh, kw) -> (kh, kw, in, out)
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+# (official name, to_official, to_flax) for one capi_jax leaf path.
+_Rule = tuple[str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+def _backbone_rule(path: tuple[str, ...], ndim: int) -> _Rule:
+  parts = [re.sub(r'^blocks_(\d+)$', r'blocks.\1', p) for p in path]
+  leaf = parts[-1]
+  if leaf == 'kernel' and ndim == 4:
+    return '.'.join(parts[:-1] + ['weight']), _conv_to_official, _conv_to_flax
+  if leaf == 'kernel':
+    return '.'.join(parts[:-1] + ['weight']), _linear_to_official, _linear_to_official
+  if leaf == 'scale':
+    return '.'.join(parts[:-1] + ['weight']), _identity, _identity
+  return '.'.join(parts), _identity, _identity
+
+
+_STUDENT_HEAD_NAMES = {'kernel_v': 'last_layer.weight_v', 'kernel_g': 'last_layer.weight_g'}
+_CLUSTERING_HEAD_NAMES = {'kernel': 'layer.weight', 'bias': 'layer.bias'}
+
+
+def _head_rule(names: Mapping[str, str]) -> Callable[[tuple[str, ...], int], _Rule]:
+  def rule(path, ndim):
+    return names[path[-1]], *((_linear_to_official,) * 2 if ndim == 2 else (_identity,) * 2)
+  return rule
+
+
+# ---------------------------------------------------------------------------- abstract trees
+def backbone_shapes(config: ml_collections.ConfigDict) -> Params:
+  """The capi_jax backbone parameter tree of `config` as ShapeDtypeStructs (no compute)."""
+  model = models.from_config(config)
+  p = config.model.patch_size
+  images = jax.ShapeDtypeStruct((1, p, p, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), images)['params']
+
+
+def student_head_shapes(embed_dim: int, num_clusters: int) -> Params:
+  x = jax.ShapeDtypeStruct((1, embed_dim), jnp.float32)
+  return jax.eval_shape(heads.L2NormLinear(num_clusters).init, jax.random.key(0), x)['params']
+
+
+def clustering_head_shapes(embed_dim: int, num_clusters: int, use_bias: bool) -> Params:
+  x = jax.ShapeDtypeStruct((1, embed_dim), jnp.float32)
+  head = heads.ClusteringHead(num_clusters, use_bias=use_bias)
+  return jax.eval_shape(head.init, jax.random.key(0), x)['params']
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(k.key for k in path)
+
+
+# ---------------------------------------------------------------------------- conversion
+def _to_official(params: Params, rule_fn) -> StateDict:
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    leaf = np.asarray(leaf)
+    name, to_official, _ = rule_fn(_path_keys(path), leaf.ndim)
+    out[name] = to_official(leaf)
+  return out
+
+
+def _to_flax(state_dict: Mapping[str, Any], expected: Params, rule_fn, what: str) -> Params:
+  """Converts `state_dict` into the structure of `expected`, checking every name and shape."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
+  problems, converted = [], []
+  expected_names = set()
+  for path, spec in leaves:
+    name, to_official, to_flax = rule_fn(_path_keys(path), len(spec.shape))
+    expected_names.add(name)
+    official_shape = to_official(np.empty(spec.shape, np.int8)).shape
+    if name not in state_dict:
+      problems.append(f'missing parameter {name!r}: expected shape {official_shape}, found none')
+      continue
+    value = np.asarray(state_dict[name])
+    if value.shape != official_shape:
+      problems.append(f'parameter {name!r}: expected shape {official_shape}, found {value.shape}')
+      continue
+    converted.append(to_flax(value))
+  for name in sorted(set(state_dict) - expected_names):
+    problems.append(f'unexpected parameter {name!r} (shape {np.shape(state_dict[name])}): '
+                    'not part of this architecture')
+  if problems:
+    shown = problems[:_MAX_PROBLEMS_SHOWN]
+    if len(problems) > len(shown):
+      shown.append(f'... and {len(problems) - len(shown)} more')
+    raise CheckpointMismatchError(
+        f'The {what} checkpoint does not fit the configured architecture '
+        f'({len(problems)} problem(s)); check config.model / config.capi against the '
+        'checkpoint:\n  ' + '\n  '.join(shown))
+  return jax.tree_util.tree_unflatten(treedef, converted)
+
+
+def backbone_to_flax(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict) -> Params:
+  """Official EncoderDecoder state_dict (no prefix) -> capi_jax backbone params (numpy)."""
+  return _to_flax(state_dict, backbone_shapes(config), _backbone_rule, 'backbone')
+
+
+def backbone_to_official(params: Params) -> StateDict:
+  """capi_jax backbone params -> official EncoderDecoder state_dict names and layouts."""
+  return _to_official(params, _backbone_rule)
+
+
+def student_head_to_flax(state_dict: Mapping[str, Any], embed_dim: int,
+                         num_clusters: int) -> Params:
+  """Official L2NormLinear state_dict (`last_layer.weight_{v,g}`) -> capi_jax params."""
+  return _to_flax(state_dict, student_head_shapes(embed_dim, num_clusters),
+                  _head_rule(_STUDENT_HEAD_NAMES), 'student head')
+
+
+def student_head_to_official(params: Params) -> StateDict:
+  return _to_official(params, _head_rule(_STUDENT_HEAD_NAMES))
+
+
+def clustering_head_to_flax(state_dict: Mapping[str, Any], embed_dim: int, num_clusters: int,
+                            use_bias: bool = True) -> Params:
+  """Official OnlineClustering state_dict (`layer.weight`, `layer.bias`) -> capi_jax params."""
+  return _to_flax(state_dict, clustering_head_shapes(embed_dim, num_clusters, use_bias),
+                  _head_rule(_CLUSTERING_HEAD_NAMES), 'clustering head')
+
+
+def clustering_head_to_official(params: Params) -> StateDict:
+  return _to_official(params, _head_rule(_CLUSTERING_HEAD_NAMES))
+
+
+# ---------------------------------------------------------------------------- files
+def _import_torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('Reading or writing .pth needs PyTorch: pip install "capi_jax[torch]", '
+                      'or use .npz files with the same names.') from e
+  return torch
+
+
+def _torch_to_numpy(torch, tensor) -> np.ndarray:
+  """Exact copy; bfloat16 (unknown to numpy) goes through its bits into ml_dtypes.bfloat16."""
+  tensor = tensor.detach().cpu()
+  if tensor.dtype == torch.bfloat16:
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()
+
+
+def _numpy_to_torch(torch, array: np.ndarray):
+  array = np.ascontiguousarray(array)
+  if array.dtype == ml_dtypes.bfloat16:
+    return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+  return torch.from_numpy(array)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
+  """Reads an official-format `.pth` or `.npz` into a flat {name: float array} mapping."""
+  path = pathlib.Path(path)
+  if path.suffix == '.npz':
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  if path.suffix in ('.pth', '.pt'):
+    torch = _import_torch()
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    if 'model' in sd and isinstance(sd['model'], Mapping):
+      sd = sd['model']  # An official training checkpoint (with optimizer states etc.).
+    return {k: _torch_to_numpy(torch, v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+  raise ValueError(f'Unknown checkpoint format {path.suffix!r} for {path}: use .pth or .npz.')
+
+
+def _normalise_training_names(sd: StateDict, source: str) -> StateDict:
+  """Maps a full official training state_dict (student./student_ema./teacher.) to file names."""
+  if not any(k.startswith(('student.', 'student_ema.')) for k in sd):
+    return sd
+  if source not in ('student', 'student_ema'):
+    raise ValueError(f"source must be 'student' or 'student_ema', got {source!r}.")
+  out = {}
+  for k, v in sd.items():
+    if k.startswith(source + '.'):
+      out[k[len(source) + 1:]] = v
+    elif k.startswith('teacher.head.'):
+      out[PREFIXES['teacher_head'] + k[len('teacher.head.'):]] = v
+  return out
+
+
+def _strip(sd: StateDict, prefix: str) -> StateDict:
+  return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDict,
+                  source: str = 'student') -> dict[str, Params]:
+  """Loads an official-format checkpoint into capi_jax parameter trees.
+
+  Args:
+    path: `.pth` (needs PyTorch) or `.npz`, names as in the module docstring.
+    config: gives the architecture (`config.model`) and `config.capi.num_clusters`.
+    source: for full official training checkpoints, 'student' or 'student_ema'.
+
+  Returns:
+    {'backbone': params} plus 'head' (student head) / 'teacher_head' (clustering head) params
+    when the file has them.
+
+  Raises:
+    CheckpointMismatchError: a name or shape does not fit the configured architecture.
+  """
+  sd = _normalise_training_names(read_state_dict(path), source)
+  known = tuple(PREFIXES.values())
+  unknown = sorted(k for k in sd if not k.startswith(known))
+  if unknown:
+    raise CheckpointMismatchError(
+        f'{path}: parameter(s) {unknown[:5]} have none of the prefixes {known}; '
+        'is this an official CAPI checkpoint?')
+  backbone_sd = _strip(sd, PREFIXES['backbone'])
+  if not backbone_sd:
+    raise CheckpointMismatchError(f'{path}: no parameter named {PREFIXES["backbone"]}*.')
+  parts = {'backbone': backbone_to_flax(backbone_sd, config)}
+  dim, k = config.model.embed_dim, config.capi.num_clusters
+  head_sd = _strip(sd, PREFIXES['head'])
+  if head_sd:
+    parts['head'] = student_head_to_flax(head_sd, dim, k)
+  clustering_sd = _strip(sd, PREFIXES['teacher_head'])
+  if clustering_sd:
+    parts['teacher_head'] = clustering_head_to_flax(
+        clustering_sd, dim, k, use_bias=config.capi.clustering_kwargs.bias)
+  return parts
+
+
+def to_official_state_dict(parts: Mapping[str, Params]) -> StateDict:
+  """{'backbone': ..., ['head'], ['teacher_head']} -> flat official-format names."""
+  converters = {'backbone': backbone_to_official, 'head': student_head_to_official,
+                'teacher_head': clustering_head_to_official}
+  unknown = set(parts) - set(converters)
+  if unknown:
+    raise ValueError(f'Unknown parts {sorted(unknown)}; expected some of {sorted(converters)}.')
+  sd = {}
+  for part, params in parts.items():
+    sd.update({PREFIXES[part] + k: v for k, v in converters[part](params).items()})
+  return sd
+
+
+def export_official(parts: Mapping[str, Params], path: str | os.PathLike[str]) -> None:
+  """Writes capi_jax parameter trees under official names to `.npz`, or `.pth` (PyTorch)."""
+  path = pathlib.Path(path)
+  sd = to_official_state_dict(parts)
+  if path.suffix == '.npz':
+    np.savez(path, **sd)
+  elif path.suffix in ('.pth', '.pt'):
+    torch = _import_torch()
+    torch.save({k: _numpy_to_torch(torch, v) for k, v in sd.items()}, path)
+  else:
+    raise ValueError(f'Unknown checkpoint format {path.suffix!r} for {path}: use .pth or .npz.')
+
+
+def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) -> pathlib.Path:
+  """Saves capi_jax parameter trees with Orbax's StandardCheckpointer to `directory/params`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  target = pathlib.Path(directory).resolve() / 'params'
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(target, jax.tree_util.tree_map(np.asarray, dict(parts)))
+  return target
+
+
+def restore_params(path: str | os.PathLike[str]) -> dict[str, Params]:
+  """Restores what `save_params` wrote (numpy arrays, as saved)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(pathlib.Path(path).resolve())
+  return jax.tree_util.tree_map(np.asarray, restored)
+
+
+def _check_restored_architecture(parts: Mapping[str, Params],
+                                 config: ml_collections.ConfigDict) -> None:
+  """Fails like `load_official` would if the capi_jax trees don't fit `config`."""
+  sd = to_official_state_dict(parts)
+  backbone_to_flax(_strip(sd, PREFIXES['backbone']), config)
+  dim, k = config.model.embed_dim, config.capi.num_clusters
+  if 'head' in parts:
+    student_head_to_flax(_strip(sd, PREFIXES['head']), dim, k)
+  if 'teacher_head' in parts:
+    clustering_head_to_flax(_strip(sd, PREFIXES['teacher_head']), dim, k,
+                            use_bias=config.capi.clustering_kwargs.bias)
+
+
+def _run(cfg: ml_collections.ConfigDict, direction: str, source_path: str, output: str,
+         source: str) -> None:
+  if direction == 'capi_jax':
+    parts = load_official(source_path, cfg, source=source)
+    target = save_params(parts, output)
+    print(f'Wrote {sorted(parts)} to {target}')
+  else:
+    parts = restore_params(source_path)
+    _check_restored_architecture(parts, cfg)
+    export_official(parts, output)
+    print(f'Wrote {sorted(parts)} under official names to {output}')
+
+
+def main() -> None:
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config = config_flags.DEFINE_config_file(
+      'config', None, 'capi_jax config: architecture (model) and clusters (capi).',
+      lock_config=True)
+  direction = flags.DEFINE_enum('to', None, ['capi_jax', 'official'], 'Conversion direction.')
+  source_path = flags.DEFINE_string(
+      'input', None, 'official .pth/.npz, or a capi_jax OUT/params directory.')
+  output = flags.DEFINE_string(
+      'output', None, 'directory (to capi_jax) or .npz/.pth file (to official).')
+  source = flags.DEFINE_enum('source', 'student', ['student', 'student_ema'],
+                             'Which network of a full official training checkpoint to read.')
+  flags.mark_flags_as_required(['config', 'to', 'input', 'output'])
+
+  def run(_):
+    try:
+      _run(config.value, direction.value, source_path.value, output.value, source.value)
+    except CheckpointMismatchError as e:
+      sys.exit(f'error: {e}')
+
+  app.run(run)
+
+
+if __name__ == '__main__':
+  main()
