@@ -81,7 +81,6 @@ class FeatureExtractor:
 
   def __init__(self, config: ml_collections.ConfigDict, params: PyTree,
                mesh: jax.sharding.Mesh):
-    self.mesh = mesh
     self.batch_sharding = sharding.batch_sharding(mesh)
     # Fixed-size batches (a multiple of the device count) so that one compilation serves all.
     n_dev = mesh.devices.size
@@ -110,10 +109,10 @@ class FeatureExtractor:
     out: dict[str, list[np.ndarray]] = {}
     # Only what is asked for leaves the devices: feature maps are most of the bytes.
     fetch = lambda x: multihost_utils.process_allgather(x, tiled=True)
-    for batch in self._rebatch(batches):
+
+    def collect(batch: Batch, features: tuple[jax.Array, jax.Array, jax.Array]) -> None:
       n = batch['n']
-      global_repr, patch_mean, feature_map = self._fn(self.params,
-                                                      self._global_batch(batch['images']))
+      global_repr, patch_mean, feature_map = features
       parts = {'global_repr': fetch(global_repr)[:n], 'patch_mean': fetch(patch_mean)[:n]}
       if keep_maps or not out:
         feature_map = fetch(feature_map)
@@ -128,8 +127,18 @@ class FeatureExtractor:
         parts['pca_maps'] = feature_map[:min(n, PCA_IMAGES)]
       for k, v in parts.items():
         out.setdefault(k, []).append(np.asarray(v))
-    if not out:
+
+    pending = None
+    for batch in self._rebatch(batches):
+      # Dispatch this batch before fetching the previous one, so the devices never wait for
+      # the host to read the next images.
+      features = self._fn(self.params, self._global_batch(batch['images']))
+      if pending is not None:
+        collect(*pending)
+      pending = (batch, features)
+    if pending is None:
       raise ValueError('The evaluation dataset yielded no images.')
+    collect(*pending)
     return {k: np.concatenate(v) for k, v in out.items()}
 
   def _rebatch(self, batches: Iterable[Batch]) -> Iterator[Batch]:
