@@ -36,6 +36,9 @@ from capi_jax import masking
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# normalised = pixel * _SCALE + _OFFSET == (pixel / 255 - mean) / std.
+_SCALE = 1 / (255 * IMAGENET_STD)
+_OFFSET = -IMAGENET_MEAN / IMAGENET_STD
 CROP_RATIO = (3 / 4, 4 / 3)
 # Threads per process that read and transform records (PIL releases the GIL while decoding
 # and resizing, so threads overlap well even in a single process).
@@ -73,10 +76,12 @@ def sample_crop_box(height: int, width: int, scale: tuple[float, float],
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def normalize(image: Image.Image) -> np.ndarray:
-  """RGB image -> float32 (H, W, 3), ImageNet mean/std normalised."""
-  pixels = np.asarray(image, dtype=np.float32)
-  return (pixels * (1 / 255) - IMAGENET_MEAN) / IMAGENET_STD
+def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
+  """RGB image or uint8 array (..., 3) -> float32 (..., 3), ImageNet mean/std normalised."""
+  pixels = np.array(image, dtype=np.float32)  # Always a copy, so the in-place ops below are safe.
+  pixels *= _SCALE  # In place: this runs for every pixel of every training image.
+  pixels += _OFFSET
+  return pixels
 
 
 def eval_image(image: Image.Image, image_size: int) -> np.ndarray:
