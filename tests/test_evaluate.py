@@ -161,3 +161,25 @@ def test_load_params_random_and_converted(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(params))
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     evaluate.load_params(config, tmp_path, '', '', 'ema', mesh)
+
+
+def test_load_params_from_a_training_checkpoint(data, tmp_path):
+  from capi_jax import train  # pylint: disable=g-import-not-at-top
+  config = _config(data)
+  config.data.dataset = f'folder:{data / "cls"}'
+  config.optim.total_iters = 2
+  for schedule in (config.optim.lr_schedule, config.optim.momentum_schedule,
+                   config.capi.clustering_optimizer.lr_schedule):
+    schedule.warmup_iters = 1
+  config.optim.global_batch_size = 16
+  config.evals.final = False
+  state = train.train_and_evaluate(config, tmp_path)
+  mesh = sharding.make_mesh(config)
+  for which, want in (('ema', state.ema_params), ('student', state.params)):
+    params, step = evaluate.load_params(config, tmp_path, '', '', which, mesh)
+    assert step == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+                 jax.device_get(want['backbone']))
+  params, step = evaluate.load_params(config, tmp_path, str(tmp_path / 'checkpoints' / '2'), '',
+                                      'ema', mesh)
+  assert step == 2
