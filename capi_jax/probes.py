@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from capi_jax import sharding
+
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 
@@ -29,14 +31,9 @@ ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 # k-NN.
 
 
-def _mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), ('batch',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def _pad_to(x: np.ndarray, n: int, value: float = 0.0) -> np.ndarray:
-  pad = [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
-  return np.pad(x, pad, constant_values=value)
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+  """Zero rows appended up to n rows."""
+  return np.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
 @functools.partial(jax.jit, static_argnames=('k_max', 'metric', 'key_chunk'))
@@ -130,9 +127,10 @@ def knn_index(keys: np.ndarray, key_targets: np.ndarray, *, ks: Sequence[int],
   key_targets = np.asarray(key_targets)
   if key_targets.ndim == 1:
     key_targets = np.eye(num_classes, dtype=np.float32)[key_targets]
-  mesh = _mesh()
-  replicated = jax.sharding.NamedSharding(mesh, jax.P())
-  by_batch = jax.sharding.NamedSharding(mesh, jax.P('batch'))
+  mesh = jax.make_mesh((jax.device_count(),), ('batch',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = sharding.replicated(mesh)
+  by_batch = sharding.batch_sharding(mesh)
   key_chunk = min(key_chunk, n_keys)
   keys = jax.device_put(_pad_to(keys, math.ceil(n_keys / key_chunk) * key_chunk), replicated)
   key_targets = jax.device_put(key_targets.astype(np.float32), replicated)
