@@ -257,25 +257,30 @@ def measure_throughput(config: ml_collections.ConfigDict, num_batches: int = 20,
                        warmup_batches: int = 2) -> dict[str, float]:
   """Host pipeline throughput of the training loader (no accelerator work).
 
-  Returns images_per_s, images_per_s_per_worker (per worker process; the main process counts
-  as one worker when num_workers=0), seconds, num_batches, batch_size, num_workers,
-  image_size.
+  Returns images_per_s; images_per_s_per_worker (per worker process; the main process counts
+  as one worker when num_workers=0); with num_workers=0 also images_per_cpu_s (images per
+  second of this process's CPU time over all its threads, i.e. per busy core); seconds,
+  num_batches, batch_size, num_workers, image_size. Readers run up to
+  config.data.prefetch_buffer_size batches ahead, so use num_batches well above that.
   """
   iterator = create_train_loader(config, seed=config.train.seed)
   try:
     for _ in range(warmup_batches):  # Worker start-up and first file opens are not throughput.
-      batch = next(iterator)
-    start = time.perf_counter()
+      next(iterator)
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(num_batches):
       batch = next(iterator)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   finally:
     if hasattr(iterator, 'close'):
       iterator.close()
-  images = num_batches * batch['images'].shape[0]
-  workers = max(config.data.num_workers, 1)
-  return {'images_per_s': images / seconds, 'images_per_s_per_worker': images / seconds / workers,
-          'seconds': seconds, 'num_batches': num_batches,
-          'batch_size': int(batch['images'].shape[0]), 'num_workers': config.data.num_workers,
-          'image_size': config.data.image_size}
-
+  batch_size = int(batch['images'].shape[0])
+  images = num_batches * batch_size
+  workers = config.data.num_workers
+  result = {'images_per_s': images / seconds,
+            'images_per_s_per_worker': images / seconds / max(workers, 1),
+            'seconds': seconds, 'num_batches': num_batches, 'batch_size': batch_size,
+            'num_workers': workers, 'image_size': config.data.image_size}
+  if workers == 0:
+    result['images_per_cpu_s'] = images / cpu_seconds
+  return result

@@ -1,5 +1,6 @@
 """Input pipeline: sources, bad data, determinism, exact resumption, eval batches, global arrays."""
 
+import gzip
 import io
 import itertools
 import logging
@@ -113,7 +114,6 @@ def test_fashion_mnist_loads_real_images_with_labels():
 def test_fashion_mnist_from_a_user_directory(tmp_path):
   for name in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'):
     src = pathlib.Path(data_sources.FASHION_MNIST_DIR) / f'{name}.gz'
-    import gzip  # pylint: disable=g-import-not-at-top
     (tmp_path / name).write_bytes(gzip.decompress(src.read_bytes()))  # Raw (not .gz) files.
   source = data_sources.make_source(f'fashion_mnist:{tmp_path}', 'train')
   assert len(source) == 60000
@@ -401,3 +401,4 @@ def test_measure_throughput_reports_rates():
   result = input_pipeline.measure_throughput(_config(batch=8), num_batches=2, warmup_batches=1)
   assert result['images_per_s'] > 0 and result['batch_size'] == 8
   assert result['images_per_s_per_worker'] == result['images_per_s']
+  assert result['images_per_cpu_s'] > 0
