@@ -33,17 +33,25 @@ class MetricsWriter:
       self._jsonl = open(self.workdir / 'metrics.jsonl', 'a')
       self._tb = tensorboardX.SummaryWriter(str(self.workdir / 'tensorboard'))
 
-  def write(self, step: int, metrics: dict[str, Any], *, prefix: str = '') -> None:
-    """Writes scalars for `step`; `prefix` namespaces TensorBoard tags (e.g. 'eval/')."""
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    """Training scalars for `step`: a metrics.jsonl line, a stdout line, TensorBoard."""
     if not self.enabled:
       return
     values = {k: _to_python(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
     self._jsonl.flush()
     # tqdm.write keeps a progress bar (if any) intact below the line.
-    tqdm.tqdm.write(f'[{prefix}step {step}] ' + ', '.join(
+    tqdm.tqdm.write(f'[step {step}] ' + ', '.join(
         f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in values.items()))
-    for k, v in values.items():
+    self.write_tensorboard(step, values)
+
+  def write_tensorboard(self, step: int, metrics: dict[str, Any], prefix: str = '') -> None:
+    """Scalars to TensorBoard only, tags prefixed (e.g. 'eval/': evaluations have their own
+    results.json and table)."""
+    if not self.enabled:
+      return
+    for k, v in metrics.items():
+      v = _to_python(v)
       if isinstance(v, (int, float)) and not isinstance(v, bool):
         self._tb.add_scalar(prefix + k, v, step)
     self._tb.flush()

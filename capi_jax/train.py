@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -96,6 +97,14 @@ def _is_finite(metrics: dict[str, Any]) -> bool:
   return bool(np.isfinite(sum(float(metrics[k]) for k in LOSS_KEYS)))
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every float in `tree` is finite (one device-side reduction, one bool to the host)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.stack(leaves).all()
+
+
 def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
@@ -116,14 +125,32 @@ def _log_memory(compiled) -> None:
 
 
 def run_evals(config: ml_collections.ConfigDict, state: train_step.TrainState, step: int,
-              workdir: pathlib.Path, which: str, writer: metrics_writer.MetricsWriter) -> None:
-  """Evaluates the student or EMA backbone with `capi_jax.evaluate` and logs the results."""
+              workdir: pathlib.Path, which: str, mesh: jax.sharding.Mesh,
+              writer: metrics_writer.MetricsWriter) -> dict[str, float]:
+  """Evaluates the student or EMA backbone with `capi_jax.evaluate`; logs and returns results."""
   from capi_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only when used)
   params = state.ema_params if which == 'ema' else state.params
-  results = evaluate.run_evals(config, params['backbone'], step, workdir)
-  if results:
-    writer.write(step, {f'{which}/{k}': v for k, v in results.items()
-                        if np.ndim(v) == 0}, prefix='eval/')
+  results = evaluate.run_evals(config, params['backbone'], step, workdir, mesh=mesh)
+  writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()}, prefix='eval/')
+  return results
+
+
+def final_evaluation(config: ml_collections.ConfigDict, state: train_step.TrainState, step: int,
+                     workdir: pathlib.Path, mesh: jax.sharding.Mesh,
+                     writer: metrics_writer.MetricsWriter) -> None:
+  """The EMA encoder at the end of training, side by side with the same run's random init."""
+  from capi_jax import evaluate  # pylint: disable=g-import-not-at-top
+  trained = run_evals(config, state, step, workdir, 'ema', mesh, writer)
+  if not config.evals.get('random_init_baseline', True):
+    return
+  baseline = evaluate.run_evals(config, evaluate.random_init_params(config, mesh), 'random_init',
+                                workdir, mesh=mesh)
+  if jax.process_index() == 0:
+    rows = [f'{"metric":<32} {"random init":>12} {"trained":>12} {"change":>9}']
+    rows += [f'{k:<32} {baseline[k]:>12.4f} {v:>12.4f} {v - baseline[k]:>+9.4f}'
+             for k, v in trained.items() if k in baseline]
+    print(f'Trained EMA encoder (step {step}) vs random initialisation:\n' + '\n'.join(rows),
+          flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
@@ -197,6 +224,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
       progress.update(1)
       done = step + 1
 
+      if step % cfg.log_loss_every == 0 or done == total:
+        host = jax.device_get(metrics)
+        now = time.perf_counter()
+        host['images_per_s'] = (step + 1 - last_log_step) * global_batch / (now - last_log_time)
+        last_log_time, last_log_step = now, step + 1
+        writer.write(step, host)
+
       if cfg.nan_check_period > 0 and step % cfg.nan_check_period == 0:
         host = jax.device_get(metrics)
         if _is_finite(host):
@@ -213,34 +247,27 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
                 f'last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}; '
                 'lower optim.lr_schedule.base_value or check the data, then rerun to resume.')
 
-      if step % cfg.log_loss_every == 0 or done == total:
-        host = jax.device_get(metrics)
-        now = time.perf_counter()
-        host['images_per_s'] = (step + 1 - last_log_step) * global_batch / (now - last_log_time)
-        last_log_time, last_log_step = now, step + 1
-        writer.write(step, host)
-
       stopping = (stop.signal is not None if jax.process_count() == 1 else
                   step % cfg.log_loss_every == 0 and _any_process(stop.signal is not None))
       if stopping or done % cfg.checkpointing.period == 0:
         # Only finite states become checkpoints, so the latest one is always good.
-        if _is_finite(jax.device_get(metrics)):
+        if bool(_all_finite(state)):
           ckpt.save(done, state, data_iter)
         else:
-          logger.warning('Not checkpointing step %d: the loss is not finite.', done)
+          logger.warning('Not checkpointing step %d: the state is not finite.', done)
       if stopping:
         ckpt.wait()
         logger.warning('Stopped by signal at step %d; checkpoint saved, rerun to resume.', done)
         return state
 
       if config.evals.period and done % config.evals.period == 0 and done != total:
-        run_evals(config, state, done, workdir, config.evals.model, writer)
+        run_evals(config, state, done, workdir, config.evals.model, mesh, writer)
 
-    if metrics is not None and _is_finite(jax.device_get(metrics)):
+    if metrics is not None and bool(_all_finite(state)):
       ckpt.save(total, state, data_iter)
     ckpt.wait()
     if config.evals.get('final', True):
-      run_evals(config, state, total, workdir, 'ema', writer)
+      final_evaluation(config, state, total, workdir, mesh, writer)
     return state
   finally:
     stop.restore(previous_handlers)

@@ -1,0 +1,129 @@
+"""The training loop: pre-emption and exact resume, NaN abort, metrics files.
+
+Run as a script (`python tests/test_train.py WORKDIR TOTAL_ITERS`), this file trains the micro
+config in WORKDIR: the subprocess that the pre-emption test signals.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def _micro(total_iters: int):
+  from test_train_step import micro_config  # pylint: disable=g-import-not-at-top
+  config = micro_config()
+  config.optim.total_iters = total_iters
+  return config
+
+
+def _metrics(workdir: pathlib.Path) -> list[dict[str, float]]:
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  # Throughput depends on the machine's load; everything else must match exactly.
+  return [{k: v for k, v in json.loads(l).items() if k != 'images_per_s'} for l in lines]
+
+
+def _run_script(workdir: pathlib.Path, total: int) -> subprocess.Popen:
+  env = {**os.environ, 'PYTHONPATH': f'{ROOT}{os.pathsep}{TESTS}', 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  return subprocess.Popen([sys.executable, __file__, str(workdir), str(total)], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+  total = 24
+  straight = _run_script(tmp_path / 'straight', total)
+  out, _ = straight.communicate(timeout=600)
+  assert straight.returncode == 0, out
+
+  workdir = tmp_path / 'preempted'
+  first = _run_script(workdir, total)
+  deadline = time.time() + 600
+  while not ((workdir / 'metrics.jsonl').exists() and len(_metrics(workdir)) >= 3):
+    assert first.poll() is None and time.time() < deadline, first.communicate()[0]
+    time.sleep(0.02)
+  first.send_signal(signal.SIGTERM)
+  out, _ = first.communicate(timeout=600)
+  assert first.returncode == 0, out
+  assert 'Stopped by signal' in out, out
+  stopped_at = len(_metrics(workdir))
+  assert 3 <= stopped_at < total, 'the signal should land mid-run'
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [stopped_at]
+
+  second = _run_script(workdir, total)
+  out, _ = second.communicate(timeout=600)
+  assert second.returncode == 0, out
+  assert f'Resuming from step {stopped_at}' in out, out
+  assert _metrics(workdir) == _metrics(tmp_path / 'straight')
+
+
+class _NanFrom:
+  """A real training loader whose images turn NaN from batch `start` on (fault injection)."""
+
+  def __init__(self, loader, start: int):
+    self.loader, self.start, self.count = loader, start, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = dict(next(self.loader))
+    if self.count >= self.start:
+      batch['images'] = np.full_like(batch['images'], np.nan)
+    self.count += 1
+    return batch
+
+  # Grain's Orbax handler stores non-DatasetIterator states as bytes.
+  def get_state(self) -> bytes:
+    return json.dumps({'inner': self.loader.get_state(), 'count': self.count}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    state = json.loads(state.decode())
+    self.loader.set_state(state['inner'])
+    self.count = state['count']
+
+  def start_prefetch(self) -> None:
+    self.loader.start_prefetch()
+
+
+def test_nan_in_data_aborts_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  from capi_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from capi_jax import train  # pylint: disable=g-import-not-at-top
+  real = input_pipeline.create_train_loader
+  monkeypatch.setattr(input_pipeline, 'create_train_loader',
+                      lambda *a, **k: _NanFrom(real(*a, **k), start=6))
+  config = _micro(total_iters=20)  # Checkpoints every 4 steps, NaN check every step.
+  with pytest.raises(train.NonFiniteLossError, match=r'NaN/inf at 3 consecutive checks.*'
+                     r'last good checkpoint is step 4'):
+    train.train_and_evaluate(config, tmp_path)
+  ckpt = checkpointing.Checkpointer(tmp_path / 'checkpoints', config)
+  assert ckpt.all_steps() == [4]
+  # Restore without a target: every array of the last good state, as saved.
+  restored = ckpt.manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  leaves = [np.asarray(x) for x in jax.tree.leaves(restored['state'])]
+  assert leaves and all(np.isfinite(x).all() for x in leaves if x.dtype.kind == 'f')
+  ckpt.close()
+  lines = _metrics(tmp_path)
+  assert [l['step'] for l in lines] == list(range(9))
+  assert np.isfinite(lines[5]['capi_loss']) and np.isnan(lines[6]['capi_loss'])
+  assert (tmp_path / 'config.json').exists() and list((tmp_path / 'tensorboard').iterdir())
+
+
+if __name__ == '__main__':
+  from capi_jax import train  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(level=logging.WARNING)
+  logging.getLogger('capi_jax').setLevel(logging.INFO)
+  train.train_and_evaluate(_micro(int(sys.argv[2])), sys.argv[1])
