@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+logger = logging.getLogger(__name__)
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
 SYNTHETIC_SIZE = 1_000_000
@@ -147,7 +149,7 @@ def _scan_images(split_dir: pathlib.Path) -> tuple[list[str], list[int], list[st
   if class_dirs:
     loose = [f for f in split_dir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
-      logging.warning('%s: %d images directly in the folder are ignored because it has class '
+      logger.warning('%s: %d images directly in the folder are ignored because it has class '
                       'sub-folders (e.g. %s).', split_dir, len(loose), loose[0].name)
     paths, labels = [], []
     for label, class_dir in enumerate(class_dirs):
@@ -274,7 +276,7 @@ def _count(name: str, error: Exception | None) -> None:
     _stats['skipped'] += 1
     _stats['skipped_in_a_row'] += 1
     skipped, in_a_row = _stats['skipped'], _stats['skipped_in_a_row']
-  logging.warning('Skipping unreadable record %s (%s: %s); %d skipped so far in this process.',
+  logger.warning('Skipping unreadable record %s (%s: %s); %d skipped so far in this process.',
                   name, type(error).__name__, error, skipped)
   if in_a_row >= _MAX_CONSECUTIVE_SKIPS:
     raise ValueError(
@@ -308,6 +310,10 @@ def decode(record: Record) -> dict[str, Any] | None:
       image = Image.open(io.BytesIO(data))
       image.load()  # Decode now, so that a truncated file fails here and not later.
     image = to_rgb(image)
+  except Image.UnidentifiedImageError:
+    # Pillow's own message names an anonymous BytesIO; say what is wrong with the data instead.
+    _count(record['name'], ValueError(f'not a recognised image format ({len(data)} bytes)'))
+    return None
   except Exception as e:  # pylint: disable=broad-except
     # Any decoder failure (truncated, corrupt, unsupported mode, decompression bomb) makes this
     # one record unusable; the pipeline skips it instead of killing a worker.
