@@ -305,6 +305,18 @@ def test_train_batch_masks_follow_the_config():
     assert not set(visible.tolist()) & set(predict.tolist())
 
 
+def test_eval_dataset_subset_is_fixed_and_batched():
+  config = _config()
+  evals = input_pipeline.create_eval_dataset(config, 'test', max_images=50, batch_size=20)
+  first, second = list(evals), list(evals)  # Re-iterable, same order every time.
+  assert [len(b['label']) for b in first] == [20, 20, 10]
+  assert first[0]['images'].shape == (20, 32, 32, 3) and first[0]['label'].dtype == np.int32
+  _assert_same_batches(first, second)
+  labels = np.concatenate([b['label'] for b in first])
+  first_records = data_sources.make_source('fashion_mnist', 'test').labels[:50]
+  assert not np.array_equal(labels, first_records)  # A random subset, not the first records.
+
+
 # --- determinism and resumption ---------------------------------------------------------------
 
 
