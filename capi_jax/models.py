@@ -201,16 +201,27 @@ class Mlp(nn.Module):
     return dense(dim, name='fc2')(x)
 
 
+def _select(groups: Array, keep: Array) -> Array:
+  """groups (g, local, ...), keep (g, n_keep) -> (g * n_keep, ...): the kept samples."""
+  picked = jax.vmap(lambda group, idx: group[idx])(groups, keep)
+  return picked.reshape(-1, *groups.shape[2:])
+
+
 class Residual(nn.Module):
   """Pre-norm residual `x + fn(norm(x))` with the release's 'efficient' stochastic depth.
 
   In training, the branch runs on a random subset of max(int(B * keep), 1) samples and is
   added back scaled by B / n_keep: static shapes, and the skipped samples cost nothing.
+  The release draws the subset on each GPU from its local batch; `drop_path_groups` > 1 does
+  the same for a global batch split into that many contiguous groups (set it to the number of
+  batch shards: the selection then stays on each device instead of gathering the kept
+  samples onto every device).
   """
   make_norm: Callable[..., nn.Module]
   make_fn: Callable[..., nn.Module]
   drop_rate: float = 0.0
   deterministic: bool = True
+  drop_path_groups: int = 1
 
   @nn.compact
   def __call__(self, x: Array, *branch_args: Array | None) -> Array:
@@ -218,12 +229,19 @@ class Residual(nn.Module):
     norm, fn = self.make_norm(name='norm'), self.make_fn(name='fn')
     if self.deterministic or self.drop_rate == 0.0:
       return x + fn(norm(x), *branch_args)
-    b = x.shape[0]
-    n_keep = max(int(b * (1.0 - self.drop_rate)), 1)
-    keep = jax.random.permutation(self.make_rng('drop_path'), b)[:n_keep]
-    sub_args = [None if a is None else a[keep] for a in branch_args]
-    branch = fn(norm(x[keep]), *sub_args)
-    return x.at[keep].add(branch * jnp.asarray(b / n_keep, branch.dtype))
+    b, g = x.shape[0], self.drop_path_groups
+    if b % g:
+      raise ValueError(f'The batch ({b}) must split into drop_path_groups={g} equal groups.')
+    local = b // g
+    n_keep = max(int(local * (1.0 - self.drop_rate)), 1)
+    keys = jax.random.split(self.make_rng('drop_path'), g)
+    keep = jax.vmap(lambda k: jax.random.permutation(k, local)[:n_keep])(keys)  # (g, n_keep)
+    grouped = lambda a: a.reshape(g, local, *a.shape[1:])
+    sub_args = [None if a is None else _select(grouped(a), keep) for a in branch_args]
+    branch = fn(norm(_select(grouped(x), keep)), *sub_args)
+    branch = branch.reshape(g, n_keep, *branch.shape[1:]) * jnp.asarray(local / n_keep, x.dtype)
+    out = jax.vmap(lambda group, idx, update: group.at[idx].add(update))(grouped(x), keep, branch)
+    return out.reshape(x.shape)
 
 
 class Block(nn.Module):
@@ -233,6 +251,7 @@ class Block(nn.Module):
   norm_eps: float = 1e-5
   drop_path_rate: float = 0.0
   deterministic: bool = True
+  drop_path_groups: int = 1
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -241,7 +260,8 @@ class Block(nn.Module):
                context_coords: Array | None) -> Array:
     norm = functools.partial(RMSNorm, self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     residual = functools.partial(Residual, drop_rate=self.drop_path_rate,
-                                 deterministic=self.deterministic)
+                                 deterministic=self.deterministic,
+                                 drop_path_groups=self.drop_path_groups)
     attn = functools.partial(Attention, self.num_heads, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     x = residual(norm, attn, name='residual1')(x, coords, context, context_coords)
@@ -256,6 +276,7 @@ class Transformer(nn.Module):
   mlp_ratio: int = 4
   norm_eps: float = 1e-5
   drop_path_rate: float = 0.0
+  drop_path_groups: int = 1
   remat_policy: str = 'none'
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
@@ -285,7 +306,8 @@ class Transformer(nn.Module):
     outputs = {0: x} if 0 in return_layers else {}
     for i in range(n_run):
       x = block_cls(self.num_heads, self.mlp_ratio, self.norm_eps, self.drop_path_rate,
-                    deterministic, self.dtype, self.param_dtype, name=f'blocks_{i}')(
+                    deterministic, self.drop_path_groups, self.dtype, self.param_dtype,
+                    name=f'blocks_{i}')(
                         x, coords, context, context_coords)
       if i + 1 in return_layers:
         outputs[i + 1] = x
@@ -296,7 +318,8 @@ class EncoderDecoder(nn.Module):
   """CAPI's backbone: encoder over visible tokens + registers, cross-attention predictor.
 
   Fields mirror `config.model` (see `from_config`); `dtype` is the compute dtype (softmax,
-  norms and reductions stay float32), `param_dtype` the parameters' dtype.
+  norms and reductions stay float32), `param_dtype` the parameters' dtype;
+  `drop_path_groups`: see `Residual` (1 = one subset over the whole batch).
   """
   patch_size: int = 14
   n_registers: int = 16
@@ -307,6 +330,7 @@ class EncoderDecoder(nn.Module):
   num_heads: int = 16
   mlp_ratio: int = 4
   drop_path_rate: float = 0.0
+  drop_path_groups: int = 1
   encoder_depth: int = 24
   decoder_depth: int = 12
   out_layer: int = -1
@@ -330,7 +354,8 @@ class EncoderDecoder(nn.Module):
                                  (1, self.embed_dim), self.param_dtype)
     transformer = functools.partial(
         Transformer, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps,
-        drop_path_rate=self.drop_path_rate, remat_policy=self.remat_policy, dtype=self.dtype,
+        drop_path_rate=self.drop_path_rate, drop_path_groups=self.drop_path_groups,
+        remat_policy=self.remat_policy, dtype=self.dtype,
         param_dtype=self.param_dtype)
     self.encoder = transformer(self.encoder_depth)
     self.decoder = transformer(self.decoder_depth)
@@ -451,7 +476,8 @@ def from_config(config: ml_collections.ConfigDict) -> EncoderDecoder:
       patch_size=m.patch_size, n_registers=m.n_registers,
       register_coordinates=m.register_coordinates, scale_reg_to_visible=m.scale_reg_to_visible,
       norm_eps=m.norm_eps, embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-      drop_path_rate=m.drop_path_rate, encoder_depth=m.encoder_depth,
+      drop_path_rate=m.drop_path_rate, drop_path_groups=m.get('drop_path_groups', 1),
+      encoder_depth=m.encoder_depth,
       decoder_depth=m.decoder_depth, out_layer=m.out_layer,
       dtype=jnp.dtype(e.compute_dtype), param_dtype=jnp.dtype(e.param_dtype),
       remat_policy=e.remat_policy)

@@ -136,21 +136,22 @@ def test_image_size_must_be_divisible_by_patch_size():
     model.init(jax.random.key(0), jnp.zeros((1, 30, 32, 3)))
 
 
-def test_efficient_drop_path_updates_a_random_subset_scaled():
-  """Exactly max(int(B*keep), 1) samples get the branch, scaled by B / n_keep."""
-  b, drop = 5, 0.5
-  n_keep = max(int(b * (1 - drop)), 1)
+@pytest.mark.parametrize('b, groups', [(5, 1), (10, 2)])
+def test_efficient_drop_path_updates_a_random_subset_scaled(b, groups):
+  """In each group of `local` samples, max(int(local*keep), 1) get the branch, x local/n_keep."""
+  drop, local = 0.5, b // groups
+  n_keep = max(int(local * (1 - drop)), 1)
   mlp = functools.partial(models.Mlp, 2)
   norm = functools.partial(models.RMSNorm, 1e-5)
-  train = models.Residual(norm, mlp, drop_rate=drop, deterministic=False)
+  train = models.Residual(norm, mlp, drop_rate=drop, deterministic=False, drop_path_groups=groups)
   evaluate = models.Residual(norm, mlp, drop_rate=drop, deterministic=True)
   x = jax.random.normal(jax.random.key(0), (b, 3, 8))
   variables = evaluate.init(jax.random.key(1), x)
   full = evaluate.apply(variables, x)
   out = train.apply(variables, x, rngs={'drop_path': jax.random.key(2)})
   changed = np.any(np.asarray(out) != np.asarray(x), axis=(1, 2))
-  assert changed.sum() == n_keep
-  np.testing.assert_allclose(out[changed] - x[changed], (full - x)[changed] * b / n_keep,
+  np.testing.assert_array_equal(changed.reshape(groups, local).sum(1), n_keep)
+  np.testing.assert_allclose(out[changed] - x[changed], (full - x)[changed] * local / n_keep,
                              atol=1e-5, rtol=1e-5)
 
 
@@ -225,3 +226,15 @@ def test_residual_is_plain_when_deterministic():
   x = jnp.ones((3, 2, 4))
   variables = res.init(jax.random.key(0), x)
   assert res.apply(variables, x).shape == x.shape
+
+
+def test_grouped_drop_path_on_a_sharded_batch_equals_one_device():
+  """drop_path_groups = number of batch shards: same numbers as on one device."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  res = models.Residual(functools.partial(models.RMSNorm), functools.partial(models.Mlp, 2),
+                        drop_rate=0.5, deterministic=False, drop_path_groups=8)
+  x = jax.random.normal(jax.random.key(0), (16, 3, 8))
+  variables = res.init(jax.random.key(1), x)
+  apply = jax.jit(lambda v, x: res.apply(v, x, rngs={'drop_path': jax.random.key(2)}))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  np.testing.assert_allclose(apply(variables, sharded), apply(variables, x), rtol=1e-6, atol=1e-6)
