@@ -13,13 +13,13 @@ pixels, masks sampled by `capi_jax.masking` as the input pipeline does), compile
 warms up, times `--steps` steps (each waited for with `block_until_ready`) and prints ONE JSON
 line on stdout:
 
-  images_per_s, step_time_s (median), step_time_min_s, tflops_per_s, mfu, peak_tflops_per_s
-  and peak_source, flops_per_step and flops_counting (`capi_jax.flops`), peak_memory_bytes
-  and memory_source, compile_s, device_kind, device_count, config, global_batch_size,
-  jax_version, xla_flags, load_average (host load during the run: CPU timings are only
-  comparable on a quiet host), and data_pipeline: the host input pipeline's own throughput
-  (`input_pipeline.measure_throughput`, timed separately), with `bottleneck` naming the slower
-  of the two.
+  images_per_s, step_time_s (median), step_time_min_s, host_cpu_s_per_step, tflops_per_s,
+  mfu, peak_tflops_per_s and peak_source, flops_per_step, flops_by_part and flops_counting
+  (`capi_jax.flops`), peak_memory_bytes and memory_source, compile_s, device_kind,
+  device_count, config, global_batch_size, jax_version, xla_flags, load_average (host load
+  during the run: CPU timings are only comparable on a quiet host), and data_pipeline: the
+  host input pipeline's own throughput (`input_pipeline.measure_throughput`, timed
+  separately), with `bottleneck` naming the slower of the two.
 
 MFU = flops_per_step / step_time / (peak FLOP/s of one device x device count). Peaks are the
 vendors' dense bf16 figures (`PEAK_BF16_FLOPS`), used only for bf16 compute. On CPU there is
@@ -167,7 +167,9 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
   """Compiles the real train step on a mesh of `devices` and times it.
 
   Returns:
-    step_time_s (median), step_time_min_s, compile_s, peak_memory_bytes, memory_source.
+    step_time_s (median), step_time_min_s, host_cpu_s_per_step (median process CPU time: on
+    the CPU backend, the core-seconds a step costs, which other processes on the host do not
+    inflate the way they inflate wall time), compile_s, peak_memory_bytes, memory_source.
   """
   method = methods.from_config(config)
   mesh = sharding.make_mesh(config, devices)
@@ -184,26 +186,29 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics) if warmup else state)
 
-  times = []
+  times, cpu_times = [], []
   for _ in range(steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu_start)
   loss = float(metrics['capi_loss'])
   if not np.isfinite(loss):
     raise FloatingPointError(f'capi_loss is {loss} after {warmup + steps} steps: the benchmarked '
                              'step is broken, its timings would mean nothing.')
   memory, memory_source = peak_memory(compiled, devices)
   return {'step_time_s': statistics.median(times), 'step_time_min_s': min(times),
-          'compile_s': compile_s, 'peak_memory_bytes': memory, 'memory_source': memory_source}
+          'host_cpu_s_per_step': statistics.median(cpu_times), 'compile_s': compile_s,
+          'peak_memory_bytes': memory, 'memory_source': memory_source}
 
 
 def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], steps: int,
           warmup: int) -> dict[str, Any]:
   """The train-step benchmark on `devices`, as one JSON-able dict (see the module docstring)."""
   timing = time_train_step(config, devices, steps, warmup)
-  step_flops = flops.train_step_flops(config)['total']
+  flops_by_part = flops.train_step_flops(config)
+  step_flops = flops_by_part.pop('total')
   batch = config.optim.global_batch_size
   flops_per_s = step_flops / timing['step_time_s']
   peak, peak_source = peak_flops(devices, config.efficiency.compute_dtype)
@@ -213,11 +218,13 @@ def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], step
       'images_per_s_per_device': batch / timing['step_time_s'] / len(devices),
       'step_time_s': timing['step_time_s'],
       'step_time_min_s': timing['step_time_min_s'],
+      'host_cpu_s_per_step': timing['host_cpu_s_per_step'],
       'tflops_per_s': flops_per_s / 1e12,
       'mfu': None if peak is None else flops_per_s / peak,
       'peak_tflops_per_s': None if peak is None else peak / 1e12,
       'peak_source': peak_source,
       'flops_per_step': step_flops,
+      'flops_by_part': flops_by_part,
       'flops_counting': flops.COUNTING_NOTE,
       'peak_memory_bytes': timing['peak_memory_bytes'],
       'memory_source': timing['memory_source'],
