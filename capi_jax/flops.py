@@ -20,7 +20,8 @@ Counting rules:
   head (its input is the detached teacher output) count 1x (weight gradient only).
 - Attention counts its two batched matmuls, q @ k^T and probs @ v: 2 * 2 * n_q * n_k * dim.
 - Stochastic depth is the 'efficient' variant: in training every residual branch of every
-  block runs on `max(int(batch * (1 - drop_path_rate)), 1)` samples of the global batch, so
+  block runs on `max(int(local * (1 - drop_path_rate)), 1)` samples of each of the
+  `model.drop_path_groups` groups of `local = batch / groups` samples (models.Residual), so
   student encoder and predictor blocks count that many samples, not the whole batch.
 - Sinkhorn and the two softmax cross-entropy losses are elementwise over (tokens, clusters)
   and are counted at 1 FLOP per element per elementwise op or reduction (see the constants).
@@ -60,7 +61,8 @@ class StepShapes:
     decoder_depth: predictor blocks.
     num_clusters: K, the width of both heads.
     n_sk_iter: Sinkhorn-Knopp iterations.
-    n_keep: samples every student residual branch runs on (efficient drop path).
+    n_keep: samples every student residual branch runs on (efficient drop path), over all
+      drop-path groups.
   """
   batch: int
   n_tokens: int
@@ -86,8 +88,12 @@ def step_shapes(config: ml_collections.ConfigDict) -> StepShapes:
   n_tokens = (d.image_size // m.patch_size) ** 2
   n_masked = int(n_tokens * d.mask_ratio)
   batch = config.optim.global_batch_size
-  keep = 1.0 - m.drop_path_rate
-  n_keep = batch if m.drop_path_rate == 0 else max(int(batch * keep), 1)
+  groups = m.get('drop_path_groups', 1)
+  if batch % groups:
+    raise ValueError(f'optim.global_batch_size={batch} does not split into '
+                     f'model.drop_path_groups={groups} equal groups.')
+  local = batch // groups
+  n_keep = batch if m.drop_path_rate == 0 else groups * max(int(local * (1 - m.drop_path_rate)), 1)
   return StepShapes(
       batch=batch,
       n_tokens=n_tokens,

@@ -70,6 +70,11 @@ def test_efficient_drop_path_counts_kept_samples():
   full = flops.train_step_flops(c)
   assert dropped['predictor'] * 10 == full['predictor'] * 7
   assert dropped['teacher_encoder'] == full['teacher_encoder']
+  with c.unlocked():
+    c.model.drop_path_rate = 0.25
+    c.model.drop_path_groups = 2  # 2 groups of 5: max(int(5 * 0.75), 1) = 3 kept in each.
+  grouped = flops.train_step_flops(c)
+  assert grouped['predictor'] * 10 == full['predictor'] * 6
 
 
 def test_rejects_image_size_not_multiple_of_patch():
