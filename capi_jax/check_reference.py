@@ -14,9 +14,10 @@ max|ours - ref| <= tolerance * max(1, max|ref|) (absolute for values of order on
 larger ones); `max rel err` is max|ours - ref| / max|ref|. Computation is float32 with
 'highest' matmul precision.
 
-Comparisons are named functions in `COMPARISONS`, added with `@register(name, requires=...)`;
-one whose fixture arrays are missing, or whose code is not importable, is reported as skipped
-with the reason, never silently.
+Comparisons are named functions in `COMPARISONS`, added with `@register(name, requires=...)`:
+eval forward, training forward, clustering head, student head, schedules and two training
+iterations (the train step from `step/init/...`). One whose fixture arrays are missing, or whose
+code is not importable, is reported as skipped with the reason, never silently.
 """
 
 from collections.abc import Callable, Mapping, Sequence

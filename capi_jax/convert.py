@@ -4,7 +4,8 @@ Official names (facebookresearch/capi `state_dict`) map onto the capi_jax parame
 `blocks.<i>` <-> `blocks_<i>`, `.` <-> `/`, linear `weight (out, in)` <-> `kernel (in, out)`,
 conv `weight (out, in, kh, kw)` <-> `kernel (kh, kw, in, out)`, RMSNorm `weight` <-> `scale`;
 student head `last_layer.weight_v (K, D)` / `weight_g (K, 1)` <-> `kernel_v (D, K)` /
-`kernel_g (1, K)`; clustering head `layer.weight (K, D)` / `layer.bias` <-> `kernel (D, K)` / `bias`.
+`kernel_g (1, K)`; clustering head `layer.weight (K, D)` / `layer.bias` <-> `kernel (D, K)` /
+`bias`.
 Transposes only: no arithmetic touches the values, so official -> capi_jax -> official is exact.
 
 Official-format files (`.pth`, or `.npz` with the same names) hold a flat mapping with

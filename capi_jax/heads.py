@@ -65,7 +65,7 @@ def target_entropy(targets: Array) -> Array:
 
 
 class ClusteringHead(nn.Module):
-  """Online clustering head: L2-normalise, then linear dim -> num_clusters (init N(0, 1), bias 0)."""
+  """Online clustering head: L2-normalise, then linear dim -> K (init N(0, 1), bias 0)."""
   num_clusters: int
   use_bias: bool = True
 

@@ -1,4 +1,4 @@
-"""CAPI's EncoderDecoder: a ViT encoder with registers and 2-D RoPE, and a cross-attention predictor.
+"""CAPI's EncoderDecoder: ViT encoder (registers, 2-D RoPE) and cross-attention predictor.
 
 Reproduces `model.py` of the official release (facebookresearch/capi, commit 98b4fa1); see
 `../shared/docs/capi_algorithm.md`. Images are NHWC here (the official code is NCHW).
@@ -30,7 +30,7 @@ REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable', 'dots_with_no_bat
 # Official init: torch xavier-uniform on (out, in) linear weights (flax kernels are (in, out)).
 _xavier_uniform = nn.initializers.xavier_uniform()
 # The official patch embedding applies xavier-uniform to the kernel flattened to (out, in*kh*kw):
-# fan_in = kh*kw*in, fan_out = out (flax's default for conv kernels would multiply fan_out by kh*kw).
+# fan_in = kh*kw*in, fan_out = out (flax's conv default would multiply fan_out by kh*kw).
 _patch_kernel_init = nn.initializers.variance_scaling(
     1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
 
@@ -93,7 +93,8 @@ def register_coordinates(layout: str, n_registers: int) -> np.ndarray:
   if layout != 'edge':
     raise ValueError(f"register_coordinates must be 'edge' or 'zeros', got {layout!r}.")
   if n_registers % 4:
-    raise ValueError(f"'edge' register coordinates need n_registers divisible by 4, got {n_registers}.")
+    raise ValueError(
+        f"'edge' register coordinates need n_registers divisible by 4, got {n_registers}.")
   side = n_registers // 4
   c = np.arange(side, dtype=np.float32) / np.float32(side)
   zeros, ones = np.zeros_like(c), np.ones_like(c)
@@ -340,7 +341,8 @@ class EncoderDecoder(nn.Module):
 
   def setup(self):
     if self.embed_dim % self.num_heads:
-      raise ValueError(f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.')
+      raise ValueError(
+          f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.')
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}.')
     fan_in = 3 * self.patch_size ** 2
@@ -443,7 +445,7 @@ class EncoderDecoder(nn.Module):
     return global_repr, registers, feature_map
 
   def encode_all(self, images: Array) -> Array:
-    """Teacher forward: (batch, H, W, 3) -> normed encoder output at patches (batch, n_tokens, D)."""
+    """Teacher forward: (batch, H, W, 3) -> normed encoder output, patches only (batch, n, D)."""
     enc_outs, _, _ = self._encode(images, None, {self._out_layer}, True)
     return enc_outs[self._out_layer][:, self.n_registers:]
 
