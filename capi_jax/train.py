@@ -50,8 +50,9 @@ def initialize_distributed() -> None:
   """`jax.distributed.initialize()` when launched as one of several processes.
 
   Explicit settings (launch/local_multiprocess.py, or any launcher): JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES, JAX_PROCESS_ID. Otherwise JAX detects SLURM (more than one task) and Cloud
-  TPU pods (more than one worker) itself. Single-process runs skip it.
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID. Otherwise, under SLURM with more than one task, or with
+  CAPI_JAX_DISTRIBUTED=1 (launch/tpu_pod.sh: Cloud TPU pods), JAX detects the cluster itself.
+  Single-process runs skip it.
   """
   if jax.distributed.is_initialized():
     return
@@ -61,7 +62,7 @@ def initialize_distributed() -> None:
         coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
         num_processes=int(env['JAX_NUM_PROCESSES']),
         process_id=int(env['JAX_PROCESS_ID']))
-  elif int(env.get('SLURM_NTASKS', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+  elif int(env.get('SLURM_NTASKS', '1')) > 1 or env.get('CAPI_JAX_DISTRIBUTED') == '1':
     jax.distributed.initialize()
 
 
