@@ -23,6 +23,9 @@ Run:
   # capi_jax -> official names (.npz, or .pth when PyTorch is installed).
   python -m capi_jax.convert --config=configs/vitl.py --to=official \
       --input=/tmp/capi_vitl14_lvd/params --output=/tmp/capi_vitl14_lvd.npz
+  # A capi_jax training checkpoint (a step folder; --source=student_ema for the EMA) -> official.
+  python -m capi_jax.convert --config=configs/tiny.py --to=official --source=student_ema \
+      --input=/tmp/capi_tiny/checkpoints/1500 --output=/tmp/capi_tiny_ema.pth
 
 The architecture comes from `config.model`, the number of clusters from `config.capi`; any name
 or shape that does not fit it is an error naming the parameter (never a silent skip).
@@ -339,6 +342,36 @@ def restore_params(path: str | os.PathLike[str]) -> dict[str, Params]:
   return jax.tree_util.tree_map(np.asarray, restored)
 
 
+def restore_training_parts(step_dir: str | os.PathLike[str], config: ml_collections.ConfigDict,
+                           source: str = 'student') -> dict[str, Params]:
+  """{'backbone', 'head', 'teacher_head'} of a capi_jax training checkpoint, on one device.
+
+  Args:
+    step_dir: a step folder of a training run, `WORKDIR/checkpoints/<step>`.
+    config: the run's config (the checkpoint's architecture is checked against it).
+    source: 'student' or 'student_ema' (the EMA, whose backbone is the teacher's).
+  """
+  # The engine's modules are imported here so that converting official weights needs none.
+  from capi_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax import methods  # pylint: disable=g-import-not-at-top
+  from capi_jax import train_step  # pylint: disable=g-import-not-at-top
+  if source not in ('student', 'student_ema'):
+    raise ValueError(f"source must be 'student' or 'student_ema', got {source!r}.")
+  step_dir = pathlib.Path(step_dir).absolute()
+  init, _ = train_step.init_fn(config, methods.from_config(config))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        jax.eval_shape(init, jax.random.PRNGKey(0)))
+  checkpointer = checkpointing.Checkpointer(step_dir.parent, config)
+  try:
+    state = checkpointer.restore(int(step_dir.name), target, None)
+  finally:
+    checkpointer.close()
+  params = state.params if source == 'student' else state.ema_params
+  return jax.tree.map(np.asarray, {'backbone': params['backbone'], 'head': params['head'],
+                                   'teacher_head': state.teacher_head_params})
+
+
 def _check_restored_architecture(parts: Mapping[str, Params],
                                  config: ml_collections.ConfigDict) -> None:
   """Fails like `load_official` would if the capi_jax trees don't fit `config`."""
@@ -354,15 +387,19 @@ def _check_restored_architecture(parts: Mapping[str, Params],
 
 def _run(cfg: ml_collections.ConfigDict, direction: str, source_path: str, output: str,
          source: str) -> None:
+  """The command line's work: one conversion in `direction` ('capi_jax' or 'official')."""
   if direction == 'capi_jax':
     parts = load_official(source_path, cfg, source=source)
     target = save_params(parts, output)
     print(f'Wrote {sorted(parts)} to {target}')
+    return
+  if (pathlib.Path(source_path) / 'state').is_dir():  # A training run's step folder.
+    parts = restore_training_parts(source_path, cfg, source)
   else:
     parts = restore_params(source_path)
     _check_restored_architecture(parts, cfg)
-    export_official(parts, output)
-    print(f'Wrote {sorted(parts)} under official names to {output}')
+  export_official(parts, output)
+  print(f'Wrote {sorted(parts)} under official names to {output}')
 
 
 def main() -> None:
@@ -374,11 +411,13 @@ def main() -> None:
       lock_config=True)
   direction = flags.DEFINE_enum('to', None, ['capi_jax', 'official'], 'Conversion direction.')
   source_path = flags.DEFINE_string(
-      'input', None, 'official .pth/.npz, or a capi_jax OUT/params directory.')
+      'input', None, 'official .pth/.npz; or a capi_jax OUT/params directory or training '
+      'checkpoint step folder (WORKDIR/checkpoints/<step>).')
   output = flags.DEFINE_string(
       'output', None, 'directory (to capi_jax) or .npz/.pth file (to official).')
   source = flags.DEFINE_enum('source', 'student', ['student', 'student_ema'],
-                             'Which network of a full official training checkpoint to read.')
+                             'Which network of a full training checkpoint (official or '
+                             'capi_jax) to read.')
   flags.mark_flags_as_required(['config', 'to', 'input', 'output'])
 
   def run(_):

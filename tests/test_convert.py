@@ -167,3 +167,33 @@ def test_pth_bfloat16_round_trip_is_bit_exact(ctx, official, tmp_path):
   assert sorted(back) == sorted(bf16)
   for k, v in bf16.items():
     assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], v), k
+
+
+def test_capi_jax_training_checkpoint_to_official(tmp_path):
+  """A training run's step folder exports the student or its EMA under official names."""
+  import grain  # pylint: disable=g-import-not-at-top
+  from capi_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax import methods  # pylint: disable=g-import-not-at-top
+  from capi_jax import sharding  # pylint: disable=g-import-not-at-top
+  from capi_jax import train_step  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.embed_dim, config.model.num_heads = 32, 2
+  config.model.encoder_depth, config.model.decoder_depth = 1, 1
+  config.data.image_size, config.capi.num_clusters = 16, 8
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    state, _, _ = train_step.create_state(config, methods.from_config(config), mesh,
+                                          jax.random.PRNGKey(0))
+  state = state.replace(ema_params=jax.tree.map(lambda x: x + 1, state.ema_params))
+  checkpointer = checkpointing.Checkpointer(tmp_path / 'checkpoints', config)
+  checkpointer.save(7, state, iter(grain.MapDataset.range(4).to_iter_dataset()))
+  checkpointer.wait()
+  checkpointer.close()
+
+  convert._run(config, 'official', str(tmp_path / 'checkpoints' / '7'),  # pylint: disable=protected-access
+               str(tmp_path / 'ema.npz'), 'student_ema')
+  expected = convert.to_official_state_dict({
+      'backbone': state.ema_params['backbone'], 'head': state.ema_params['head'],
+      'teacher_head': state.teacher_head_params})
+  _assert_same_state_dict(convert.read_state_dict(tmp_path / 'ema.npz'), expected)
