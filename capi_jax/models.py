@@ -306,10 +306,10 @@ class Transformer(nn.Module):
     n_run = self.depth if self.is_initializing() else max(return_layers)
     outputs = {0: x} if 0 in return_layers else {}
     for i in range(n_run):
-      x = block_cls(self.num_heads, self.mlp_ratio, self.norm_eps, self.drop_path_rate,
-                    deterministic, self.drop_path_groups, self.dtype, self.param_dtype,
-                    name=f'blocks_{i}')(
-                        x, coords, context, context_coords)
+      block = block_cls(self.num_heads, self.mlp_ratio, self.norm_eps, self.drop_path_rate,
+                        deterministic, self.drop_path_groups, self.dtype, self.param_dtype,
+                        name=f'blocks_{i}')
+      x = block(x, coords, context, context_coords)
       if i + 1 in return_layers:
         outputs[i + 1] = x
     return outputs
