@@ -99,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 16
   c.model.mlp_ratio = 4
   c.model.drop_path_rate = 0.2
+  # Stochastic-depth subsets are drawn per group of batch / drop_path_groups samples (the release
+  # draws one per GPU). Set it to the number of batch shards to keep the selection on-device.
+  c.model.drop_path_groups = 1
   c.model.encoder_depth = 24
   c.model.decoder_depth = 12
   c.model.out_layer = -1
