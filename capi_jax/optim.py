@@ -61,7 +61,8 @@ def group_multipliers(
   return lr_mult, wd_mult
 
 
-def param_group_trees(params: PyTree, optim_cfg: ml_collections.ConfigDict) -> tuple[PyTree, PyTree]:
+def param_group_trees(params: PyTree, optim_cfg: ml_collections.ConfigDict
+                      ) -> tuple[PyTree, PyTree]:
   """Per-leaf (lr multiplier, wd multiplier) trees for the student's parameters."""
   mults = jax.tree_util.tree_map_with_path(
       lambda path, _: group_multipliers(
@@ -130,7 +131,8 @@ def adamw(
   )
 
 
-def student_optimizer(config: ml_collections.ConfigDict, student_params: PyTree) -> optax.GradientTransformation:
+def student_optimizer(config: ml_collections.ConfigDict, student_params: PyTree
+                      ) -> optax.GradientTransformation:
   """The student's AdamW (`config.optim`), groups derived from the parameter paths."""
   lr_mults, wd_mults = param_group_trees(student_params, config.optim)
   return adamw(

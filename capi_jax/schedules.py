@@ -1,4 +1,4 @@
-"""Warmup-then-truncated-cosine schedules (learning rates, EMA momentum), as the reference runs them.
+"""Warmup-then-truncated-cosine schedules (learning rates, EMA momentum), as the reference has them.
 
 The reference precomputes the schedule as a numpy array:
   linspace(start_warmup_value, base_value, warmup_iters)       (both ends included)

@@ -26,7 +26,8 @@ PyTree = Any
 FSDP_AXIS = 'fsdp'
 
 
-def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int
+               ) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """Resolves one -1 in the axis sizes so that their product is `n_devices`."""
   names = tuple(name for name, _ in axes)
   sizes = [int(size) for _, size in axes]
@@ -43,7 +44,8 @@ def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int) -> tuple[tuple[s
   return names, tuple(sizes)
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh of `config.sharding.mesh` over `devices` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
   names, sizes = mesh_shape(config.sharding.mesh, len(devices))

@@ -58,7 +58,8 @@ class Optimizers:
   momentum_fn: schedules.ScheduleFn = flax.struct.field(pytree_node=False)
 
 
-def make_optimizers(config: ml_collections.ConfigDict, method, abstract_params: PyTree) -> Optimizers:
+def make_optimizers(config: ml_collections.ConfigDict, method, abstract_params: PyTree
+                    ) -> Optimizers:
   total = config.optim.total_iters
   return Optimizers(
       student=optim.student_optimizer(config, abstract_params),
@@ -73,7 +74,8 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def init_fn(config: ml_collections.ConfigDict, method) -> tuple[Callable[[jax.Array], TrainState], Optimizers]:
+def init_fn(config: ml_collections.ConfigDict, method
+            ) -> tuple[Callable[[jax.Array], TrainState], Optimizers]:
   """(rng -> fresh TrainState, optimisers): jit the former with out_shardings to be born sharded."""
   shape = image_shape(config)
   abstract_student, _ = jax.eval_shape(lambda k: method.init(k, shape), jax.random.PRNGKey(0))

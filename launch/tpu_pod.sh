@@ -28,5 +28,6 @@ REPO_DIR=${REPO_DIR:-capi_jax}  # Relative to the home directory, where ssh star
 # Quote the extra flags so they survive the remote shell.
 EXTRA=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd $REPO_DIR && CAPI_JAX_DISTRIBUTED=1 .venv/bin/python -m capi_jax.main --config=$CONFIG --workdir=$WORKDIR $EXTRA
+  cd $REPO_DIR && CAPI_JAX_DISTRIBUTED=1 .venv/bin/python -m capi_jax.main \\
+      --config=$CONFIG --workdir=$WORKDIR $EXTRA
 "

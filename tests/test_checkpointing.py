@@ -1,4 +1,4 @@
-"""Checkpoints: round trip with the Grain iterator, atomicity, and the config compatibility check."""
+"""Checkpoints: round trip with the Grain iterator, atomicity, the config compatibility check."""
 
 import pathlib
 import shutil

@@ -38,8 +38,9 @@ def test_traced_schedule_matches_reference(fixture_path, name):
 
 def test_edge_cases():
   # One warmup iteration: np.linspace returns its start value.
-  fn = schedules.warmup_cosine_fn(1.0, 0.0, total_iters=5, warmup_iters=1, start_warmup_value=0.5)
-  expected = schedules.warmup_cosine(1.0, 0.0, total_iters=5, warmup_iters=1, start_warmup_value=0.5)
+  kwargs = dict(total_iters=5, warmup_iters=1, start_warmup_value=0.5)
+  fn = schedules.warmup_cosine_fn(1.0, 0.0, **kwargs)
+  expected = schedules.warmup_cosine(1.0, 0.0, **kwargs)
   np.testing.assert_allclose([float(fn(i)) for i in range(5)], expected, atol=1e-7)
   no_warmup = schedules.warmup_cosine_fn(2.0, 1.0, total_iters=4, truncate_cos=0.8)
   assert float(no_warmup(0)) == 2.0 and float(no_warmup(10)) == 1.0

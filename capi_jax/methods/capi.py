@@ -24,7 +24,7 @@ PyTree = Any
 
 
 class Capi:
-  """The CAPI method: EncoderDecoder + L2NormLinear student head + online clustering teacher head."""
+  """CAPI: EncoderDecoder + L2NormLinear student head + online clustering teacher head."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
