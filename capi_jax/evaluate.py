@@ -16,7 +16,8 @@ What runs is set by `config.evals`:
 - features: the eval forward `(global_repr, registers, feature_map)` on `evals.dataset`
   (`evals.train_split` capped at `evals.max_train_images`, all of `evals.test_split`), jitted,
   batch split over every device, parameters placed by `config.sharding`;
-- `evals.probes`: 'knn' (cosine, `evals.knn_ks`, `evals.knn_temperature`), 'linear' (on
+- `evals.probes`: 'knn' (cosine, `evals.knn_ks`, `evals.knn_temperature`; on global_repr and
+  on the mean patch token), 'linear' (on
   global_repr, on the mean patch token, and on both concatenated) and 'attentive' (patch tokens),
   the trained ones over `evals.probe_lrs` x `evals.probe_wds` for `evals.probe_iters` steps,
   chosen on `evals.held_out_fraction` of train;
@@ -59,7 +60,10 @@ logger = logging.getLogger(__name__)
 PyTree = Any
 Batch = dict[str, np.ndarray]
 
-SCENES_TRAIN, SCENES_TEST = 1000, 300  # Composed segmentation scenes per split.
+# Composed segmentation scenes: per split, and their side in units of data.image_size. Scenes
+# twice the training image size hold items at about the size the encoder was trained on.
+SCENES_TRAIN, SCENES_TEST = 500, 150
+SCENE_SIZE_FACTOR = 2
 PCA_IMAGES = 8  # Images in the PCA picture.
 RANDOM_INIT = 'random_init'  # Output folder of the random initialisation's evaluation.
 
@@ -186,9 +190,10 @@ def classification(config: ml_collections.ConfigDict, train: dict[str, np.ndarra
     raise ValueError(f'Unknown probes {sorted(unknown)} in config.evals.probes; '
                      "use 'knn', 'linear', 'attentive'.")
   if 'knn' in ev.probes:
-    results['knn'] = probes.knn_classify(train['global_repr'], y, test['global_repr'], y_test,
-                                         ks=ev.knn_ks, num_classes=num_classes,
-                                         temperature=ev.knn_temperature)
+    for name, key in (('knn', 'global_repr'), ('knn_patch_mean', 'patch_mean')):
+      results[name] = probes.knn_classify(train[key], y, test[key], y_test, ks=ev.knn_ks,
+                                          num_classes=num_classes,
+                                          temperature=ev.knn_temperature)
   if 'linear' in ev.probes:
     concat = lambda f: np.concatenate([f['global_repr'], f['patch_mean']], axis=1)
     for name, get in (('global', lambda f: f['global_repr']),
@@ -222,7 +227,8 @@ def segmentation_data(config: ml_collections.ConfigDict
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
   """(train images, train labels, test images, test labels, num_classes) of evals.segmentation.
 
-  Images are normalised float32 (n, S, S, 3) with S = config.data.image_size; labels uint8.
+  Images are normalised float32 (n, S, S, 3) and labels uint8 (n, S, S), S being
+  config.data.image_size for folders and SCENE_SIZE_FACTOR times it for composed scenes.
   """
   spec = config.evals.segmentation
   size = config.data.image_size
@@ -231,8 +237,10 @@ def segmentation_data(config: ml_collections.ConfigDict
     splits = []
     for split, n_scenes, seed in (('train', SCENES_TRAIN, 0), ('test', SCENES_TEST, 1)):
       items = data_sources.FashionMnistSource(arg or data_sources.FASHION_MNIST_DIR, split)
-      images, labels = segmentation.compose_scenes(items.images, items.labels, n_scenes=n_scenes,
-                                                   canvas=size, seed=seed)
+      # One to three items of 40-60% of the scene's side: as large as in pretraining.
+      images, labels = segmentation.compose_scenes(
+          items.images, items.labels, n_scenes=n_scenes, canvas=SCENE_SIZE_FACTOR * size,
+          seed=seed, items_per_scene=(1, 3), item_scale=(0.4, 0.6))
       splits += [_to_model_input(images), labels]
     return (*splits, segmentation.FASHION_MNIST_SEG_CLASSES)
   if kind == 'folder':
@@ -483,6 +491,9 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  # capi_jax's own progress at INFO; libraries (Orbax logs every restore step) at WARNING.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('capi_jax').setLevel(logging.INFO)
   fl = flags.FLAGS
   config = fl.config

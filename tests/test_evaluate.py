@@ -102,7 +102,7 @@ def test_run_evals_end_to_end(data, tmp_path, capsys):
   assert 'random_init' in table and 'segmentation/knn/miou' in table
   saved = json.loads((tmp_path / 'eval' / '7' / 'results.json').read_text())
   assert saved['step'] == 7
-  for key in ('knn/k1', 'linear_global/top1', 'linear_patch_mean/top1', 'linear_concat/top1',
+  for key in ('knn/k1', 'knn_patch_mean/k3', 'linear_global/top1', 'linear_patch_mean/top1', 'linear_concat/top1',
               'attentive/top1', 'pixels_knn/k3', 'segmentation/knn/miou',
               'segmentation/linear/pixel_acc'):
     assert 0 <= flat[key] <= 1, key
@@ -142,8 +142,9 @@ def test_fashion_mnist_scenes_data():
   config = _config()
   config.evals.segmentation = 'fashion_mnist_scenes'
   train_x, train_y, test_x, test_y, num_classes = evaluate.segmentation_data(config)
-  assert train_x.shape == (evaluate.SCENES_TRAIN, 16, 16, 3) and train_x.dtype == np.float32
-  assert test_y.shape == (evaluate.SCENES_TEST, 16, 16) and num_classes == 11
+  side = 16 * evaluate.SCENE_SIZE_FACTOR
+  assert train_x.shape == (evaluate.SCENES_TRAIN, side, side, 3) and train_x.dtype == np.float32
+  assert test_y.shape == (evaluate.SCENES_TEST, side, side) and num_classes == 11
   assert 0 < (train_y > 0).mean() < 0.8  # Items and background both present.
 
 
