@@ -301,16 +301,30 @@ def standardizer(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
   return lambda z: ((z - mean) / std).astype(np.float32)
 
 
+def fit_grid(apply_fn: ApplyFn, init_params: PyTree, x: np.ndarray, targets: np.ndarray, *,
+             lrs: Sequence[float], wds: Sequence[float], iters: int, batch_size: int, seed: int
+             ) -> tuple[PyTree, Callable[[np.ndarray], np.ndarray], np.ndarray, np.ndarray]:
+  """Standardises x and trains the lr x wd grid of probes on it.
+
+  Returns:
+    (G stacked parameter sets, the standardiser to apply to other inputs, lrs (G,), wds (G,)).
+  """
+  norm = standardizer(x)
+  grid_lr, grid_wd = hyper_grid(lrs, wds)
+  params = train_probe_grid(apply_fn, init_params, jnp.asarray(norm(x)), jnp.asarray(targets),
+                            jnp.asarray(grid_lr), jnp.asarray(grid_wd), jax.random.key(seed),
+                            iters=iters, batch_size=batch_size)
+  return params, norm, grid_lr, grid_wd
+
+
 def _select_and_report(apply_fn: ApplyFn, init_params: PyTree, train_x: np.ndarray,
                        train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
                        lrs: Sequence[float], wds: Sequence[float], iters: int, batch_size: int,
                        held_out_fraction: float, seed: int) -> dict[str, float]:
   fit, held = held_out_split(len(train_x), held_out_fraction, seed)
-  norm = standardizer(train_x[fit])
-  grid_lr, grid_wd = hyper_grid(lrs, wds)
-  params = train_probe_grid(apply_fn, init_params, jnp.asarray(norm(train_x[fit])),
-                            jnp.asarray(train_y[fit]), jnp.asarray(grid_lr), jnp.asarray(grid_wd),
-                            jax.random.key(seed), iters=iters, batch_size=batch_size)
+  params, norm, grid_lr, grid_wd = fit_grid(apply_fn, init_params, train_x[fit], train_y[fit],
+                                            lrs=lrs, wds=wds, iters=iters,
+                                            batch_size=batch_size, seed=seed)
   held_acc = grid_accuracy(apply_fn, params, norm(train_x[held]), train_y[held])
   best = int(np.argmax(held_acc))
   best_params = jax.tree.map(lambda p: p[best:best + 1], params)

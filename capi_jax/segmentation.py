@@ -249,12 +249,9 @@ def _linear_search(fit_x: np.ndarray, fit_t: np.ndarray, held_feats: np.ndarray,
                    wds: Sequence[float], iters: int, batch_size: int, seed: int,
                    chunk: int) -> dict[str, float]:
   """Softmax regression over the lr x wd grid: chosen on held-out mIoU, reported on test."""
-  norm = probes.standardizer(fit_x)
-  grid_lr, grid_wd = probes.hyper_grid(lrs, wds)
-  grid = probes.train_probe_grid(
-      probes.linear_apply, probes.linear_init(fit_x.shape[-1], num_classes),
-      jnp.asarray(norm(fit_x)), jnp.asarray(fit_t), jnp.asarray(grid_lr), jnp.asarray(grid_wd),
-      jax.random.key(seed), iters=iters, batch_size=batch_size)
+  grid, norm, grid_lr, grid_wd = probes.fit_grid(
+      probes.linear_apply, probes.linear_init(fit_x.shape[-1], num_classes), fit_x, fit_t,
+      lrs=lrs, wds=wds, iters=iters, batch_size=batch_size, seed=seed)
 
   def probabilities(g):
     params = jax.tree.map(lambda p: p[g], grid)
