@@ -195,7 +195,7 @@ def confusion(scores: np.ndarray, labels: np.ndarray, num_classes: int,
 
 
 def scores_from_confusion(conf: np.ndarray) -> dict[str, float]:
-  """{'miou', 'pixel_acc'} from confusion counts; mIoU over classes seen in labels or predictions."""
+  """{'miou', 'pixel_acc'} from confusion counts; mIoU over classes in labels or predictions."""
   tp = np.diag(conf).astype(np.float64)
   union = conf.sum(0) + conf.sum(1) - tp
   present = union > 0

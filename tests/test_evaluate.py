@@ -102,7 +102,8 @@ def test_run_evals_end_to_end(data, tmp_path, capsys):
   assert 'random_init' in table and 'segmentation/knn/miou' in table
   saved = json.loads((tmp_path / 'eval' / '7' / 'results.json').read_text())
   assert saved['step'] == 7
-  for key in ('knn/k1', 'knn_patch_mean/k3', 'linear_global/top1', 'linear_patch_mean/top1', 'linear_concat/top1',
+  for key in ('knn/k1', 'knn_patch_mean/k3', 'linear_global/top1', 'linear_patch_mean/top1',
+              'linear_concat/top1',
               'attentive/top1', 'pixels_knn/k3', 'segmentation/knn/miou',
               'segmentation/linear/pixel_acc'):
     assert 0 <= flat[key] <= 1, key
