@@ -103,9 +103,8 @@ def test_run_evals_end_to_end(data, tmp_path, capsys):
   saved = json.loads((tmp_path / 'eval' / '7' / 'results.json').read_text())
   assert saved['step'] == 7
   for key in ('knn/k1', 'knn_patch_mean/k3', 'linear_global/top1', 'linear_patch_mean/top1',
-              'linear_concat/top1',
-              'attentive/top1', 'pixels_knn/k3', 'segmentation/knn/miou',
-              'segmentation/linear/pixel_acc'):
+              'linear_concat/top1', 'attentive/top1', 'pixels_knn/k3',
+              'segmentation/knn/miou', 'segmentation/linear/pixel_acc'):
     assert 0 <= flat[key] <= 1, key
   # Stripe orientation is a pixel-level fact: the raw-pixel k-NN gets it.
   assert flat['pixels_knn/k1'] > 0.9
