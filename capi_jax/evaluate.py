@@ -476,6 +476,10 @@ def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkp
   if not checkpoint:
     return _restore_training_checkpoint(config, workdir / 'checkpoints', mesh, which)
   path = pathlib.Path(checkpoint)
+  if not path.is_dir():
+    raise FileNotFoundError(f'--checkpoint={checkpoint} is not a directory: pass a checkpoint '
+                            'step folder (WORKDIR/checkpoints/<step>) or the output directory of '
+                            '`python -m capi_jax.convert --to=capi_jax`.')
   if (path / 'state').is_dir():  # A step folder of a training run's checkpoints.
     return _restore_training_checkpoint(config, path.parent, mesh, which, int(path.name))
   from capi_jax import convert  # pylint: disable=g-import-not-at-top

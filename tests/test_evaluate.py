@@ -162,6 +162,8 @@ def test_load_params_random_and_converted(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(params))
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     evaluate.load_params(config, tmp_path, '', '', 'ema', mesh)
+  with pytest.raises(FileNotFoundError, match='not a directory'):
+    evaluate.load_params(config, tmp_path, str(tmp_path / 'missing'), '', 'ema', mesh)
 
 
 def test_load_params_from_a_training_checkpoint(data, tmp_path):
