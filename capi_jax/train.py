@@ -11,7 +11,9 @@ From one CPU to a pod, the same loop:
   - SIGTERM / SIGUSR1 (pre-emption, SLURM's warning signal) -> checkpoint and exit cleanly; the
     next run with the same workdir resumes exactly where this one stopped;
   - loss NaN/inf at more than 2 consecutive checks (every `train.nan_check_period` steps) -> abort
-    with an error; checkpoints are only written from finite states, so the last one is good.
+    with an error; checkpoints are only written from finite states, so the last one is good;
+  - evaluations (`capi_jax.evaluate`) every `evals.period` steps of `evals.model`, and of the
+    EMA at the end unless `evals.final` (optional, default True) is False.
 """
 
 import logging
@@ -128,30 +130,17 @@ def _log_memory(compiled) -> None:
 def run_evals(config: ml_collections.ConfigDict, state: train_step.TrainState, step: int,
               workdir: pathlib.Path, which: str, mesh: jax.sharding.Mesh,
               writer: metrics_writer.MetricsWriter) -> dict[str, float]:
-  """Evaluates the student or EMA backbone with `capi_jax.evaluate`; logs and returns results."""
+  """Evaluates the student or EMA backbone with `capi_jax.evaluate`; logs and returns results.
+
+  `evaluate.run_evals` prints a table and writes WORKDIR/eval/<step>/; with
+  `config.evals.random_init_baseline` the table shows the random init's numbers beside.
+  """
   from capi_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only when used)
   params = state.ema_params if which == 'ema' else state.params
   results = evaluate.run_evals(config, params['backbone'], step, workdir, mesh=mesh)
-  writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()}, prefix='eval/')
+  writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()},
+                           prefix='eval/')
   return results
-
-
-def final_evaluation(config: ml_collections.ConfigDict, state: train_step.TrainState, step: int,
-                     workdir: pathlib.Path, mesh: jax.sharding.Mesh,
-                     writer: metrics_writer.MetricsWriter) -> None:
-  """The EMA encoder at the end of training, side by side with the same run's random init."""
-  from capi_jax import evaluate  # pylint: disable=g-import-not-at-top
-  trained = run_evals(config, state, step, workdir, 'ema', mesh, writer)
-  if not config.evals.get('random_init_baseline', True):
-    return
-  baseline = evaluate.run_evals(config, evaluate.random_init_params(config, mesh), 'random_init',
-                                workdir, mesh=mesh)
-  if jax.process_index() == 0:
-    rows = [f'{"metric":<32} {"random init":>12} {"trained":>12} {"change":>9}']
-    rows += [f'{k:<32} {baseline[k]:>12.4f} {v:>12.4f} {v - baseline[k]:>+9.4f}'
-             for k, v in trained.items() if k in baseline]
-    print(f'Trained EMA encoder (step {step}) vs random initialisation:\n' + '\n'.join(rows),
-          flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
@@ -268,7 +257,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
       ckpt.save(total, state, data_iter)
     ckpt.wait()
     if config.evals.get('final', True):
-      final_evaluation(config, state, total, workdir, mesh, writer)
+      # The EMA is what the reference evaluates at the end (and what it releases).
+      run_evals(config, state, total, workdir, 'ema', mesh, writer)
     return state
   finally:
     stop.restore(previous_handlers)

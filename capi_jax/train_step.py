@@ -77,6 +77,13 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def init_fn(config: ml_collections.ConfigDict, method
             ) -> tuple[Callable[[jax.Array], TrainState], Optimizers]:
   """(rng -> fresh TrainState, optimisers): jit the former with out_shardings to be born sharded."""
+  # Gradients are reduced across devices in the parameters' dtype (GSPMD inserts the
+  # reductions), so the official `reduce_dtype` knob has only one consistent value here.
+  if config.efficiency.reduce_dtype != config.efficiency.param_dtype:
+    raise ValueError(
+        f'efficiency.reduce_dtype={config.efficiency.reduce_dtype!r} must equal '
+        f'efficiency.param_dtype={config.efficiency.param_dtype!r}: capi_jax reduces gradients '
+        'in the master weights\' dtype.')
   shape = image_shape(config)
   abstract_student, _ = jax.eval_shape(lambda k: method.init(k, shape), jax.random.PRNGKey(0))
   optimizers = make_optimizers(config, method, abstract_student)
