@@ -387,8 +387,11 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, params: PyTree, step: 
   out_dir = workdir / 'eval' / str(step)
   if jax.process_index() == 0:
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / 'results.json', 'w') as f:
-      json.dump({'step': step, 'settings': _settings(config), **results}, f, indent=2)
+    # Written aside then renamed: a killed evaluation never leaves a truncated results.json
+    # (which random_init_results would otherwise try to reuse).
+    tmp = out_dir / 'results.json.tmp'
+    tmp.write_text(json.dumps({'step': step, 'settings': _settings(config), **results}, indent=2))
+    tmp.replace(out_dir / 'results.json')
     if config.evals.visualize:
       save_pictures(pictures, out_dir, workdir, title=f'{config.name} {step}')
   return results, out_dir
