@@ -121,6 +121,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.evals = ml_collections.ConfigDict()
   c.evals.period = 20_000  # 0 = only at the end.
+  c.evals.final = True  # Evaluate the EMA model when training ends.
+  c.evals.random_init_baseline = False  # Also show random-init and raw-pixel numbers (once per workdir).
   c.evals.model = 'student'  # 'student' or 'ema'; the final evaluation always uses 'ema'.
   c.evals.dataset = 'tfds:imagenet2012'
   c.evals.train_split = 'train'
