@@ -9,9 +9,12 @@ The run ends with an evaluation (k-NN and linear probes) of the EMA encoder besi
 run's random initialisation.
 
 A ViT with 96 channels, 3 heads, encoder depth 4 and predictor depth 2 on 28x28 images in 4x4
-patches (49 tokens), 1000 steps of 128 images. Tuned on the 2-core CPU machine: with the
-k-NN probe alone, k-NN top-1 (k=10) went from 63.1% (random init) to 71.1% after these 1000
-steps (lr 1e-3 with 128 clusters gave 68.8%), the training itself taking about 5 minutes.
+patches (49 tokens), 1000 steps of 128 images. Measured on the 2-core CPU machine (shared, load
+~3): the whole command took 254 s (training at ~740 images/s, then both evaluations), and
+  k-NN top-1 (k=10)       63.1% (random init) -> 71.1% (EMA after 1000 steps)
+  linear probe (concat)   70.2%               -> 75.3%
+(raw pixels give 80.5% with k-NN: 1000 steps on 2 cores teach little next to that). With lr
+1e-3 and 128 clusters k-NN reached 68.8%, with lr 3e-3 70.4%.
 """
 
 import ml_collections
