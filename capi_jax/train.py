@@ -9,7 +9,8 @@ From one CPU to a pod, the same loop:
   - inside the loop the host only dispatches; it syncs with the devices at logging, NaN checks
     and checkpoints;
   - SIGTERM / SIGUSR1 (pre-emption, SLURM's warning signal) -> checkpoint and exit cleanly; the
-    next run with the same workdir resumes exactly where this one stopped;
+    next run with the same workdir resumes exactly where this one stopped (single process: after
+    the current step; several processes: all agree at the next logging step);
   - loss NaN/inf at more than 2 consecutive checks (every `train.nan_check_period` steps) -> abort
     with an error; checkpoints are only written from finite states, so the last one is good;
   - evaluations (`capi_jax.evaluate`) every `evals.period` steps of `evals.model`, and of the

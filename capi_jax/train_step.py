@@ -60,6 +60,8 @@ class Optimizers:
 
 def make_optimizers(config: ml_collections.ConfigDict, method, abstract_params: PyTree
                     ) -> Optimizers:
+  """Student AdamW (groups from the parameter paths), the method's teacher-head optimiser and
+  the lr / EMA momentum schedules; `abstract_params` may be ShapeDtypeStructs."""
   total = config.optim.total_iters
   return Optimizers(
       student=optim.student_optimizer(config, abstract_params),
