@@ -3,6 +3,7 @@
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from capi_jax import check_reference
 from capi_jax import input_pipeline
@@ -91,3 +92,23 @@ def test_state_is_born_sharded_fsdp():
   # EMA starts as the student.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
                jax.device_get(state.ema_params))
+
+
+def test_sharding_rules():
+  assert sharding.mesh_shape((('data', 1), ('fsdp', -1)), 8) == (('data', 'fsdp'), (1, 8))
+  assert sharding.mesh_shape((('data', 2), ('fsdp', -1)), 8) == (('data', 'fsdp'), (2, 4))
+  with pytest.raises(ValueError, match='needs 4 devices'):
+    sharding.mesh_shape((('data', 2), ('fsdp', 2)), 8)
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  # The largest dimension divisible by the axis size; nothing divisible -> replicated.
+  assert sharding.leaf_spec((96, 384), 'fsdp', 8) == P(None, 'fsdp')
+  assert sharding.leaf_spec((4, 4, 3, 96), 'fsdp', 8) == P(None, None, None, 'fsdp')
+  assert sharding.leaf_spec((2, 12), 'fsdp', 8) == P()
+  assert sharding.leaf_spec((), 'fsdp', 8) == P()
+  assert sharding.leaf_spec((96, 384), 'replicate', 8) == P()
+  mesh = sharding.make_mesh(micro_config())
+  tree = {'head': {'kernel': jax.ShapeDtypeStruct((32, 64), np.float32)},
+          'backbone': {'kernel': jax.ShapeDtypeStruct((32, 64), np.float32)}}
+  shardings = sharding.tree_shardings(mesh, tree, (('^head/', 'replicate'), ('.*', 'fsdp')))
+  assert shardings['head']['kernel'].spec == P()
+  assert shardings['backbone']['kernel'].spec == P(None, 'fsdp')
