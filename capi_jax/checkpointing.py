@@ -34,14 +34,15 @@ class IncompatibleCheckpointError(ValueError):
 def architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The keys that decide the TrainState's structure and shapes (JSON-normalised)."""
   arch = {
-      'method': config.get('method', 'capi'),
+      'method': config.method,
       'model': config.model.to_dict(),
       'capi.num_clusters': config.capi.num_clusters,
       'capi.clustering_kwargs.bias': config.capi.clustering_kwargs.bias,
       'efficiency.param_dtype': config.efficiency.param_dtype,
   }
-  # drop_path_rate changes no parameter; a run may resume with a different one.
+  # Stochastic depth changes no parameter; a run may resume with a different one.
   arch['model'].pop('drop_path_rate', None)
+  arch['model'].pop('drop_path_groups', None)
   return json.loads(json.dumps(arch))
 
 
@@ -65,7 +66,7 @@ class Checkpointer:
     self._architecture = architecture(config)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.max_to_keep,
-        enable_async_checkpointing=ckpt_cfg.get('async_save', True),
+        enable_async_checkpointing=ckpt_cfg.async_save,
         # Interrupted saves leave temporary directories; they are never restored, only removed.
         cleanup_tmp_directories=True,
     )

@@ -438,7 +438,7 @@ def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str
   workdir = pathlib.Path(workdir)
   results, out_dir = _evaluate_and_save(config, params, step, workdir, mesh, pixel_baseline)
   baseline = None
-  if config.evals.get('random_init_baseline', False) and step != RANDOM_INIT:
+  if config.evals.random_init_baseline and step != RANDOM_INIT:
     baseline = random_init_results(config, workdir, mesh)
   if jax.process_index() == 0:
     print(f'Evaluation at {step} ({results["seconds"]["total"]:.1f} s), written to {out_dir}:\n'

@@ -257,7 +257,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     if metrics is not None and bool(_all_finite(state)):
       ckpt.save(total, state, data_iter)
     ckpt.wait()
-    if config.evals.get('final', True):
+    if config.evals.final:
       # The EMA is what the reference evaluates at the end (and what it releases).
       run_evals(config, state, total, workdir, 'ema', mesh, writer)
     return state

@@ -23,6 +23,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = 'vitl'
+  c.method = 'capi'  # The pretraining method (capi_jax/methods/): its heads and losses.
 
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0

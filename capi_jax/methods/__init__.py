@@ -18,7 +18,7 @@ METHODS = {'capi': capi.Capi}
 
 def from_config(config: ml_collections.ConfigDict):
   """The method named by `config.method` (default 'capi')."""
-  name = config.get('method', 'capi')
+  name = config.method
   if name not in METHODS:
     raise ValueError(f'Unknown method {name!r}; known: {sorted(METHODS)}.')
   return METHODS[name](config)
