@@ -17,7 +17,7 @@ METHODS = {'capi': capi.Capi}
 
 
 def from_config(config: ml_collections.ConfigDict):
-  """The method named by `config.method` (default 'capi')."""
+  """The method named by `config.method`."""
   name = config.method
   if name not in METHODS:
     raise ValueError(f'Unknown method {name!r}; known: {sorted(METHODS)}.')
