@@ -16,8 +16,9 @@ line on stdout:
   images_per_s, step_time_s (median), step_time_min_s, host_cpu_s_per_step, tflops_per_s,
   mfu, peak_tflops_per_s and peak_source, flops_per_step, flops_by_part and flops_counting
   (`capi_jax.flops`), peak_memory_bytes and memory_source, compile_s, device_kind,
-  device_count, config, global_batch_size, jax_version, xla_flags, load_average (host load
-  during the run: CPU timings are only comparable on a quiet host), and data_pipeline: the
+  device_count, config, global_batch_size, jax_version, xla_flags, host_cpus (cores this
+  process may run on, e.g. under `taskset`), load_average (host load during the run: CPU
+  timings are only comparable on a quiet host), and data_pipeline: the
   host input pipeline's own throughput (`input_pipeline.measure_throughput`, timed
   separately), with `bottleneck` naming the slower of the two.
 
@@ -239,6 +240,7 @@ def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], step
       'platform': devices[0].platform,
       'jax_version': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'host_cpus': len(os.sched_getaffinity(0)),
       'load_average': os.getloadavg()[0],
   }
 
