@@ -26,7 +26,7 @@ What runs is set by `config.evals`:
   k-NN (`evals.seg_knn_ks`, cosine and L2) and a linear classifier, ignoring
   `evals.seg_ignore_labels`;
 - `evals.visualize`: the pictures;
-- `evals.random_init_baseline` (optional, default False): show the random init's numbers and the
+- `evals.random_init_baseline`: show the random init's numbers and the
   raw-pixel k-NN beside every evaluation (computed once per workdir, then read back).
 Probe training keeps the patch tokens of the whole train set in memory only when 'attentive' is
 asked for: (n, tokens, dim) floats, so cap `evals.max_train_images` accordingly.
