@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from capi_jax import config_checks
 from capi_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,7 +26,10 @@ def main(argv: list[str]) -> None:
   # capi_jax's own progress at INFO; libraries (Orbax logs every save step) at WARNING.
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger('capi_jax').setLevel(std_logging.INFO)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except config_checks.ConfigError as e:
+    raise SystemExit(str(e)) from None  # The message says it all; a traceback would bury it.
 
 
 if __name__ == '__main__':

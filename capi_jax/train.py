@@ -33,6 +33,7 @@ import numpy as np
 import tqdm
 
 from capi_jax import checkpointing
+from capi_jax import config_checks
 from capi_jax import input_pipeline
 from capi_jax import methods
 from capi_jax import metrics_writer
@@ -148,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        ) -> train_step.TrainState:
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
   initialize_distributed()
+  config_checks.validate(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   _save_config(config, workdir)

@@ -1,0 +1,46 @@
+"""Every shipped config is valid; bad values are refused up front with messages naming them."""
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from capi_jax import config_checks
+
+CONFIGS = ('vits', 'vitb', 'vitl', 'vith', 'tiny', 'bench_cpu')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_shipped_configs_are_valid(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config_checks.problems(config, device_count=8) == []
+
+
+@pytest.mark.parametrize('key, value, expected', [
+    ('model.num_heads', 5, 'model.embed_dim=96 must be divisible by model.num_heads=5'),
+    ('data.image_size', 30, 'data.image_size=30 must be divisible by model.patch_size=4'),
+    ('data.mask_ratio', 1.5, 'data.mask_ratio=1.5 must be in (0, 1)'),
+    ('data.prediction_subsampling', 0.001, 'leave no visible or no predicted token'),
+    ('optim.global_batch_size', 100, 'must be divisible by the 8 devices'),
+    ('model.n_registers', 6, "'edge' register coordinates need model.n_registers divisible by 4"),
+    ('efficiency.remat_policy', 'everything', "efficiency.remat_policy='everything'"),
+    ('data.masking_generator', 'Random', "data.masking_generator='Random'"),
+])
+def test_bad_value_is_named(key, value, expected):
+  config = importlib.import_module('configs.tiny').get_config()
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(config_checks.ConfigError, match='Invalid config') as info:
+    config_checks.validate(config, device_count=8)
+  assert expected in str(info.value)
+
+
+def test_main_exits_with_the_message_and_no_traceback(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'capi_jax.main', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.data.mask_ratio=1.5'],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert 'data.mask_ratio=1.5 must be in (0, 1)' in result.stderr
+  assert 'Traceback' not in result.stderr
