@@ -18,34 +18,11 @@ import sys
 
 import numpy as np
 
+import loader_wrappers  # tests/ is on sys.path (pytest's rootdir insertion, PYTHONPATH in scripts)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = pathlib.Path(__file__).resolve().parent
 TOTAL = 6
-
-
-class _HostRows:
-  """The single-host training stream, reduced to this process's rows of each batch."""
-
-  def __init__(self, loader, process_index: int, process_count: int):
-    self.loader, self.index, self.count = loader, process_index, process_count
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = next(self.loader)
-    n = len(batch['images']) // self.count
-    return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
-
-  # Grain's Orbax handler stores non-DatasetIterator states as bytes.
-  def get_state(self) -> bytes:
-    return json.dumps(self.loader.get_state()).encode()
-
-  def set_state(self, state: bytes) -> None:
-    self.loader.set_state(json.loads(state.decode()))
-
-  def start_prefetch(self) -> None:
-    self.loader.start_prefetch()
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -93,8 +70,8 @@ def _main(workdir: str, total: int) -> None:
   real = input_pipeline.create_train_loader
 
   def single_host_rows(config, *, seed, process_index, process_count):
-    return _HostRows(real(config, seed=seed, process_index=0, process_count=1), process_index,
-                     process_count)
+    loader = real(config, seed=seed, process_index=0, process_count=1)
+    return loader_wrappers.HostRows(loader, process_index, process_count)
 
   input_pipeline.create_train_loader = single_host_rows
   config = micro_config()

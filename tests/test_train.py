@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import loader_wrappers  # tests/ is on sys.path (pytest's rootdir insertion, PYTHONPATH in scripts)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -71,66 +73,13 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
   assert _metrics(workdir) == _metrics(tmp_path / 'straight')
 
 
-class _Throttled:
-  """A real training loader that takes `seconds` per batch, so a signal can land mid-run."""
-
-  def __init__(self, loader, seconds: float):
-    self.loader, self.seconds = loader, seconds
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    time.sleep(self.seconds)
-    return next(self.loader)
-
-  # Grain's Orbax handler stores non-DatasetIterator states as bytes.
-  def get_state(self) -> bytes:
-    return json.dumps(self.loader.get_state()).encode()
-
-  def set_state(self, state: bytes) -> None:
-    self.loader.set_state(json.loads(state.decode()))
-
-  def start_prefetch(self) -> None:
-    self.loader.start_prefetch()
-
-
-class _NanFrom:
-  """A real training loader whose images turn NaN from batch `start` on (fault injection)."""
-
-  def __init__(self, loader, start: int):
-    self.loader, self.start, self.count = loader, start, 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = dict(next(self.loader))
-    if self.count >= self.start:
-      batch['images'] = np.full_like(batch['images'], np.nan)
-    self.count += 1
-    return batch
-
-  # Grain's Orbax handler stores non-DatasetIterator states as bytes.
-  def get_state(self) -> bytes:
-    return json.dumps({'inner': self.loader.get_state(), 'count': self.count}).encode()
-
-  def set_state(self, state: bytes) -> None:
-    state = json.loads(state.decode())
-    self.loader.set_state(state['inner'])
-    self.count = state['count']
-
-  def start_prefetch(self) -> None:
-    self.loader.start_prefetch()
-
-
 def test_nan_in_data_aborts_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   from capi_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from capi_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from capi_jax import train  # pylint: disable=g-import-not-at-top
   real = input_pipeline.create_train_loader
   monkeypatch.setattr(input_pipeline, 'create_train_loader',
-                      lambda *a, **k: _NanFrom(real(*a, **k), start=6))
+                      lambda *a, **k: loader_wrappers.NanFrom(real(*a, **k), start=6))
   config = _micro(total_iters=20)  # Checkpoints every 4 steps, NaN check every step.
   with pytest.raises(train.NonFiniteLossError, match=r'NaN/inf at 3 consecutive checks.*'
                      r'last good checkpoint is step 4'):
@@ -155,5 +104,6 @@ if __name__ == '__main__':
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger('capi_jax').setLevel(logging.INFO)
   real_loader = input_pipeline.create_train_loader
-  input_pipeline.create_train_loader = lambda *a, **k: _Throttled(real_loader(*a, **k), 0.1)
+  input_pipeline.create_train_loader = (
+      lambda *a, **k: loader_wrappers.Throttled(real_loader(*a, **k), 0.1))
   train.train_and_evaluate(_micro(int(sys.argv[2])), sys.argv[1])

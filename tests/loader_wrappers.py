@@ -1,0 +1,88 @@
+"""Test-only wrappers around the real training loader (fault injection, throttling, host rows).
+
+Each keeps the loader checkpointable: Grain's Orbax handler stores the state of an iterator that
+is not a Grain DatasetIterator as bytes, so `get_state`/`set_state` speak JSON bytes.
+"""
+
+import json
+import time
+
+import numpy as np
+
+
+class WrappedLoader:
+  """Delegates iteration state to `loader`; subclasses change the batches in `transform`."""
+
+  def __init__(self, loader):
+    self.loader = loader
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return self.transform(next(self.loader))
+
+  def transform(self, batch):
+    return batch
+
+  def extra_state(self) -> dict:
+    return {}
+
+  def load_extra_state(self, state: dict) -> None:
+    del state
+
+  def get_state(self) -> bytes:
+    return json.dumps({'inner': self.loader.get_state(), **self.extra_state()}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    state = json.loads(state.decode())
+    self.loader.set_state(state['inner'])
+    self.load_extra_state(state)
+
+  def start_prefetch(self) -> None:
+    self.loader.start_prefetch()
+
+
+class HostRows(WrappedLoader):
+  """The single-host training stream, reduced to this process's rows of each batch."""
+
+  def __init__(self, loader, process_index: int, process_count: int):
+    super().__init__(loader)
+    self.index, self.count = process_index, process_count
+
+  def transform(self, batch):
+    n = len(batch['images']) // self.count
+    return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
+
+
+class Throttled(WrappedLoader):
+  """A real training loader that takes `seconds` per batch, so a signal can land mid-run."""
+
+  def __init__(self, loader, seconds: float):
+    super().__init__(loader)
+    self.seconds = seconds
+
+  def transform(self, batch):
+    time.sleep(self.seconds)
+    return batch
+
+
+class NanFrom(WrappedLoader):
+  """A real training loader whose images turn NaN from batch `start` on (fault injection)."""
+
+  def __init__(self, loader, start: int):
+    super().__init__(loader)
+    self.start, self.count = start, 0
+
+  def transform(self, batch):
+    batch = dict(batch)
+    if self.count >= self.start:
+      batch['images'] = np.full_like(batch['images'], np.nan)
+    self.count += 1
+    return batch
+
+  def extra_state(self) -> dict:
+    return {'count': self.count}
+
+  def load_extra_state(self, state: dict) -> None:
+    self.count = state['count']
