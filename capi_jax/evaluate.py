@@ -419,7 +419,7 @@ def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str
               mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
   """Evaluates an encoder, writes WORKDIR/eval/<step>/results.json and pictures, prints a table.
 
-  With `config.evals.random_init_baseline` (default False) the table also shows the random
+  With `config.evals.random_init_baseline` the table also shows the random
   init's numbers and the raw-pixel k-NN (see `random_init_results`); they are not returned.
 
   Args:
