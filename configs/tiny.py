@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.capi.clustering_optimizer.lr_schedule.base_value = 1e-3
   c.capi.clustering_optimizer.lr_schedule.warmup_iters = 100
 
-  c.optim.total_iters = 1000
+  c.optim.total_iters = 2000
   c.optim.global_batch_size = 128
   c.optim.lr_schedule.base_value = 2e-3
   c.optim.lr_schedule.warmup_iters = 100
@@ -70,5 +70,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.evals.probes = ('knn', 'linear')
   c.evals.probe_iters = 1000
   c.evals.probe_batch_size = 512
+  c.evals.segmentation = 'fashion_mnist_scenes'  # Real-pixel scenes of Fashion-MNIST items.
   c.evals.random_init_baseline = True  # The table shows the random init beside (computed once).
   return c
