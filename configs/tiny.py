@@ -6,8 +6,7 @@ Run:
 Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package (IDX files under
 /usr/share/datasets/fashion-mnist), or any directory given as `fashion_mnist:DIR`.
 The run ends with an evaluation (k-NN and linear probes, composed-scene segmentation) of the EMA
-encoder beside the same
-run's random initialisation.
+encoder beside the same run's random initialisation.
 
 A ViT with 96 channels, 3 heads, encoder depth 4 and predictor depth 2 on 28x28 images in 4x4
 patches (49 tokens), 2000 steps of 128 images. Measured on the 2-core CPU machine: the whole
