@@ -21,7 +21,7 @@ def test_shipped_configs_are_valid(name):
     ('model.num_heads', 5, 'model.embed_dim=96 must be divisible by model.num_heads=5'),
     ('data.image_size', 30, 'data.image_size=30 must be divisible by model.patch_size=4'),
     ('data.mask_ratio', 1.5, 'data.mask_ratio=1.5 must be in (0, 1)'),
-    ('data.prediction_subsampling', 0.001, 'leave no visible or no predicted token'),
+    ('data.prediction_subsampling', 0.001, 'visible and 0 predicted tokens per image'),
     ('optim.global_batch_size', 100, 'must be divisible by the 8 devices'),
     ('model.n_registers', 6, "'edge' register coordinates need model.n_registers divisible by 4"),
     ('efficiency.remat_policy', 'everything', "efficiency.remat_policy='everything'"),
