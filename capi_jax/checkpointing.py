@@ -128,8 +128,12 @@ class Checkpointer:
     self.manager.close()
 
 
-def abstract_like(state: PyTree) -> PyTree:
-  """ShapeDtypeStructs (with shardings) of a live or abstract state: Orbax's restore target."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-      state)
+def restore_target(abstract_state: PyTree, shardings: PyTree | jax.sharding.Sharding) -> PyTree:
+  """Orbax's restore target: `abstract_state`'s shapes and dtypes placed by `shardings`.
+
+  `shardings` is a tree shaped like the state, or one Sharding for every leaf.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, abstract_state)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_state, shardings)

@@ -359,9 +359,8 @@ def restore_training_parts(step_dir: str | os.PathLike[str], config: ml_collecti
     raise ValueError(f"source must be 'student' or 'student_ema', got {source!r}.")
   step_dir = pathlib.Path(step_dir).absolute()
   init, _ = train_step.init_fn(config, methods.from_config(config))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        jax.eval_shape(init, jax.random.PRNGKey(0)))
+  target = checkpointing.restore_target(jax.eval_shape(init, jax.random.PRNGKey(0)),
+                                        jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   checkpointer = checkpointing.Checkpointer(step_dir.parent, config)
   try:
     state = checkpointer.restore(int(step_dir.name), target, None)

@@ -463,9 +463,7 @@ def _restore_training_checkpoint(config: ml_collections.ConfigDict, directory: p
   init, _ = train_step.init_fn(config, methods.from_config(config))
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = sharding.tree_shardings(mesh, abstract, config.sharding.param_rules)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  state = ckpt.restore(step, target, None)
+  state = ckpt.restore(step, checkpointing.restore_target(abstract, shardings), None)
   ckpt.close()
   params = state.ema_params if which == 'ema' else state.params
   return params['backbone'], step

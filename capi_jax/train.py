@@ -180,8 +180,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     raise ValueError(f'{ckpt.directory} already holds checkpoint {latest} and '
                      'config.train.auto_resume is False: use a new --workdir, or resume.')
   if latest is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_shardings)
+    target = checkpointing.restore_target(abstract, state_shardings)
     state = ckpt.restore(latest, target, data_iter)
     logger.info('Resuming from step %d.', latest)
   else:

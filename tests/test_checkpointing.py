@@ -14,6 +14,11 @@ from capi_jax import sharding
 from test_train_step import micro_config
 
 
+def _target(state):
+  """Restore target placed like the live `state`."""
+  return checkpointing.restore_target(state, jax.tree.map(lambda x: x.sharding, state))
+
+
 def _state(mesh, value: float):
   tree = {'w': jnp.full((8, 4), value), 'b': jnp.arange(6.0) + value, 'step': jnp.int32(3)}
   shardings = sharding.tree_shardings(mesh, tree, (('.*', 'fsdp'),))
@@ -36,7 +41,7 @@ def test_round_trip_with_iterator_state(tmp_path):
   upcoming = [next(it) for _ in range(3)]
 
   fresh = _iterator()
-  restored = ckpt.restore(ckpt.latest_step(), checkpointing.abstract_like(state), fresh)
+  restored = ckpt.restore(ckpt.latest_step(), _target(state), fresh)
   assert [next(fresh) for _ in range(3)] == upcoming
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
   assert restored['w'].sharding == state['w'].sharding
@@ -60,7 +65,7 @@ def test_max_to_keep_and_interrupted_save_is_ignored(tmp_path):
   shutil.rmtree(partial / 'state')
   ckpt = checkpointing.Checkpointer(tmp_path, config)
   assert ckpt.latest_step() == 3
-  restored = ckpt.restore(3, checkpointing.abstract_like(_state(mesh, 0.0)), None)
+  restored = ckpt.restore(3, _target(_state(mesh, 0.0)), None)
   np.testing.assert_array_equal(restored['w'], np.full((8, 4), 3.0))
   ckpt.close()
   assert not partial.exists()  # Cleaned up on start.
@@ -79,7 +84,7 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
   other.model.drop_path_rate = 0.3  # Not architectural: never a reason to refuse.
   ckpt = checkpointing.Checkpointer(tmp_path, other)
   with pytest.raises(checkpointing.IncompatibleCheckpointError) as e:
-    ckpt.restore(1, checkpointing.abstract_like(_state(mesh, 0.0)), None)
+    ckpt.restore(1, _target(_state(mesh, 0.0)), None)
   message = str(e.value)
   assert 'model.embed_dim: checkpoint 32 vs config 64' in message
   assert 'capi.num_clusters: checkpoint 16 vs config 32' in message
