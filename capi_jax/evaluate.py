@@ -460,9 +460,8 @@ def _restore_training_checkpoint(config: ml_collections.ConfigDict, directory: p
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {directory}: train first, or pass '
                             '--checkpoint=PATH or --init=random.')
-  init, _ = train_step.init_fn(config, methods.from_config(config))
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = sharding.tree_shardings(mesh, abstract, config.sharding.param_rules)
+  _, abstract, shardings, _ = train_step.state_layout(
+      config, methods.from_config(config), mesh, jax.random.PRNGKey(0))
   state = ckpt.restore(step, checkpointing.restore_target(abstract, shardings), None)
   ckpt.close()
   params = state.ema_params if which == 'ema' else state.params

@@ -166,10 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
            is_main: bool) -> train_step.TrainState:
   method = methods.from_config(config)
-  init, optimizers = train_step.init_fn(config, method)
   rng = jax.random.PRNGKey(config.train.seed)
-  abstract = jax.eval_shape(init, rng)
-  state_shardings = sharding.tree_shardings(mesh, abstract, config.sharding.param_rules)
+  init, abstract, state_shardings, optimizers = train_step.state_layout(config, method, mesh, rng)
 
   data_iter = input_pipeline.create_train_loader(
       config, seed=config.train.seed, process_index=jax.process_index(),

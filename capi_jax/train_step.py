@@ -155,6 +155,20 @@ def make_train_step(method, optimizers: Optimizers,
                            compute_sharding=compute_sharding)
 
 
+def state_layout(config: ml_collections.ConfigDict, method, mesh: jax.sharding.Mesh,
+                 rng: jax.Array):
+  """Everything needed to create or restore a TrainState without materialising it.
+
+  Returns:
+    (init: rng -> TrainState, the abstract TrainState, its shardings (a TrainState of
+    NamedShardings), optimisers).
+  """
+  init, optimizers = init_fn(config, method)
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.tree_shardings(mesh, abstract, config.sharding.param_rules)
+  return init, abstract, shardings, optimizers
+
+
 def create_state(config: ml_collections.ConfigDict, method, mesh: jax.sharding.Mesh,
                  rng: jax.Array) -> tuple[TrainState, PyTree, Optimizers]:
   """A fresh TrainState born sharded (never materialised whole on one device).
@@ -162,10 +176,7 @@ def create_state(config: ml_collections.ConfigDict, method, mesh: jax.sharding.M
   Returns:
     (state, its shardings (a TrainState of NamedShardings), optimisers).
   """
-
-  init, optimizers = init_fn(config, method)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.tree_shardings(mesh, abstract, config.sharding.param_rules)
+  init, _, shardings, optimizers = state_layout(config, method, mesh, rng)
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings, optimizers
 
