@@ -19,7 +19,7 @@ line on stdout:
   device_count, config, global_batch_size, jax_version, xla_flags, host_cpus (cores this
   process may run on, e.g. under `taskset`), load_average (host load during the run: CPU
   timings are only comparable on a quiet host), and data_pipeline: the
-  host input pipeline's own throughput (`input_pipeline.measure_throughput`, timed
+  host input pipeline's own throughput (`pipeline.measure_throughput`, timed
   separately), with `bottleneck` naming the slower of the two.
 
 MFU = flops_per_step / step_time / (peak FLOP/s of one device x device count). Peaks are the
@@ -50,12 +50,12 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from capi_jax import flops
-from capi_jax import input_pipeline
-from capi_jax import masking
+from capi_jax.methods.capi import flops
+from capi_jax.data import pipeline
+from capi_jax.data import masking
 from capi_jax import methods
-from capi_jax import sharding
-from capi_jax import train_step
+from capi_jax.core import sharding
+from capi_jax.core import train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed train steps.')
@@ -249,7 +249,7 @@ def data_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> dict[s
   """The host input pipeline's throughput on its own (None when num_batches is 0)."""
   if num_batches <= 0:
     return None
-  return input_pipeline.measure_throughput(config, num_batches=num_batches,
+  return pipeline.measure_throughput(config, num_batches=num_batches,
                                            warmup_batches=1)
 
 

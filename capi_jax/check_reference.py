@@ -33,8 +33,8 @@ import ml_collections
 import numpy as np
 
 from capi_jax import convert
-from capi_jax import heads
-from capi_jax import models
+from capi_jax.methods.capi import heads
+from capi_jax.models import encoder_decoder
 
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -153,7 +153,7 @@ class Context:
       if key in arrays:
         self.config.capi.num_clusters = int(arrays[key].shape[0])
         break
-    self.model = models.from_config(self.config)
+    self.model = encoder_decoder.from_config(self.config)
 
   def has(self, *keys: str) -> bool:
     return all(k in self.arrays for k in keys)
@@ -307,9 +307,9 @@ def _student_head(ctx: Context) -> list[Result]:
 def reference_schedule(settings: Mapping[str, Any], length: int) -> np.ndarray:
   """The release's WarmupThenCosine indexed at 0 .. length-1 (final value from total_iters on)."""
   try:
-    from capi_jax import schedules  # pylint: disable=g-import-not-at-top
+    from capi_jax.core import schedules  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise Skipped(f'capi_jax.schedules is not importable: {e}') from e
+    raise Skipped(f'capi_jax.core.schedules is not importable: {e}') from e
   settings = dict(settings)
   total = int(settings.pop('total_iters'))
   values = schedules.warmup_cosine(total_iters=total, **settings)
@@ -370,9 +370,9 @@ def _official(part: str, params: Any) -> dict[str, np.ndarray]:
 def _two_training_iterations(ctx: Context) -> list[Result]:
   """capi_jax's train step from the fixture's initial weights on its two batches."""
   try:
-    from capi_jax import optim  # pylint: disable=g-import-not-at-top
-    from capi_jax import train_step  # pylint: disable=g-import-not-at-top
-    from capi_jax.methods import capi  # pylint: disable=g-import-not-at-top
+    from capi_jax.core import optim  # pylint: disable=g-import-not-at-top
+    from capi_jax.core import train_step  # pylint: disable=g-import-not-at-top
+    from capi_jax.methods.capi import method as capi  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise Skipped(f'the training engine is not importable: {e}') from e
   opt = ctx.meta['opt']

@@ -44,8 +44,8 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from capi_jax import heads
-from capi_jax import models
+from capi_jax.methods.capi import heads
+from capi_jax.models import encoder_decoder
 
 Params = Any
 StateDict = dict[str, np.ndarray]
@@ -108,7 +108,7 @@ def _head_rule(names: Mapping[str, str]) -> Callable[[tuple[str, ...], int], _Ru
 # ---------------------------------------------------------------------------- abstract trees
 def backbone_shapes(config: ml_collections.ConfigDict) -> Params:
   """The capi_jax backbone parameter tree of `config` as ShapeDtypeStructs (no compute)."""
-  model = models.from_config(config)
+  model = encoder_decoder.from_config(config)
   p = config.model.patch_size
   images = jax.ShapeDtypeStruct((1, p, p, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0), images)['params']
@@ -352,9 +352,9 @@ def restore_training_parts(step_dir: str | os.PathLike[str], config: ml_collecti
     source: 'student' or 'student_ema' (the EMA, whose backbone is the teacher's).
   """
   # The engine's modules are imported here so that converting official weights needs none.
-  from capi_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   from capi_jax import methods  # pylint: disable=g-import-not-at-top
-  from capi_jax import train_step  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import train_step  # pylint: disable=g-import-not-at-top
   if source not in ('student', 'student_ema'):
     raise ValueError(f"source must be 'student' or 'student_ema', got {source!r}.")
   step_dir = pathlib.Path(step_dir).absolute()

@@ -46,15 +46,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from capi_jax import data_sources
-from capi_jax import input_pipeline
+from capi_jax.data import sources
+from capi_jax.data import pipeline
 from capi_jax import methods
-from capi_jax import models
-from capi_jax import probes
-from capi_jax import segmentation
-from capi_jax import sharding
-from capi_jax import train_step
-from capi_jax import visualize
+from capi_jax.models import encoder_decoder
+from capi_jax.evaluators import probes
+from capi_jax.evaluators import segmentation
+from capi_jax.core import sharding
+from capi_jax.core import train_step
+from capi_jax.evaluators import visualize
 
 logger = logging.getLogger(__name__)
 PyTree = Any
@@ -72,7 +72,7 @@ RANDOM_INIT = 'random_init'  # Output folder of the random initialisation's eval
 # Feature extraction.
 
 
-def _forward(model: models.EncoderDecoder, params: PyTree, images: jax.Array
+def _forward(model: encoder_decoder.EncoderDecoder, params: PyTree, images: jax.Array
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(global_repr (b, D), mean patch token (b, D), feature_map (b, h, w, D)), float32."""
   global_repr, _, feature_map = model.apply({'params': params}, images)
@@ -91,7 +91,7 @@ class FeatureExtractor:
     self.batch_size = -(-config.evals.batch_size // n_dev) * n_dev
     self.params = jax.device_put(
         params, sharding.tree_shardings(mesh, params, config.sharding.param_rules))
-    self._fn = jax.jit(functools.partial(_forward, models.from_config(config)),
+    self._fn = jax.jit(functools.partial(_forward, encoder_decoder.from_config(config)),
                        out_shardings=self.batch_sharding)
 
   def _global_batch(self, images: np.ndarray) -> jax.Array:
@@ -220,7 +220,7 @@ def _to_model_input(images: np.ndarray) -> np.ndarray:
   """uint8 (n, H, W) grey or (n, H, W, 3) RGB -> ImageNet-normalised float32 (n, H, W, 3)."""
   if images.ndim == 3:
     images = np.repeat(images[..., None], 3, axis=-1)
-  return input_pipeline.normalize(images)
+  return pipeline.normalize(images)
 
 
 def segmentation_data(config: ml_collections.ConfigDict
@@ -236,7 +236,7 @@ def segmentation_data(config: ml_collections.ConfigDict
   if kind == 'fashion_mnist_scenes':
     splits = []
     for split, n_scenes, seed in (('train', SCENES_TRAIN, 0), ('test', SCENES_TEST, 1)):
-      items = data_sources.FashionMnistSource(arg or data_sources.FASHION_MNIST_DIR, split)
+      items = sources.FashionMnistSource(arg or sources.FASHION_MNIST_DIR, split)
       # One to three items of 40-60% of the scene's side: as large as in pretraining.
       images, labels = segmentation.compose_scenes(
           items.images, items.labels, n_scenes=n_scenes, canvas=SCENE_SIZE_FACTOR * size,
@@ -326,10 +326,10 @@ def evaluate_params(config: ml_collections.ConfigDict, params: PyTree, mesh: jax
   seconds = {}
   if ev.probes:
     t0 = time.perf_counter()
-    train = extract(input_pipeline.create_eval_dataset(config, ev.train_split,
+    train = extract(pipeline.create_eval_dataset(config, ev.train_split,
                                                        ev.max_train_images),
                     keep_maps=keep_maps, keep_pixels=pixel_baseline)
-    test = extract(input_pipeline.create_eval_dataset(config, ev.test_split),
+    test = extract(pipeline.create_eval_dataset(config, ev.test_split),
                    keep_maps=keep_maps, keep_pixels=pixel_baseline)
     seconds['features'] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -454,7 +454,7 @@ def _restore_training_checkpoint(config: ml_collections.ConfigDict, directory: p
                                  mesh: jax.sharding.Mesh, which: str,
                                  step: int | None = None) -> tuple[PyTree, int]:
   """(backbone params, step) of a training run's checkpoint (latest unless `step`)."""
-  from capi_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   ckpt = checkpointing.Checkpointer(directory, config)
   step = ckpt.latest_step() if step is None else step
   if step is None:

@@ -11,8 +11,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from capi_jax import config_checks
-from capi_jax import train
+from capi_jax.core import config_checks
+from capi_jax.core import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file (configs/*.py).', lock_config=True)

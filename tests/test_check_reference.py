@@ -16,9 +16,9 @@ import pytest
 
 from capi_jax import check_reference
 from capi_jax import convert
-from capi_jax import heads
-from capi_jax import models
-from capi_jax import schedules
+from capi_jax.methods.capi import heads
+from capi_jax.models import encoder_decoder
+from capi_jax.core import schedules
 
 
 def test_shipped_fixture_passes(fixture_path, capsys):
@@ -51,7 +51,7 @@ def make_fixture(official_model: dict, fwd_hw: tuple[int, int], train_hw: tuple[
           'schedule_momentum': {**schedule, 'start_warmup_value': 1.0, 'base_value': 0.99,
                                 'final_value': 1.0}}
   cfg = check_reference.config_from_meta(meta)
-  model = models.from_config(cfg)
+  model = encoder_decoder.from_config(cfg)
   keys = iter(jax.random.split(jax.random.key(seed), 16))
   rand = lambda shape, scale=1.0: np.asarray(jax.random.normal(next(keys), shape)) * scale
   out = {'meta_json': np.array(json.dumps(meta))}

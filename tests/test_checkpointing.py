@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capi_jax import checkpointing
-from capi_jax import sharding
+from capi_jax.core import checkpointing
+from capi_jax.core import sharding
 from test_train_step import micro_config
 
 

@@ -172,10 +172,10 @@ def test_pth_bfloat16_round_trip_is_bit_exact(ctx, official, tmp_path):
 def test_capi_jax_training_checkpoint_to_official(tmp_path):
   """A training run's step folder exports the student or its EMA under official names."""
   import grain  # pylint: disable=g-import-not-at-top
-  from capi_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   from capi_jax import methods  # pylint: disable=g-import-not-at-top
-  from capi_jax import sharding  # pylint: disable=g-import-not-at-top
-  from capi_jax import train_step  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import train_step  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.model.embed_dim, config.model.num_heads = 32, 2

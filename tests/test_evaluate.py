@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 
 from capi_jax import evaluate
-from capi_jax import sharding
+from capi_jax.core import sharding
 from configs import tiny
 
 
@@ -84,7 +84,7 @@ def test_extractor_rebatches_pads_and_matches_the_model():
   out = extract(batches, keep_maps=True, keep_pixels=True)
   np.testing.assert_array_equal(out['label'], labels)  # Order kept, padding dropped.
   assert out['feature_map'].shape == (21, 4, 4, 32) and out['pixels'].shape == (21, 16 * 16 * 3)
-  model = evaluate.models.from_config(config)
+  model = evaluate.encoder_decoder.from_config(config)
   global_repr, _, feature_map = model.apply({'params': jax.device_get(params)}, images)
   # Same float32 computation, batched differently: rounding-level differences only.
   np.testing.assert_allclose(out['global_repr'], global_repr, rtol=1e-4, atol=1e-5)
@@ -167,7 +167,7 @@ def test_load_params_random_and_converted(tmp_path):
 
 
 def test_load_params_from_a_training_checkpoint(data, tmp_path):
-  from capi_jax import train  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import train  # pylint: disable=g-import-not-at-top
   config = _config(data)
   config.data.dataset = f'folder:{data / "cls"}'
   config.optim.total_iters = 2

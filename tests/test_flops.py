@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from capi_jax import flops
+from capi_jax.methods.capi import flops
 from configs import bench_cpu
 from configs import tiny
 
@@ -93,12 +93,12 @@ def _xla_flops(fn, *args) -> float:
 
 
 def test_encoder_forward_matches_xla_cost_analysis():
-  models = pytest.importorskip('capi_jax.models')
+  encoder_decoder = pytest.importorskip('capi_jax.models.encoder_decoder')
   c = tiny.get_config()  # 32x32 images, patch 4: 64 tokens + 4 registers.
   # Width 384 and one block: the elementwise ops the count leaves out stay below 3%.
   c.model.embed_dim, c.model.num_heads, c.model.encoder_depth = 384, 6, 1
   batch = 4
-  model = models.from_config(c)
+  model = encoder_decoder.from_config(c)
   images = jnp.zeros((batch, c.data.image_size, c.data.image_size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   xla = _xla_flops(lambda v, x: model.apply(v, x, method='encode_all'), variables, images)
@@ -112,10 +112,10 @@ def test_encoder_forward_matches_xla_cost_analysis():
 
 def test_train_step_matches_xla_cost_analysis():
   """The whole step (teacher, Sinkhorn, student forward + backward, heads, losses, AdamW, EMA)."""
-  pytest.importorskip('capi_jax.train_step')
+  pytest.importorskip('capi_jax.core.train_step')
   from capi_jax import bench  # pylint: disable=g-import-not-at-top
   from capi_jax import methods  # pylint: disable=g-import-not-at-top
-  from capi_jax import train_step  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import train_step  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   c.model.embed_dim, c.model.num_heads = 384, 6
   c.model.encoder_depth, c.model.decoder_depth = 2, 1

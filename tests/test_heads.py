@@ -9,7 +9,7 @@ import pytest
 
 from capi_jax import check_reference
 from capi_jax import convert
-from capi_jax import heads
+from capi_jax.methods.capi import heads
 
 FORWARD_TOL = 1e-5  # float32 parity; measured errors are ~1e-7 .. 3e-6.
 GRAD_TOL = 1e-4

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capi_jax import data_sources
-from capi_jax import input_pipeline
+from capi_jax.data import sources
+from capi_jax.data import pipeline
 from configs import tiny
 
 
@@ -93,17 +93,17 @@ def bad_folder(tmp_path_factory):
 
 
 def test_fashion_mnist_loads_real_images_with_labels():
-  train = data_sources.make_source('fashion_mnist', 'train')
-  test = data_sources.make_source('fashion_mnist', 'test')
+  train = sources.make_source('fashion_mnist', 'train')
+  test = sources.make_source('fashion_mnist', 'test')
   assert (len(train), len(test)) == (60000, 10000)
   assert set(np.unique(test.labels)) == set(range(10))
-  example = data_sources.decode(train[0])
+  example = sources.decode(train[0])
   assert example['image'].mode == 'RGB' and example['image'].size == (28, 28)
   pixels = np.asarray(example['image'])
   assert pixels.std() > 10 and np.array_equal(pixels[..., 0], pixels[..., 2])
   assert example['label'] == 9  # The first training image is an ankle boot.
 
-  batch = next(input_pipeline.create_train_loader(_config(batch=32), seed=0, process_index=0,
+  batch = next(pipeline.create_train_loader(_config(batch=32), seed=0, process_index=0,
                                                   process_count=1))
   assert batch['images'].shape == (32, 32, 32, 3) and batch['images'].dtype == np.float32
   assert batch['label'].dtype == np.int32 and len(np.unique(batch['label'])) > 3
@@ -113,12 +113,12 @@ def test_fashion_mnist_loads_real_images_with_labels():
 
 def test_fashion_mnist_from_a_user_directory(tmp_path):
   for name in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'):
-    src = pathlib.Path(data_sources.FASHION_MNIST_DIR) / f'{name}.gz'
+    src = pathlib.Path(sources.FASHION_MNIST_DIR) / f'{name}.gz'
     (tmp_path / name).write_bytes(gzip.decompress(src.read_bytes()))  # Raw (not .gz) files.
-  source = data_sources.make_source(f'fashion_mnist:{tmp_path}', 'train')
+  source = sources.make_source(f'fashion_mnist:{tmp_path}', 'train')
   assert len(source) == 60000
   with pytest.raises(FileNotFoundError, match='t10k-images-idx3-ubyte'):
-    data_sources.make_source(f'fashion_mnist:{tmp_path}', 'test')
+    sources.make_source(f'fashion_mnist:{tmp_path}', 'test')
 
 
 def test_folder_source_labels_and_splits(tmp_path):
@@ -127,37 +127,37 @@ def test_folder_source_labels_and_splits(tmp_path):
       for i in range(n):
         (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
         Image.fromarray(_rgb(20, 20, i)).save(tmp_path / split / cls / f'{i}.png')
-  train = data_sources.make_source(f'folder:{tmp_path}', 'train')
-  val = data_sources.make_source(f'folder:{tmp_path}', 'val')
+  train = sources.make_source(f'folder:{tmp_path}', 'train')
+  val = sources.make_source(f'folder:{tmp_path}', 'val')
   assert (len(train), len(val)) == (6, 4)
   assert train.class_names == ['cat', 'dog'] and train.labels == [0, 0, 0, 1, 1, 1]
   with pytest.raises(FileNotFoundError, match="no sub-folder 'test'"):
-    data_sources.make_source(f'folder:{tmp_path}', 'test')
+    sources.make_source(f'folder:{tmp_path}', 'test')
   # A flat folder is the unlabelled train split.
-  flat = data_sources.make_source(f'folder:{tmp_path / "train" / "cat"}', 'train')
+  flat = sources.make_source(f'folder:{tmp_path / "train" / "cat"}', 'train')
   assert len(flat) == 3 and flat.labels == [-1] * 3 and flat.num_classes == 0
 
 
 def test_missing_and_empty_datasets_have_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='No images'):
-    data_sources.make_source(f'folder:{tmp_path}', 'train')
+    sources.make_source(f'folder:{tmp_path}', 'train')
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    data_sources.make_source(f'folder:{tmp_path / "nope"}', 'train')
+    sources.make_source(f'folder:{tmp_path / "nope"}', 'train')
   with pytest.raises(FileNotFoundError, match='dataset-fashion-mnist'):
-    data_sources.make_source(f'fashion_mnist:{tmp_path}', 'train')
+    sources.make_source(f'fashion_mnist:{tmp_path}', 'train')
   with pytest.raises(ValueError, match='splits'):
-    data_sources.make_source('fashion_mnist', 'validation')
+    sources.make_source('fashion_mnist', 'validation')
   with pytest.raises(ValueError, match='Unknown dataset'):
-    data_sources.make_source('imagenet', 'train')
+    sources.make_source('imagenet', 'train')
   with pytest.raises(FileNotFoundError, match='array_record'):
-    data_sources.make_source('tfds:mnist', 'train', data_dir=str(tmp_path))
+    sources.make_source('tfds:mnist', 'train', data_dir=str(tmp_path))
   (tmp_path / 'train-images-idx3-ubyte').write_bytes(b'\x00\x00\x08\x03\x00')
   with pytest.raises(ValueError, match='Cannot read IDX'):
-    data_sources.make_source(f'fashion_mnist:{tmp_path}', 'train')
+    sources.make_source(f'fashion_mnist:{tmp_path}', 'train')
 
 
 def test_synthetic_source_is_deterministic():
-  source = data_sources.make_source('synthetic', 'train', image_size=16)
+  source = sources.make_source('synthetic', 'train', image_size=16)
   np.testing.assert_array_equal(source[5]['image'], source[5]['image'])
   assert source[5]['image'].shape == (16, 16, 3)
   assert not np.array_equal(source[5]['image'], source[6]['image'])
@@ -194,18 +194,18 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
   with pytest.raises(ImportError):
     import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   _build_tiny_tfds(tmp_path)
-  source = data_sources.make_source('tfds:capi_test_images', 'train', data_dir=str(tmp_path))
+  source = sources.make_source('tfds:capi_test_images', 'train', data_dir=str(tmp_path))
   assert len(source) == 12 and source.num_classes == 3
-  example = data_sources.decode(source[0])
+  example = sources.decode(source[0])
   assert example['image'].mode == 'RGB' and example['image'].width == 30
 
   config = _config('tfds:capi_test_images', batch=8)
   config.data.data_dir = str(tmp_path)
-  batch = next(input_pipeline.create_train_loader(config, seed=0, process_index=0,
+  batch = next(pipeline.create_train_loader(config, seed=0, process_index=0,
                                                   process_count=1))
   assert batch['images'].shape == (8, 32, 32, 3)
   assert set(batch['label'].tolist()) <= {0, 1, 2}
-  evals = list(input_pipeline.create_eval_dataset(config, 'test', batch_size=4))
+  evals = list(pipeline.create_eval_dataset(config, 'test', batch_size=4))
   assert [len(b['label']) for b in evals] == [4, 1]
   # Source order with SkipDecoding'd images decoded by us: labels follow the records.
   assert sorted(np.concatenate([b['label'] for b in evals]).tolist()) == [0, 0, 1, 1, 2]
@@ -226,30 +226,30 @@ def test_to_rgb_converts_every_mode():
   expected = {'L': 7, 'RGBA': 9, 'CMYK': 255, 'I;16': 255, '1': 255, 'LA': 5}
   for mode, image in cases.items():
     assert image.mode == mode
-    rgb = data_sources.to_rgb(image)
+    rgb = sources.to_rgb(image)
     assert rgb.mode == 'RGB', mode
     np.testing.assert_array_equal(np.asarray(rgb), expected[mode], err_msg=mode)
   half = Image.fromarray(np.full((2, 2), 32896, np.uint16))  # 128 * 257
-  assert np.asarray(data_sources.to_rgb(half)).max() == 128
+  assert np.asarray(sources.to_rgb(half)).max() == 128
 
 
 def test_corrupt_files_are_skipped_and_reported(bad_folder, caplog):
   root, good, bad = bad_folder
   config = _config(f'folder:{root}', batch=4)
-  before = data_sources.skipped_records()
+  before = sources.skipped_records()
   with caplog.at_level(logging.WARNING):
-    batches = list(input_pipeline.create_eval_dataset(config, 'train', batch_size=4))
+    batches = list(pipeline.create_eval_dataset(config, 'train', batch_size=4))
   labels = np.concatenate([b['label'] for b in batches])
   assert len(labels) == len(good)  # Every good file, odd modes and sizes included.
   assert labels.tolist() == sorted(labels.tolist()) and set(labels.tolist()) == {0, 1}
   assert all(np.isfinite(b['images']).all() and b['images'].shape[1:] == (32, 32, 3)
              for b in batches)
-  assert data_sources.skipped_records() - before == len(bad)
+  assert sources.skipped_records() - before == len(bad)
   for name in bad:
     assert any(name in r.getMessage() and 'Skipping' in r.getMessage() for r in caplog.records)
 
   # Training batches stay full: skipped records are replaced by the next ones in the stream.
-  iterator = input_pipeline.create_train_loader(config, seed=0, process_index=0, process_count=1)
+  iterator = pipeline.create_train_loader(config, seed=0, process_index=0, process_count=1)
   for batch in _take(iterator, 6):
     assert batch['images'].shape == (4, 32, 32, 3) and np.isfinite(batch['images']).all()
 
@@ -257,7 +257,7 @@ def test_corrupt_files_are_skipped_and_reported(bad_folder, caplog):
 def test_an_unreadable_dataset_stops_with_a_clear_error(tmp_path):
   for i in range(3):
     (tmp_path / f'{i}.jpg').write_bytes(b'not a jpeg')
-  iterator = input_pipeline.create_train_loader(_config(f'folder:{tmp_path}', batch=2), seed=0,
+  iterator = pipeline.create_train_loader(_config(f'folder:{tmp_path}', batch=2), seed=0,
                                                 process_index=0, process_count=1)
   with pytest.raises(ValueError, match='in a row could not be decoded'):
     next(iterator)
@@ -270,31 +270,31 @@ def test_crop_box_follows_torchvision():
   rng = np.random.default_rng(0)
   for height, width in ((100, 100), (50, 200), (1, 1), (7, 3)):
     for _ in range(50):
-      top, left, h, w = input_pipeline.sample_crop_box(height, width, (0.6, 1.0), (3 / 4, 4 / 3),
+      top, left, h, w = pipeline.sample_crop_box(height, width, (0.6, 1.0), (3 / 4, 4 / 3),
                                                        rng)
       assert 0 < h <= height and 0 < w <= width
       assert 0 <= top <= height - h and 0 <= left <= width - w
   # Impossible aspect ratios fall back to the largest centred crop with ratio 4/3.
-  assert input_pipeline.sample_crop_box(10, 400, (0.6, 1.0), (3 / 4, 4 / 3), rng) == (
+  assert pipeline.sample_crop_box(10, 400, (0.6, 1.0), (3 / 4, 4 / 3), rng) == (
       0, 193, 10, 13)
   # Areas: uniform in scale * area (up to rounding) when the crop fits.
-  areas = [np.prod(input_pipeline.sample_crop_box(200, 200, (0.2, 0.4), (1.0, 1.0), rng)[2:])
+  areas = [np.prod(pipeline.sample_crop_box(200, 200, (0.2, 0.4), (1.0, 1.0), rng)[2:])
            for _ in range(500)]
   assert 0.19 * 40000 < min(areas) and max(areas) < 0.41 * 40000
 
 
 def test_eval_image_resizes_shorter_side_and_centre_crops():
   image = Image.fromarray(_rgb(60, 120))
-  out = input_pipeline.eval_image(image, 224)
+  out = pipeline.eval_image(image, 224)
   assert out.shape == (224, 224, 3) and out.dtype == np.float32
-  white = input_pipeline.eval_image(Image.new('RGB', (10, 30), (255, 255, 255)), 32)
+  white = pipeline.eval_image(Image.new('RGB', (10, 30), (255, 255, 255)), 32)
   np.testing.assert_allclose(white, np.broadcast_to(
-      (1 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD, (32, 32, 3)), rtol=1e-5)
+      (1 - pipeline.IMAGENET_MEAN) / pipeline.IMAGENET_STD, (32, 32, 3)), rtol=1e-5)
 
 
 def test_train_batch_masks_follow_the_config():
   config = _config(batch=4, image_size=32, patch_size=4)  # 8x8 grid.
-  batch = next(input_pipeline.create_train_loader(config, seed=0, process_index=0,
+  batch = next(pipeline.create_train_loader(config, seed=0, process_index=0,
                                                   process_count=1))
   n_masked = int(64 * config.data.mask_ratio)
   n_predict = int(n_masked * config.data.prediction_subsampling)
@@ -307,13 +307,13 @@ def test_train_batch_masks_follow_the_config():
 
 def test_eval_dataset_subset_is_fixed_and_batched():
   config = _config()
-  evals = input_pipeline.create_eval_dataset(config, 'test', max_images=50, batch_size=20)
+  evals = pipeline.create_eval_dataset(config, 'test', max_images=50, batch_size=20)
   first, second = list(evals), list(evals)  # Re-iterable, same order every time.
   assert [len(b['label']) for b in first] == [20, 20, 10]
   assert first[0]['images'].shape == (20, 32, 32, 3) and first[0]['label'].dtype == np.int32
   _assert_same_batches(first, second)
   labels = np.concatenate([b['label'] for b in first])
-  first_records = data_sources.make_source('fashion_mnist', 'test').labels[:50]
+  first_records = sources.make_source('fashion_mnist', 'test').labels[:50]
   assert not np.array_equal(labels, first_records)  # A random subset, not the first records.
 
 
@@ -322,7 +322,7 @@ def test_eval_dataset_subset_is_fixed_and_batched():
 
 def test_same_seed_same_batches_different_seed_different():
   config = _config(batch=8)
-  make = lambda seed: input_pipeline.create_train_loader(config, seed=seed, process_index=0,
+  make = lambda seed: pipeline.create_train_loader(config, seed=seed, process_index=0,
                                                          process_count=1)
   a, b, c = _take(make(0), 3), _take(make(0), 3), _take(make(1), 3)
   _assert_same_batches(a, b)
@@ -332,9 +332,9 @@ def test_same_seed_same_batches_different_seed_different():
 
 def test_hosts_get_different_data():
   config = _config(batch=8)
-  host0 = next(input_pipeline.create_train_loader(config, seed=0, process_index=0,
+  host0 = next(pipeline.create_train_loader(config, seed=0, process_index=0,
                                                   process_count=2))
-  host1 = next(input_pipeline.create_train_loader(config, seed=0, process_index=1,
+  host1 = next(pipeline.create_train_loader(config, seed=0, process_index=1,
                                                   process_count=2))
   assert host0['images'].shape[0] == host1['images'].shape[0] == 4
   assert not np.array_equal(host0['images'], host1['images'])
@@ -347,7 +347,7 @@ def test_epochs_are_reshuffled(tmp_path):
   config = _config(f'folder:{tmp_path}', batch=6)
   config.data.crop_scale = (1.0, 1.0)
   config.data.do_hflip = False
-  first, second = _take(input_pipeline.create_train_loader(config, seed=0, process_index=0,
+  first, second = _take(pipeline.create_train_loader(config, seed=0, process_index=0,
                                                            process_count=1), 2)
   order = lambda b: np.argsort(b['images'][:, 0, 0, 0])
   assert sorted(order(first).tolist()) == list(range(6))  # Each epoch: every image once.
@@ -358,7 +358,7 @@ def test_epochs_are_reshuffled(tmp_path):
 def test_resume_reproduces_the_remaining_batches(num_workers, bad_folder):
   # The folder has corrupt files, so the resumed stream must also skip them identically.
   config = _config(f'folder:{bad_folder[0]}', batch=4, num_workers=num_workers)
-  make = lambda: input_pipeline.create_train_loader(config, seed=3, process_index=0,
+  make = lambda: pipeline.create_train_loader(config, seed=3, process_index=0,
                                                     process_count=1)
   uninterrupted = make()
   _take(uninterrupted, 5)
@@ -375,7 +375,7 @@ def test_resume_reproduces_the_remaining_batches(num_workers, bad_folder):
 def test_resume_through_an_orbax_checkpoint(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = _config(batch=8)
-  make = lambda: input_pipeline.create_train_loader(config, seed=0, process_index=0,
+  make = lambda: pipeline.create_train_loader(config, seed=0, process_index=0,
                                                     process_count=1)
   iterator = make()
   _take(iterator, 3)
@@ -398,10 +398,10 @@ def test_resume_through_an_orbax_checkpoint(tmp_path):
 
 def test_make_global_batch_shards_the_leading_axis():
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))
-  batch = next(input_pipeline.create_train_loader(_config(batch=16), seed=0, process_index=0,
+  batch = next(pipeline.create_train_loader(_config(batch=16), seed=0, process_index=0,
                                                   process_count=1))
   spec = jax.sharding.PartitionSpec('data')
-  arrays = input_pipeline.make_global_batch(batch, mesh, spec)
+  arrays = pipeline.make_global_batch(batch, mesh, spec)
   assert arrays.keys() == batch.keys()
   for k, v in arrays.items():
     assert v.shape == batch[k].shape and v.sharding.spec == spec
@@ -410,7 +410,7 @@ def test_make_global_batch_shards_the_leading_axis():
 
 
 def test_measure_throughput_reports_rates():
-  result = input_pipeline.measure_throughput(_config(batch=8), num_batches=2, warmup_batches=1)
+  result = pipeline.measure_throughput(_config(batch=8), num_batches=2, warmup_batches=1)
   assert result['images_per_s'] > 0 and result['batch_size'] == 8
   assert result['images_per_s_per_worker'] == result['images_per_s']
   assert result['images_per_cpu_s'] > 0

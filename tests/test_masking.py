@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from capi_jax import masking
+from capi_jax.data import masking
 
 GENERATORS = ('InverseBlock', 'Block', 'Uniform')
 

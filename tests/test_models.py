@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from capi_jax import check_reference
-from capi_jax import models
+from capi_jax.models import encoder_decoder
+from capi_jax.models import layers
 
 # float32 parity with the PyTorch release; errors measured ~3e-6 on values of order 3.
 FORWARD_TOL = 1e-5
@@ -34,26 +35,26 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
 
 def test_rope_frequencies_bit_identical_to_release(ctx):
   ref = ctx.arrays['backbone/encoder.blocks.0.residual1.fn.rope.freqs']
-  np.testing.assert_array_equal(models.rope_frequencies(ref.shape[1]), ref)
+  np.testing.assert_array_equal(encoder_decoder.rope_frequencies(ref.shape[1]), ref)
 
 
 def test_torch_linspace_endpoints_and_symmetry():
-  x = models.torch_linspace(0, 1, 7)
+  x = layers.torch_linspace(0, 1, 7)
   assert x[0] == 0 and x[-1] == 1 and x.dtype == np.float32
-  np.testing.assert_array_equal(models.torch_linspace(0, 1, 1), [0])
+  np.testing.assert_array_equal(layers.torch_linspace(0, 1, 1), [0])
 
 
 def test_edge_register_coordinates_go_around_the_square():
-  coords = models.register_coordinates('edge', 8)
+  coords = encoder_decoder.register_coordinates('edge', 8)
   np.testing.assert_array_equal(
       coords, [[0, 0], [0.5, 0], [1, 0], [1, 0.5], [1, 1], [0.5, 1], [0, 1], [0, 0.5]])
-  np.testing.assert_array_equal(models.register_coordinates('zeros', 4), np.zeros((4, 2)))
+  np.testing.assert_array_equal(encoder_decoder.register_coordinates('zeros', 4), np.zeros((4, 2)))
   with pytest.raises(ValueError, match='divisible by 4'):
-    models.register_coordinates('edge', 6)
+    encoder_decoder.register_coordinates('edge', 6)
 
 
 def test_patch_coordinates_row_major_non_square():
-  coords = models.patch_coordinates(2, 3)
+  coords = encoder_decoder.patch_coordinates(2, 3)
   np.testing.assert_array_equal(coords[:, 0], [0, 0, 0, 1, 1, 1])
   np.testing.assert_array_equal(coords[:, 1], [0, 0.5, 1, 0, 0.5, 1])
 
@@ -101,7 +102,7 @@ def test_parameter_names_used_by_optimiser_groups(ctx):
 ])
 def test_teacher_equals_student_when_everything_is_visible(overrides):
   """encode_all == pretrain's student patches when all tokens are visible (non-square image)."""
-  model = models.from_config(small_config(**overrides))
+  model = encoder_decoder.from_config(small_config(**overrides))
   images = jax.random.normal(jax.random.key(0), (2, 40, 24, 3))
   variables = jax.jit(model.init)(jax.random.key(1), images)
   n_tokens = (40 // 8) * (24 // 8)
@@ -119,7 +120,7 @@ def test_teacher_equals_student_when_everything_is_visible(overrides):
 
 def test_predictions_depend_only_on_own_image_and_position():
   """A query's prediction doesn't depend on the other queries (cross-attention only)."""
-  model = models.from_config(small_config())
+  model = encoder_decoder.from_config(small_config())
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = jax.jit(model.init)(jax.random.key(1), images)
   visible = jnp.tile(jnp.array([0, 1, 4, 5, 6, 9]), (2, 1))
@@ -131,7 +132,7 @@ def test_predictions_depend_only_on_own_image_and_position():
 
 
 def test_image_size_must_be_divisible_by_patch_size():
-  model = models.from_config(small_config())
+  model = encoder_decoder.from_config(small_config())
   with pytest.raises(ValueError, match='not divisible by the patch size'):
     model.init(jax.random.key(0), jnp.zeros((1, 30, 32, 3)))
 
@@ -141,10 +142,10 @@ def test_efficient_drop_path_updates_a_random_subset_scaled(b, groups):
   """In each group of `local` samples, max(int(local*keep), 1) get the branch, x local/n_keep."""
   drop, local = 0.5, b // groups
   n_keep = max(int(local * (1 - drop)), 1)
-  mlp = functools.partial(models.Mlp, 2)
-  norm = functools.partial(models.RMSNorm, 1e-5)
-  train = models.Residual(norm, mlp, drop_rate=drop, deterministic=False, drop_path_groups=groups)
-  evaluate = models.Residual(norm, mlp, drop_rate=drop, deterministic=True)
+  mlp = functools.partial(layers.Mlp, 2)
+  norm = functools.partial(encoder_decoder.RMSNorm, 1e-5)
+  train = encoder_decoder.Residual(norm, mlp, drop_rate=drop, deterministic=False, drop_path_groups=groups)
+  evaluate = encoder_decoder.Residual(norm, mlp, drop_rate=drop, deterministic=True)
   x = jax.random.normal(jax.random.key(0), (b, 3, 8))
   variables = evaluate.init(jax.random.key(1), x)
   full = evaluate.apply(variables, x)
@@ -156,7 +157,7 @@ def test_efficient_drop_path_updates_a_random_subset_scaled(b, groups):
 
 
 def test_drop_path_in_training_forward_needs_and_uses_rng():
-  model = models.from_config(small_config(drop_path_rate=0.4))
+  model = encoder_decoder.from_config(small_config(drop_path_rate=0.4))
   images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   variables = jax.jit(model.init)(jax.random.key(1), images)
   visible = jnp.tile(jnp.array([0, 1, 2]), (4, 1))
@@ -173,13 +174,13 @@ def test_remat_policies_do_not_change_values_or_gradients():
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   visible = jnp.tile(jnp.array([0, 1, 2]), (2, 1))
   predict = jnp.tile(jnp.array([3]), (2, 1))
-  params = jax.jit(models.from_config(small_config()).init)(jax.random.key(1), images)['params']
+  params = jax.jit(encoder_decoder.from_config(small_config()).init)(jax.random.key(1), images)['params']
   directions = jax.random.normal(jax.random.key(4), (2, 2, 3, 48))
 
   def grads(policy):
     cfg = small_config(drop_path_rate=0.5)
     cfg.efficiency.remat_policy = policy
-    model = models.from_config(cfg)
+    model = encoder_decoder.from_config(cfg)
 
     def loss(p):
       s, pr = model.apply({'params': p}, images, visible, predict, train=True,
@@ -199,10 +200,10 @@ def test_remat_policies_do_not_change_values_or_gradients():
 def test_bf16_compute_keeps_float32_params_and_stays_close():
   cfg = small_config()
   images = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
-  f32 = models.from_config(cfg)
+  f32 = encoder_decoder.from_config(cfg)
   variables = jax.jit(f32.init)(jax.random.key(1), images)
   cfg.efficiency.compute_dtype = 'bfloat16'
-  bf16 = models.from_config(cfg)
+  bf16 = encoder_decoder.from_config(cfg)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
       jax.eval_shape(bf16.init, jax.random.key(1), images)))
   out16 = jax.jit(bf16.apply)(variables, images)
@@ -216,12 +217,12 @@ def test_from_config_rejects_unknown_remat_policy():
   cfg = small_config()
   cfg.efficiency.remat_policy = 'everything'
   with pytest.raises(ValueError, match='remat_policy'):
-    models.from_config(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    encoder_decoder.from_config(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
 
 def test_residual_is_plain_when_deterministic():
   """No rng is needed outside training even with a non-zero drop rate."""
-  res = models.Residual(functools.partial(models.RMSNorm), functools.partial(nn.Dense, 4),
+  res = encoder_decoder.Residual(functools.partial(encoder_decoder.RMSNorm), functools.partial(nn.Dense, 4),
                         drop_rate=0.9, deterministic=True)
   x = jnp.ones((3, 2, 4))
   variables = res.init(jax.random.key(0), x)
@@ -231,7 +232,7 @@ def test_residual_is_plain_when_deterministic():
 def test_grouped_drop_path_on_a_sharded_batch_equals_one_device():
   """drop_path_groups = number of batch shards: same numbers as on one device."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  res = models.Residual(functools.partial(models.RMSNorm), functools.partial(models.Mlp, 2),
+  res = encoder_decoder.Residual(functools.partial(encoder_decoder.RMSNorm), functools.partial(layers.Mlp, 2),
                         drop_rate=0.5, deterministic=False, drop_path_groups=8)
   x = jax.random.normal(jax.random.key(0), (16, 3, 8))
   variables = res.init(jax.random.key(1), x)

@@ -62,18 +62,18 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def _main(workdir: str, total: int) -> None:
   import logging  # pylint: disable=g-import-not-at-top
-  from capi_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from capi_jax import train  # pylint: disable=g-import-not-at-top
+  from capi_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import train  # pylint: disable=g-import-not-at-top
   from test_train_step import micro_config  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger('capi_jax').setLevel(logging.INFO)
-  real = input_pipeline.create_train_loader
+  real = pipeline.create_train_loader
 
   def single_host_rows(config, *, seed, process_index, process_count):
     loader = real(config, seed=seed, process_index=0, process_count=1)
     return loader_wrappers.HostRows(loader, process_index, process_count)
 
-  input_pipeline.create_train_loader = single_host_rows
+  pipeline.create_train_loader = single_host_rows
   config = micro_config()
   config.optim.total_iters = total
   train.train_and_evaluate(config, workdir)

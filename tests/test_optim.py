@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from capi_jax import optim
+from capi_jax.core import optim
 
 
 def _optim_cfg():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capi_jax import probes
+from capi_jax.evaluators import probes
 
 NUM_CLASSES = 10
 DIM = 16

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capi_jax import segmentation
+from capi_jax.evaluators import segmentation
 
 IGNORE = (0, 255)
 

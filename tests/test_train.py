@@ -74,11 +74,11 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_nan_in_data_aborts_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  from capi_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from capi_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from capi_jax import train  # pylint: disable=g-import-not-at-top
-  real = input_pipeline.create_train_loader
-  monkeypatch.setattr(input_pipeline, 'create_train_loader',
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import train  # pylint: disable=g-import-not-at-top
+  real = pipeline.create_train_loader
+  monkeypatch.setattr(pipeline, 'create_train_loader',
                       lambda *a, **k: loader_wrappers.NanFrom(real(*a, **k), start=6))
   config = _micro(total_iters=20)  # Checkpoints every 4 steps, NaN check every step.
   with pytest.raises(train.NonFiniteLossError, match=r'NaN/inf at 3 consecutive checks.*'
@@ -98,12 +98,12 @@ def test_nan_in_data_aborts_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
 
 
 if __name__ == '__main__':
-  from capi_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from capi_jax import train  # pylint: disable=g-import-not-at-top
+  from capi_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import train  # pylint: disable=g-import-not-at-top
   import logging  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger('capi_jax').setLevel(logging.INFO)
-  real_loader = input_pipeline.create_train_loader
-  input_pipeline.create_train_loader = (
+  real_loader = pipeline.create_train_loader
+  pipeline.create_train_loader = (
       lambda *a, **k: loader_wrappers.Throttled(real_loader(*a, **k), 0.1))
   train.train_and_evaluate(_micro(int(sys.argv[2])), sys.argv[1])

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from capi_jax import check_reference
-from capi_jax import input_pipeline
+from capi_jax.data import pipeline
 from capi_jax import methods
-from capi_jax import sharding
-from capi_jax import train_step
+from capi_jax.core import sharding
+from capi_jax.core import train_step
 from configs import tiny
 
 
@@ -56,7 +56,7 @@ def _losses(config, devices, batches):
     step = train_step.jit_train_step(method, optimizers, shardings, mesh)
     losses = []
     for batch in batches:
-      batch = input_pipeline.make_global_batch(batch, mesh, sharding.batch_sharding(mesh).spec)
+      batch = pipeline.make_global_batch(batch, mesh, sharding.batch_sharding(mesh).spec)
       state, metrics = step(state, batch)
       losses.append(jax.device_get(metrics))
   return losses, jax.device_get(state.params)
@@ -64,7 +64,7 @@ def _losses(config, devices, batches):
 
 def test_one_device_equals_eight_devices():
   config = micro_config()
-  loader = input_pipeline.create_train_loader(config, seed=0, process_index=0, process_count=1)
+  loader = pipeline.create_train_loader(config, seed=0, process_index=0, process_count=1)
   batches = [{k: v for k, v in next(loader).items() if k in train_step.STEP_KEYS}
              for _ in range(3)]
   one, params_one = _losses(config, jax.devices()[:1], batches)

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capi_jax import visualize
+from capi_jax.evaluators import visualize
 
 
 def _regions(n: int = 4, side: int = 8, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ The engine owns the rest: the student's AdamW, the EMA, sharding, checkpoints, t
 
 import ml_collections
 
-from capi_jax.methods import capi
+from capi_jax.methods.capi import method as capi
 
 METHODS = {'capi': capi.Capi}
 

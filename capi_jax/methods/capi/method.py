@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from capi_jax import heads
-from capi_jax import models
-from capi_jax import optim
+from capi_jax.methods.capi import heads
+from capi_jax.models import encoder_decoder
+from capi_jax.core import optim
 
 PyTree = Any
 
@@ -28,7 +28,7 @@ class Capi:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.model = models.from_config(config)
+    self.model = encoder_decoder.from_config(config)
     self.student_head = heads.L2NormLinear(config.capi.num_clusters)
     self.clustering_head = heads.ClusteringHead(
         config.capi.num_clusters, use_bias=config.capi.clustering_kwargs.bias)

@@ -22,43 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from capi_jax.models import layers
+
 Array = jax.Array
 DType = Any
 
 REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
-
-# Official init: torch xavier-uniform on (out, in) linear weights (flax kernels are (in, out)).
-_xavier_uniform = nn.initializers.xavier_uniform()
-# The official patch embedding applies xavier-uniform to the kernel flattened to (out, in*kh*kw):
-# fan_in = kh*kw*in, fan_out = out (flax's conv default would multiply fan_out by kh*kw).
-_patch_kernel_init = nn.initializers.variance_scaling(
-    1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
-
-
-def _conv_bias_init(fan_in: int) -> Callable[..., Array]:
-  """PyTorch's Conv2d default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), kept by the release."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
-  """float32 `torch.linspace` on CPU, bit for bit (numpy's rounds differently by 1 ulp).
-
-  PyTorch fills the first half as start + i*step and the second as end - (steps-1-i)*step,
-  in float32. RoPE coordinates and frequencies are built with it in the release.
-  """
-  start, end = np.float32(start), np.float32(end)
-  if steps == 1:
-    return np.array([start], np.float32)
-  step = (end - start) / np.float32(steps - 1)
-  i = np.arange(steps)
-  first = start + step * i.astype(np.float32)
-  second = end - step * (steps - 1 - i).astype(np.float32)
-  return np.where(i < steps // 2, first, second).astype(np.float32)
 
 
 def rope_frequencies(head_dim: int, max_freq: float = 7.0, min_freq: float = 7e-4) -> np.ndarray:
@@ -70,7 +39,7 @@ def rope_frequencies(head_dim: int, max_freq: float = 7.0, min_freq: float = 7e-
   """
   if head_dim % 4:
     raise ValueError(f'2-D RoPE needs head_dim divisible by 4, got {head_dim}.')
-  exponents = torch_linspace(0, -1, head_dim // 4)
+  exponents = layers.torch_linspace(0, -1, head_dim // 4)
   freqs_1d = np.float32(max_freq) * np.float32(max_freq / min_freq) ** exponents
   freqs_1d = np.concatenate([freqs_1d, freqs_1d])
   table = np.zeros((2, head_dim), np.float32)
@@ -81,8 +50,8 @@ def rope_frequencies(head_dim: int, max_freq: float = 7.0, min_freq: float = 7e-
 
 def patch_coordinates(grid_h: int, grid_w: int) -> np.ndarray:
   """RoPE coordinates of the patches, (grid_h * grid_w, 2) float32, row-major, (row, col)."""
-  rows = torch_linspace(0, 1, grid_h)
-  cols = torch_linspace(0, 1, grid_w)
+  rows = layers.torch_linspace(0, 1, grid_h)
+  cols = layers.torch_linspace(0, 1, grid_w)
   return np.stack(np.meshgrid(rows, cols, indexing='ij'), axis=-1).reshape(-1, 2)
 
 
@@ -108,23 +77,6 @@ def rotate_half(x: Array) -> Array:
   """[a, b] -> [-b, a] on the last axis (pairs channel i with channel i + d/2, as the release)."""
   x1, x2 = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def attention(q: Array, k: Array, v: Array) -> Array:
-  """Softmax attention with logits and softmax in float32.
-
-  Args:
-    q: (batch, n_q, heads, head_dim).
-    k: (batch, n_k, heads, head_dim).
-    v: (batch, n_k, heads, head_dim).
-
-  Returns:
-    (batch, n_q, heads, head_dim) in v's dtype.
-  """
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
-  probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
 
 
 class RMSNorm(nn.Module):
@@ -176,32 +128,14 @@ class Attention(nn.Module):
     n_k = context.shape[1]
     head_dim = dim // self.num_heads
     dense = functools.partial(nn.Dense, dim, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype, kernel_init=_xavier_uniform)
+                              param_dtype=self.param_dtype, kernel_init=layers.xavier_uniform)
     q = dense(name='q_proj')(x).reshape(b, n_q, self.num_heads, head_dim)
     k = dense(name='k_proj')(context).reshape(b, n_k, self.num_heads, head_dim)
     v = dense(name='v_proj')(context).reshape(b, n_k, self.num_heads, head_dim)
     rope = Rope(head_dim, param_dtype=self.param_dtype, name='rope')
     q, k = rope(q, coords), rope(k, context_coords)
-    out = attention(q, k, v).reshape(b, n_q, dim)
+    out = layers.attention(q, k, v).reshape(b, n_q, dim)
     return dense(name='proj')(out)
-
-
-class Mlp(nn.Module):
-  """dim -> mlp_ratio*dim -> dim, exact (erf) GELU, no bias."""
-  mlp_ratio: int = 4
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype, kernel_init=_xavier_uniform)
-    dim = x.shape[-1]
-    x = dense(dim * self.mlp_ratio, name='fc1')(x)
-    # Exact erf GELU written out as PyTorch does: numerically the same as
-    # nn.gelu(approximate=False) (<1e-6), but XLA:CPU fuses it into ~15% less step time.
-    x = 0.5 * x * (1 + jax.lax.erf(x * np.asarray(0.7071067811865476, x.dtype)))
-    return dense(dim, name='fc2')(x)
 
 
 def _select(groups: Array, keep: Array) -> Array:
@@ -268,7 +202,7 @@ class Block(nn.Module):
     attn = functools.partial(Attention, self.num_heads, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     x = residual(norm, attn, name='residual1')(x, coords, context, context_coords)
-    mlp = functools.partial(Mlp, self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype)
+    mlp = functools.partial(layers.Mlp, self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype)
     return residual(norm, mlp, name='residual2')(x)
 
 
@@ -351,7 +285,7 @@ class EncoderDecoder(nn.Module):
     self.patch_embed = nn.Conv(
         self.embed_dim, (self.patch_size, self.patch_size), strides=self.patch_size,
         padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_patch_kernel_init, bias_init=_conv_bias_init(fan_in))
+        kernel_init=layers.patch_kernel_init, bias_init=layers.conv_bias_init(fan_in))
     self.registers = self.param('registers', nn.initializers.normal(0.02),
                                 (1, self.n_registers, self.embed_dim), self.param_dtype)
     self.mask_token = self.param('mask_token', nn.initializers.normal(0.02),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from capi_jax import schedules
+from capi_jax.core import schedules
 
 PyTree = Any
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from capi_jax import probes
+from capi_jax.evaluators import probes
 
 MASK_THRESHOLD = 25  # uint8 intensity: Fashion-MNIST backgrounds are exactly 0, items > ~30.
 FASHION_MNIST_SEG_CLASSES = 11  # Background 0 + the ten Fashion-MNIST classes.

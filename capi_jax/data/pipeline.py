@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from capi_jax import data_sources
-from capi_jax import masking
+from capi_jax.data import sources
+from capi_jax.data import masking
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -166,14 +166,14 @@ def _host_seeds(seed: int, process_index: int) -> tuple[int, int]:
 def train_dataset(config: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
                   process_count: int = 1) -> grain.MapDataset:
   """This host's infinite stream of augmented, masked examples (before batching)."""
-  source = data_sources.make_source(config.data.dataset, config.data.split, config.data.data_dir,
+  source = sources.make_source(config.data.dataset, config.data.split, config.data.data_dir,
                                     config.data.image_size)
   if len(source) < process_count:
     raise ValueError(f'{source.description} has fewer images than the {process_count} hosts.')
   shuffle_seed, map_seed = _host_seeds(seed, process_index)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=shuffle_seed).repeat(None)
-  ds = ds.map(data_sources.decode)
+  ds = ds.map(sources.decode)
   return ds.random_map(train_transform(config), seed=map_seed)
 
 
@@ -231,7 +231,7 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str, max_image
   used, so class-sorted sources (folders) stay balanced. Every host reads the whole split.
   Iterate it as often as needed.
   """
-  source = data_sources.make_source(config.evals.dataset, split, config.data.data_dir,
+  source = sources.make_source(config.evals.dataset, split, config.data.data_dir,
                                     config.data.image_size)
   ds = grain.MapDataset.source(source)
   if 0 < max_images < len(ds):
@@ -241,7 +241,7 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str, max_image
   def transform(element: Mapping[str, Any]) -> Batch:
     return {'images': eval_image(element['image'], image_size), 'label': element['label']}
 
-  ds = ds.map(data_sources.decode).map(transform)
+  ds = ds.map(sources.decode).map(transform)
   return _batched(ds, config, batch_size or config.evals.batch_size, drop_remainder=False)
 
 

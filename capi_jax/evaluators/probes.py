@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from capi_jax import sharding
+from capi_jax.core import sharding
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from capi_jax import optim
-from capi_jax import schedules
-from capi_jax import sharding
+from capi_jax.core import optim
+from capi_jax.core import schedules
+from capi_jax.core import sharding
 
 PyTree = Any
 Batch = dict[str, jax.Array]

@@ -32,13 +32,13 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from capi_jax import checkpointing
-from capi_jax import config_checks
-from capi_jax import input_pipeline
+from capi_jax.core import checkpointing
+from capi_jax.core import config_checks
+from capi_jax.data import pipeline
 from capi_jax import methods
-from capi_jax import metrics_writer
-from capi_jax import sharding
-from capi_jax import train_step
+from capi_jax.core import metrics_writer
+from capi_jax.core import sharding
+from capi_jax.core import train_step
 
 logger = logging.getLogger(__name__)
 # The reference aborts after more than this many consecutive NaN checks.
@@ -169,7 +169,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
   rng = jax.random.PRNGKey(config.train.seed)
   init, abstract, state_shardings, optimizers = train_step.state_layout(config, method, mesh, rng)
 
-  data_iter = input_pipeline.create_train_loader(
+  data_iter = pipeline.create_train_loader(
       config, seed=config.train.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
@@ -190,7 +190,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
   stop = _StopFlag()
   previous_handlers = stop.install()
   batch_spec = sharding.batch_sharding(mesh).spec
-  next_batch = lambda: input_pipeline.make_global_batch(
+  next_batch = lambda: pipeline.make_global_batch(
       {k: v for k, v in next(data_iter).items() if k in train_step.STEP_KEYS}, mesh, batch_spec)
 
   step_fn = train_step.jit_train_step(method, optimizers, state_shardings, mesh)

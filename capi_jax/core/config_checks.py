@@ -8,8 +8,8 @@ its value and what would be valid.
 import jax
 import ml_collections
 
-from capi_jax import masking
-from capi_jax import models
+from capi_jax.data import masking
+from capi_jax.models import encoder_decoder
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -85,8 +85,8 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
   e = config.efficiency
   check(e.compute_dtype in _DTYPES, f'efficiency.compute_dtype={e.compute_dtype!r} must be one of {_DTYPES}.')
   check(e.param_dtype in _DTYPES, f'efficiency.param_dtype={e.param_dtype!r} must be one of {_DTYPES}.')
-  check(e.remat_policy in models.REMAT_POLICIES,
-        f'efficiency.remat_policy={e.remat_policy!r} must be one of {models.REMAT_POLICIES}.')
+  check(e.remat_policy in encoder_decoder.REMAT_POLICIES,
+        f'efficiency.remat_policy={e.remat_policy!r} must be one of {encoder_decoder.REMAT_POLICIES}.')
   check(config.train.log_loss_every >= 1 and config.train.nan_check_period >= 1,
         'train.log_loss_every and train.nan_check_period must be >= 1.')
   check(config.train.checkpointing.period >= 1 and config.train.checkpointing.max_to_keep >= 1,

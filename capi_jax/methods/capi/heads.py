@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from capi_jax.models import layers
+
 Array = jax.Array
 Params = Any
 
@@ -22,12 +24,6 @@ Params = Any
 _SK_EXP_MAX = 50.0
 _SK_EPS = 1e-8
 _WEIGHT_NORM_EPS = 1e-8
-
-
-def l2_normalize(x: Array, eps: float) -> Array:
-  """torch.nn.functional.normalize: x / max(||x||_2, eps) on the last axis."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 def sinkhorn_knopp(scores: Array, n_iterations: int) -> Array:
@@ -72,7 +68,7 @@ class ClusteringHead(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(..., D) -> logits (..., num_clusters), float32."""
-    x = l2_normalize(x.astype(jnp.float32), eps=1e-7)
+    x = layers.l2_normalize(x.astype(jnp.float32), eps=1e-7)
     kernel = self.param('kernel', nn.initializers.normal(1.0), (x.shape[-1], self.num_clusters))
     logits = jnp.matmul(x, kernel, precision=jax.lax.Precision.HIGHEST)
     if self.use_bias:
@@ -114,7 +110,7 @@ class L2NormLinear(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(..., D) -> logits (..., num_clusters), float32."""
-    x = l2_normalize(x.astype(jnp.float32), eps=1e-12)
+    x = layers.l2_normalize(x.astype(jnp.float32), eps=1e-12)
     v = self.param('kernel_v', nn.initializers.normal(0.02), (x.shape[-1], self.num_clusters))
     g = self.param('kernel_g', nn.initializers.ones, (1, self.num_clusters))
     v_norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=0, keepdims=True))

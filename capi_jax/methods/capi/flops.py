@@ -21,7 +21,7 @@ Counting rules:
 - Attention counts its two batched matmuls, q @ k^T and probs @ v: 2 * 2 * n_q * n_k * dim.
 - Stochastic depth is the 'efficient' variant: in training every residual branch of every
   block runs on `max(int(local * (1 - drop_path_rate)), 1)` samples of each of the
-  `model.drop_path_groups` groups of `local = batch / groups` samples (models.Residual), so
+  `model.drop_path_groups` groups of `local = batch / groups` samples (encoder_decoder.Residual), so
   student encoder and predictor blocks count that many samples, not the whole batch.
 - Sinkhorn and the two softmax cross-entropy losses are elementwise over (tokens, clusters)
   and are counted at 1 FLOP per element per elementwise op or reduction (see the constants).
@@ -208,7 +208,7 @@ def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 COUNTING_NOTE = (
-    'analytic (capi_jax.flops): 2 FLOPs per multiply-add; teacher encoder forward, clustering '
+    'analytic (capi_jax.methods.capi.flops): 2 FLOPs per multiply-add; teacher encoder forward, clustering '
     'head forward + weight grad, Sinkhorn, student encoder and predictor forward + backward '
     '(3x, on the efficient-drop-path kept samples), student head 3x, softmax cross-entropy '
     'losses; norms, RoPE, GELU, attention softmax, optimiser and EMA updates not counted')

@@ -1,0 +1,1 @@
+"""Data: sources (`sources.py`), mask generators (`masking.py`), the Grain pipeline (`pipeline.py`)."""

@@ -1,0 +1,1 @@
+"""Evaluation protocols: probes, segmentation, visualisations (driven by `capi_jax.evaluate`)."""
