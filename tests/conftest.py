@@ -12,10 +12,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'capi_ref_small.npz'
+FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'capi_reference' / 'capi_ref_small.npz'
 
 
 @pytest.fixture(scope='session')
 def fixture_path() -> pathlib.Path:
-  """The official PyTorch release's numbers for a small random model (see fixtures/README.md)."""
+  """The official PyTorch release's numbers for a small random model (see fixtures/capi_reference/README.md)."""
   return FIXTURE

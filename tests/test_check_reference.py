@@ -17,6 +17,7 @@ import pytest
 from capi_jax import check_reference
 from capi_jax import convert
 from capi_jax.methods.capi import heads
+from capi_jax.methods.capi import parity as capi_parity
 from capi_jax.models import encoder_decoder
 from capi_jax.core import schedules
 
@@ -50,7 +51,7 @@ def make_fixture(official_model: dict, fwd_hw: tuple[int, int], train_hw: tuple[
           'num_clusters': num_clusters, 'schedule_lr': schedule,
           'schedule_momentum': {**schedule, 'start_warmup_value': 1.0, 'base_value': 0.99,
                                 'final_value': 1.0}}
-  cfg = check_reference.config_from_meta(meta)
+  cfg = capi_parity.config_from_meta(meta)
   model = encoder_decoder.from_config(cfg)
   keys = iter(jax.random.split(jax.random.key(seed), 16))
   rand = lambda shape, scale=1.0: np.asarray(jax.random.normal(next(keys), shape)) * scale
@@ -158,7 +159,7 @@ def test_other_configs_run_every_comparison(second_fixture):
 
 
 def test_config_from_meta_reads_the_official_model_config():
-  cfg = check_reference.config_from_meta({'model': THIRD_CONFIG['official_model']})
+  cfg = capi_parity.config_from_meta({'model': THIRD_CONFIG['official_model']})
   assert (cfg.model.patch_size, cfg.model.n_registers, cfg.model.embed_dim,
           cfg.model.num_heads) == (4, 2, 32, 2)
   assert cfg.model.register_coordinates == 'zeros' and not cfg.model.scale_reg_to_visible
@@ -173,7 +174,7 @@ def test_config_from_meta_reads_the_official_model_config():
 ])
 def test_config_from_meta_rejects_what_capi_jax_does_not_implement(change, message):
   with pytest.raises(ValueError, match=message):
-    check_reference.config_from_meta({'model': {**SECOND_CONFIG['official_model'], **change}})
+    capi_parity.config_from_meta({'model': {**SECOND_CONFIG['official_model'], **change}})
 
 
 def test_a_wrong_number_fails_with_a_non_zero_exit(second_fixture, tmp_path, capsys):
@@ -213,20 +214,41 @@ def test_registered_comparisons_and_skips():
   def _not_yet(ctx):
     raise check_reference.Skipped('needs a module that does not exist yet')
 
-  arrays = {'meta_json': np.array(json.dumps({'model': SECOND_CONFIG['official_model']}))}
-  report = check_reference.run(arrays, registry)
+  arrays = {'meta_json': np.array(json.dumps({'model': SECOND_CONFIG['official_model']})),
+            'backbone/registers': np.zeros((1, 2, 32))}
+  report = check_reference.run(arrays, comparisons=registry)
   assert calls == [8] and report.ok
   assert report.skipped == [('not yet', 'needs a module that does not exist yet')]
 
 
 def test_flat_indices_must_be_grouped_by_image():
   np.testing.assert_array_equal(
-      check_reference.per_image_indices(np.array([1, 3, 4, 7]), 2, 4), [[1, 3], [0, 3]])
+      capi_parity.per_image_indices(np.array([1, 3, 4, 7]), 2, 4), [[1, 3], [0, 3]])
   with pytest.raises(ValueError, match='grouped by image'):
-    check_reference.per_image_indices(np.array([4, 1, 3, 7]), 2, 4)
+    capi_parity.per_image_indices(np.array([4, 1, 3, 7]), 2, 4)
 
 
 def test_tolerance_is_relative_for_large_values():
   assert check_reference.compare('big', [1000.005], [1000.0], 1e-5).ok
   assert not check_reference.compare('small', [0.5 + 2e-5], [0.5], 1e-5).ok
   assert not check_reference.compare('nan', [np.nan], [0.5], 1e-5).ok
+
+
+def test_a_fixture_with_nothing_comparable_fails(second_fixture, tmp_path, capsys):
+  weights_only = {k: v for k, v in second_fixture.items()
+                  if k.startswith('backbone/') or k == 'meta_json'}
+  report = check_reference.run(weights_only)
+  assert not report.results and not report.ok and len(report.skipped) == 6
+  np.savez(tmp_path / 'weights.npz', **weights_only)
+  assert check_reference.main(['check_reference', str(tmp_path / 'weights.npz')]) == 1
+  assert 'FAIL: nothing was compared' in capsys.readouterr().out
+
+
+def test_unknown_fixture_format_is_refused():
+  with pytest.raises(ValueError, match='no known fixture format'):
+    check_reference.run({'meta_json': np.array('{}'), 'something/else': np.zeros(3)})
+
+
+def test_absolute_tolerance():
+  assert check_reference.compare('a', [1000.005], [1000.0], 1e-2, absolute=True).ok
+  assert not check_reference.compare('a', [1000.005], [1000.0], 1e-3, absolute=True).ok

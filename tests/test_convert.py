@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from capi_jax import check_reference
+from capi_jax.methods.capi import parity as capi_parity
 from capi_jax import convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope='module')
 def ctx(fixture_path):
-  context = check_reference.Context(check_reference.load_fixture(fixture_path))
+  context = capi_parity.Context(check_reference.load_fixture(fixture_path))
   context.config.capi.num_clusters = context.arrays['clustering/layer.weight'].shape[0]
   return context
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from capi_jax import check_reference
+from capi_jax.methods.capi import parity as capi_parity
 from capi_jax import convert
 from capi_jax.methods.capi import heads
 
@@ -17,7 +18,7 @@ GRAD_TOL = 1e-4
 
 @pytest.fixture(scope='module')
 def ctx(fixture_path):
-  return check_reference.Context(check_reference.load_fixture(fixture_path))
+  return capi_parity.Context(check_reference.load_fixture(fixture_path))
 
 
 def _clustering_params(ctx, prefix='clustering/'):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from capi_jax import check_reference
+from capi_jax.methods.capi import parity as capi_parity
 from capi_jax.models import encoder_decoder
 from capi_jax.models import layers
 
@@ -19,7 +20,7 @@ FORWARD_TOL = 1e-5
 
 @pytest.fixture(scope='module')
 def ctx(fixture_path):
-  return check_reference.Context(check_reference.load_fixture(fixture_path))
+  return capi_parity.Context(check_reference.load_fixture(fixture_path))
 
 
 def small_config(**overrides) -> ml_collections.ConfigDict:

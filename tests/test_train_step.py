@@ -39,9 +39,11 @@ def micro_config() -> ml_collections.ConfigDict:
 
 def test_two_official_training_iterations(fixture_path):
   """Losses and every parameter after two steps from the fixture's weights and batches."""
-  comparisons = [c for c in check_reference.COMPARISONS if c.name == 'two training iterations']
+  comparisons = [c for c in check_reference.suite('capi').comparisons
+                 if c.name == 'two training iterations']
   assert comparisons, 'check_reference lost its "two training iterations" comparison'
-  report = check_reference.run(check_reference.load_fixture(str(fixture_path)), comparisons)
+  report = check_reference.run(check_reference.load_fixture(str(fixture_path)),
+                                comparisons=comparisons)
   assert not report.skipped, report.table()
   assert len(report.results) == 6 + 5, report.table()
   assert report.ok, report.table()

@@ -1,6 +1,6 @@
 """Mask generators and token-index sampling, run on the host inside the input pipeline.
 
-Semantics follow the official CAPI release (see `shared/docs/capi_algorithm.md`, Masking):
+Semantics follow the official CAPI release (see `docs/reference/capi_algorithm.md`, Masking):
 - `Block`: one rectangle of (at least) `n` cells with a log-uniform aspect ratio in
   [min_aspect, max_aspect], clipped so that it fits the grid; exactly the first `n` cells of the
   rectangle in row-major order are kept, so the count is exact.

@@ -1,7 +1,7 @@
 """CAPI's EncoderDecoder: ViT encoder (registers, 2-D RoPE) and cross-attention predictor.
 
 Reproduces `model.py` of the official release (facebookresearch/capi, commit 98b4fa1); see
-`../shared/docs/capi_algorithm.md`. Images are NHWC here (the official code is NCHW).
+`docs/reference/capi_algorithm.md`. Images are NHWC here (the official code is NCHW).
 
 Parameter tree (names mirror the official `state_dict`, which `convert.py` relies on):
   patch_embed/{kernel (p, p, 3, D), bias (D,)}, registers (1, R, D), mask_token (1, D),

@@ -1,7 +1,7 @@
 """CAPI's heads and losses: online clustering (teacher) and the L2-normalised student head.
 
 Reproduces `OnlineClustering`, `sinkhorn_knopp`, `L2NormLinear` and the losses of the official
-release (facebookresearch/capi, commit 98b4fa1); see `../shared/docs/capi_algorithm.md`.
+release (facebookresearch/capi, commit 98b4fa1); see `docs/reference/capi_algorithm.md`.
 Heads compute in float32 whatever the backbone's compute dtype.
 
 Parameters: `ClusteringHead` has `kernel (D, K)` and `bias (K,)` (official `layer.weight (K, D)`,

@@ -1,0 +1,126 @@
+"""The method interface: everything the engine knows about a pretraining method.
+
+A method (CAPI, MIM-Refiner, CAE v2, ...) is a config section plus a subclass of `Method`,
+registered by name in `capi_jax.methods.METHODS` and picked by `config.method`. The engine
+(`capi_jax.core`: state, step, sharding, checkpoints, loop; `capi_jax.evaluate`;
+`capi_jax.bench`) calls only what is declared here and never imports a method.
+
+State. A method's variables come in three trees (`Variables`):
+  - `params`: trained by the method's optimiser (gradients, optimiser state);
+  - `frozen`: read but never changed (a frozen teacher, a frozen encoder in MIM-Refiner's
+    stage 2); no gradient, no optimiser state;
+  - `buffers`: changed by the method after each update, not by gradients (EMA copies, a
+    nearest-neighbour queue, BatchNorm statistics).
+Each is a dict of named parts (e.g. params = {'backbone', 'head', 'clustering_head'}); the
+names are the method's, used in checkpoints, sharding rules and logs.
+
+One step, for every method (`capi_jax.core.train_step`):
+  grads, aux, metrics = method.loss_and_grads(variables, batch, rng)
+  params <- optimizer.update(grads, ...)           (the method's optax transformation)
+  buffers <- method.update_buffers(variables with the updated params, aux, step)
+`aux` carries what the forward pass computed for the post-update (new BatchNorm statistics,
+vectors to enqueue); the EMA of the *updated* parameters is taken in `update_buffers`.
+
+Batches. The method's `train_transform` (a Grain RandomMap) turns one decoded record
+(`{'image': PIL.Image, 'label': int}`) into a dict of fixed-shape numpy arrays: views, crops,
+masks, whatever its loss reads. The engine batches them, makes global arrays and passes the
+dict to `loss_and_grads` unchanged.
+"""
+
+import abc
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import flax.linen as nn
+import grain
+import jax
+import ml_collections
+import optax
+
+from capi_jax.core import schedules
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+
+
+class Variables(NamedTuple):
+  """A method's variables: trained `params`, constant `frozen`, post-update `buffers`."""
+  params: PyTree
+  frozen: PyTree
+  buffers: PyTree
+
+
+class Method(abc.ABC):
+  """Base class of pretraining methods; see the module docstring for the contract.
+
+  Subclasses set `name` (the value of `config.method` that picks them), `loss_keys` (the
+  metrics whose finiteness decides whether training diverged) and implement the abstract
+  methods. `self.config` is the whole run config; the method reads its own section and
+  `config.model` / `config.data` / `config.optim` as it defines them.
+  """
+  name: ClassVar[str]
+  loss_keys: ClassVar[tuple[str, ...]]
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  # ------------------------------------------------------------------ config
+  @classmethod
+  @abc.abstractmethod
+  def config_problems(cls, config: ml_collections.ConfigDict) -> list[str]:
+    """Every invalid value of the keys this method reads, one sentence each naming the key,
+    its value and what is valid; [] when usable. Must not raise on any config value."""
+
+  # ------------------------------------------------------------------ state
+  @abc.abstractmethod
+  def init(self, rng: jax.Array) -> Variables:
+    """Fresh variables (jit-able; the engine runs it with output shardings)."""
+
+  @abc.abstractmethod
+  def optimizer(self, params: PyTree) -> optax.GradientTransformation:
+    """The transformation applied to `params` (param groups, schedules, several optimisers,
+    frozen leaves); `params` may be ShapeDtypeStructs."""
+
+  @abc.abstractmethod
+  def schedules(self) -> dict[str, schedules.ScheduleFn]:
+    """Step -> value functions logged every step (e.g. 'lr', 'momentum')."""
+
+  # ------------------------------------------------------------------ step
+  @abc.abstractmethod
+  def loss_and_grads(self, variables: Variables, batch: Batch, rng: jax.Array
+                     ) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
+    """(grads shaped like params, aux for `update_buffers`, scalar metrics)."""
+
+  def update_buffers(self, variables: Variables, aux: PyTree, step: jax.Array) -> PyTree:
+    """New buffers after the optimiser update (`variables.params` are the updated ones).
+
+    The default keeps them as they are (methods without EMA, queue or statistics).
+    """
+    del aux, step
+    return variables.buffers
+
+  # ------------------------------------------------------------------ data
+  @abc.abstractmethod
+  def train_transform(self) -> grain.transforms.RandomMap:
+    """One decoded record -> this method's training example (dict of fixed-shape arrays)."""
+
+  # ------------------------------------------------------------------ bookkeeping
+  @abc.abstractmethod
+  def architecture(self) -> dict[str, Any]:
+    """JSON-able config values that decide the shapes of the variables: a checkpoint written
+    with other values cannot be resumed (the engine adds `method`)."""
+
+  @abc.abstractmethod
+  def flops_per_step(self) -> dict[str, int]:
+    """Analytic FLOPs of one step on the global batch, by part, with a 'total'."""
+
+  # ------------------------------------------------------------------ evaluation
+  @abc.abstractmethod
+  def eval_model(self) -> nn.Module:
+    """The backbone evaluations run: `apply({'params': p}, images (B, H, W, 3))` returns
+    (global_repr (B, D), registers (B, R, D), feature_map (B, H/p, W/p, D)); R may be 0."""
+
+  @abc.abstractmethod
+  def eval_params(self, variables: Variables, which: str) -> PyTree:
+    """`eval_model`'s params from the variables; which = 'student' (the trained weights) or
+    'ema' (the averaged ones, or the trained ones for a method without an EMA)."""
