@@ -69,17 +69,17 @@ def attention(q: Array, k: Array, v: Array) -> Array:
   """Softmax attention with logits and softmax in float32.
 
   Args:
-    q: (batch, n_q, heads, head_dim).
-    k: (batch, n_k, heads, head_dim).
-    v: (batch, n_k, heads, head_dim).
+    q: (batch, heads, n_q, head_dim).
+    k: (batch, heads, n_k, head_dim).
+    v: (batch, heads, n_k, head_dim).
 
   Returns:
-    (batch, n_q, heads, head_dim) in v's dtype.
+    (batch, heads, n_q, head_dim) in v's dtype.
   """
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+  return jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
 
 
 class Mlp(nn.Module):
