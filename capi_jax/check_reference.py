@@ -32,6 +32,7 @@ Arrays = Mapping[str, np.ndarray]
 # Fixture kind -> module defining `SUITE` (imported only when that kind is checked).
 SUITES = {
     'capi': 'capi_jax.methods.capi.parity',
+    'capi_eval': 'capi_jax.evaluators.parity',
 }
 
 
