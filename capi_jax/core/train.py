@@ -13,8 +13,9 @@ From one CPU to a pod, the same loop:
     the current step; several processes: all agree at the next logging step);
   - loss NaN/inf at more than 2 consecutive checks (every `train.nan_check_period` steps) -> abort
     with an error; checkpoints are only written from finite states, so the last one is good;
-  - evaluations (`capi_jax.evaluate`) every `evals.period` steps of `evals.model`, and of the
-    EMA at the end unless `evals.final` (optional, default True) is False.
+  - evaluations (`capi_jax.evaluate`) of `evals.model` at the steps `evaluators.due` names
+    (each protocol's `period`), and of the EMA with every protocol at the end unless
+    `evals.final` is False.
 """
 
 import logging
@@ -35,6 +36,7 @@ import tqdm
 from capi_jax.core import checkpointing
 from capi_jax.core import config_checks
 from capi_jax.data import pipeline
+from capi_jax import evaluators
 from capi_jax import methods
 from capi_jax.core import metrics_writer
 from capi_jax.core import sharding
@@ -131,7 +133,8 @@ def _log_memory(compiled) -> None:
 
 def run_evals(config: ml_collections.ConfigDict, state: train_step.TrainState, step: int,
               workdir: pathlib.Path, which: str, mesh: jax.sharding.Mesh,
-              writer: metrics_writer.MetricsWriter) -> dict[str, float]:
+              writer: metrics_writer.MetricsWriter,
+              protocols: tuple[str, ...] | None = None) -> dict[str, float]:
   """Evaluates the student or EMA backbone with `capi_jax.evaluate`; logs and returns results.
 
   `evaluate.run_evals` prints a table and writes WORKDIR/eval/<step>/; with
@@ -139,7 +142,8 @@ def run_evals(config: ml_collections.ConfigDict, state: train_step.TrainState, s
   """
   from capi_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only when used)
   params = state.ema_params if which == 'ema' else state.params
-  results = evaluate.run_evals(config, params['backbone'], step, workdir, mesh=mesh)
+  results = evaluate.run_evals(config, params['backbone'], step, workdir, protocols=protocols,
+                               mesh=mesh)
   writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()},
                            prefix='eval/')
   return results
@@ -250,8 +254,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
         logger.warning('Stopped by signal at step %d; checkpoint saved, rerun to resume.', done)
         return state
 
-      if config.evals.period and done % config.evals.period == 0 and done != total:
-        run_evals(config, state, done, workdir, config.evals.model, mesh, writer)
+      due = evaluators.due(config, done)
+      if due and done != total:
+        run_evals(config, state, done, workdir, config.evals.model, mesh, writer, due)
 
     if metrics is not None and bool(_all_finite(state)):
       ckpt.save(total, state, data_iter)

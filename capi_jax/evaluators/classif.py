@@ -28,14 +28,21 @@ capi_eval_protocols.md`), here as JAX functions the driver (`classif_run.py`) ji
 - `select`: per source, the grid point with the best held-out accuracy (the first on ties).
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
+import functools
+import itertools
 import math
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from capi_jax.evaluators import datasets
+from capi_jax.evaluators import transforms
 
 PyTree = Any
 
@@ -45,6 +52,8 @@ WEIGHT_DECAYS = (5e-4, 1e-3, 5e-2)
 REPRESENTATIONS = ('cls', 'avg_patch', 'patch')
 KNOWN_REPRESENTATIONS = ('cls', 'avg_patch', 'cls_avg_patch', 'avg_objects', 'concat_objects',
                          'objects', 'patch')
+# The feature sources `representations` returns, in its (the classifiers') order.
+SOURCES = ('cls', 'avg_patch', 'cls_avg_patch', 'avg_objects', 'concat_objects', 'reg', 'patch')
 N_ITERS, WARMUP_ITERS = 12_500, 1250
 BATCH_PER_RANK, OFFICIAL_RANKS = 128, 8
 VAL_PROPORTION = 0.1
@@ -277,16 +286,21 @@ def torch_randperm(n: int, seed: int) -> np.ndarray:
     raise ValueError(f'torch uses another algorithm for randperm({n}); not reproduced.')
   draws = np.random.RandomState(seed & 0xFFFFFFFF).randint(0, 2 ** 32, size=max(n - 1, 0),
                                                             dtype=np.uint32)
-  offsets = (draws.astype(np.uint64) % np.arange(n, 1, -1, dtype=np.uint64)).tolist()
-  perm = list(range(n))
-  for i, z in enumerate(offsets):  # Sequential swaps: no vectorised form.
+  offsets = draws.astype(np.int64) % np.arange(n, 1, -1, dtype=np.int64)
+  # Sequential swaps have no vectorised form; int64 arrays keep them 8 bytes an element.
+  perm = array.array('q', np.arange(n, dtype=np.int64).tobytes())
+  for i, z in enumerate(array.array('q', offsets.tobytes())):
     perm[i], perm[i + z] = perm[i + z], perm[i]
-  return np.asarray(perm, np.int64)
+  return np.frombuffer(perm, np.int64).copy()
 
 
-def infinite_sampler(n: int, seed: int, rank: int, world_size: int) -> Iterator[np.ndarray]:
-  """data.py InfiniteSampler on one rank: its epochs of sample positions, one array each."""
-  here = torch_randperm(n, seed)[rank::world_size]
+def infinite_sampler(n: int, seed: int, rank: int, world_size: int,
+                     first: np.ndarray | None = None) -> Iterator[np.ndarray]:
+  """data.py InfiniteSampler on one rank: its epochs of sample positions, one array each.
+
+  `first` is torch_randperm(n, seed) when the caller has it already.
+  """
+  here = (torch_randperm(n, seed) if first is None else first)[rank::world_size]
   epoch = 0
   while True:
     yield here[torch_randperm(len(here), seed + rank + (epoch << 24))]
@@ -297,7 +311,8 @@ def official_batches(n: int, batch_per_rank: int, world_size: int, seed: int = S
                      ) -> Iterator[np.ndarray]:
   """Global batches (world_size * batch_per_rank,) of positions in [0, n): rank r's batch i of
   the official run, concatenated over ranks (drop_last; epochs are drawn as needed)."""
-  streams = [infinite_sampler(n, seed, r, world_size) for r in range(world_size)]
+  first = torch_randperm(n, seed)  # Every rank draws the same first permutation.
+  streams = [infinite_sampler(n, seed, r, world_size, first) for r in range(world_size)]
   buffers = [np.zeros(0, np.int64)] * world_size
   while True:
     batch = []
@@ -349,3 +364,164 @@ def select(keys: Sequence[tuple[str, float, float]], accuracy: Sequence[float]) 
     if source not in best or accuracy[i] > accuracy[best[source]]:
       best[source] = i
   return list(best.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: probes trained online through the frozen backbone.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """eval_model's arguments that change a number (official defaults).
+
+  `batch_size` is the global batch (the official 128 per GPU x 8 GPUs); `ranks` is the number
+  of official ranks whose samplers make it up; `resolution` the crop side (224).
+  """
+  representations: tuple[str, ...] = REPRESENTATIONS
+  learning_rates: tuple[float, ...] = LEARNING_RATES
+  weight_decays: tuple[float, ...] = WEIGHT_DECAYS
+  n_iters: int = N_ITERS
+  warmup_iters: int = WARMUP_ITERS
+  batch_size: int = BATCH_PER_RANK * OFFICIAL_RANKS
+  ranks: int = OFFICIAL_RANKS
+  val_proportion: float = VAL_PROPORTION
+  resolution: int = 224
+  num_classes: int = 0  # 0: the training set's.
+  log_every: int = 100
+
+
+def _features(forward, names, backbone_params, images):
+  return representations(*forward(backbone_params, images), names)
+
+
+def _online_step(grid: ProbeGrid, forward, names, params, opt_state, backbone_params, images,
+                 labels, lr_factor):
+  """One iteration: backbone forward on the augmented batch, then the probes' update."""
+  return train_step(grid, params, opt_state, _features(forward, names, backbone_params, images),
+                    labels, lr_factor)
+
+
+def _eval_counts(grid: ProbeGrid, forward, names, params, backbone_params, images, targets,
+                 class_map):
+  logits = grid.logits(params, _features(forward, names, backbone_params, images))
+  return any_match_correct(logits, targets, class_map)
+
+
+def train_order(n_train: int, settings: Settings, n_batches: int) -> np.ndarray:
+  """(n_batches * batch_size,) positions in [0, n_train): the official sampler's batches."""
+  batches = official_batches(n_train, settings.batch_size // settings.ranks, settings.ranks)
+  return np.concatenate([next(batches) for _ in range(n_batches)]).astype(np.int32)
+
+
+def run(config, backbone, train_set, test_sets, settings: Settings, seed: int = 0,
+        log: Callable[[str], None] = print) -> tuple[dict[str, float], dict[str, Any]]:
+  """eval_model: trains every probe on `train_set`, selects on its held-out part, tests.
+
+  Args:
+    config: the run config (`config.data.num_workers` / `prefetch_buffer_size` read the data).
+    backbone: an `evaluators.backbone.Backbone`.
+    train_set: a `datasets.ClassifSet` (its labels are the training targets).
+    test_sets: `datasets.ClassifSet`s scored with the selected probes.
+    settings: the protocol's settings.
+    seed: probe initialisation and augmentation.
+    log: progress lines.
+
+  Returns:
+    (results {'<source>_<test name>_acc': accuracy in [0, 1]}, details: the held-out accuracy
+    of every probe, the selected (lr, wd) per source, the training losses, seconds).
+  """
+  mesh = backbone.mesh
+  if settings.batch_size % settings.ranks or settings.batch_size % mesh.devices.size:
+    raise ValueError(f'The probe batch {settings.batch_size} must be divisible by the '
+                     f'{settings.ranks} sampler ranks and the {mesh.devices.size} devices.')
+  num_classes = settings.num_classes or getattr(train_set.source, 'num_classes', 0)
+  if not num_classes:
+    raise ValueError(f'{train_set.name}: the number of classes is unknown; set '
+                     'config.evals.classif.num_classes.')
+  names = settings.representations
+  res = settings.resolution
+  dummy = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
+  shapes = jax.eval_shape(functools.partial(_features, backbone.forward, names), backbone.params,
+                          dummy)
+  # eval_shape returns the dict with sorted keys: put the sources back in the official order.
+  grid = ProbeGrid(tuple((k, len(shapes[k].shape)) for k in SOURCES if k in shapes),
+                   tuple(settings.learning_rates), tuple(settings.weight_decays),
+                   settings.batch_size / 256, num_classes)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.device_put(grid.init(jax.random.key(seed),
+                                    {k: v.shape[-1] for k, v in shapes.items()}), replicated)
+  opt_state = jax.device_put(adam_init(params), replicated)
+  train_idx, val_idx = held_out_split(len(train_set), settings.val_proportion)
+  # One spare global batch: an undecodable image is dropped, the next fills its place.
+  order = train_idx[train_order(len(train_idx), settings, settings.n_iters + 1)]
+  batches = datasets.stream(config, train_set, order, settings.batch_size,
+                            lambda im, rng: transforms.classif_train(im, res, rng), res, seed,
+                            training=True)
+  step = jax.jit(functools.partial(_online_step, grid, backbone.forward, names),
+                 donate_argnums=(0, 1))
+  schedule = lr_schedule(settings.n_iters, settings.warmup_iters)
+  losses = []
+  start = time.perf_counter()
+  for it in range(settings.n_iters):
+    batch = next(batches)
+    params, opt_state, loss = step(params, opt_state, backbone.params,
+                                   backbone.global_array(batch['images']),
+                                   backbone.global_array(batch['labels']),
+                                   jnp.float32(schedule[it]))
+    if (it + 1) % settings.log_every == 0 or it + 1 == settings.n_iters:
+      losses.append((it + 1, float(loss)))
+      rate = (it + 1) * settings.batch_size / (time.perf_counter() - start)
+      log(f'classif: iteration {it + 1}/{settings.n_iters}, loss {losses[-1][1]:.4f}, '
+          f'{rate:.0f} images/s')
+  train_seconds = time.perf_counter() - start
+  if hasattr(batches, 'close'):
+    batches.close()
+
+  counts = jax.jit(functools.partial(_eval_counts, grid, backbone.forward, names))
+
+  def accuracy(dataset, positions: np.ndarray) -> np.ndarray:
+    """(K,) top-1 of every probe on `positions` of `dataset` (eval transform)."""
+    positions = datasets.pad_positions(positions, settings.batch_size)
+    class_map = None if dataset.class_map is None else jnp.asarray(dataset.class_map)
+    correct, counted = 0, 0
+    for batch in itertools.islice(
+        datasets.stream(config, dataset, positions, settings.batch_size,
+                        lambda im, rng: transforms.classif_eval(im, res), res, seed),
+        len(positions) // settings.batch_size):
+      c, n = counts(params, backbone.params, backbone.global_array(batch['images']),
+                    backbone.global_array(batch['targets']), class_map)
+      correct, counted = correct + np.asarray(c), counted + int(n)
+    if not counted:
+      raise ValueError(f'{dataset.name}: no image has a label to score.')
+    return correct / counted
+
+  val_acc = accuracy(train_set, val_idx)
+  best = select(grid.keys, val_acc)
+  results = {}
+  for test in test_sets:
+    acc = accuracy(test, np.arange(len(test)))
+    results.update({f'{grid.keys[i][0]}_{test.name}_acc': float(acc[i]) for i in best})
+  details = {
+      'held_out_acc': {f'{s}_lr={lr}_wd={wd}': float(a) for (s, lr, wd), a in
+                       zip(grid.keys, val_acc)},
+      'selected': {grid.keys[i][0]: {'lr': grid.keys[i][1], 'wd': grid.keys[i][2],
+                                     'held_out_acc': float(val_acc[i])} for i in best},
+      'loss': losses, 'train_seconds': train_seconds,
+      'images_per_s': settings.n_iters * settings.batch_size / train_seconds}
+  return results, details
+
+
+def run_from_config(config, backbone, out_dir, log: Callable[[str], None] = print
+                    ) -> tuple[dict[str, float], dict[str, Any]]:
+  """`run` with `config.evals.classif`'s datasets and settings (see configs/vitl.py)."""
+  c = config.evals.classif
+  settings = Settings(
+      representations=tuple(c.representations), learning_rates=tuple(c.learning_rates),
+      weight_decays=tuple(c.weight_decays), n_iters=c.n_iters, warmup_iters=c.warmup_iters,
+      batch_size=c.batch_size, ranks=c.ranks, val_proportion=c.val_proportion,
+      resolution=c.resolution, num_classes=c.num_classes, log_every=c.log_every)
+  data_dir = config.data.data_dir
+  train = datasets.classif_set('train', c.train, data_dir)
+  tests = [datasets.classif_set(name, spec, data_dir) for name, spec in c.tests.items()]
+  del out_dir  # Nothing but numbers.
+  return run(config, backbone, train, tests, settings, seed=config.train.seed, log=log)

@@ -217,11 +217,14 @@ def _knn_keys(arrays: Mapping[str, np.ndarray], dtype: str) -> dict[str, list[in
   return {d: sorted(ks) for d, ks in found.items()}
 
 
-def _knn_fit(ctx: Context, splits: tuple[str, ...], distance: str, dtype: str) -> seg.KnnIndex:
+def _knn(ctx: Context, splits: tuple[str, ...], distance: str, dtype: str, query: str,
+         ks: list[int]) -> dict[int, np.ndarray]:
+  """k-NN fitted on the official standardised `splits`, predicting `query`."""
   features = np.concatenate([ctx.seg_std(s) for s in splits])
   rows = np.concatenate([ctx.seg_rows[s] for s in splits])
   keep = seg.fit_mask(rows, ctx.ignore_labels)
-  return seg.knn_fit(features[keep], rows[keep], distance=distance, dtype=dtype, mesh=ctx.mesh)
+  index = seg.knn_fit(features[keep], distance=distance, dtype=dtype, mesh=ctx.mesh)
+  return seg.knn_predict(index, rows[keep], ctx.seg_std(query), ks)
 
 
 @SUITE.register('seg k-NN', requires=('seg/std_features/train', 'seg/std_features/val',
@@ -231,8 +234,7 @@ def _seg_knn(ctx: Context) -> list[Result]:
   for distance, ks in _knn_keys(ctx.arrays, 'f32').items():
     for fit_splits, query, tag in ((('train',), 'val', 'pred_val'),
                                    (('train', 'val'), 'test', 'pred_test')):
-      preds = seg.knn_predict(_knn_fit(ctx, fit_splits, distance, 'float32'),
-                              ctx.seg_std(query), ks)
+      preds = _knn(ctx, fit_splits, distance, 'float32', query, ks)
       for k in ks:
         name = f'k{k}_{distance}'
         key = f'seg/knn/f32/{name}/{tag}'
@@ -253,8 +255,7 @@ def _seg_knn(ctx: Context) -> list[Result]:
 def _seg_knn_bf16(ctx: Context) -> list[Result]:
   results = []
   for distance, ks in _knn_keys(ctx.arrays, 'bf16').items():
-    preds = seg.knn_predict(_knn_fit(ctx, ('train', 'val'), distance, 'bfloat16'),
-                            ctx.seg_std('test'), ks)
+    preds = _knn(ctx, ('train', 'val'), distance, 'bfloat16', 'test', ks)
     for k in ks:
       key = f'seg/knn/bf16/k{k}_{distance}/pred_test'
       differing = float(np.mean(preds[k] != ctx.arrays[key]))

@@ -31,7 +31,7 @@ Everything is numpy on the host except the distance and logistic-regression arit
 runs jitted on the devices of `mesh` (float32, 'highest' matmul precision).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import functools
 import itertools
@@ -43,6 +43,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from capi_jax.evaluators import seg_data
 
 # Official defaults (eval_segmentation.py, KNNClassifier, LogregClassifier).
 KNN_NEIGHBOURS = (1, 3, 10, 30)
@@ -211,12 +213,11 @@ def _local_top_k(queries: jax.Array, keys: jax.Array, n_keys: jax.Array, offset:
     best_d, best_i = carry
     chunk, start = inputs
     d = _distances(queries, chunk, distance).astype(jnp.float32)
-    index = offset + start + jnp.arange(key_chunk, dtype=jnp.int32)
-    d = jnp.where(index[None] < n_keys, d, jnp.inf)
-    d = jnp.concatenate([best_d, d], 1)
-    index = jnp.concatenate([best_i, jnp.broadcast_to(index, (n_q, key_chunk))], 1)
-    neg, pos = jax.lax.top_k(-d, k)
-    return (-neg, jnp.take_along_axis(index, pos, 1)), None
+    d = jnp.where(offset + start + jnp.arange(key_chunk)[None] < n_keys, d, jnp.inf)
+    neg, pos = jax.lax.top_k(-jnp.concatenate([best_d, d], 1), k)
+    # Positions < k are the running best; the others are this chunk's keys.
+    kept = jnp.take_along_axis(best_i, jnp.minimum(pos, k - 1), 1)
+    return (-neg, jnp.where(pos < k, kept, offset + start + pos - k)), None
 
   init = (jnp.full((n_q, k), jnp.inf, jnp.float32), jnp.zeros((n_q, k), jnp.int32))
   starts = jnp.arange(chunks.shape[0], dtype=jnp.int32) * key_chunk
@@ -226,8 +227,9 @@ def _local_top_k(queries: jax.Array, keys: jax.Array, n_keys: jax.Array, offset:
 
 @functools.partial(jax.jit, static_argnames=('mesh', 'k', 'distance', 'key_chunk'))
 def _top_k(queries: jax.Array, keys: jax.Array, n_keys: jax.Array, *, mesh: jax.sharding.Mesh,
-           k: int, distance: str, key_chunk: int) -> jax.Array:
-  """(q, k) global indices of the k nearest keys; keys are split over every device of mesh."""
+           k: int, distance: str, key_chunk: int) -> tuple[jax.Array, jax.Array]:
+  """(distances, global indices) (q, k) of the k nearest keys, nearest first; the keys are
+  split over every device of mesh."""
   axes = mesh.axis_names
 
   def per_device(queries, keys, n_keys):
@@ -236,11 +238,11 @@ def _top_k(queries: jax.Array, keys: jax.Array, n_keys: jax.Array, *, mesh: jax.
                         distance=distance, key_chunk=key_chunk)
     d = jax.lax.all_gather(d, axes, axis=1, tiled=True)
     i = jax.lax.all_gather(i, axes, axis=1, tiled=True)
-    _, pos = jax.lax.top_k(-d, k)
-    return jnp.take_along_axis(i, pos, 1)
+    neg, pos = jax.lax.top_k(-d, k)
+    return -neg, jnp.take_along_axis(i, pos, 1)
 
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axes), P()), out_specs=P(),
-                       check_vma=False)(queries, keys, n_keys)
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axes), P()),
+                       out_specs=(P(), P()), check_vma=False)(queries, keys, n_keys)
 
 
 @functools.partial(jax.jit, static_argnames=('ks', 'n_values'))
@@ -261,10 +263,9 @@ def _vote(codes: jax.Array, *, ks: tuple[int, ...], n_values: int) -> jax.Array:
 
 @dataclasses.dataclass
 class KnnIndex:
-  """Training patches on the devices, split over `mesh`, ready for any number of queries."""
+  """Training vectors on the devices, split over `mesh`, ready for any number of queries."""
   keys: jax.Array
   n_keys: int
-  rows: np.ndarray  # (n_keys, m) uint8 neighbour labels.
   distance: str
   dtype: Any
   mesh: jax.sharding.Mesh
@@ -280,9 +281,9 @@ def _prepare(x: jax.Array, *, distance: str, dtype: Any) -> jax.Array:
   return x
 
 
-def knn_fit(features: np.ndarray, rows: np.ndarray, *, distance: str, dtype: str,
-            mesh: jax.sharding.Mesh, key_chunk: int = 65536) -> KnnIndex:
-  """Puts the training patches (n, D) and their label rows (n, m) on the devices."""
+def knn_fit(features: np.ndarray, *, distance: str, dtype: str, mesh: jax.sharding.Mesh,
+            key_chunk: int = 65536) -> KnnIndex:
+  """Puts the training vectors (n, D) on the devices."""
   if distance not in KNN_DISTANCES:
     raise ValueError(f'Unknown k-NN distance {distance!r}; use one of {KNN_DISTANCES}.')
   n, n_dev = len(features), mesh.devices.size
@@ -290,35 +291,48 @@ def knn_fit(features: np.ndarray, rows: np.ndarray, *, distance: str, dtype: str
   key_chunk = min(key_chunk, per_device)
   padded = np.zeros((per_device * n_dev, features.shape[1]), np.float32)
   padded[:n] = features
-  dt = jnp.dtype(dtype)
   sharding = NamedSharding(mesh, P(mesh.axis_names))
-  keys = _prepare(jax.device_put(padded, sharding), distance=distance, dtype=dt)
-  return KnnIndex(keys, n, rows, distance, dt, mesh, key_chunk)
+  keys = _prepare(jax.device_put(padded, sharding), distance=distance, dtype=jnp.dtype(dtype))
+  return KnnIndex(keys, n, distance, jnp.dtype(dtype), mesh, key_chunk)
 
 
-def knn_predict(index: KnnIndex, queries: np.ndarray, ks: Sequence[int],
-                query_chunk: int = 1024) -> dict[int, np.ndarray]:
-  """{k: (n_queries, m) uint8 per-pixel labels} for every k, from one neighbour search."""
-  ks = tuple(int(k) for k in ks)
-  if max(ks) > index.n_keys:
-    raise ValueError(f'k-NN with k={max(ks)} needs at least that many training patches, got '
+def knn_neighbours(index: KnnIndex, queries: np.ndarray, k: int, query_chunk: int = 1024
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(distances, indices) (chunk, k) of the k nearest training vectors, query chunk by chunk."""
+  if k > index.n_keys:
+    raise ValueError(f'k-NN with k={k} needs at least that many training vectors, got '
                      f'{index.n_keys}.')
-  values = np.unique(index.rows)
-  codes = np.searchsorted(values, index.rows).astype(np.int32)
   replicated = NamedSharding(index.mesh, P())
-  out = {k: [] for k in ks}
   for start in range(0, len(queries), query_chunk):
     chunk = queries[start:start + query_chunk]
     padded = np.zeros((query_chunk, chunk.shape[1]), np.float32)
     padded[:len(chunk)] = chunk
     q = _prepare(jax.device_put(padded, replicated), distance=index.distance, dtype=index.dtype)
-    nearest = np.asarray(_top_k(q, index.keys, jnp.int32(index.n_keys), mesh=index.mesh,
-                                k=max(ks), distance=index.distance,
-                                key_chunk=index.key_chunk))[:len(chunk)]
+    d, i = _top_k(q, index.keys, jnp.int32(index.n_keys), mesh=index.mesh, k=k,
+                  distance=index.distance, key_chunk=index.key_chunk)
+    yield np.asarray(d)[:len(chunk)], np.asarray(i)[:len(chunk)]
+
+
+def knn_predict(index: KnnIndex, rows: np.ndarray, queries: np.ndarray, ks: Sequence[int]
+                ) -> dict[int, np.ndarray]:
+  """{k: (n_queries, m) uint8 per-pixel labels} for every k, from one neighbour search.
+
+  Args:
+    index: the training patches.
+    rows: (n_keys, m) their patch-label rows.
+    queries: (n_queries, D).
+    ks: neighbour counts.
+  """
+  ks = tuple(int(k) for k in ks)
+  values = np.unique(rows)
+  codes = np.searchsorted(values, rows).astype(np.int32)
+  out = {k: [] for k in ks}
+  for _, nearest in knn_neighbours(index, queries, max(ks)):
     modes = np.asarray(_vote(jnp.asarray(codes[nearest]), ks=ks, n_values=len(values)))
     for k, m in zip(ks, modes):
       out[k].append(values[m])
-  return {k: np.concatenate(v) for k, v in out.items()}
+  return {k: np.concatenate(v) if v else np.zeros((0, rows.shape[1]), rows.dtype)
+          for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,10 +518,9 @@ def _knn(x_fit: np.ndarray, rows_fit: np.ndarray, queries: np.ndarray,
   keep = fit_mask(rows_fit, settings.ignore_labels)
   by_point = {}
   for distance in dict.fromkeys(h['distance'] for h in grid):
-    index = knn_fit(x_fit[keep], rows_fit[keep], distance=distance, dtype=settings.knn_dtype,
-                    mesh=mesh)
+    index = knn_fit(x_fit[keep], distance=distance, dtype=settings.knn_dtype, mesh=mesh)
     ks = [h['num_neighbors'] for h in grid if h['distance'] == distance]
-    for k, pred in knn_predict(index, queries, ks).items():
+    for k, pred in knn_predict(index, rows_fit[keep], queries, ks).items():
       by_point[(k, distance)] = pred
   return [by_point[(h['num_neighbors'], h['distance'])] for h in grid], [None] * len(grid)
 
@@ -595,3 +608,39 @@ def evaluate(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.nd
     outcome.test_predictions[name] = pred
     outcome.models[name] = model
   return outcome
+
+
+def run(config, backbone, train_set, test_set, settings: Settings, resolution: int,
+        val_set=None) -> Outcome:
+  """eval_model: features of `seg_data` sets through `backbone` at `resolution`, then `evaluate`.
+
+  Every image is squashed to (resolution, resolution); feature maps and label maps are held in
+  host memory (4 D bytes per patch, resolution^2 bytes per image), as the official code does.
+  """
+
+  def extract(dataset) -> tuple[np.ndarray, np.ndarray]:
+    out = backbone.extract(seg_data.batches(config, dataset, range(len(dataset)), resolution,
+                                            backbone.batch_size), outputs=('feature_map',))
+    return out['feature_map'], out['labels']
+
+  val = None if val_set is None else extract(val_set)
+  return evaluate(extract(train_set), extract(test_set), settings, backbone.mesh, val)
+
+
+def run_from_config(config, backbone, out_dir, log: Callable[[str], None] = print
+                    ) -> tuple[dict[str, float], dict[str, Any]]:
+  """`run` with `config.evals.seg`'s dataset and settings (see configs/vitl.py)."""
+  c = config.evals.seg
+  settings = Settings(
+      ignore_labels=tuple(c.ignore_labels), classifiers=tuple(c.classifiers),
+      standardization=c.standardization or None, knn_neighbours=tuple(c.knn_neighbours),
+      knn_distances=tuple(c.knn_distances), knn_dtype=c.knn_dtype,
+      logreg_C=tuple(float(v) for v in c.logreg_C), logreg_max_iter=c.logreg_max_iter,
+      logreg_tol=c.logreg_tol, logreg_linesearch_max_iter=c.logreg_linesearch_max_iter,
+      logreg_memory=c.logreg_memory, world_size=c.world_size)
+  sets = {k: seg_data.make_seg_set(c.dataset, c[f'{k}_split']) for k in ('train', 'test')}
+  val = seg_data.make_seg_set(c.dataset, c.val_split) if c.val_split else None
+  log(f'seg: {len(sets["train"])} train, {len(sets["test"])} test images of {c.dataset}')
+  outcome = run(config, backbone, sets['train'], sets['test'], settings, c.resolution, val)
+  del out_dir  # Nothing but numbers.
+  return outcome.results, {'selected': outcome.selected}

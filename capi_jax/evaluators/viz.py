@@ -16,14 +16,17 @@ Images are every max(n // num_images, 1)-th of the dataset, squashed to (res, re
 projections agree to ~1e-4).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import pathlib
+from typing import Any
 
 import matplotlib
 import numpy as np
 from PIL import Image
 
 from capi_jax.data import pipeline
+from capi_jax.evaluators import seg_data
+from capi_jax.evaluators import transforms
 
 VMIN, VMAX = -2.3, 2.3
 PICTURE_SIZE = 224
@@ -113,13 +116,13 @@ def _picture(image: np.ndarray) -> Image.Image:
                                                          Image.Resampling.BICUBIC)
 
 
-def save_pictures(images: np.ndarray, feature_maps: np.ndarray, indices: Sequence[int],
-                  out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+def save_pictures(image_fn: Callable[[int], np.ndarray], feature_maps: np.ndarray,
+                  indices: Sequence[int], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
   """Writes the official PNGs of the separate and joint PCAs; returns the grid files.
 
   Args:
-    images: (n, H, W, 3) normalised input images.
-    feature_maps: (n, h, w, D) their patch features.
+    image_fn: dataset position -> its normalised (H, W, 3) input image.
+    feature_maps: (n, h, w, D) the patch features of the images at `indices`.
     indices: the images' dataset positions (file names).
     out_dir: folder to write into (created).
   """
@@ -129,8 +132,8 @@ def save_pictures(images: np.ndarray, feature_maps: np.ndarray, indices: Sequenc
   written = []
   for kind, projections in (('sep', separate_pca(feature_maps)),
                             ('joint', joint_pca(feature_maps))):
-    for image, projected, index in zip(images, projections, indices):
-      row = [_picture(image), Image.fromarray(build_rgb(h, w, projected))]
+    for projected, index in zip(projections, indices):
+      row = [_picture(image_fn(index)), Image.fromarray(build_rgb(h, w, projected))]
       row += [_heatmap(c) for c in projected.T.reshape(-1, h, w)]
       base = out_dir / f'{index:07d}_pca_{kind}'
       _grid_row(row).save(f'{base}.png')
@@ -139,3 +142,28 @@ def save_pictures(images: np.ndarray, feature_maps: np.ndarray, indices: Sequenc
             f'{base}all_flips_{i}.png')
       written.append(pathlib.Path(f'{base}.png'))
   return written
+
+
+def run(config, backbone, dataset, resolution: int, out_dir: str | pathlib.Path,
+        num_images: int = NUM_IMAGES) -> list[pathlib.Path]:
+  """eval_model: the pictures of every max(n // num_images, 1)-th image of a `seg_data` set."""
+  indices = image_indices(len(dataset), num_images)
+  features = backbone.extract(
+      seg_data.batches(config, dataset, indices, resolution, backbone.batch_size,
+                       with_masks=False), outputs=('feature_map',))['feature_map']
+  image_fn = lambda i: transforms.seg_image(dataset.image(i), resolution)
+  return save_pictures(image_fn, features, indices, out_dir)
+
+
+def run_from_config(config, backbone, out_dir, log: Callable[[str], None] = print
+                    ) -> tuple[dict[str, float], dict[str, Any]]:
+  """`run` at each of `config.evals.viz.resolutions`, into out_dir/viz_<resolution>/."""
+  c = config.evals.viz
+  dataset = seg_data.make_seg_set(c.dataset, c.split)
+  files = {}
+  for resolution in c.resolutions:
+    written = run(config, backbone, dataset, resolution,
+                  pathlib.Path(out_dir) / f'viz_{resolution}', c.num_images)
+    files[resolution] = len(written)
+    log(f'viz: {len(written)} pictures at {resolution} px in {out_dir}/viz_{resolution}')
+  return {}, {'pictures': files}
