@@ -96,8 +96,12 @@ def flatten(results: dict[str, Any]) -> dict[str, float]:
 
 
 def format_table(results: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
-  """Every number in % (official protocols first, then extras), beside the random init's."""
-  mine, base = flatten(results), flatten(baseline or {})
+  """The numbers in % (official protocols first, then extras), beside the random init's.
+
+  The segmentation grid's held-out scores ('hparam_fitting.*') stay in results.json.
+  """
+  shown = lambda flat: {k: v for k, v in flat.items() if '/hparam_fitting.' not in k}
+  mine, base = shown(flatten(results)), shown(flatten(baseline or {}))
   names = [n for n in mine if not n.startswith('extra/')] + [n for n in mine
                                                               if n.startswith('extra/')]
   names += [n for n in base if n not in mine]

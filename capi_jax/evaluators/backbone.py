@@ -27,11 +27,25 @@ OUTPUTS = ('global_repr', 'registers', 'feature_map')
 
 
 @dataclasses.dataclass(frozen=True)
+class ModuleForward:
+  """A Flax module's apply as a forward; equal modules give equal (cache-sharing) forwards."""
+  module: nn.Module
+
+  def __call__(self, params: PyTree, images: jax.Array) -> Features:
+    return tuple(x.astype(jnp.float32) for x in self.module.apply({'params': params}, images))
+
+
+@functools.partial(jax.jit, static_argnames=('forward',))
+def _apply(params: PyTree, images: jax.Array, *, forward: Callable[..., Features]) -> Features:
+  return forward(params, images)
+
+
+@dataclasses.dataclass(frozen=True)
 class Backbone:
   """forward(params, images) -> (global_repr, registers, feature_map), all float32.
 
   Attributes:
-    forward: a pure function, jit-able.
+    forward: a pure, hashable function (jitted steps are cached by it).
     params: its parameters, placed on `mesh`.
     mesh: devices; batches are split over all of them.
     batch_size: images per forward in `extract` (a multiple of the device count).
@@ -45,13 +59,9 @@ class Backbone:
   def from_module(cls, module: nn.Module, params: PyTree, mesh: jax.sharding.Mesh,
                   param_rules: Sequence[tuple[str, str]], batch_size: int) -> 'Backbone':
     """A Flax module whose apply({'params': p}, images) gives the three outputs."""
-
-    def forward(p: PyTree, images: jax.Array) -> Features:
-      return tuple(x.astype(jnp.float32) for x in module.apply({'params': p}, images))
-
     n_dev = mesh.devices.size
     params = jax.device_put(params, sharding.tree_shardings(mesh, params, param_rules))
-    return cls(forward, params, mesh, -(-batch_size // n_dev) * n_dev)
+    return cls(ModuleForward(module), params, mesh, -(-batch_size // n_dev) * n_dev)
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
@@ -60,10 +70,6 @@ class Backbone:
   def global_array(self, local: np.ndarray) -> jax.Array:
     """This process's rows of a global batch -> one array split over every device."""
     return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local))
-
-  @functools.cached_property
-  def _jitted(self) -> Callable[[PyTree, jax.Array], Features]:
-    return jax.jit(self.forward, out_shardings=self.batch_sharding)
 
   def extract(self, batches: Iterable[dict[str, np.ndarray]],
               outputs: Sequence[str] = OUTPUTS) -> dict[str, np.ndarray]:
@@ -94,7 +100,7 @@ class Backbone:
     for batch in batches:
       # Dispatch this batch before fetching the previous one: the devices never wait for the
       # host to read the next images.
-      features = self._jitted(self.params, self.global_array(batch['images']))
+      features = _apply(self.params, self.global_array(batch['images']), forward=self.forward)
       if pending is not None:
         collect(*pending)
       pending = (batch, features)

@@ -394,15 +394,18 @@ def _features(forward, names, backbone_params, images):
   return representations(*forward(backbone_params, images), names)
 
 
-def _online_step(grid: ProbeGrid, forward, names, params, opt_state, backbone_params, images,
-                 labels, lr_factor):
+@functools.partial(jax.jit, static_argnames=('grid', 'forward', 'names'),
+                   donate_argnames=('params', 'opt_state'))
+def _online_step(params, opt_state, backbone_params, images, labels, lr_factor, *,
+                 grid: ProbeGrid, forward, names):
   """One iteration: backbone forward on the augmented batch, then the probes' update."""
   return train_step(grid, params, opt_state, _features(forward, names, backbone_params, images),
                     labels, lr_factor)
 
 
-def _eval_counts(grid: ProbeGrid, forward, names, params, backbone_params, images, targets,
-                 class_map):
+@functools.partial(jax.jit, static_argnames=('grid', 'forward', 'names'))
+def _eval_counts(params, backbone_params, images, targets, class_map, *, grid: ProbeGrid,
+                 forward, names):
   logits = grid.logits(params, _features(forward, names, backbone_params, images))
   return any_match_correct(logits, targets, class_map)
 
@@ -457,17 +460,16 @@ def run(config, backbone, train_set, test_sets, settings: Settings, seed: int = 
   batches = datasets.stream(config, train_set, order, settings.batch_size,
                             lambda im, rng: transforms.classif_train(im, res, rng), res, seed,
                             training=True)
-  step = jax.jit(functools.partial(_online_step, grid, backbone.forward, names),
-                 donate_argnums=(0, 1))
+  statics = dict(grid=grid, forward=backbone.forward, names=names)
   schedule = lr_schedule(settings.n_iters, settings.warmup_iters)
   losses = []
   start = time.perf_counter()
   for it in range(settings.n_iters):
     batch = next(batches)
-    params, opt_state, loss = step(params, opt_state, backbone.params,
-                                   backbone.global_array(batch['images']),
-                                   backbone.global_array(batch['labels']),
-                                   jnp.float32(schedule[it]))
+    params, opt_state, loss = _online_step(params, opt_state, backbone.params,
+                                           backbone.global_array(batch['images']),
+                                           backbone.global_array(batch['labels']),
+                                           jnp.float32(schedule[it]), **statics)
     if (it + 1) % settings.log_every == 0 or it + 1 == settings.n_iters:
       losses.append((it + 1, float(loss)))
       rate = (it + 1) * settings.batch_size / (time.perf_counter() - start)
@@ -476,8 +478,6 @@ def run(config, backbone, train_set, test_sets, settings: Settings, seed: int = 
   train_seconds = time.perf_counter() - start
   if hasattr(batches, 'close'):
     batches.close()
-
-  counts = jax.jit(functools.partial(_eval_counts, grid, backbone.forward, names))
 
   def accuracy(dataset, positions: np.ndarray) -> np.ndarray:
     """(K,) top-1 of every probe on `positions` of `dataset` (eval transform)."""
@@ -488,8 +488,8 @@ def run(config, backbone, train_set, test_sets, settings: Settings, seed: int = 
         datasets.stream(config, dataset, positions, settings.batch_size,
                         lambda im, rng: transforms.classif_eval(im, res), res, seed),
         len(positions) // settings.batch_size):
-      c, n = counts(params, backbone.params, backbone.global_array(batch['images']),
-                    backbone.global_array(batch['targets']), class_map)
+      c, n = _eval_counts(params, backbone.params, backbone.global_array(batch['images']),
+                          backbone.global_array(batch['targets']), class_map, **statics)
       correct, counted = correct + np.asarray(c), counted + int(n)
     if not counted:
       raise ValueError(f'{dataset.name}: no image has a label to score.')

@@ -93,7 +93,7 @@ class Context:
       return 1
     group = run['param_groups'][0]
     lr = self.probe_lr_of(group['params'][0])
-    return round(group['base_lr'] * 256 / (lr * self.arrays['cls/run/batches'].shape[1]))
+    return round(group['base_lr'] * 256 / (lr * run['config']['batch']))
 
   def probe_lr_of(self, param_name: str) -> float:
     """The grid lr of an official `AllClassifiers` parameter name ('<i>.<param>')."""
