@@ -74,11 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.evals.classif.tests = ml_collections.ConfigDict({'test': fashion_mnist('test')})
   c.evals.classif.num_classes = 10
   c.evals.classif.representations = ('cls', 'avg_patch')
-  c.evals.classif.n_iters = 1000  # Official: 12,500 x 1024 images; here 1000 x 256.
-  c.evals.classif.warmup_iters = 100
+  c.evals.classif.n_iters = 100  # Official: 12,500 x 1024 images; here 100 x 256.
+  c.evals.classif.warmup_iters = 10
   c.evals.classif.batch_size = 256
   c.evals.classif.resolution = 28
-  c.evals.classif.log_every = 250
+  c.evals.classif.log_every = 50
   c.evals.seg.dataset = 'fashion_mnist_scenes'  # Real-pixel scenes of Fashion-MNIST items.
   c.evals.seg.train_split = 'train'
   c.evals.seg.test_split = 'test'
@@ -90,7 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.evals.viz.num_images = 16
   c.evals.knn.train = fashion_mnist('train')
   c.evals.knn.test = fashion_mnist('test')
-  c.evals.knn.max_train_images = 10_000
+  c.evals.knn.max_train_images = 5000
+  c.evals.knn.max_test_images = 2000
   c.evals.knn.ks = (10, 20)
   c.evals.knn.pixels = True
   c.evals.knn.resolution = 28

@@ -186,6 +186,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.evals.knn.test = ml_collections.ConfigDict(dict(dataset='tfds:imagenet2012',
                                                     split='validation'))
   c.evals.knn.max_train_images = 0  # 0 = all (features held in host memory: 8 D bytes/image).
+  c.evals.knn.max_test_images = 0
   c.evals.knn.ks = (10, 20, 100, 200)
   c.evals.knn.temperature = 0.07
   c.evals.knn.pixels = False

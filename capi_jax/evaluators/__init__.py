@@ -41,7 +41,7 @@ KEYS = {
             'knn_dtype', 'logreg_C', 'logreg_max_iter', 'logreg_tol',
             'logreg_linesearch_max_iter', 'logreg_memory', 'world_size'},
     'viz': {'period', 'dataset', 'split', 'resolutions', 'num_images'},
-    'knn': {'period', 'train', 'test', 'max_train_images', 'ks', 'temperature', 'pixels',
+    'knn': {'period', 'train', 'test', 'max_train_images', 'max_test_images', 'ks', 'temperature', 'pixels',
             'resolution'},
     'set': {'dataset', 'split', 'labels', 'class_map'},
 }
@@ -235,6 +235,7 @@ def _check(config: ml_collections.ConfigDict, found: list[str]) -> None:
       image_set(section.train, f'{prefix}.train')
       image_set(section.test, f'{prefix}.test')
       positive_int(section.max_train_images, f'{prefix}.max_train_images', minimum=0)
+      positive_int(section.max_test_images, f'{prefix}.max_test_images', minimum=0)
       numbers(section.ks, f'{prefix}.ks', lambda v: _is_int(v) and v > 0, 'positive integers')
       check(_is_number(section.temperature) and section.temperature > 0,
             f'{prefix}.temperature={section.temperature!r} must be > 0.')

@@ -9,8 +9,8 @@ folder:PATH, synthetic) with what scoring needs:
   ImageNet-1k classes), labels then index that list.
 
 `stream` turns positions of a set into this process's share of fixed-size global batches, read
-and transformed by Grain (threads, `config.data.num_workers` processes): each process reads only
-its rows of each global batch. Position -1 is padding (a blank image, no target). An
+and transformed by Grain (`batched`: threads, `config.data.num_workers` processes): each process
+reads only its rows of each global batch. Position -1 is padding (a blank image, no target). An
 undecodable image is scored as a padding row (and logged by `sources.decode`).
 """
 
@@ -20,6 +20,7 @@ import json
 import pathlib
 from typing import Any
 
+from absl import flags
 import grain
 import jax
 import ml_collections
@@ -144,6 +145,24 @@ def stream(config: ml_collections.ConfigDict, dataset: ClassifSet, positions: np
   """
   ds = grain.MapDataset.source(Rows(positions, global_batch))
   ds = ds.random_map(_Load(dataset, transform, size, training), seed=seed + jax.process_index())
-  # Deliberate use of the pipeline's reader: threads, batching, worker processes, one setting.
-  return iter(pipeline._batched(ds, config, global_batch // jax.process_count(),  # pylint: disable=protected-access
-                                drop_remainder=True))
+  return batched(ds, global_batch // jax.process_count(), config.data.num_workers)
+
+
+def batched(ds: grain.MapDataset, batch_size: int, num_workers: int) -> Iterator[Batch]:
+  """Reads `ds` with READ_THREADS threads a few elements ahead, in batches of batch_size, in
+  `num_workers` processes (0: this one).
+
+  The read-ahead stays a few elements per thread: Grain scans its whole read-ahead buffer for
+  every element it yields, so a buffer of whole batches costs more than the transforms.
+  """
+  threads = pipeline.READ_THREADS
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=4 * threads))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if num_workers > 0:
+    # Grain's worker launcher reads absl flags, unparsed outside an absl app: take defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=2))
+  return iter(ds)

@@ -133,7 +133,7 @@ def knn_from_config(config, backbone, out_dir, log: Callable[[str], None] = prin
       found['pixels'] = out['images'].reshape(len(out['images']), -1)
     return found
 
-  train, test = features(c.train, c.max_train_images), features(c.test, 0)
+  train, test = features(c.train, c.max_train_images), features(c.test, c.max_test_images)
   results = {}
   for name in ('global', 'patch_mean') + (('pixels',) if c.pixels else ()):
     scores = knn_classify(train[name], train['label'], test[name], test['label'], ks=c.ks,

@@ -28,7 +28,6 @@ import grain
 import numpy as np
 from PIL import Image
 
-from capi_jax.data import pipeline
 from capi_jax.data import sources
 from capi_jax.evaluators import datasets
 from capi_jax.evaluators import transforms
@@ -247,4 +246,4 @@ def batches(config, dataset: SegSet | ArraySegSet, positions: Sequence[int], res
   (b, R, R, 3) float32, ['labels' (b, R, R) uint8], 'index' (b,)}, for `Backbone.extract`."""
   rows = datasets.Rows(datasets.pad_positions(np.asarray(positions), global_batch), global_batch)
   ds = grain.MapDataset.source(rows).map(_Transformed(dataset, resolution, with_masks))
-  return pipeline._batched(ds, config, rows.per_host, drop_remainder=True)  # pylint: disable=protected-access
+  return datasets.batched(ds, rows.per_host, config.data.num_workers)
