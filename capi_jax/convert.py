@@ -17,7 +17,7 @@ its EMA, and `teacher.head.` is the clustering head. Reading `.pth` needs PyTorc
 
 Run:
   # official -> capi_jax: writes OUT/params, an Orbax StandardCheckpointer checkpoint of
-  # {'backbone': ..., ['head': ...], ['teacher_head': ...]} (capi_jax parameter trees).
+  # {'backbone': ..., ['head': ...], ['clustering_head': ...]} (capi_jax parameter trees).
   python -m capi_jax.convert --config=configs/vitl.py --to=capi_jax \
       --input=capi_vitl14_lvd.pth --output=/tmp/capi_vitl14_lvd
   # capi_jax -> official names (.npz, or .pth when PyTorch is installed).
@@ -50,9 +50,9 @@ from capi_jax.models import encoder_decoder
 Params = Any
 StateDict = dict[str, np.ndarray]
 
-# File prefix of each part; part names are those of capi_jax's TrainState (`params['backbone']`,
-# `params['head']`, `teacher_head_params`).
-PREFIXES = {'backbone': 'backbone.', 'head': 'head.', 'teacher_head': 'teacher_head.'}
+# File prefix of each part; part names are those of CAPI's params (`backbone`, `head`,
+# `clustering_head`; the release calls the clustering head `teacher.head`).
+PREFIXES = {'backbone': 'backbone.', 'head': 'head.', 'clustering_head': 'teacher_head.'}
 
 
 _MAX_PROBLEMS_SHOWN = 30
@@ -253,7 +253,7 @@ def _normalise_training_names(sd: StateDict, source: str) -> StateDict:
     if k.startswith(source + '.'):
       out[k[len(source) + 1:]] = v
     elif k.startswith('teacher.head.'):
-      out[PREFIXES['teacher_head'] + k[len('teacher.head.'):]] = v
+      out[PREFIXES['clustering_head'] + k[len('teacher.head.'):]] = v
   return out
 
 
@@ -271,7 +271,7 @@ def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDic
     source: for full official training checkpoints, 'student' or 'student_ema'.
 
   Returns:
-    {'backbone': params} plus 'head' (student head) / 'teacher_head' (clustering head) params
+    {'backbone': params} plus 'head' (student head) / 'clustering_head' params
     when the file has them.
 
   Raises:
@@ -292,17 +292,17 @@ def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDic
   head_sd = _strip(sd, PREFIXES['head'])
   if head_sd:
     parts['head'] = student_head_to_flax(head_sd, dim, k)
-  clustering_sd = _strip(sd, PREFIXES['teacher_head'])
+  clustering_sd = _strip(sd, PREFIXES['clustering_head'])
   if clustering_sd:
-    parts['teacher_head'] = clustering_head_to_flax(
+    parts['clustering_head'] = clustering_head_to_flax(
         clustering_sd, dim, k, use_bias=config.capi.clustering_kwargs.bias)
   return parts
 
 
 def to_official_state_dict(parts: Mapping[str, Params]) -> StateDict:
-  """{'backbone': ..., ['head'], ['teacher_head']} -> flat official-format names."""
+  """{'backbone': ..., ['head'], ['clustering_head']} -> flat official-format names."""
   converters = {'backbone': backbone_to_official, 'head': student_head_to_official,
-                'teacher_head': clustering_head_to_official}
+                'clustering_head': clustering_head_to_official}
   unknown = set(parts) - set(converters)
   if unknown:
     raise ValueError(f'Unknown parts {sorted(unknown)}; expected some of {sorted(converters)}.')
@@ -344,7 +344,7 @@ def restore_params(path: str | os.PathLike[str]) -> dict[str, Params]:
 
 def restore_training_parts(step_dir: str | os.PathLike[str], config: ml_collections.ConfigDict,
                            source: str = 'student') -> dict[str, Params]:
-  """{'backbone', 'head', 'teacher_head'} of a capi_jax training checkpoint, on one device.
+  """{'backbone', 'head', 'clustering_head'} of a capi_jax training checkpoint, on one device.
 
   Args:
     step_dir: a step folder of a training run, `WORKDIR/checkpoints/<step>`.
@@ -352,23 +352,25 @@ def restore_training_parts(step_dir: str | os.PathLike[str], config: ml_collecti
     source: 'student' or 'student_ema' (the EMA, whose backbone is the teacher's).
   """
   # The engine's modules are imported here so that converting official weights needs none.
-  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   from capi_jax import methods  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import train_step  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import state as state_lib  # pylint: disable=g-import-not-at-top
   if source not in ('student', 'student_ema'):
     raise ValueError(f"source must be 'student' or 'student_ema', got {source!r}.")
   step_dir = pathlib.Path(step_dir).absolute()
-  init, _ = train_step.init_fn(config, methods.from_config(config))
-  target = checkpointing.restore_target(jax.eval_shape(init, jax.random.PRNGKey(0)),
-                                        jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  device = jax.devices()[0]
+  layout = state_lib.state_layout(config, methods.from_config(config),
+                                  sharding.make_mesh(config, [device]))
+  target = checkpointing.restore_target(layout.abstract, jax.sharding.SingleDeviceSharding(device))
   checkpointer = checkpointing.Checkpointer(step_dir.parent, config)
   try:
     state = checkpointer.restore(int(step_dir.name), target, None)
   finally:
     checkpointer.close()
-  params = state.params if source == 'student' else state.ema_params
-  return jax.tree.map(np.asarray, {'backbone': params['backbone'], 'head': params['head'],
-                                   'teacher_head': state.teacher_head_params})
+  student = state.params if source == 'student' else state.buffers['ema']
+  return jax.tree.map(np.asarray, {'backbone': student['backbone'], 'head': student['head'],
+                                   'clustering_head': state.params['clustering_head']})
 
 
 def _check_restored_architecture(parts: Mapping[str, Params],
@@ -379,8 +381,8 @@ def _check_restored_architecture(parts: Mapping[str, Params],
   dim, k = config.model.embed_dim, config.capi.num_clusters
   if 'head' in parts:
     student_head_to_flax(_strip(sd, PREFIXES['head']), dim, k)
-  if 'teacher_head' in parts:
-    clustering_head_to_flax(_strip(sd, PREFIXES['teacher_head']), dim, k,
+  if 'clustering_head' in parts:
+    clustering_head_to_flax(_strip(sd, PREFIXES['clustering_head']), dim, k,
                             use_bias=config.capi.clustering_kwargs.bias)
 
 

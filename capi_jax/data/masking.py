@@ -15,12 +15,10 @@ random only through the given `np.random.Generator`, so a Grain `random_map` mak
 deterministic per record.
 """
 
+import dataclasses
 import math
-from collections.abc import Callable
 
 import numpy as np
-
-MaskGenerator = Callable[[int, np.random.Generator], np.ndarray]
 
 
 def _check_count(n: int, grid: tuple[int, int]) -> None:
@@ -58,10 +56,36 @@ def _block(n: int, grid: tuple[int, int], roll: bool, log_aspect: tuple[float, f
   return mask
 
 
+GENERATORS = ('InverseBlock', 'Block', 'Uniform')
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskGenerator:
+  """`generate(n_masked, rng) -> bool (h, w)` with exactly `n_masked` True cells.
+
+  A plain dataclass, so a transform holding one pickles into Grain's worker processes.
+  """
+  name: str
+  grid: tuple[int, int]
+  roll: bool
+  log_aspect: tuple[float, float]
+
+  def __call__(self, n_masked: int, rng: np.random.Generator) -> np.ndarray:
+    _check_count(n_masked, self.grid)
+    if self.name == 'Uniform':
+      mask = np.zeros(self.grid[0] * self.grid[1], dtype=bool)
+      mask[rng.permutation(mask.size)[:n_masked]] = True
+      return mask.reshape(self.grid)
+    if self.name == 'Block':
+      return _block(n_masked, self.grid, self.roll, self.log_aspect, rng)
+    n_tokens = self.grid[0] * self.grid[1]
+    return ~_block(n_tokens - n_masked, self.grid, self.roll, self.log_aspect, rng)
+
+
 def make_mask_generator(name: str = 'InverseBlock', grid: tuple[int, int] = (16, 16),
                         roll: bool = True, min_aspect: float = 0.5,
                         max_aspect: float | None = None) -> MaskGenerator:
-  """Returns `generate(n_masked, rng) -> bool (h, w)` with exactly `n_masked` True cells.
+  """The generator `name` on `grid`.
 
   Args:
     name: 'InverseBlock' (reference default), 'Block' or 'Uniform'.
@@ -70,28 +94,11 @@ def make_mask_generator(name: str = 'InverseBlock', grid: tuple[int, int] = (16,
     min_aspect: smallest rectangle aspect ratio (height / width) for the block generators.
     max_aspect: largest aspect ratio; None = 1 / min_aspect.
   """
-  grid = (int(grid[0]), int(grid[1]))
-  log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
-
-  def uniform(n_masked: int, rng: np.random.Generator) -> np.ndarray:
-    _check_count(n_masked, grid)
-    mask = np.zeros(grid[0] * grid[1], dtype=bool)
-    mask[rng.permutation(mask.size)[:n_masked]] = True
-    return mask.reshape(grid)
-
-  def block(n_masked: int, rng: np.random.Generator) -> np.ndarray:
-    _check_count(n_masked, grid)
-    return _block(n_masked, grid, roll, log_aspect, rng)
-
-  def inverse_block(n_masked: int, rng: np.random.Generator) -> np.ndarray:
-    _check_count(n_masked, grid)
-    return ~_block(grid[0] * grid[1] - n_masked, grid, roll, log_aspect, rng)
-
-  generators = {'InverseBlock': inverse_block, 'Block': block, 'Uniform': uniform}
-  if name not in generators:
-    raise ValueError(f'Unknown masking generator {name!r}; choose one of {sorted(generators)} '
+  if name not in GENERATORS:
+    raise ValueError(f'Unknown masking generator {name!r}; choose one of {sorted(GENERATORS)} '
                      '(config.data.masking_generator).')
-  return generators[name]
+  log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
+  return MaskGenerator(name, (int(grid[0]), int(grid[1])), roll, log_aspect)
 
 
 def mask_counts(n_tokens: int, mask_ratio: float,
