@@ -299,18 +299,20 @@ def _part_a_losses(ctx: Context) -> list[Result]:
   return results
 
 
+def _gradients(ctx: Context, run: HeadsRun, h: str, prefix: str) -> list[Result]:
+  """`<prefix>/<h>/grad/*` and `input_grad` within GRAD_TOL of the largest gradient."""
+  ref = ctx.state_dict(f'{prefix}/{h}/grad/')
+  if not ref:
+    raise Skipped(f'the fixture has no {prefix}/{h}/grad/*')
+  largest = max(float(np.max(np.abs(g))) for g in ref.values())
+  return [_worst(f'{prefix}/{h}/grad/*', run.param_grads[h], ref, GRAD_TOL, largest),
+          _relative(f'{prefix}/{h}/input_grad', run.input_grads[h],
+                    ctx.arrays[f'{prefix}/{h}/input_grad'], GRAD_TOL, largest)]
+
+
 @SUITE.register('part A: gradients', requires=('head/idx', 'head/cls'))
 def _part_a_gradients(ctx: Context) -> list[Result]:
-  run, results = ctx.part_a, []
-  for h in ctx.part_a_heads:
-    ref = ctx.state_dict(f'head/{h}/grad/')
-    if not ref:
-      raise Skipped(f'the fixture has no head/{h}/grad/*')
-    largest = max(float(np.max(np.abs(g))) for g in ref.values())
-    results.append(_worst(f'head/{h}/grad/*', run.param_grads[h], ref, GRAD_TOL, largest))
-    results.append(_relative(f'head/{h}/input_grad', run.input_grads[h],
-                             ctx.arrays[f'head/{h}/input_grad'], GRAD_TOL, largest))
-  return results
+  return [r for h in ctx.part_a_heads for r in _gradients(ctx, ctx.part_a, h, 'head')]
 
 
 @SUITE.register('part A: BatchNorm statistics after the call', requires=('head/idx', 'head/cls'))
@@ -331,13 +333,7 @@ def _part_a_float64(ctx: Context) -> list[Result]:
   for h in ctx.part_a_heads:
     results += _head_losses(run, h, ctx.state_dict(f'head_f64/{h}/loss/'),
                             ctx.state_dict(f'head_f64/{h}/info/'), f'head_f64/{h}')
-    ref = ctx.state_dict(f'head_f64/{h}/grad/')
-    if ref:
-      largest = max(float(np.max(np.abs(g))) for g in ref.values())
-      results.append(_worst(f'head_f64/{h}/grad/*', run.param_grads[h], ref, GRAD_TOL,
-                            largest))
-      results.append(_relative(f'head_f64/{h}/input_grad', run.input_grads[h],
-                               ctx.arrays[f'head_f64/{h}/input_grad'], GRAD_TOL, largest))
+    results += _gradients(ctx, run, h, 'head_f64')
   results.append(compare('head_f64/loss_total', run.loss_total,
                          ctx.arrays['head_f64/loss_total'], LOSS_TOL))
   return results
