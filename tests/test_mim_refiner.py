@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from PIL import ImageFilter
 
 from capi_jax import check_reference
 from capi_jax.data import pipeline
@@ -411,7 +412,7 @@ def test_solarize_and_blur():
   impulse[20, 20] = 255
   for sigma in (0.5, 2.0):
     blurred = np.asarray(Image.fromarray(impulse).filter(
-        augment.ImageFilter.GaussianBlur(radius=sigma)), np.float64)[..., 0].sum(0)
+        ImageFilter.GaussianBlur(radius=sigma)), np.float64)[..., 0].sum(0)
     offsets = np.arange(41) - 20
     std = np.sqrt(np.sum(blurred * offsets**2) / blurred.sum())
     assert abs(std - sigma) < 0.1 * sigma

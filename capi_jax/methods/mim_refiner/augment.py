@@ -132,7 +132,7 @@ class MultiCrop(grain.transforms.RandomMap):
       factors[HUE] = rng.uniform(-self.hue, self.hue)
     return factors
 
-  def view(self, image: Image.Image, rng: np.random.Generator, size: int,
+  def _view(self, image: Image.Image, rng: np.random.Generator, size: int,
            scale: tuple[float, float], blur_p: float, solarize_p: float) -> np.ndarray:
     """One augmented view, float32 (size, size, 3), normalised."""
     top, left, h, w = pipeline.sample_crop_box(image.height, image.width, scale,
@@ -155,9 +155,9 @@ class MultiCrop(grain.transforms.RandomMap):
   def random_map(self, element: Mapping[str, Any], rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
     image = element['image']
-    global_views = [self.view(image, rng, self.global_size, self.global_scale, blur_p, sol_p)
+    global_views = [self._view(image, rng, self.global_size, self.global_scale, blur_p, sol_p)
                     for blur_p, sol_p in zip(self.global_blur_p, self.global_solarize_p)]
-    local_views = [self.view(image, rng, self.local_size, self.local_scale, self.local_blur_p,
+    local_views = [self._view(image, rng, self.local_size, self.local_scale, self.local_blur_p,
                              0.0) for _ in range(self.n_local)]
     local_shape = (self.n_local, self.local_size, self.local_size, 3)
     return {'global_views': np.stack(global_views),
