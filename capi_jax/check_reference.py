@@ -32,6 +32,7 @@ Arrays = Mapping[str, np.ndarray]
 # Fixture kind -> module defining `SUITE` (imported only when that kind is checked).
 SUITES = {
     'capi': 'capi_jax.methods.capi.parity',
+    'mim_refiner': 'capi_jax.methods.mim_refiner.parity',
 }
 
 
@@ -192,4 +193,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv))
+  # Run the imported module's `main`, not this `__main__` copy: suites raise
+  # `capi_jax.check_reference.Skipped`, which is a different class from `__main__.Skipped`.
+  from capi_jax import check_reference  # pylint: disable=g-import-not-at-top
+  sys.exit(check_reference.main(sys.argv))
