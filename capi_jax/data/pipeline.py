@@ -46,13 +46,18 @@ def _host_seeds(seed: int, process_index: int) -> tuple[int, int]:
 
 def train_dataset(config: ml_collections.ConfigDict, transform: grain.transforms.RandomMap, *,
                   seed: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """This host's infinite stream of training examples made by `transform` (before batching)."""
+  """This host's infinite stream of training examples made by `transform` (before batching).
+
+  The transform receives decoded records `{'image', 'label', 'index'}`, 'index' being the
+  image's position in the whole dataset (methods that must tell samples apart read it).
+  """
   source = sources.make_source(config.data.dataset, config.data.split, config.data.data_dir,
-                                    config.data.image_size)
+                               config.data.image_size)
   if len(source) < process_count:
     raise ValueError(f'{source.description} has fewer images than the {process_count} hosts.')
   shuffle_seed, map_seed = _host_seeds(seed, process_index)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source).map_with_index(lambda i, record: {**record, 'index': i})
+  ds = ds[process_index::process_count]
   ds = ds.shuffle(seed=shuffle_seed).repeat(None)
   ds = ds.map(sources.decode)
   return ds.random_map(transform, seed=map_seed)
