@@ -27,15 +27,15 @@ Position tables (`pos_embed`, always a (1, n_pos, D) leaf; n_pos = N (+1 with
                     bit-identical) and CAE v2 (`build_2d_sincos_position_embedding`, computed in
                     float32 there, so up to ~6e-8 apart): patch (r, c) gets
                     [sin(r w), cos(r w), sin(c w), cos(c w)], w_k = 10000^(-k / (D/4)).
-  'sincos_col_row'  MAE's `get_2d_sincos_pos_embed` (float64 -> float32): the same with the
-                    column in the first half ('emb_h' is computed from the column grid), which is
-                    also what data2vec 2.0's checkpoints (and MIM-Refiner's buffer after loading
-                    MAE / data2vec 2.0) hold.
+  'sincos_col_row'  MAE's `get_2d_sincos_pos_embed` (float64 -> float32, bit-identical): the
+                    same with the column in the first half ('emb_h' is computed from the column
+                    grid).
   'learned'         trained (CLIP); init truncated normal, std 0.02.
 Both sin-cos kinds are constants: excluded from gradients (stop_gradient) and listed in
 `ViT.fixed_params` so a method keeps them out of its optimiser (torch: a buffer or a
-`requires_grad=False` parameter). The table only initialises them: a loaded checkpoint brings
-its own (MIM-Refiner's buffer holds MAE's column-first table when it refines MAE).
+`requires_grad=False` parameter). The formula only initialises them: a loaded checkpoint brings
+its own table (MIM-Refiner's buffer holds MAE's column-first one when it refines MAE, whatever its
+fresh kappamodules buffer was).
 At another input resolution the patch rows are resized with `resize_pos_table` (torch
 `F.interpolate`, `align_corners=False`, no antialias, float32): bicubic (kappamodules, MAE
 fine-tuning) or bilinear (CAE v2's CLIP loader); the class row is kept.
