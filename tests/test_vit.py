@@ -225,6 +225,11 @@ def test_mae_checkpoint_names():
   official = {k: rng.normal(size=s).astype(np.float32) for k, s in expected.items()}
   params = vit_convert.official_to_params(official, model, 'mae')
   assert_same_state_dict(vit_convert.params_to_official(params, 'mae'), official)
+  assert vit_convert.official_name('blocks_0/attn/qkv/kernel', 'mae') == 'blocks.0.attn.qkv.weight'
+  assert (vit_convert.official_name('blocks_0/attn/qkv/kernel', 'clip')
+          == 'transformer.resblocks.0.attn.in_proj_weight')
+  with pytest.raises(ValueError, match="Unknown ViT family 'timm'"):
+    vit_convert.official_name('cls_token', 'timm')
 
 
 def test_converter_errors_name_the_parameter(caev2):

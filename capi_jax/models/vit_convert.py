@@ -2,7 +2,7 @@ r"""Official ViT checkpoints <-> `vit.ViT` parameters, per family, bit for bit.
 
 A capi_jax leaf path gives a canonical name (`blocks_3/attn/qkv/kernel` ->
 `blocks.3.attn.qkv.weight`; `kernel` and LayerNorm `scale` -> `weight`), which each family renames
-to its official names:
+to its official names (`official_name`):
   kappamodules, data2vec2  `patch_embed.proj.*`, `cls_tokens.tokens` (1, 1, D),
                            `pos_embed.embed` (1, h, w, D), `embed_norm.*` (data2vec2), `norm.*`
                            (kappamodules), `blocks.{i}.{norm1, attn.qkv, attn.proj, norm2,
@@ -79,22 +79,38 @@ def _grid_table_to_flax(x: np.ndarray) -> np.ndarray:
   return x.reshape(1, -1, x.shape[-1])
 
 
-def _canonical_name(path: tuple[str, ...]) -> str:
-  parts = [re.sub(r'^blocks_(\d+)$', r'blocks.\1', p) for p in path]
+def _check_family(family: str) -> None:
+  if family not in _NAMES:
+    raise ValueError(f'Unknown ViT family {family!r}; expected one of {FAMILIES}.')
+
+
+def official_name(path: str, family: str) -> str:
+  """The official name of a `vit.ViT` parameter, e.g. for optimiser groups by official name.
+
+  Args:
+    path: '/'-joined leaf path in the params tree, e.g. 'blocks_3/attn/qkv/kernel'.
+    family: one of FAMILIES.
+
+  Returns:
+    e.g. 'blocks.3.attn.qkv.weight' (kappamodules, data2vec2, mae, caev2) or
+    'transformer.resblocks.3.attn.in_proj_weight' (clip).
+  """
+  _check_family(family)
+  parts = [re.sub(r'^blocks_(\d+)$', r'blocks.\1', p) for p in path.split('/')]
   if parts[-1] in ('kernel', 'scale'):
     parts[-1] = 'weight'
-  return '.'.join(parts)
+  name = '.'.join(parts)
+  for pattern, replacement in _NAMES[family]:
+    name = re.sub(pattern, replacement, name)
+  return name
 
 
 def _rule(family: str, prefix: str) -> Callable[[tuple[str, ...], int], convert.Rule]:
   """(leaf path, ndim) -> (official name, to_official, to_flax) for `family`."""
-  if family not in _NAMES:
-    raise ValueError(f'Unknown ViT family {family!r}; expected one of {FAMILIES}.')
+  _check_family(family)
 
   def rule(path: tuple[str, ...], ndim: int) -> convert.Rule:
-    name = _canonical_name(path)
-    for pattern, replacement in _NAMES[family]:
-      name = re.sub(pattern, replacement, name)
+    name = official_name('/'.join(path), family)
     layouts: tuple[_Layout, _Layout] = (convert.identity, convert.identity)
     if path[-1] == 'kernel' and ndim == 4:
       layouts = (convert.conv_to_official, convert.conv_to_flax)
