@@ -141,6 +141,19 @@ def test_unknown_prefix_and_format_are_errors(ctx, official, tmp_path):
     convert.read_state_dict(tmp_path / 'model.safetensors')
 
 
+def test_read_state_dict_torchscript_and_wrapped(tmp_path):
+  """OpenAI CLIP ships TorchScript archives; MIM-Refiner wraps its weights in 'state_dict'."""
+  torch = pytest.importorskip('torch')
+  linear = torch.nn.Linear(3, 2)
+  torch.jit.script(linear).save(str(tmp_path / 'scripted.pt'))
+  torch.save({'state_dict': linear.state_dict(), 'ctor_kwargs': {'dim': 3}},
+             tmp_path / 'wrapped.th')
+  for name in ('scripted.pt', 'wrapped.th'):
+    sd = convert.read_state_dict(tmp_path / name)
+    assert sorted(sd) == ['bias', 'weight'], name
+    np.testing.assert_array_equal(sd['weight'], linear.weight.detach().numpy())
+
+
 def test_cli_official_to_capi_jax_and_back(ctx, official, tmp_path):
   np.savez(tmp_path / 'official.npz', **official)
   m = ctx.config.model
