@@ -50,6 +50,21 @@ class Variables(NamedTuple):
   buffers: PyTree
 
 
+class Pretrained(NamedTuple):
+  """Weights a run starts from (`config.init.checkpoint`), as numpy trees.
+
+  Attributes:
+    backbone: the source's evaluation backbone params (`eval_params(..., 'ema')` of the run
+      that wrote a capi_jax checkpoint, or the 'backbone' of converted official weights).
+    method: the name of the method that wrote the checkpoint; None for converted weights.
+    variables: that run's whole variables (None for converted weights), for methods that
+      continue their own earlier stage (MIM-Refiner's stage 3 loads stage 2's heads).
+  """
+  backbone: PyTree
+  method: str | None = None
+  variables: Variables | None = None
+
+
 class Method(abc.ABC):
   """Base class of pretraining methods; see the module docstring for the contract.
 
@@ -75,6 +90,13 @@ class Method(abc.ABC):
   @abc.abstractmethod
   def init(self, rng: jax.Array) -> Variables:
     """Fresh variables (jit-able; the engine runs it with output shardings)."""
+
+  def from_pretrained(self, variables: Variables, pretrained: Pretrained) -> Variables:
+    """`variables` (fresh from `init`) with pretrained weights put in; same structure and
+    shapes. The default refuses: a method that pretrains from scratch has nothing to load."""
+    del variables, pretrained
+    raise ValueError(f'Method {self.name!r} trains from scratch: config.init.checkpoint is not '
+                     'supported; leave it empty.')
 
   @abc.abstractmethod
   def optimizer(self, params: PyTree) -> optax.GradientTransformation:
