@@ -2,6 +2,7 @@ r"""Parity check against numbers produced by the official PyTorch releases.
 
 Run:
   python -m capi_jax.check_reference tests/fixtures/capi_reference/capi_ref_small.npz
+  python -m capi_jax.check_reference tests/fixtures/caev2_reference/caev2_small.npz
   python -m capi_jax.check_reference FIXTURE.npz --kind=mim_refiner   # force the kind
 
 A fixture is an `.npz` of arrays plus a `meta_json` string, made by running an official release
@@ -33,6 +34,7 @@ Arrays = Mapping[str, np.ndarray]
 SUITES = {
     'capi': 'capi_jax.methods.capi.parity',
     'mim_refiner': 'capi_jax.methods.mim_refiner.parity',
+    'caev2': 'capi_jax.methods.caev2.parity',
 }
 
 

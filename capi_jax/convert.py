@@ -1,7 +1,7 @@
 r"""Official PyTorch CAPI checkpoints <-> capi_jax parameters, both directions, bit for bit.
 
 Official names (facebookresearch/capi `state_dict`) map onto the capi_jax parameter tree by rule:
-`blocks.<i>` <-> `blocks_<i>`, `.` <-> `/`, linear `weight (out, in)` <-> `kernel (in, out)`,
+`<x>blocks.<i>` <-> `<x>blocks_<i>`, `.` <-> `/`, linear `weight (out, in)` <-> `kernel (in, out)`,
 conv `weight (out, in, kh, kw)` <-> `kernel (kh, kw, in, out)`, RMSNorm `weight` <-> `scale`;
 student head `last_layer.weight_v (K, D)` / `weight_g (K, 1)` <-> `kernel_v (D, K)` /
 `kernel_g (1, K)`; clustering head `layer.weight (K, D)` / `layer.bias` <-> `kernel (D, K)` /
@@ -85,7 +85,7 @@ Rule = tuple[str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.
 
 
 def _backbone_rule(path: tuple[str, ...], ndim: int) -> Rule:
-  parts = [re.sub(r'^blocks_(\d+)$', r'blocks.\1', p) for p in path]
+  parts = [re.sub(r'^(\w*blocks)_(\d+)$', r'\1.\2', p) for p in path]
   leaf = parts[-1]
   if leaf == 'kernel' and ndim == 4:
     return '.'.join(parts[:-1] + ['weight']), conv_to_official, conv_to_flax
@@ -191,6 +191,21 @@ def backbone_to_flax(state_dict: Mapping[str, Any], config: ml_collections.Confi
 
 def backbone_to_official(params: Params) -> StateDict:
   """capi_jax backbone params -> official EncoderDecoder state_dict names and layouts."""
+  return to_official(params, _backbone_rule)
+
+
+def caev2_regressor_to_flax(state_dict: Mapping[str, Any], expected: Params) -> Params:
+  """Official CAE v2 tensors after the encoder -> `caev2.regressor.RegressorDecoder` params.
+
+  `state_dict` holds the official names (`mask_token`, `encoder_to_regresser*`,
+  `regresser.regressor_blocks.*`, `decoder.*`) without the frozen `rd_pos_embed` and the unused
+  `regresser.norm.*`; `expected` is the params tree (ShapeDtypeStructs) of the configured module.
+  """
+  return to_flax(state_dict, expected, _backbone_rule, 'CAE v2 regressor/decoder')
+
+
+def caev2_regressor_to_official(params: Params) -> StateDict:
+  """`RegressorDecoder` params -> official CAE v2 names and layouts."""
   return to_official(params, _backbone_rule)
 
 

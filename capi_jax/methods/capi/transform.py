@@ -25,6 +25,7 @@ class CapiTransform(grain.transforms.RandomMap):
   image_size: int
   crop_scale: tuple[float, float]
   do_hflip: bool
+  grid: tuple[int, int]
   mask_generator: masking.MaskGenerator
   mask_ratio: float
   prediction_subsampling: float
@@ -36,7 +37,7 @@ class CapiTransform(grain.transforms.RandomMap):
     if self.do_hflip:
       image = transforms.random_flip(image, rng)
     visible, predict = masking.sample_indices(
-        self.mask_generator, self.mask_generator.grid, self.mask_ratio,
+        self.mask_generator, self.grid, self.mask_ratio,
         self.prediction_subsampling, rng)
     return {'images': transforms.normalize(image), 'visible_indices': visible,
             'predict_indices': predict}
@@ -48,6 +49,6 @@ def from_config(config: ml_collections.ConfigDict) -> CapiTransform:
   grid = (data.image_size // config.model.patch_size,) * 2
   return CapiTransform(
       image_size=data.image_size, crop_scale=tuple(data.crop_scale), do_hflip=data.do_hflip,
-      mask_generator=masking.make_mask_generator(data.masking_generator, grid,
+      grid=grid, mask_generator=masking.make_mask_generator(data.masking_generator, grid,
                                                  data.masking_roll),
       mask_ratio=data.mask_ratio, prediction_subsampling=data.prediction_subsampling)
