@@ -18,6 +18,7 @@ from capi_jax import bench
 from capi_jax import methods
 from capi_jax.core import checkpointing
 from capi_jax.core import config_checks
+from capi_jax.core import pretrained
 from capi_jax.core import train
 from capi_jax.data import transforms
 from capi_jax.methods import base
@@ -102,6 +103,11 @@ class Toy(base.Method):
   def eval_params(self, variables, which):
     return variables.buffers['ema'] if which == 'ema' else variables.params['encoder']
 
+  def from_pretrained(self, variables, pretrained):
+    backbone = pretrained['init'].backbone
+    return variables._replace(params={**variables.params, 'encoder': backbone},
+                              buffers={'ema': backbone})
+
 
 @pytest.fixture(autouse=True, scope='module')
 def _registered():
@@ -174,3 +180,24 @@ def test_unknown_method_is_a_config_error():
   config.method = 'nope'
   assert 'Unknown method' in config_checks.problems(config)[0]
   assert 'toy' in methods.names() and 'capi' in methods.names()
+
+
+def test_a_run_starts_from_another_runs_checkpoint(tmp_path):
+  dataset = _image_folder(tmp_path / 'data')
+  source = _config(dataset, total_iters=2)
+  source.evals.final = False
+  trained = train.train_and_evaluate(source, tmp_path / 'source')
+  config = _config(dataset)
+  config.init = dict(checkpoint=str(tmp_path / 'source'))
+  method = Toy(config)
+  fresh = method.init(jax.random.PRNGKey(1))
+  started = pretrained.apply(method, fresh)
+  # The source run's evaluation backbone (its EMA) is the new run's encoder and EMA.
+  jax.tree.map(np.testing.assert_array_equal, started.params['encoder'],
+               jax.device_get(trained.buffers['ema']))
+  jax.tree.map(np.testing.assert_array_equal, started.params['head'], fresh.params['head'])
+
+  capi_config = tiny.get_config()
+  capi_config.init = dict(checkpoint=str(tmp_path / 'source'))
+  with pytest.raises(ValueError, match="'capi' trains from scratch"):
+    pretrained.apply(methods.from_config(capi_config), fresh)

@@ -38,6 +38,7 @@ from capi_jax.data import pipeline
 from capi_jax import methods
 from capi_jax.methods import base
 from capi_jax.core import metrics_writer
+from capi_jax.core import pretrained
 from capi_jax.core import sharding
 from capi_jax.core import state as state_lib
 from capi_jax.core import step as step_lib
@@ -184,6 +185,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     logger.info('Resuming from step %d.', latest)
   else:
     state = jax.jit(layout.init, out_shardings=layout.shardings)(rng)
+    if method.pretrained_paths():
+      variables = pretrained.apply(method, state.variables)
+      state = jax.device_put(state.replace(**variables._asdict()), layout.shardings)
+      logger.info('Started from %s.', method.pretrained_paths())
 
   total = config.optim.total_iters
   start = int(jax.device_get(state.step))
