@@ -99,21 +99,25 @@ def normalize_on_device(images: jax.Array, mean: np.ndarray = IMAGENET_MEAN,
   return images.astype(jnp.float32) * scale + offset
 
 
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+  """torchvision's Resize(size) (bicubic): the shorter side becomes `size`, aspect kept."""
+  width, height = image.size
+  if width <= height:
+    new_size = (size, max(int(size * height / width), size))
+  else:
+    new_size = (max(int(size * width / height), size), size)
+  return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
 def eval_image(image: Image.Image, image_size: int) -> np.ndarray:
   """The reference evaluation transform: float32 (image_size, image_size, 3).
 
   Resize the shorter side to image_size * 256 / 224 (bicubic), centre-crop image_size
   (torchvision's Resize(int) + CenterCrop rounding), normalise.
   """
-  resize = int(image_size * 256 / 224)
-  width, height = image.size
-  if width <= height:
-    size = (resize, max(int(resize * height / width), resize))
-  else:
-    size = (max(int(resize * width / height), resize), resize)
-  image = image.resize(size, Image.Resampling.BICUBIC)
-  top = int(round((size[1] - image_size) / 2.0))
-  left = int(round((size[0] - image_size) / 2.0))
+  image = resize_shorter_side(image, int(image_size * 256 / 224))
+  top = int(round((image.height - image_size) / 2.0))
+  left = int(round((image.width - image_size) / 2.0))
   return normalize(image.crop((left, top, left + image_size, top + image_size)))
 
 
