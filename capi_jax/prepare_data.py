@@ -12,14 +12,15 @@ Input: any `capi_jax.data.sources` string (`folder:PATH`, `tfds:NAME` with --inp
 `fashion_mnist`), one or more splits. Images are decoded as training decodes them
 (`sources.decode`): undecodable files are skipped, logged and counted (metadata.json `skipped`).
 
-Features: `image` (RGB; shape (None, None, 3)), `label` (a ClassLabel with the input's class
-names, e.g. a folder's class sub-folders; absent for unlabelled inputs) and `file_name` (the
-input record's name, for tracing a record back to its file).
+Features: `image` (encoded bytes, decoded by `sources.decode` when read), `label` (a ClassLabel
+with the input's class names, e.g. a folder's class sub-folders; absent for unlabelled inputs)
+and `file_name` (the input record's name, for tracing a record back to its file).
 
 Images: with --resize > 0 every image becomes an RGB JPEG (--quality) whose shorter side is
 --resize (bicubic, PIL, torchvision's Resize rounding); images whose shorter side is already at
-most --resize keep their size: upscaling would add bytes, not information, and the training
-crop is resized anyway. --resize=0 keeps the input's encoded bytes as they are (PNG stays PNG).
+most --resize keep their size (re-encoded): upscaling would add bytes, not information, and the
+training crop is resized anyway. --resize=0 keeps the input's encoded bytes as they are (PNG
+stays PNG; pixel-array inputs such as Fashion-MNIST become PNG).
 
 Atomic: TFDS writes into DIR/NAME/incomplete.XXXXXX_1.0.0/ and renames it to 1.0.0 only after
 every split is written, so a killed conversion leaves nothing that TFDS or the trainer opens
@@ -98,7 +99,7 @@ def _ordered_map(source, encoding: Encoding, workers: int) -> Iterator[Callable]
   """A lazy, ordered map of `_encode_index` over `workers` processes (this one if <= 1).
 
   Processes rather than threads: the per-image Python work would serialise threads on the GIL.
-  'spawn' because the parent holds threads (TFDS, absl) that a fork would copy mid-operation.
+  'spawn', not fork: workers start clean, whatever threads and locks the parent holds.
   """
   if workers <= 1:
     _init_worker(source, encoding)
