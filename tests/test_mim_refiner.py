@@ -18,7 +18,7 @@ from PIL import Image
 from PIL import ImageFilter
 
 from capi_jax import check_reference
-from capi_jax.data import pipeline
+from capi_jax.data import transforms
 from capi_jax.methods.mim_refiner import augment
 from capi_jax.methods.mim_refiner import heads
 from capi_jax.methods.mim_refiner import loss
@@ -335,11 +335,12 @@ def _image(h=40, w=56, seed=0):
 
 def test_multicrop_shapes_determinism_and_pickling():
   transform = augment.MultiCrop(global_size=16, local_size=8, n_local=3)
-  record = {'image': _image(), 'label': 4}
+  record = {'image': _image(), 'label': 4, 'index': 17}
   out = transform.random_map(record, np.random.default_rng(1))
   assert out['global_views'].shape == (2, 16, 16, 3) and out['global_views'].dtype == np.float32
   assert out['local_views'].shape == (3, 8, 8, 3) and out['local_views'].dtype == np.float32
   assert out['label'] == 4 and out['label'].dtype == np.int32
+  assert out['index'] == 17 and out['index'].dtype == np.int32
   again = pickle.loads(pickle.dumps(transform)).random_map(record, np.random.default_rng(1))
   for k in out:
     np.testing.assert_array_equal(out[k], again[k])
@@ -359,14 +360,14 @@ def test_views_without_random_ops_are_the_normalised_image_or_its_mirror():
   quiet = dict(global_size=24, local_size=24, n_local=1, global_scale=(1.0, 1.0),
                local_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, global_blur_p=(0.0,),
                global_solarize_p=(0.0,), local_blur_p=0.0)
-  out = augment.MultiCrop(flip_p=0.0, **quiet).random_map({'image': image, 'label': 0},
+  out = augment.MultiCrop(flip_p=0.0, **quiet).random_map({'image': image, 'label': 0, 'index': 0},
                                                           np.random.default_rng(0))
   # Scale 1 of a square image: torchvision's fallback takes the whole image.
-  np.testing.assert_array_equal(out['global_views'][0], pipeline.normalize(image))
-  np.testing.assert_array_equal(out['local_views'][0], pipeline.normalize(image))
-  flipped = augment.MultiCrop(flip_p=1.0, **quiet).random_map({'image': image, 'label': 0},
+  np.testing.assert_array_equal(out['global_views'][0], transforms.normalize(image))
+  np.testing.assert_array_equal(out['local_views'][0], transforms.normalize(image))
+  flipped = augment.MultiCrop(flip_p=1.0, **quiet).random_map({'image': image, 'label': 0, 'index': 0},
                                                               np.random.default_rng(0))
-  np.testing.assert_array_equal(flipped['global_views'][0], pipeline.normalize(image)[:, ::-1])
+  np.testing.assert_array_equal(flipped['global_views'][0], transforms.normalize(image)[:, ::-1])
 
 
 def test_colour_operations_follow_their_formulas():
@@ -403,10 +404,10 @@ def test_solarize_and_blur():
                                 jitter_p=0, grayscale_p=0, flip_p=0, global_blur_p=(0.0,),
                                 global_solarize_p=(1.0,))
   image = _image(8, 8)
-  out = transform.random_map({'image': image, 'label': 0}, np.random.default_rng(0))
+  out = transform.random_map({'image': image, 'label': 0, 'index': 0}, np.random.default_rng(0))
   x = np.asarray(image)
   np.testing.assert_array_equal(out['global_views'][0],
-                                pipeline.normalize(np.where(x >= 128, 255 - x, x)))
+                                transforms.normalize(np.where(x >= 128, 255 - x, x)))
   # PIL's blur radius is the Gaussian's standard deviation.
   impulse = np.zeros((41, 41, 3), np.uint8)
   impulse[20, 20] = 255
