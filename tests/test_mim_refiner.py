@@ -548,14 +548,16 @@ def test_from_pretrained_takes_a_backbone_or_a_stage_2_run_and_names_mismatches(
   fresh = method.init(jax.random.PRNGKey(0))
   capi = encoder_decoder.from_config(config)
   backbone = capi.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))['params']
-  loaded = method.from_pretrained(fresh, base.Pretrained(backbone, 'capi'))
+  from_capi = lambda tree: {'init': base.Pretrained(backbone=tree, method='capi')}
+  loaded = method.from_pretrained(fresh, from_capi(backbone))
   jax.tree.map(np.testing.assert_array_equal, loaded.params['encoder'], backbone)
   jax.tree.map(np.testing.assert_array_equal, loaded.buffers['ema'], backbone)
   jax.tree.map(np.testing.assert_array_equal, loaded.params['heads'], fresh.params['heads'])
 
   stage2 = methods.from_config(_small_config(encoder.CAPI, stage=2))
   source = stage2.init(jax.random.PRNGKey(2))
-  continued = method.from_pretrained(fresh, base.Pretrained(backbone, 'mim_refiner', source))
+  continued = method.from_pretrained(fresh, {'init': base.Pretrained(
+      backbone=backbone, method='mim_refiner', variables=source)})
   jax.tree.map(np.testing.assert_array_equal, continued.params['heads'], source.params['heads'])
   jax.tree.map(np.testing.assert_array_equal, continued.buffers['heads'], source.buffers['heads'])
   jax.tree.map(np.testing.assert_array_equal, continued.params['encoder'],
@@ -566,9 +568,9 @@ def test_from_pretrained_takes_a_backbone_or_a_stage_2_run_and_names_mismatches(
   del wrong['mask_token']
   with pytest.raises(ValueError, match=r'registers: expected \(1, 4, 16\), found \(1, 3, 16\)'
                      r'.*'):
-    method.from_pretrained(fresh, base.Pretrained(wrong, 'capi'))
+    method.from_pretrained(fresh, from_capi(wrong))
   with pytest.raises(ValueError, match='mask_token: missing'):
-    method.from_pretrained(fresh, base.Pretrained(wrong, 'capi'))
+    method.from_pretrained(fresh, from_capi(wrong))
 
 
 def test_capi_encoder_encode_and_parameter_groups():

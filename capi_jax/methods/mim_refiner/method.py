@@ -31,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from capi_jax.core import optim as core_optim
@@ -44,6 +45,7 @@ from capi_jax.methods.mim_refiner import heads as heads_lib
 from capi_jax.methods.mim_refiner import objective
 from capi_jax.methods.mim_refiner import optim
 from capi_jax.methods.mim_refiner import queue as queue_lib
+from capi_jax.models import vit_convert
 
 PyTree = Any
 Array = jax.Array
@@ -102,6 +104,17 @@ class MimRefiner(base.Method):
   def _encoder_params(self, variables: base.Variables) -> PyTree:
     return variables.params['encoder'] if self.stage == 3 else variables.frozen['encoder']
 
+  def _from_official(self, state_dict: dict[str, Any]) -> PyTree:
+    """An official ViT state_dict (MAE / dBOT / data2vec 2.0 / MIM-Refiner names) -> encoder."""
+    family = self.config.mim_refiner.encoder
+    if family == encoder_lib.CAPI:
+      raise ValueError('An official CAPI file holds a whole CAPI backbone: convert it first '
+                       '(`python -m capi_jax.convert --to=capi_jax`) and pass the output directory '
+                       'as config.init.checkpoint.')
+    prefix = 'encoder.' if any(k.startswith('encoder.') for k in state_dict) else ''
+    params = vit_convert.official_to_params(state_dict, self.encoder, family, prefix)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
   def _head_in_dim(self, name: str) -> int:
     """Width of a head's input: the final output's (a ViT may project it) or a block's."""
     if encoder_lib.head_block(name) is None and getattr(self.encoder, 'out_dim', 0):
@@ -131,23 +144,29 @@ class MimRefiner(base.Method):
     return base.Variables({'encoder': encoder, 'heads': head_params}, {},
                           {'heads': head_buffers, 'ema': jax.tree.map(jnp.copy, encoder)})
 
-  def from_pretrained(self, variables: base.Variables, pretrained: base.Pretrained
+  def from_pretrained(self, variables: base.Variables, pretrained: dict[str, base.Pretrained]
                       ) -> base.Variables:
-    """Puts a pretrained encoder in; stage 3 from a MIM-Refiner run also takes its heads.
+    """Puts the pretrained encoder ('init') in; stage 3 from a MIM-Refiner run also takes its
+    heads.
 
     From a MIM-Refiner run (`pretrained.method == 'mim_refiner'`, as the release's
     `previous_run_initializer` loads stage 2 into stage 3): its encoder (trained or frozen,
-    not the EMA), head params, BatchNorm statistics and queue contents. Otherwise (any
-    method's checkpoint, converted official weights): `pretrained.backbone`, fresh heads.
-    The optimiser starts fresh either way; the EMA starts from the loaded encoder.
+    not the EMA), head params, BatchNorm statistics and queue contents. From any other method's
+    run or a `capi_jax.convert` output: its backbone, fresh heads. From an official file
+    (MAE / dBOT / data2vec 2.0 releases, a MIM-Refiner encoder): its tensors converted with the
+    configured ViT family's names (`vit_convert`), a leading 'encoder.' stripped. The
+    optimiser starts fresh either way; the EMA starts from the loaded encoder.
 
     Raises:
       ValueError: the pretrained trees differ from the configured ones (names the first
         differences).
     """
+    pretrained = pretrained['init']
     current = self._encoder_params(variables)
     head_params, head_buffers = variables.params['heads'], variables.buffers['heads']
-    if pretrained.method == self.name and pretrained.variables is not None:
+    if pretrained.state_dict is not None:
+      encoder = self._from_official(pretrained.state_dict)
+    elif pretrained.method == self.name and pretrained.variables is not None:
       source = pretrained.variables
       found = source.params.get('encoder', source.frozen.get('encoder'))
       encoder = _checked(current, found, 'The MIM-Refiner run\'s encoder',

@@ -584,7 +584,7 @@ def _initial_variables(ctx: Context, method: mim_method.MimRefiner) -> base.Vari
   source = base.Variables({'encoder': encoder, 'heads': head_params}, {},
                           {'heads': head_buffers})
   return method.from_pretrained(method.init(jax.random.PRNGKey(0)),
-                                base.Pretrained(None, method.name, source))
+                                {'init': base.Pretrained(method=method.name, variables=source)})
 
 
 @dataclasses.dataclass(frozen=True)
