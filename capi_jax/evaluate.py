@@ -36,10 +36,9 @@ import numpy as np
 from capi_jax import evaluators
 from capi_jax import methods
 from capi_jax.core import sharding
-from capi_jax.core import train_step
+from capi_jax.core import state as state_lib
 from capi_jax.evaluators import backbone as backbone_lib
 from capi_jax.evaluators import extras
-from capi_jax.models import encoder_decoder
 
 logger = logging.getLogger(__name__)
 PyTree = Any
@@ -48,12 +47,12 @@ OFFICIAL_SUFFIXES = ('.pth', '.pt', '.npz')
 
 
 def backbone_module(config: ml_collections.ConfigDict) -> nn.Module:
-  """The network evaluations run, in `config.evals.compute_dtype` (the official evaluations run
-  the model in float32)."""
+  """The method's evaluation model (`Method.eval_model`), in `config.evals.compute_dtype` (the
+  official evaluations run the model in float32)."""
   eval_config = copy.deepcopy(config)
   with eval_config.unlocked():
     eval_config.efficiency.compute_dtype = config.evals.compute_dtype
-  return encoder_decoder.from_config(eval_config)
+  return methods.from_config(eval_config).eval_model()
 
 
 def make_backbone(config: ml_collections.ConfigDict, params: PyTree,
@@ -114,10 +113,11 @@ def format_table(results: dict[str, Any], baseline: dict[str, Any] | None = None
 
 
 def random_init_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PyTree:
-  """The encoder of the run's fresh TrainState (seed config.train.seed), born sharded."""
-  init, _ = train_step.init_fn(config, methods.from_config(config))
+  """The encoder the run starts from (seed config.train.seed), born sharded."""
+  method = methods.from_config(config)
   rng = jax.random.PRNGKey(config.train.seed)
-  backbone = lambda r: init(r).params['backbone']  # jit drops the rest of the state.
+  # jit drops the rest of the variables.
+  backbone = lambda r: method.eval_params(state_lib.initial_variables(method, r)[0], 'ema')
   abstract = jax.eval_shape(backbone, rng)
   return jax.jit(backbone, out_shardings=sharding.tree_shardings(
       mesh, abstract, config.sharding.param_rules))(rng)
@@ -219,12 +219,12 @@ def _restore_training_checkpoint(config: ml_collections.ConfigDict, directory: p
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {directory}: train first, or pass '
                             '--checkpoint=PATH or --init=random.')
-  _, abstract, shardings, _ = train_step.state_layout(
-      config, methods.from_config(config), mesh, jax.random.PRNGKey(0))
-  state = ckpt.restore(step, checkpointing.restore_target(abstract, shardings), None)
+  method = methods.from_config(config)
+  layout = state_lib.state_layout(config, method, mesh)
+  state = ckpt.restore(step, checkpointing.restore_target(layout.abstract, layout.shardings),
+                       None)
   ckpt.close()
-  params = state.ema_params if which == 'ema' else state.params
-  return params['backbone'], step
+  return method.eval_params(state.variables, which), step
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpoint: str,

@@ -175,7 +175,7 @@ def test_load_params_from_a_training_checkpoint(data, tmp_path):
   config.evals.final = False
   state = train.train_and_evaluate(config, tmp_path)
   mesh = sharding.make_mesh(config)
-  for which, want in (('ema', state.ema_params), ('student', state.params)):
+  for which, want in (('ema', state.buffers['ema']), ('student', state.params)):
     params, step = evaluate.load_params(config, tmp_path, '', '', which, mesh)
     assert step == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),

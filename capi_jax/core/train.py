@@ -38,14 +38,16 @@ from capi_jax.core import config_checks
 from capi_jax.data import pipeline
 from capi_jax import evaluators
 from capi_jax import methods
+from capi_jax.methods import base
 from capi_jax.core import metrics_writer
+from capi_jax.core import pretrained
 from capi_jax.core import sharding
-from capi_jax.core import train_step
+from capi_jax.core import state as state_lib
+from capi_jax.core import step as step_lib
 
 logger = logging.getLogger(__name__)
 # The reference aborts after more than this many consecutive NaN checks.
 CONSECUTIVE_NAN_LIMIT = 2
-LOSS_KEYS = ('capi_loss', 'clustering_loss')
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,8 +102,8 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
-def _is_finite(metrics: dict[str, Any]) -> bool:
-  return bool(np.isfinite(sum(float(metrics[k]) for k in LOSS_KEYS)))
+def _is_finite(metrics: dict[str, Any], loss_keys: tuple[str, ...]) -> bool:
+  return bool(np.isfinite(sum(float(metrics[k]) for k in loss_keys)))
 
 
 @jax.jit
@@ -131,9 +133,9 @@ def _log_memory(compiled) -> None:
                gib(mem.temp_size_in_bytes), gib(mem.generated_code_size_in_bytes))
 
 
-def run_evals(config: ml_collections.ConfigDict, state: train_step.TrainState, step: int,
-              workdir: pathlib.Path, which: str, mesh: jax.sharding.Mesh,
-              writer: metrics_writer.MetricsWriter,
+def run_evals(config: ml_collections.ConfigDict, method: base.Method,
+              state: state_lib.TrainState, step: int, workdir: pathlib.Path, which: str,
+              mesh: jax.sharding.Mesh, writer: metrics_writer.MetricsWriter,
               protocols: tuple[str, ...] | None = None) -> dict[str, float]:
   """Evaluates the student or EMA backbone with `capi_jax.evaluate`; logs and returns results.
 
@@ -141,16 +143,15 @@ def run_evals(config: ml_collections.ConfigDict, state: train_step.TrainState, s
   `config.evals.random_init_baseline` the table shows the random init's numbers beside.
   """
   from capi_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only when used)
-  params = state.ema_params if which == 'ema' else state.params
-  results = evaluate.run_evals(config, params['backbone'], step, workdir, protocols=protocols,
-                               mesh=mesh)
+  params = method.eval_params(state.variables, which)
+  results = evaluate.run_evals(config, params, step, workdir, protocols=protocols, mesh=mesh)
   writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()},
                            prefix='eval/')
   return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
-                       ) -> train_step.TrainState:
+                       ) -> state_lib.TrainState:
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
   initialize_distributed()
   config_checks.validate(config)
@@ -168,25 +169,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
-           is_main: bool) -> train_step.TrainState:
+           is_main: bool) -> state_lib.TrainState:
   method = methods.from_config(config)
   rng = jax.random.PRNGKey(config.train.seed)
-  init, abstract, state_shardings, optimizers = train_step.state_layout(config, method, mesh, rng)
+  layout = state_lib.state_layout(config, method, mesh)
 
   data_iter = pipeline.create_train_loader(
-      config, seed=config.train.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      config, method.train_transform(), seed=config.train.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
   latest = ckpt.latest_step()
   if latest is not None and not config.train.auto_resume:
     raise ValueError(f'{ckpt.directory} already holds checkpoint {latest} and '
                      'config.train.auto_resume is False: use a new --workdir, or resume.')
   if latest is not None:
-    target = checkpointing.restore_target(abstract, state_shardings)
+    target = checkpointing.restore_target(layout.abstract, layout.shardings)
     state = ckpt.restore(latest, target, data_iter)
     logger.info('Resuming from step %d.', latest)
   else:
-    state = jax.jit(init, out_shardings=state_shardings)(rng)
+    state = jax.jit(layout.init, out_shardings=layout.shardings)(rng)
+    if method.pretrained_paths():
+      variables = pretrained.apply(method, state.variables)
+      state = jax.device_put(state.replace(**variables._asdict()), layout.shardings)
+      logger.info('Started from %s.', method.pretrained_paths())
 
   total = config.optim.total_iters
   start = int(jax.device_get(state.step))
@@ -194,10 +199,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
   stop = _StopFlag()
   previous_handlers = stop.install()
   batch_spec = sharding.batch_sharding(mesh).spec
-  next_batch = lambda: pipeline.make_global_batch(
-      {k: v for k, v in next(data_iter).items() if k in train_step.STEP_KEYS}, mesh, batch_spec)
+  next_batch = lambda: pipeline.make_global_batch(next(data_iter), mesh, batch_spec)
 
-  step_fn = train_step.jit_train_step(method, optimizers, state_shardings, mesh)
+  step_fn = step_lib.jit_train_step(method, layout, mesh)
   compiled = None
   cfg = config.train
   global_batch = config.optim.global_batch_size
@@ -227,12 +231,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
 
       if cfg.nan_check_period > 0 and step % cfg.nan_check_period == 0:
         host = jax.device_get(metrics)
-        if _is_finite(host):
+        if _is_finite(host, method.loss_keys):
           bad_checks = 0
         else:
           bad_checks += 1
           logger.warning('Non-finite loss at step %d (%d consecutive checks): %s', step,
-                          bad_checks, {k: float(host[k]) for k in LOSS_KEYS})
+                          bad_checks, {k: float(host[k]) for k in method.loss_keys})
           if bad_checks > CONSECUTIVE_NAN_LIMIT:
             ckpt.wait()
             raise NonFiniteLossError(
@@ -256,14 +260,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
 
       due = evaluators.due(config, done)
       if due and done != total:
-        run_evals(config, state, done, workdir, config.evals.model, mesh, writer, due)
+        run_evals(config, method, state, done, workdir, config.evals.model, mesh, writer, due)
 
     if metrics is not None and bool(_all_finite(state)):
       ckpt.save(total, state, data_iter)
     ckpt.wait()
     if config.evals.final:
       # The EMA is what the reference evaluates at the end (and what it releases).
-      run_evals(config, state, total, workdir, 'ema', mesh, writer)
+      run_evals(config, method, state, total, workdir, 'ema', mesh, writer)
     return state
   finally:
     stop.restore(previous_handlers)

@@ -16,7 +16,8 @@
   recursively below them); a folder with no sub-folders is one unlabelled set (label -1).
 - `synthetic`: random pixels (1M records, deterministic per index), for benchmarks.
 
-Every source returns records `{'image': bytes | uint8 array, 'label': int, 'name': str}`;
+Every source has `description`, `num_classes` and `class_names` (label -> name; [] when
+unlabelled) and returns records `{'image': bytes | uint8 array, 'label': int, 'name': str}`;
 `decode(record)` turns one into `{'image': PIL RGB image, 'label': int32}` or None when the
 record cannot be decoded (logged with its name and counted in `skipped_records()`).
 """
@@ -36,6 +37,8 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
+                         'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
 SYNTHETIC_SIZE = 1_000_000
 # After this many undecodable records in a row, a process stops with an error instead of
@@ -60,7 +63,8 @@ class FashionMnistSource:
     if len(self.images) != len(self.labels):
       raise ValueError(f'Fashion-MNIST in {root}: {len(self.images)} images but '
                        f'{len(self.labels)} labels for split {split!r}; the files are damaged.')
-    self.num_classes = 10
+    self.class_names = list(FASHION_MNIST_CLASSES)
+    self.num_classes = len(self.class_names)
     self.description = f'fashion_mnist:{root} split {split!r} ({len(self)} images)'
 
   def __len__(self) -> int:
@@ -177,7 +181,8 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: str):
     self._args = (name, split, data_dir or None)
     source = self._open()  # Fail here, in the main process, with a readable message.
-    self.image_key, self.label_key, self.num_classes = _tfds_keys(source.dataset_info, name)
+    self.image_key, self.label_key, self.class_names = _tfds_keys(source.dataset_info, name)
+    self.num_classes = len(self.class_names)
     self._length = len(source)
     self.description = f'tfds:{name} split {split!r} ({self._length} images)'
 
@@ -212,15 +217,16 @@ class TfdsSource:
             'name': f'tfds:{self._args[0]}/{self._args[1]}[{index}]'}
 
 
-def _tfds_keys(info, name: str) -> tuple[str, str | None, int]:
+def _tfds_keys(info, name: str) -> tuple[str, str | None, list[str]]:
+  """(image feature, label feature or None, class names or [])."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   features = info.features
   image_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
   if not image_keys:
     raise ValueError(f'TFDS dataset {name!r} has no Image feature (features: {list(features)}).')
   label = features['label'] if 'label' in features else None
-  num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
-  return image_keys[0], ('label' if label is not None else None), num_classes
+  class_names = label.names if isinstance(label, tfds.features.ClassLabel) else []
+  return image_keys[0], ('label' if label is not None else None), class_names
 
 
 class SyntheticSource:
@@ -228,7 +234,7 @@ class SyntheticSource:
 
   def __init__(self, image_size: int):
     self.image_size = image_size
-    self.num_classes = 0
+    self.num_classes, self.class_names = 0, []
     self.description = f'synthetic ({SYNTHETIC_SIZE} random {image_size}x{image_size} images)'
 
   def __len__(self) -> int:
@@ -299,7 +305,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode(record: Record) -> dict[str, Any] | None:
-  """`{'image': PIL RGB image, 'label': int32}`, or None if the record cannot be decoded."""
+  """`{'image': PIL RGB image, 'label': int32}` (and the record's 'index' if it has one), or
+  None if the record cannot be decoded."""
   data = record['image']
   try:
     if isinstance(data, Exception):
@@ -320,4 +327,7 @@ def decode(record: Record) -> dict[str, Any] | None:
     _count(record['name'], e)
     return None
   _count(record['name'], None)
-  return {'image': image, 'label': np.int32(record['label'])}
+  decoded = {'image': image, 'label': np.int32(record['label'])}
+  if 'index' in record:
+    decoded['index'] = np.int32(record['index'])
+  return decoded

@@ -1,8 +1,8 @@
 """The official evaluation transforms (CAPI's eval_*.py torchvision pipelines) on PIL images.
 
 torchvision resizes PIL images with PIL itself, so these are the same pixels, not an
-approximation; outputs are channels-last float32 normalised with `pipeline.normalize` (the
-official ToTensor + Normalize up to float32 rounding, ~1e-7).
+approximation; outputs are channels-last float32 normalised with `data.transforms.normalize`
+(the official ToTensor + Normalize up to float32 rounding, ~1e-7).
 - `classif_train`: RandomResizedCrop(size, scale (0.08, 1), ratio (3/4, 4/3), bicubic), horizontal
   flip with probability 0.5 (`eval_classification.py` train transform).
 - `classif_eval`: shorter side to size * 256 / 224 (bicubic), central size x size crop (Resize(256)
@@ -15,30 +15,25 @@ official ToTensor + Normalize up to float32 rounding, ~1e-7).
 import numpy as np
 from PIL import Image
 
-from capi_jax.data import pipeline
+from capi_jax.data import transforms as image_ops
 
 CLASSIF_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default.
 
 
 def classif_train(image: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
   """A random resized crop, maybe flipped: float32 (size, size, 3)."""
-  top, left, h, w = pipeline.sample_crop_box(image.height, image.width, CLASSIF_CROP_SCALE,
-                                             pipeline.CROP_RATIO, rng)
-  image = image.crop((left, top, left + w, top + h)).resize((size, size),
-                                                             Image.Resampling.BICUBIC)
-  if rng.random() < 0.5:
-    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  return pipeline.normalize(image)
+  image = image_ops.random_resized_crop(image, size, CLASSIF_CROP_SCALE, rng)
+  return image_ops.normalize(image_ops.random_flip(image, rng))
 
 
 def classif_eval(image: Image.Image, size: int) -> np.ndarray:
   """Resize(size * 256 / 224) + CenterCrop(size), normalised: float32 (size, size, 3)."""
-  return pipeline.eval_image(image, size)
+  return image_ops.eval_image(image, size)
 
 
 def seg_image(image: Image.Image, size: int) -> np.ndarray:
   """Resize((size, size)) bicubic, normalised: float32 (size, size, 3)."""
-  return pipeline.normalize(image.convert('RGB').resize((size, size), Image.Resampling.BICUBIC))
+  return image_ops.normalize(image.convert('RGB').resize((size, size), Image.Resampling.BICUBIC))
 
 
 def seg_target(mask: Image.Image, size: int) -> np.ndarray:
@@ -48,5 +43,5 @@ def seg_target(mask: Image.Image, size: int) -> np.ndarray:
 
 def denormalize_uint8(image: np.ndarray) -> np.ndarray:
   """A normalised float image (..., 3) back to uint8 pixels (rounded)."""
-  pixels = (image * pipeline.IMAGENET_STD + pipeline.IMAGENET_MEAN) * 255
+  pixels = (image * image_ops.IMAGENET_STD + image_ops.IMAGENET_MEAN) * 255
   return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)

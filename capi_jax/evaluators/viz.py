@@ -24,7 +24,7 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from capi_jax.data import pipeline
+from capi_jax.data import transforms as image_ops
 from capi_jax.evaluators import seg_data
 from capi_jax.evaluators import transforms
 
@@ -111,7 +111,7 @@ def _grid_row(images: Sequence[Image.Image], padding: int = 10) -> Image.Image:
 
 def _picture(image: np.ndarray) -> Image.Image:
   """A normalised (H, W, 3) input image as the official script shows it (224 x 224)."""
-  pixels = (np.clip(image * pipeline.IMAGENET_STD + pipeline.IMAGENET_MEAN, 0, 1) * 255)
+  pixels = (np.clip(image * image_ops.IMAGENET_STD + image_ops.IMAGENET_MEAN, 0, 1) * 255)
   return Image.fromarray(pixels.astype(np.uint8)).resize((PICTURE_SIZE, PICTURE_SIZE),
                                                          Image.Resampling.BICUBIC)
 
