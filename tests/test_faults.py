@@ -8,9 +8,11 @@ test_a_fixture_with_nothing_comparable_fails.)
 
 The training runs are subprocesses of this file (`python tests/test_faults.py WORKDIR ...`) on
 one CPU device, sharing JAX's persistent compilation cache, so only the first one compiles.
+`_workers_main` is the subprocess whose Grain workers must die with it.
 One trained workdir (`trained`: 16 steps, checkpoints 8, 12, 16) is reused by most cases.
 """
 
+import importlib
 import json
 import logging
 import multiprocessing
@@ -269,8 +271,10 @@ def _workers_main() -> None:
 
 
 def test_grain_workers_die_with_a_killed_main_process():
+  # `-c`, not this file: spawned workers then import only what the pipeline needs.
   proc = subprocess.Popen(
-      [sys.executable, __file__, '--workers'], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+      [sys.executable, '-c', 'import test_faults; test_faults._workers_main()'], cwd=ROOT,
+      stdout=subprocess.PIPE, text=True,
       env={**os.environ, 'PYTHONPATH': f'{ROOT}{os.pathsep}{TESTS}', 'JAX_PLATFORMS': 'cpu'})
   try:
     line = proc.stdout.readline()
@@ -463,7 +467,7 @@ def test_a_step_folder_of_another_model_does_not_suggest_a_new_workdir(trained):
 
 def test_bench_refuses_zero_steps():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from capi_jax import bench  # pylint: disable=g-import-not-at-top,unused-import
+  importlib.import_module('capi_jax.bench')  # Defines its flags.
   with pytest.raises(flags.IllegalFlagValueError, match='positive'):
     flags.FLAGS['steps'].parse('0')
 
@@ -471,7 +475,7 @@ def test_bench_refuses_zero_steps():
 # ----------------------------------------- 10 + 1. Ctrl-C, busy workdir (last: the cache is warm)
 def test_ctrl_c_checkpoints_and_a_second_run_is_refused_meanwhile(tmp_path, cache_dir):
   workdir = tmp_path / 'run'
-  first = _script(cache_dir, workdir, '--throttle=2')
+  first = _script(cache_dir, workdir, '--throttle=5')  # Runs long enough for `second`.
   deadline = time.time() + 300
   while not ((workdir / 'metrics.jsonl').exists() and _steps(workdir)):
     assert first.poll() is None and time.time() < deadline, _finish(first)[1]
@@ -527,11 +531,8 @@ def _train_main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  if sys.argv[1:] == ['--workers']:
-    _workers_main()
-  else:
-    from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-    absl_flags.DEFINE_float('throttle', 0.0, 'Seconds per batch (a Throttled loader).')
-    absl_flags.DEFINE_integer('nan_from', 10**9, 'First NaN batch (a NanFrom loader).')
-    absl_flags.DEFINE_bool('final_eval', False, 'config.evals.final.')
-    cli.run(_train_main)
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  absl_flags.DEFINE_float('throttle', 0.0, 'Seconds per batch (a Throttled loader).')
+  absl_flags.DEFINE_integer('nan_from', 10**9, 'First NaN batch (a NanFrom loader).')
+  absl_flags.DEFINE_bool('final_eval', False, 'config.evals.final.')
+  cli.run(_train_main)

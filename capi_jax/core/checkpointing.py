@@ -161,7 +161,7 @@ def _damage_agreed(step_dir: pathlib.Path) -> str | None:
   """`damage(step_dir)` as process 0 sees it (only it reads the files), on every process."""
   found = damage(step_dir) if jax.process_index() == 0 else None
   if _on_process_0(found is not None) and found is None:
-    found = 'damaged (see process 0\'s log)'
+    found = 'a file differs from when it was written (process 0 logs which)'
   return found
 
 

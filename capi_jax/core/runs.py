@@ -118,6 +118,9 @@ class WorkdirLock:
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       return False
+    except OSError as e:
+      raise cli.UserError(f'Cannot create the lock file {self.path} ({e}): the workdir must be '
+                          'writable.') from e
     with os.fdopen(fd, 'w') as f:
       json.dump(dataclasses.asdict(self.holder), f)
       f.flush()
@@ -169,11 +172,14 @@ class WorkdirLock:
   def _start_heartbeat(self) -> None:
     def beat():
       while not self._stop.wait(HEARTBEAT_S):
-        if _read_holder(self.path) != self.holder:
+        try:
+          if _read_holder(self.path) != self.holder:
+            raise FileNotFoundError(self.path)
+          os.utime(self.path)
+        except OSError:
           logger.error('The lock %s is no longer this run\'s: another run may be writing to '
                        'this workdir.', self.path)
           return
-        os.utime(self.path)
 
     self._heartbeat = threading.Thread(target=beat, name='workdir-lock-heartbeat', daemon=True)
     self._heartbeat.start()
@@ -202,7 +208,7 @@ def lock_workdir(workdir: pathlib.Path) -> WorkdirLock | None:
     lock = WorkdirLock(workdir)
     try:
       lock.acquire()
-    except WorkdirBusyError as e:
+    except cli.UserError as e:
       error = e
   if jax.process_count() > 1:
     busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
