@@ -16,8 +16,9 @@ checkpoint cut short by a kill; leftovers are removed on the next start. A save 
 fit on the disk is refused before it starts, and a failed write is reported when it fails.
 
 Resuming (`Checkpointer.restore_latest`) takes the newest checkpoint that is intact: a damaged
-one (a file truncated, deleted or changed since it was written, or unreadable) is moved to
-`WORKDIR/checkpoints_damaged/` with a warning naming the damage, and the previous one is tried.
+one (a file truncated, deleted or changed since it was written; without checksums, one Orbax
+cannot read) is moved to `WORKDIR/checkpoints_damaged/` with a warning naming the damage, and
+the previous one is tried.
 
 `find_checkpoint` resolves what a user may pass as a checkpoint (a step folder, a copy of one,
 a checkpoints folder, a workdir, a `capi_jax.convert` output); `restore_step_dir` reads a step
@@ -194,15 +195,26 @@ def _first_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0]}'
 
 
-def check_architecture(step_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Raises IncompatibleCheckpointError if `step_dir` holds another architecture than `config`."""
+def _read(step_dir: pathlib.Path, items: dict[str, Any]) -> dict[str, Any]:
+  """Orbax's restore of `items` from `step_dir`.
+
+  A failure counts as damage only for a checkpoint without checksums: files verified as
+  written that Orbax cannot read point to a bug or a version mismatch, raised as is.
+  """
   try:
     with _reader() as reader:
-      saved = reader.restore(step_dir, args=ocp.args.Composite(**{
-          _CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
-  except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
-    raise DamagedCheckpointError(f'{step_dir}: its config is unreadable ({_first_line(e)})'
-                                 ) from e
+      return reader.restore(step_dir, args=ocp.args.Composite(**items))
+  except cli.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON, missing files)
+    if (step_dir / CHECKSUMS).exists():
+      raise
+    raise DamagedCheckpointError(f'{step_dir} cannot be read: {_first_line(e)}.') from e
+
+
+def check_architecture(step_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Raises IncompatibleCheckpointError if `step_dir` holds another architecture than `config`."""
+  saved = _read(step_dir, {_CONFIG: ocp.args.JsonRestore()})[_CONFIG]
   diffs = _differences(saved, architecture(config))
   if diffs:
     raise IncompatibleCheckpointError(
@@ -223,7 +235,8 @@ def restore_step_dir(step_dir: str | pathlib.Path, config: ml_collections.Config
       with `get_state` / `set_state` speaking JSON bytes).
 
   Raises:
-    DamagedCheckpointError: a file differs from when it was written, or cannot be read.
+    DamagedCheckpointError: a file differs from when it was written, or (without checksums)
+      cannot be read.
     IncompatibleCheckpointError: the checkpoint has another architecture.
   """
   step_dir = pathlib.Path(step_dir).absolute()
@@ -236,13 +249,7 @@ def restore_step_dir(step_dir: str | pathlib.Path, config: ml_collections.Config
     adapted = (_IteratorStateAdapter(data_iter) if isinstance(data_iter, grain.DatasetIterator)
                else data_iter)
     items[_DATA] = grain.checkpoint.CheckpointRestore(adapted)
-  try:
-    with _reader() as reader:
-      restored = reader.restore(step_dir, args=ocp.args.Composite(**items))
-  except cli.UserError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON, missing files)
-    raise DamagedCheckpointError(f'{step_dir} cannot be read: {_first_line(e)}.') from e
+  restored = _read(step_dir, items)
   logger.info('Restored checkpoint %s.', step_dir)
   return restored[_STATE]
 
