@@ -43,17 +43,18 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import flax.linen as nn
 import ml_collections
 import numpy as np
 
 from capi_jax.data import sources
 from capi_jax.data import pipeline
+from capi_jax.data import transforms
 from capi_jax import methods
-from capi_jax.models import encoder_decoder
 from capi_jax.evaluators import probes
 from capi_jax.evaluators import segmentation
 from capi_jax.core import sharding
-from capi_jax.core import train_step
+from capi_jax.core import state as state_lib
 from capi_jax.evaluators import visualize
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ RANDOM_INIT = 'random_init'  # Output folder of the random initialisation's eval
 # Feature extraction.
 
 
-def _forward(model: encoder_decoder.EncoderDecoder, params: PyTree, images: jax.Array
+def _forward(model: nn.Module, params: PyTree, images: jax.Array
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(global_repr (b, D), mean patch token (b, D), feature_map (b, h, w, D)), float32."""
   global_repr, _, feature_map = model.apply({'params': params}, images)
@@ -91,7 +92,7 @@ class FeatureExtractor:
     self.batch_size = -(-config.evals.batch_size // n_dev) * n_dev
     self.params = jax.device_put(
         params, sharding.tree_shardings(mesh, params, config.sharding.param_rules))
-    self._fn = jax.jit(functools.partial(_forward, encoder_decoder.from_config(config)),
+    self._fn = jax.jit(functools.partial(_forward, methods.from_config(config).eval_model()),
                        out_shardings=self.batch_sharding)
 
   def _global_batch(self, images: np.ndarray) -> jax.Array:
@@ -220,7 +221,7 @@ def _to_model_input(images: np.ndarray) -> np.ndarray:
   """uint8 (n, H, W) grey or (n, H, W, 3) RGB -> ImageNet-normalised float32 (n, H, W, 3)."""
   if images.ndim == 3:
     images = np.repeat(images[..., None], 3, axis=-1)
-  return pipeline.normalize(images)
+  return transforms.normalize(images)
 
 
 def segmentation_data(config: ml_collections.ConfigDict
@@ -361,10 +362,11 @@ def save_pictures(pictures: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: p
 
 
 def random_init_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PyTree:
-  """The encoder of the run's fresh TrainState (seed config.train.seed), born sharded."""
-  init, _ = train_step.init_fn(config, methods.from_config(config))
+  """The encoder the run starts from (seed config.train.seed), born sharded."""
+  method = methods.from_config(config)
   rng = jax.random.PRNGKey(config.train.seed)
-  backbone = lambda r: init(r).params['backbone']  # jit drops the rest of the state.
+  # jit drops the rest of the variables.
+  backbone = lambda r: method.eval_params(state_lib.initial_variables(method, r)[0], 'ema')
   abstract = jax.eval_shape(backbone, rng)
   return jax.jit(backbone, out_shardings=sharding.tree_shardings(
       mesh, abstract, config.sharding.param_rules))(rng)
@@ -454,12 +456,11 @@ def _restore_training_checkpoint(config: ml_collections.ConfigDict, step_dir: pa
                                  mesh: jax.sharding.Mesh, which: str) -> tuple[PyTree, int]:
   """(backbone params, step) of the training checkpoint in `step_dir`."""
   from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
-  _, abstract, shardings, _ = train_step.state_layout(
-      config, methods.from_config(config), mesh, jax.random.PRNGKey(0))
-  state = checkpointing.restore_step_dir(step_dir, config,
-                                         checkpointing.restore_target(abstract, shardings))
-  params = state.ema_params if which == 'ema' else state.params
-  return params['backbone'], int(jax.device_get(state.step))
+  method = methods.from_config(config)
+  layout = state_lib.state_layout(config, method, mesh)
+  state = checkpointing.restore_step_dir(
+      step_dir, config, checkpointing.restore_target(layout.abstract, layout.shardings))
+  return method.eval_params(state.variables, which), int(jax.device_get(state.step))
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpoint: str,
@@ -472,12 +473,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkp
   if found.kind == 'training':
     return _restore_training_checkpoint(config, found.path, mesh, which)
   from capi_jax import convert  # pylint: disable=g-import-not-at-top
-  parts = convert.restore_params(found.path)
-  if 'backbone' not in parts:
-    raise checkpointing.CheckpointNotFoundError(
-        f'{found.path} holds {sorted(parts)}, no backbone: pass the directory written by '
-        '`python -m capi_jax.convert --to=capi_jax`.')
-  return parts['backbone'], 'converted'
+  return convert.restore_backbone(found.path), 'converted'
 
 
 def main(argv: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ from PIL import Image
 import pytest
 
 from capi_jax import evaluate
+from capi_jax import methods
 from capi_jax.core import sharding
 from configs import tiny
 
@@ -84,7 +85,7 @@ def test_extractor_rebatches_pads_and_matches_the_model():
   out = extract(batches, keep_maps=True, keep_pixels=True)
   np.testing.assert_array_equal(out['label'], labels)  # Order kept, padding dropped.
   assert out['feature_map'].shape == (21, 4, 4, 32) and out['pixels'].shape == (21, 16 * 16 * 3)
-  model = evaluate.encoder_decoder.from_config(config)
+  model = methods.from_config(config).eval_model()
   global_repr, _, feature_map = model.apply({'params': jax.device_get(params)}, images)
   # Same float32 computation, batched differently: rounding-level differences only.
   np.testing.assert_allclose(out['global_repr'], global_repr, rtol=1e-4, atol=1e-5)
@@ -178,7 +179,7 @@ def test_load_params_from_a_training_checkpoint(data, tmp_path):
   config.evals.final = False
   state = train.train_and_evaluate(config, tmp_path)
   mesh = sharding.make_mesh(config)
-  for which, want in (('ema', state.ema_params), ('student', state.params)):
+  for which, want in (('ema', state.buffers['ema']), ('student', state.params)):
     params, step = evaluate.load_params(config, tmp_path, '', '', which, mesh)
     assert step == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),

@@ -37,8 +37,8 @@ from capi_jax.core import config_checks
 from capi_jax.core import metrics_writer
 from capi_jax.core import runs
 from capi_jax.core import sharding
+from capi_jax.core import state as state_lib
 from capi_jax.core import train
-from capi_jax.core import train_step
 from capi_jax.data import pipeline
 from capi_jax.data import sources
 from capi_jax import methods
@@ -100,10 +100,9 @@ def _copy(workdir: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
 
 def _target(config):
   """Restore target of `config`'s TrainState on this process's 8 devices."""
-  mesh = sharding.make_mesh(config)
-  _, abstract, shardings, _ = train_step.state_layout(
-      config, methods.from_config(config), mesh, jax.random.PRNGKey(0))
-  return checkpointing.restore_target(abstract, shardings)
+  layout = state_lib.state_layout(config, methods.from_config(config),
+                                  sharding.make_mesh(config))
+  return checkpointing.restore_target(layout.abstract, layout.shardings)
 
 
 # ------------------------------------------------------------------ 1. one run per workdir
@@ -247,9 +246,12 @@ def _workers_main() -> None:
   """Resumes loaders across num_workers 0 -> 1 -> 2 -> 0, prints the workers' pids, waits."""
   config = micro_config()
 
+  transform = methods.from_config(config).train_transform()
+
   def loader(workers):
     config.data.num_workers = workers
-    return pipeline.create_train_loader(config, seed=0, process_index=0, process_count=1)
+    return pipeline.create_train_loader(config, transform, seed=0, process_index=0,
+                                        process_count=1)
 
   def resumed(workers, state):
     it = loader(workers)

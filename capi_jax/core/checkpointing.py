@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from capi_jax import methods
 from capi_jax.core import cli
 from capi_jax.data import pipeline
 
@@ -74,17 +75,10 @@ class CheckpointNotFoundError(cli.UserError, FileNotFoundError):
 
 
 def architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The keys that decide the TrainState's structure and shapes (JSON-normalised)."""
-  arch = {
-      'method': config.method,
-      'model': config.model.to_dict(),
-      'capi.num_clusters': config.capi.num_clusters,
-      'capi.clustering_kwargs.bias': config.capi.clustering_kwargs.bias,
-      'efficiency.param_dtype': config.efficiency.param_dtype,
-  }
-  # Stochastic depth changes no parameter; a run may resume with a different one.
-  arch['model'].pop('drop_path_rate', None)
-  arch['model'].pop('drop_path_groups', None)
+  """What decides the TrainState's structure and shapes (JSON-normalised): the method's
+  signature (`Method.architecture`) plus the method's name and the parameters' dtype."""
+  arch = {'method': config.method, **methods.from_config(config).architecture(),
+          'efficiency.param_dtype': config.efficiency.param_dtype}
   return json.loads(json.dumps(arch))
 
 

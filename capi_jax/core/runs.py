@@ -219,6 +219,14 @@ def lock_workdir(workdir: pathlib.Path) -> WorkdirLock | None:
   return lock
 
 
+def latest_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
+  """The config of the newest start recorded in WORKDIR/runs/ (None if there is none)."""
+  records = sorted((pathlib.Path(workdir) / RUNS_DIR).glob('*.json'))
+  if not records:
+    return None
+  return ml_collections.ConfigDict(json.loads(records[-1].read_text())['config'])
+
+
 def write_record(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                      resumed_from: int | None) -> pathlib.Path | None:
   """Writes this start's record into WORKDIR/runs/ (process 0 only); returns its path.

@@ -46,15 +46,17 @@ from capi_jax.core import cli
 from capi_jax.core import config_checks
 from capi_jax.data import pipeline
 from capi_jax import methods
+from capi_jax.methods import base
 from capi_jax.core import metrics_writer
+from capi_jax.core import pretrained
 from capi_jax.core import runs
 from capi_jax.core import sharding
-from capi_jax.core import train_step
+from capi_jax.core import state as state_lib
+from capi_jax.core import step as step_lib
 
 logger = logging.getLogger(__name__)
 # The reference aborts after more than this many consecutive NaN checks.
 CONSECUTIVE_NAN_LIMIT = 2
-LOSS_KEYS = ('capi_loss', 'clustering_loss')
 
 
 class NonFiniteLossError(cli.UserError):
@@ -118,8 +120,8 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
-def _is_finite(metrics: dict[str, Any]) -> bool:
-  return bool(np.isfinite(sum(float(metrics[k]) for k in LOSS_KEYS)))
+def _is_finite(metrics: dict[str, Any], loss_keys: tuple[str, ...]) -> bool:
+  return bool(np.isfinite(sum(float(metrics[k]) for k in loss_keys)))
 
 
 @jax.jit
@@ -141,7 +143,7 @@ def _diverged(ckpt: checkpointing.Checkpointer, what: str) -> NonFiniteLossError
       'data, then rerun with the same --workdir to resume.')
 
 
-def _require_finite(state: train_step.TrainState, ckpt: checkpointing.Checkpointer, step: int,
+def _require_finite(state: state_lib.TrainState, ckpt: checkpointing.Checkpointer, step: int,
                     when: str) -> None:
   """Raises NonFiniteLossError unless every float of `state` (after `step` steps) is finite."""
   if not bool(_all_finite(state)):
@@ -162,24 +164,24 @@ def _log_memory(compiled) -> None:
                gib(mem.temp_size_in_bytes), gib(mem.generated_code_size_in_bytes))
 
 
-def run_evals(config: ml_collections.ConfigDict, state: train_step.TrainState, step: int,
-              workdir: pathlib.Path, which: str, mesh: jax.sharding.Mesh,
-              writer: metrics_writer.MetricsWriter) -> dict[str, float]:
+def run_evals(config: ml_collections.ConfigDict, method: base.Method,
+              state: state_lib.TrainState, step: int, workdir: pathlib.Path, which: str,
+              mesh: jax.sharding.Mesh, writer: metrics_writer.MetricsWriter) -> dict[str, float]:
   """Evaluates the student or EMA backbone with `capi_jax.evaluate`; logs and returns results.
 
   `evaluate.run_evals` prints a table and writes WORKDIR/eval/<step>/; with
   `config.evals.random_init_baseline` the table shows the random init's numbers beside.
   """
   from capi_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only when used)
-  params = state.ema_params if which == 'ema' else state.params
-  results = evaluate.run_evals(config, params['backbone'], step, workdir, mesh=mesh)
+  params = method.eval_params(state.variables, which)
+  results = evaluate.run_evals(config, params, step, workdir, mesh=mesh)
   writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()},
                            prefix='eval/')
   return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
-                       ) -> train_step.TrainState:
+                       ) -> state_lib.TrainState:
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
   initialize_distributed()
   config_checks.validate(config)
@@ -200,27 +202,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
-           is_main: bool) -> train_step.TrainState:
+           is_main: bool) -> state_lib.TrainState:
   method = methods.from_config(config)
   rng = jax.random.PRNGKey(config.train.seed)
-  init, abstract, state_shardings, optimizers = train_step.state_layout(config, method, mesh, rng)
+  layout = state_lib.state_layout(config, method, mesh)
 
   data_iter = pipeline.create_train_loader(
-      config, seed=config.train.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      config, method.train_transform(), seed=config.train.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
   with contextlib.ExitStack() as cleanup:  # Closed in reverse order, on errors too.
     ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
     cleanup.callback(ckpt.close)
     if ckpt.all_steps() and not config.train.auto_resume:
       raise cli.UserError(f'{ckpt.directory} already holds checkpoints {ckpt.all_steps()} and '
                           'config.train.auto_resume is False: use a new --workdir, or resume.')
-    restored = ckpt.restore_latest(checkpointing.restore_target(abstract, state_shardings),
+    restored = ckpt.restore_latest(checkpointing.restore_target(layout.abstract, layout.shardings),
                                    data_iter)
     if restored is not None:
       state, latest = restored
       logger.info('Resuming from step %d.', latest)
     else:
-      state = jax.jit(init, out_shardings=state_shardings)(rng)
+      state = jax.jit(layout.init, out_shardings=layout.shardings)(rng)
+      if method.pretrained_paths():
+        variables = pretrained.apply(method, state.variables)
+        state = jax.device_put(state.replace(**variables._asdict()), layout.shardings)
+        logger.info('Started from %s.', method.pretrained_paths())
     ckpt.check_space(state)
     runs.write_record(workdir, config, resumed_from=None if restored is None else latest)
 
@@ -231,11 +237,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     stop = _StopFlag()
     cleanup.callback(stop.restore, stop.install())
     batch_spec = sharding.batch_sharding(mesh).spec
-    next_batch = lambda: pipeline.make_global_batch(
-        {k: v for k, v in next(data_iter).items() if k in train_step.STEP_KEYS}, mesh,
-        batch_spec)
+    next_batch = lambda: pipeline.make_global_batch(next(data_iter), mesh, batch_spec)
 
-    step_fn = train_step.jit_train_step(method, optimizers, state_shardings, mesh)
+    step_fn = step_lib.jit_train_step(method, layout, mesh)
     compiled = None
     cfg = config.train
     global_batch = config.optim.global_batch_size
@@ -266,12 +270,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
 
       if cfg.nan_check_period > 0 and step % cfg.nan_check_period == 0:
         host = jax.device_get(metrics)
-        if _is_finite(host):
+        if _is_finite(host, method.loss_keys):
           bad_checks = 0
         else:
           bad_checks += 1
           logger.warning('Non-finite loss at step %d (%d consecutive checks): %s', step,
-                          bad_checks, {k: float(host[k]) for k in LOSS_KEYS})
+                          bad_checks, {k: float(host[k]) for k in method.loss_keys})
           if bad_checks > CONSECUTIVE_NAN_LIMIT:
             raise _diverged(ckpt, f'Loss is NaN/inf at {bad_checks} consecutive checks (every '
                                   f'{cfg.nan_check_period} steps), last at step {step}')
@@ -291,7 +295,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
 
       if config.evals.period and done % config.evals.period == 0 and done != total:
         _require_finite(state, ckpt, done, 'evaluation')
-        run_evals(config, state, done, workdir, config.evals.model, mesh, writer)
+        run_evals(config, method, state, done, workdir, config.evals.model, mesh, writer)
 
     if metrics is not None:
       _require_finite(state, ckpt, total, 'end of training')
@@ -299,5 +303,5 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     ckpt.wait()
     if config.evals.final:
       # The EMA is what the reference evaluates at the end (and what it releases).
-      run_evals(config, state, total, workdir, 'ema', mesh, writer)
+      run_evals(config, method, state, total, workdir, 'ema', mesh, writer)
     return state

@@ -319,7 +319,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode(record: Record) -> dict[str, Any] | None:
-  """`{'image': PIL RGB image, 'label': int32}`, or None if the record cannot be decoded."""
+  """`{'image': PIL RGB image, 'label': int32}` (and the record's 'index' if it has one), or
+  None if the record cannot be decoded."""
   data = record['image']
   try:
     if isinstance(data, Exception):
@@ -340,4 +341,7 @@ def decode(record: Record) -> dict[str, Any] | None:
     _count(record['name'], e)
     return None
   _count(record['name'], None)
-  return {'image': image, 'label': np.int32(record['label'])}
+  decoded = {'image': image, 'label': np.int32(record['label'])}
+  if 'index' in record:
+    decoded['index'] = np.int32(record['index'])
+  return decoded

@@ -14,7 +14,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from capi_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from capi_jax.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def pca_rgb(feature_map: np.ndarray) -> np.ndarray:
@@ -45,7 +45,7 @@ def pca_rgb(feature_map: np.ndarray) -> np.ndarray:
 
 def denormalize(images: np.ndarray) -> np.ndarray:
   """ImageNet-normalised (n, H, W, 3) images -> displayable [0, 1] RGB."""
-  return np.clip(images * pipeline.IMAGENET_STD + pipeline.IMAGENET_MEAN, 0, 1)
+  return np.clip(images * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN, 0, 1)
 
 
 def save_pca_figure(images: np.ndarray, feature_map: np.ndarray, path: str | pathlib.Path,
