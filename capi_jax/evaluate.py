@@ -209,51 +209,37 @@ def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str
 # Command line.
 
 
-def _restore_training_checkpoint(config: ml_collections.ConfigDict, directory: pathlib.Path,
-                                 mesh: jax.sharding.Mesh, which: str,
-                                 step: int | None = None) -> tuple[PyTree, int]:
-  """(backbone params, step) of a training run's checkpoint (latest unless `step`)."""
+def _restore_training_checkpoint(config: ml_collections.ConfigDict, step_dir: pathlib.Path,
+                                 mesh: jax.sharding.Mesh, which: str) -> tuple[PyTree, int]:
+  """(backbone params, step) of the training checkpoint in `step_dir`."""
   from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
-  ckpt = checkpointing.Checkpointer(directory, config)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {directory}: train first, or pass '
-                            '--checkpoint=PATH or --init=random.')
   method = methods.from_config(config)
   layout = state_lib.state_layout(config, method, mesh)
-  state = ckpt.restore(step, checkpointing.restore_target(layout.abstract, layout.shardings),
-                       None)
-  ckpt.close()
-  return method.eval_params(state.variables, which), step
+  state = checkpointing.restore_step_dir(
+      step_dir, config, checkpointing.restore_target(layout.abstract, layout.shardings))
+  return method.eval_params(state.variables, which), int(jax.device_get(state.step))
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpoint: str,
                 init: str, which: str, mesh: jax.sharding.Mesh) -> tuple[PyTree, int | str]:
   """(backbone params, output folder name) for the command line's choice of encoder."""
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   if init == 'random':
     return random_init_params(config, mesh), RANDOM_INIT
-  if not checkpoint:
-    return _restore_training_checkpoint(config, workdir / 'checkpoints', mesh, which)
-  path = pathlib.Path(checkpoint)
-  if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
+  if checkpoint and pathlib.Path(checkpoint).suffix in OFFICIAL_SUFFIXES:
+    path = pathlib.Path(checkpoint)
+    if not path.is_file():
+      raise FileNotFoundError(f'--checkpoint={checkpoint}: no such official checkpoint file.')
     from capi_jax import convert  # pylint: disable=g-import-not-at-top
     source = 'student' if which == 'student' else 'student_ema'
     backbone = convert.load_official(path, config, source=source)['backbone']
     # The official loader evaluates float32 weights.
     return jax.tree.map(lambda x: np.asarray(x, np.float32), backbone), path.stem
-  if not path.is_dir():
-    raise FileNotFoundError(f'--checkpoint={checkpoint} is not a directory nor an official '
-                            f'{"/".join(OFFICIAL_SUFFIXES)} file: pass a checkpoint step folder '
-                            '(WORKDIR/checkpoints/<step>), the output directory of `python -m '
-                            'capi_jax.convert --to=capi_jax`, or an official checkpoint file.')
-  if (path / 'state').is_dir():  # A step folder of a training run's checkpoints.
-    return _restore_training_checkpoint(config, path.parent, mesh, which, int(path.name))
+  found = checkpointing.find_checkpoint(checkpoint or workdir)
+  if found.kind == 'training':
+    return _restore_training_checkpoint(config, found.path, mesh, which)
   from capi_jax import convert  # pylint: disable=g-import-not-at-top
-  parts = convert.restore_params(path / 'params' if (path / 'params').is_dir() else path)
-  if 'backbone' not in parts:
-    raise ValueError(f'{checkpoint} holds {sorted(parts)}, no backbone: pass the directory '
-                     'written by `python -m capi_jax.convert --to=capi_jax`.')
-  return parts['backbone'], 'converted'
+  return convert.restore_backbone(found.path), 'converted'
 
 
 def main(argv: Sequence[str]) -> None:
@@ -275,19 +261,19 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _run_cli() -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import cli  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory: checkpoints are read from it and '
                       'results written to WORKDIR/eval/<step>/.')
-  flags.DEFINE_string('checkpoint', '', 'A checkpoint step folder (WORKDIR/checkpoints/<step>), '
-                      'a `capi_jax.convert` output, or an official .pth / .npz file; default: '
-                      'the latest in WORKDIR.')
+  flags.DEFINE_string('checkpoint', '', 'A checkpoint step folder (WORKDIR/checkpoints/<step>, '
+                      'or a copy), a checkpoints folder, a workdir, a `capi_jax.convert` output, '
+                      'or an official .pth / .npz file; default: the latest in WORKDIR.')
   flags.DEFINE_enum('init', '', ['', 'random'], "'random': evaluate the run's random init.")
   flags.DEFINE_enum('model', 'ema', ['ema', 'student'], 'Which encoder of a training checkpoint.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

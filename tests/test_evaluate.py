@@ -159,8 +159,10 @@ def test_load_params_random_converted_and_official(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, official, jax.device_get(params))
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     evaluate.load_params(config, tmp_path, '', '', 'ema', mesh)
-  with pytest.raises(FileNotFoundError, match='official'):
+  with pytest.raises(FileNotFoundError, match='not a directory'):
     evaluate.load_params(config, tmp_path, str(tmp_path / 'missing'), '', 'ema', mesh)
+  with pytest.raises(FileNotFoundError, match='official checkpoint file'):
+    evaluate.load_params(config, tmp_path, str(tmp_path / 'missing.pth'), '', 'ema', mesh)
 
 
 def test_load_params_from_a_training_checkpoint(data, tmp_path):
