@@ -21,8 +21,9 @@ From one CPU to a pod, the same loop:
     at more than 2 consecutive checks (every `train.nan_check_period` steps), or a non-finite
     state at a checkpoint, an evaluation or the end. Only finite states become checkpoints and
     a non-finite model is never evaluated;
-  - evaluations (`capi_jax.evaluate`) every `evals.period` steps of `evals.model`, and of the
-    EMA at the end unless `evals.final` (optional, default True) is False.
+  - evaluations (`capi_jax.evaluate`) of `evals.model` at the steps `evaluators.due` names
+    (each protocol's `period`), and of the EMA with every protocol at the end unless
+    `evals.final` is False.
 """
 
 import contextlib
@@ -45,6 +46,7 @@ from capi_jax.core import checkpointing
 from capi_jax.core import cli
 from capi_jax.core import config_checks
 from capi_jax.data import pipeline
+from capi_jax import evaluators
 from capi_jax import methods
 from capi_jax.methods import base
 from capi_jax.core import metrics_writer
@@ -166,7 +168,8 @@ def _log_memory(compiled) -> None:
 
 def run_evals(config: ml_collections.ConfigDict, method: base.Method,
               state: state_lib.TrainState, step: int, workdir: pathlib.Path, which: str,
-              mesh: jax.sharding.Mesh, writer: metrics_writer.MetricsWriter) -> dict[str, float]:
+              mesh: jax.sharding.Mesh, writer: metrics_writer.MetricsWriter,
+              protocols: tuple[str, ...] | None = None) -> dict[str, float]:
   """Evaluates the student or EMA backbone with `capi_jax.evaluate`; logs and returns results.
 
   `evaluate.run_evals` prints a table and writes WORKDIR/eval/<step>/; with
@@ -174,7 +177,7 @@ def run_evals(config: ml_collections.ConfigDict, method: base.Method,
   """
   from capi_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only when used)
   params = method.eval_params(state.variables, which)
-  results = evaluate.run_evals(config, params, step, workdir, mesh=mesh)
+  results = evaluate.run_evals(config, params, step, workdir, protocols=protocols, mesh=mesh)
   writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()},
                            prefix='eval/')
   return results
@@ -293,9 +296,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
           raise KeyboardInterrupt
         return state
 
-      if config.evals.period and done % config.evals.period == 0 and done != total:
+      due = evaluators.due(config, done)
+      if due and done != total:
         _require_finite(state, ckpt, done, 'evaluation')
-        run_evals(config, method, state, done, workdir, config.evals.model, mesh, writer)
+        run_evals(config, method, state, done, workdir, config.evals.model, mesh, writer, due)
 
     if metrics is not None:
       _require_finite(state, ckpt, total, 'end of training')

@@ -84,5 +84,6 @@ def refiner(*, name: str, encoder: str, model: ml_collections.ConfigDict, stage:
           local_scale=(0.05, 0.25)))))
   c.mim_refiner.freeze_end_percent = freeze_end_percent
   c.train.checkpointing.period = 5000
-  c.evals.period = 0
+  for name in c.evals.protocols:  # Only the final evaluation.
+    c.evals[name].period = 0
   return c
