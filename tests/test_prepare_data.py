@@ -113,7 +113,7 @@ def test_a_failed_conversion_leaves_no_dataset(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     prepare_data.prepare(f'folder:{folder}', ['train'], str(out), 'flat', encoding)
   assert not (out / 'flat' / prepare_data.VERSION).exists()
-  with pytest.raises(FileNotFoundError, match='Cannot open TFDS dataset'):
+  with pytest.raises(FileNotFoundError, match="no dataset named 'flat'"):
     sources.make_source('tfds:flat', 'train', str(out))
 
   monkeypatch.setattr(prepare_data, 'encode', real_encode)
