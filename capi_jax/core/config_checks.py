@@ -5,8 +5,8 @@ never (a negative learning rate trains "fine"). `validate(config)` raises one `C
 listing every problem found, each naming the key, its value and what would be valid.
 `problems` never raises, whatever the values (wrong types, wrong tuple lengths, zeros): the
 engine's keys are checked here, the method's by `Method.config_problems`, which may use
-`Problems` and the section checks below. Evaluation settings (`evals.*` but `evals.model`) are
-checked by `capi_jax.evaluators`.
+`Problems` and the section checks below, the evaluation settings (`evals.*`) by
+`capi_jax.evaluators.config_problems`.
 """
 
 from collections.abc import Sequence
@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from capi_jax import evaluators
 from capi_jax import methods
 from capi_jax.core import cli
 from capi_jax.core import sharding
@@ -157,7 +158,6 @@ def _engine_problems(p: Problems, config: ml_collections.ConfigDict,
   p.number('train.checkpointing.period', t.checkpointing.period, 1, integer=True)
   p.number('train.checkpointing.max_to_keep', t.checkpointing.max_to_keep, 1, integer=True)
   p.boolean('train.checkpointing.async_save', t.checkpointing.async_save)
-  p.choice('evals.model', config.evals.model, ('student', 'ema'))
 
 
 def problems(config: ml_collections.ConfigDict, device_count: int | None = None) -> list[str]:
@@ -173,7 +173,7 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
   except Exception as e:  # pylint: disable=broad-except  (a method's checks must not raise)
     found = [f'config.method={config.method!r} could not check its keys ({type(e).__name__}: '
              f'{e}); fix its values, see the problems above.']
-  return p.found + found
+  return p.found + found + evaluators.config_problems(config)
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
