@@ -11,7 +11,7 @@ Both take-overs are logged. The holder removes the file when it ends. In a multi
 only process 0 takes the lock and the others follow its outcome, so the processes of one run
 never lock each other out.
 
-Run records: `WORKDIR/runs/<UTC start>_<host>_<pid>.json`, one per start that got as far as
+Run records: `WORKDIR/runs/<UTC start, microseconds>_<host>_<pid>.json`, one per start that got as far as
 training: the full config, the command line, the devices, and the step it resumed from. A
 rerun with another config (refused or not) never touches an earlier record.
 """
@@ -244,9 +244,13 @@ def write_record(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   }
   runs = workdir / RUNS_DIR
   runs.mkdir(parents=True, exist_ok=True)
-  stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
-  path = runs / f'{stamp}_{record["host"]}_{record["pid"]}.json'
-  with open(path, 'x') as f:
-    json.dump(record, f, indent=2)
-    f.write('\n')
-  return path
+  while True:  # One process may start twice within a clock tick (tests, notebooks).
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
+    path = runs / f'{stamp}_{record["host"]}_{record["pid"]}.json'
+    try:
+      with open(path, 'x') as f:
+        json.dump(record, f, indent=2)
+        f.write('\n')
+      return path
+    except FileExistsError:
+      continue
