@@ -9,7 +9,7 @@ Run (on any host, CPU only; needs libtpu: `pip install '.[tpu]'`):
 `--topology` is CHIP:GRID with CHIP one of v4, v5e, v5p, v6e and GRID the chip grid of one
 slice (v5e:16x16 = 256 chips, v4:2x2x4 = 16 chips). libtpu describes the topology
 (`jax.experimental.topologies`), the config's mesh is laid over its chips, and the engine's own
-state layout and jitted step (`train_step.state_layout`, `train_step.jit_train_step`) are lowered
+state layout and jitted step (`state.state_layout`, `step.jit_train_step`) are lowered
 for abstract inputs and compiled by the TPU compiler: the executable a pod would run, without
 one. The report gives, per chip:
   - memory: arguments (the sharded train state + the batch shard), temporaries, outputs not
@@ -41,9 +41,12 @@ from ml_collections import config_flags
 
 from capi_jax import bench
 from capi_jax import methods
+from capi_jax.core import cli
 from capi_jax.core import config_checks
 from capi_jax.core import sharding
-from capi_jax.core import train_step
+from capi_jax.core import state as state_lib
+from capi_jax.core import step as step_lib
+from capi_jax.methods import base
 
 GiB = 1024 ** 3
 
@@ -102,20 +105,20 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
   """The engine's train step compiled for `devices` on abstract inputs (nothing allocated)."""
   method = methods.from_config(config)
   mesh = sharding.make_mesh(config, devices)
-  _, abstract_state, state_shardings, optimizers = train_step.state_layout(
-      config, method, mesh, jax.random.PRNGKey(config.train.seed))
-  step = train_step.jit_train_step(method, optimizers, state_shardings, mesh)
-  return step.lower(abstract_state, abstract_batch(config)).compile()
+  layout = state_lib.state_layout(config, method, mesh)
+  step = step_lib.jit_train_step(method, layout, mesh)
+  return step.lower(layout.abstract, abstract_batch(config, method)).compile()
 
 
-def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch's shapes and dtypes, read off one synthetic example (no pixels drawn)."""
+def abstract_batch(config: ml_collections.ConfigDict,
+                   method: base.Method) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch's shapes and dtypes, read off one example of the method's transform."""
   one = config.copy_and_resolve_references()
   with one.unlocked():
     one.optim.global_batch_size = 1
   batch = config.optim.global_batch_size
   return {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype)
-          for k, v in bench.synthetic_batch(one).items()}
+          for k, v in bench.synthetic_batch(one, method.train_transform(), 0).items()}
 
 
 def shape_bytes(shape: str) -> int:
@@ -314,7 +317,7 @@ def _run_cli() -> None:
   flags.DEFINE_string('topology', None, 'CHIP:GRID, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v6e:16x16.')
   flags.DEFINE_bool('find_max_batch', False, 'Search the largest global batch that fits in HBM.')
   flags.mark_flags_as_required(['config', 'topology'])
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

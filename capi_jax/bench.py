@@ -7,16 +7,16 @@ Run:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m capi_jax.bench --config=configs/bench_cpu.py --scaling  # 1, 2, 4, 8 devices
 
-Builds the real train state (born sharded over the devices) and the real jitted train step
-(`capi_jax.train_step`), feeds it one synthetic batch of the config's shape (random normalised
-pixels, masks sampled by `capi_jax.masking` as the input pipeline does), compiles ahead of time,
-warms up, times `--steps` steps (each waited for with `block_until_ready`) and prints ONE JSON
-line on stdout:
+Builds the config's method, its real train state (born sharded over the devices) and the real
+jitted train step (`capi_jax.core.step`), feeds it one synthetic batch of the config's shape
+(the method's own train transform on random-pixel images: its views, crops and masks), compiles
+ahead of time, warms up, times `--steps` steps (each waited for with `block_until_ready`) and
+prints ONE JSON line on stdout:
 
   images_per_s, step_time_s (median), step_time_min_s, step_time_mean_s, host_cpu_s_per_step
-  (median) and host_cpu_mean_s_per_step, tflops_per_s,
-  mfu, peak_tflops_per_s and peak_source, flops_per_step, flops_by_part and flops_counting
-  (`capi_jax.flops`), peak_memory_bytes and memory_source, compile_s, device_kind,
+  (median) and host_cpu_mean_s_per_step, tflops_per_s, mfu, peak_tflops_per_s and
+  peak_source, flops_per_step and flops_by_part (the method's analytic count,
+  `Method.flops_per_step`), peak_memory_bytes and memory_source, compile_s, device_kind,
   device_count, config, global_batch_size, jax_version, xla_flags, host_cpus (cores this
   process may run on, e.g. under `taskset`), load_average (host load during the run: CPU
   timings are only comparable on a quiet host), and data_pipeline: the
@@ -49,14 +49,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
+import grain
 import numpy as np
 
-from capi_jax.methods.capi import flops
-from capi_jax.data import pipeline
-from capi_jax.data import masking
 from capi_jax import methods
+from capi_jax.core import cli
 from capi_jax.core import sharding
-from capi_jax.core import train_step
+from capi_jax.core import state as state_lib
+from capi_jax.core import step as step_lib
+from capi_jax.data import pipeline
+from capi_jax.data import sources
+from capi_jax.data import transforms
+from capi_jax.models import flops
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity), keyed by a substring of
 # `device.device_kind`; first match wins, so the more specific names come first.
@@ -118,26 +122,15 @@ def peak_flops(devices: Sequence[jax.Device], compute_dtype: str, peak_tflops: f
   return peak * len(devices), f'datasheet dense bf16 {peak / 1e12:g} TFLOP/s x device_count'
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A host batch of the config's shape: N(0, 1) pixels (normalised images) and real masks.
-
-  Returns:
-    images (B, H, W, 3) float32, visible_indices (B, n_visible) int32 and
-    predict_indices (B, n_predict) int32, sampled per image with `config.data`'s generator.
-  """
-  d = config.data
-  batch = config.optim.global_batch_size
-  height, width = train_step.image_shape(config)
-  grid = (height // config.model.patch_size, width // config.model.patch_size)
+def synthetic_batch(config: ml_collections.ConfigDict, transform: grain.transforms.RandomMap,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+  """A host batch of the config's shape: the method's own transform (views, crops, masks) on
+  random-pixel images (`synthetic` source), global_batch_size examples stacked."""
+  source = sources.SyntheticSource(max(transforms.image_shape(config)))
   rng = np.random.default_rng(seed)
-  generator = masking.make_mask_generator(d.masking_generator, grid, roll=d.masking_roll)
-  indices = [masking.sample_indices(generator, grid, d.mask_ratio, d.prediction_subsampling, rng)
-             for _ in range(batch)]
-  return {
-      'images': rng.standard_normal((batch, height, width, 3), dtype=np.float32),
-      'visible_indices': np.stack([v for v, _ in indices]),
-      'predict_indices': np.stack([p for _, p in indices]),
-  }
+  examples = [transform.random_map(sources.decode(source[i]), rng)
+              for i in range(config.optim.global_batch_size)]
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def peak_memory(compiled: Any, devices: Sequence[jax.Device]) -> tuple[int | None, str]:
@@ -166,10 +159,10 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
   """
   method = methods.from_config(config)
   mesh = sharding.make_mesh(config, devices)
-  state, state_shardings, optimizers = train_step.create_state(
-      config, method, mesh, jax.random.PRNGKey(config.train.seed))
-  step_fn = train_step.jit_train_step(method, optimizers, state_shardings, mesh)
-  batch = jax.device_put(synthetic_batch(config, config.train.seed),
+  state, layout = state_lib.create_state(config, method, mesh,
+                                         jax.random.PRNGKey(config.train.seed))
+  step_fn = step_lib.jit_train_step(method, layout, mesh)
+  batch = jax.device_put(synthetic_batch(config, method.train_transform(), config.train.seed),
                          sharding.batch_sharding(mesh))
 
   start = time.perf_counter()
@@ -186,9 +179,10 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
-  loss = float(metrics['capi_loss'])
+  loss_key = method.loss_keys[0]
+  loss = float(metrics[loss_key])
   if not np.isfinite(loss):
-    raise FloatingPointError(f'capi_loss is {loss} after {warmup + steps} steps: the benchmarked '
+    raise FloatingPointError(f'{loss_key} is {loss} after {warmup + steps} steps: the benchmarked '
                              'step is broken, its timings would mean nothing.')
   memory, memory_source = peak_memory(compiled, devices)
   return {'step_time_s': statistics.median(times), 'step_time_min_s': min(times),
@@ -202,7 +196,7 @@ def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], step
           warmup: int, peak_tflops: float | None = None) -> dict[str, Any]:
   """The train-step benchmark on `devices`, as one JSON-able dict (see the module docstring)."""
   timing = time_train_step(config, devices, steps, warmup)
-  flops_by_part = flops.train_step_flops(config)
+  flops_by_part = methods.from_config(config).flops_per_step()
   step_flops = flops_by_part.pop('total')
   batch = config.optim.global_batch_size
   flops_per_s = step_flops / timing['step_time_s']
@@ -222,7 +216,6 @@ def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], step
       'peak_source': peak_source,
       'flops_per_step': step_flops,
       'flops_by_part': flops_by_part,
-      'flops_counting': flops.COUNTING_NOTE,
       'peak_memory_bytes': timing['peak_memory_bytes'],
       'memory_source': timing['memory_source'],
       'compile_s': timing['compile_s'],
@@ -245,8 +238,8 @@ def data_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> dict[s
   """The host input pipeline's throughput on its own (None when num_batches is 0)."""
   if num_batches <= 0:
     return None
-  return pipeline.measure_throughput(config, num_batches=num_batches,
-                                           warmup_batches=1)
+  return pipeline.measure_throughput(config, methods.from_config(config).train_transform(),
+                                     num_batches=num_batches, warmup_batches=1)
 
 
 def scaling_configs(config: ml_collections.ConfigDict, counts: Sequence[int],
@@ -301,16 +294,17 @@ def main(argv: Sequence[str]) -> None:
 def _run_cli() -> None:
   """Defines the flags (here, so that importing this module defines none) and runs main."""
   config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-  flags.DEFINE_integer('steps', 20, 'Timed train steps.')
-  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('steps', 20, 'Timed train steps.', lower_bound=1)
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
   flags.DEFINE_bool('smoke', False, 'CI mode: 2 timed steps, 1 warm-up, 2 data batches.')
   flags.DEFINE_bool('scaling', False, 'Benchmark on sub-meshes of --device_counts.')
   flags.DEFINE_list('device_counts', ['1', '2', '4', '8'],
                     'Device counts for --scaling (those above the number of devices JAX sees '
                     'are skipped).')
-  flags.DEFINE_integer('data_batches', 10, 'Batches timed for the data pipeline; 0 skips it.')
+  flags.DEFINE_integer('data_batches', 10, 'Batches timed for the data pipeline; 0 skips it.',
+                       lower_bound=0)
   flags.DEFINE_float('peak_tflops', None, 'Per-device peak TFLOP/s for MFU; overrides the table.')
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@ r"""Parity check against numbers produced by the official PyTorch releases.
 
 Run:
   python -m capi_jax.check_reference tests/fixtures/capi_reference/capi_ref_small.npz
+  python -m capi_jax.check_reference tests/fixtures/caev2_reference/caev2_small.npz
   python -m capi_jax.check_reference FIXTURE.npz --kind=mim_refiner   # force the kind
 
 A fixture is an `.npz` of arrays plus a `meta_json` string, made by running an official release
@@ -32,6 +33,9 @@ Arrays = Mapping[str, np.ndarray]
 # Fixture kind -> module defining `SUITE` (imported only when that kind is checked).
 SUITES = {
     'capi': 'capi_jax.methods.capi.parity',
+    'mim_refiner': 'capi_jax.methods.mim_refiner.parity',
+    'caev2': 'capi_jax.methods.caev2.parity',
+    'capi_eval': 'capi_jax.evaluators.parity',
 }
 
 
@@ -192,4 +196,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv))
+  # Run the imported module's `main`, not this `__main__` copy: suites raise
+  # `capi_jax.check_reference.Skipped`, which is a different class from `__main__.Skipped`.
+  from capi_jax import check_reference  # pylint: disable=g-import-not-at-top
+  sys.exit(check_reference.main(sys.argv))

@@ -1,7 +1,7 @@
 r"""Official PyTorch CAPI checkpoints <-> capi_jax parameters, both directions, bit for bit.
 
 Official names (facebookresearch/capi `state_dict`) map onto the capi_jax parameter tree by rule:
-`blocks.<i>` <-> `blocks_<i>`, `.` <-> `/`, linear `weight (out, in)` <-> `kernel (in, out)`,
+`<x>blocks.<i>` <-> `<x>blocks_<i>`, `.` <-> `/`, linear `weight (out, in)` <-> `kernel (in, out)`,
 conv `weight (out, in, kh, kw)` <-> `kernel (kh, kw, in, out)`, RMSNorm `weight` <-> `scale`;
 student head `last_layer.weight_v (K, D)` / `weight_g (K, 1)` <-> `kernel_v (D, K)` /
 `kernel_g (1, K)`; clustering head `layer.weight (K, D)` / `layer.bias` <-> `kernel (D, K)` /
@@ -17,7 +17,7 @@ its EMA, and `teacher.head.` is the clustering head. Reading `.pth` needs PyTorc
 
 Run:
   # official -> capi_jax: writes OUT/params, an Orbax StandardCheckpointer checkpoint of
-  # {'backbone': ..., ['head': ...], ['teacher_head': ...]} (capi_jax parameter trees).
+  # {'backbone': ..., ['head': ...], ['clustering_head': ...]} (capi_jax parameter trees).
   python -m capi_jax.convert --config=configs/vitl.py --to=capi_jax \
       --input=capi_vitl14_lvd.pth --output=/tmp/capi_vitl14_lvd
   # capi_jax -> official names (.npz, or .pth when PyTorch is installed).
@@ -28,15 +28,18 @@ Run:
       --input=/tmp/capi_tiny/checkpoints/1500 --output=/tmp/capi_tiny_ema.pth
 
 The architecture comes from `config.model`, the number of clusters from `config.capi`; any name
-or shape that does not fit it is an error naming the parameter (never a silent skip).
+or shape that does not fit it is an error naming the parameter (never a silent skip), and so is
+a weight that is not floating point or holds NaN/inf. A file that cannot be read (truncated, not
+a checkpoint) is an error naming the file.
 """
 
 from collections.abc import Callable, Mapping
 import os
 import pathlib
+import pickle
 import re
-import sys
 from typing import Any
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -44,64 +47,69 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
+from capi_jax.core import cli
 from capi_jax.methods.capi import heads
 from capi_jax.models import encoder_decoder
 
 Params = Any
 StateDict = dict[str, np.ndarray]
 
-# File prefix of each part; part names are those of capi_jax's TrainState (`params['backbone']`,
-# `params['head']`, `teacher_head_params`).
-PREFIXES = {'backbone': 'backbone.', 'head': 'head.', 'teacher_head': 'teacher_head.'}
+# File prefix of each part; part names are those of CAPI's params (`backbone`, `head`,
+# `clustering_head`; the release calls the clustering head `teacher.head`).
+PREFIXES = {'backbone': 'backbone.', 'head': 'head.', 'clustering_head': 'teacher_head.'}
 
 
 _MAX_PROBLEMS_SHOWN = 30
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(cli.UserError, ValueError):
   """An official checkpoint does not fit the architecture it is loaded into."""
 
 
+class UnreadableCheckpointError(cli.UserError, ValueError):
+  """A checkpoint file cannot be read (truncated, damaged, or not a checkpoint)."""
+
+
 # ---------------------------------------------------------------------------- leaf layouts
-def _linear_to_official(x: np.ndarray) -> np.ndarray:
+def linear_to_official(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.T)
 
 
-def _conv_to_official(x: np.ndarray) -> np.ndarray:
+def conv_to_official(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # (kh, kw, in, out) -> (out, in, kh, kw)
 
 
-def _conv_to_flax(x: np.ndarray) -> np.ndarray:
+def conv_to_flax(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # (out, in, kh, kw) -> (kh, kw, in, out)
 
 
-def _identity(x: np.ndarray) -> np.ndarray:
+def identity(x: np.ndarray) -> np.ndarray:
   return x
 
 
 # (official name, to_official, to_flax) for one capi_jax leaf path.
-_Rule = tuple[str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+Rule = tuple[str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 
-def _backbone_rule(path: tuple[str, ...], ndim: int) -> _Rule:
-  parts = [re.sub(r'^blocks_(\d+)$', r'blocks.\1', p) for p in path]
+def _backbone_rule(path: tuple[str, ...], ndim: int) -> Rule:
+  parts = [re.sub(r'^(\w*blocks)_(\d+)$', r'\1.\2', p) for p in path]
   leaf = parts[-1]
   if leaf == 'kernel' and ndim == 4:
-    return '.'.join(parts[:-1] + ['weight']), _conv_to_official, _conv_to_flax
+    return '.'.join(parts[:-1] + ['weight']), conv_to_official, conv_to_flax
   if leaf == 'kernel':
-    return '.'.join(parts[:-1] + ['weight']), _linear_to_official, _linear_to_official
+    return '.'.join(parts[:-1] + ['weight']), linear_to_official, linear_to_official
   if leaf == 'scale':
-    return '.'.join(parts[:-1] + ['weight']), _identity, _identity
-  return '.'.join(parts), _identity, _identity
+    return '.'.join(parts[:-1] + ['weight']), identity, identity
+  return '.'.join(parts), identity, identity
 
 
 _STUDENT_HEAD_NAMES = {'kernel_v': 'last_layer.weight_v', 'kernel_g': 'last_layer.weight_g'}
 _CLUSTERING_HEAD_NAMES = {'kernel': 'layer.weight', 'bias': 'layer.bias'}
 
 
-def _head_rule(names: Mapping[str, str]) -> Callable[[tuple[str, ...], int], _Rule]:
+def _head_rule(names: Mapping[str, str]) -> Callable[[tuple[str, ...], int], Rule]:
   def rule(path, ndim):
-    return names[path[-1]], *((_linear_to_official,) * 2 if ndim == 2 else (_identity,) * 2)
+    return names[path[-1]], *((linear_to_official,) * 2 if ndim == 2 else (identity,) * 2)
   return rule
 
 
@@ -130,24 +138,49 @@ def _path_keys(path) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------- conversion
-def _to_official(params: Params, rule_fn) -> StateDict:
+def to_official(params: Params, rule_fn: Callable[[tuple[str, ...], int], Rule]) -> StateDict:
+  """capi_jax params -> {official name: array}, each leaf laid out by `rule_fn(path, ndim)`."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     leaf = np.asarray(leaf)
-    name, to_official, _ = rule_fn(_path_keys(path), leaf.ndim)
-    out[name] = to_official(leaf)
+    name, leaf_to_official, _ = rule_fn(_path_keys(path), leaf.ndim)
+    out[name] = leaf_to_official(leaf)
   return out
 
 
-def _to_flax(state_dict: Mapping[str, Any], expected: Params, rule_fn, what: str) -> Params:
-  """Converts `state_dict` into the structure of `expected`, checking every name and shape."""
+def _value_problem(value: np.ndarray) -> str | None:
+  """Why `value` cannot be a weight (not floating point, or NaN/inf), or None."""
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    return f'dtype {value.dtype}, expected a floating-point dtype'
+  bad = int(value.size - np.count_nonzero(np.isfinite(value.astype(np.float32))))
+  if bad:
+    return f'{bad} of its {value.size} values are NaN or inf'
+  return None
+
+
+def to_flax(state_dict: Mapping[str, Any], expected: Params,
+            rule_fn: Callable[[tuple[str, ...], int], Rule], what: str,
+            fix: str = 'check config.model / config.capi against the checkpoint') -> Params:
+  """Converts `state_dict` into the structure of `expected`, checking every name and shape.
+
+  Args:
+    state_dict: {official name: array}.
+    expected: the capi_jax parameter tree (arrays or ShapeDtypeStructs) to fill.
+    rule_fn: (leaf path, ndim) -> (official name, to_official, to_flax) layouts.
+    what: names the checkpoint in errors.
+    fix: what the error tells the user to do.
+
+  Raises:
+    CheckpointMismatchError: listing every missing, unexpected, misshaped, non-float or
+      non-finite parameter.
+  """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
   problems, converted = [], []
   expected_names = set()
   for path, spec in leaves:
-    name, to_official, to_flax = rule_fn(_path_keys(path), len(spec.shape))
+    name, leaf_to_official, leaf_to_flax = rule_fn(_path_keys(path), len(spec.shape))
     expected_names.add(name)
-    official_shape = to_official(np.empty(spec.shape, np.int8)).shape
+    official_shape = leaf_to_official(np.empty(spec.shape, np.int8)).shape
     if name not in state_dict:
       problems.append(f'missing parameter {name!r}: expected shape {official_shape}, found none')
       continue
@@ -155,7 +188,11 @@ def _to_flax(state_dict: Mapping[str, Any], expected: Params, rule_fn, what: str
     if value.shape != official_shape:
       problems.append(f'parameter {name!r}: expected shape {official_shape}, found {value.shape}')
       continue
-    converted.append(to_flax(value))
+    problem = _value_problem(value)
+    if problem:
+      problems.append(f'parameter {name!r}: {problem}')
+      continue
+    converted.append(leaf_to_flax(value))
   for name in sorted(set(state_dict) - expected_names):
     problems.append(f'unexpected parameter {name!r} (shape {np.shape(state_dict[name])}): '
                     'not part of this architecture')
@@ -165,41 +202,55 @@ def _to_flax(state_dict: Mapping[str, Any], expected: Params, rule_fn, what: str
       shown.append(f'... and {len(problems) - len(shown)} more')
     raise CheckpointMismatchError(
         f'The {what} checkpoint does not fit the configured architecture '
-        f'({len(problems)} problem(s)); check config.model / config.capi against the '
-        'checkpoint:\n  ' + '\n  '.join(shown))
+        f'({len(problems)} problem(s)); {fix}:\n  ' + '\n  '.join(shown))
   return jax.tree_util.tree_unflatten(treedef, converted)
 
 
 def backbone_to_flax(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict) -> Params:
   """Official EncoderDecoder state_dict (no prefix) -> capi_jax backbone params (numpy)."""
-  return _to_flax(state_dict, backbone_shapes(config), _backbone_rule, 'backbone')
+  return to_flax(state_dict, backbone_shapes(config), _backbone_rule, 'backbone')
 
 
 def backbone_to_official(params: Params) -> StateDict:
   """capi_jax backbone params -> official EncoderDecoder state_dict names and layouts."""
-  return _to_official(params, _backbone_rule)
+  return to_official(params, _backbone_rule)
+
+
+def caev2_regressor_to_flax(state_dict: Mapping[str, Any], expected: Params) -> Params:
+  """Official CAE v2 tensors after the encoder -> `caev2.regressor.RegressorDecoder` params.
+
+  `state_dict` holds the official names (`mask_token`, `encoder_to_regresser*`,
+  `regresser.regressor_blocks.*`, `decoder.*`) without the frozen `rd_pos_embed` and the unused
+  `regresser.norm.*`; `expected` is the params tree (ShapeDtypeStructs) of the configured module.
+  """
+  return to_flax(state_dict, expected, _backbone_rule, 'CAE v2 regressor/decoder')
+
+
+def caev2_regressor_to_official(params: Params) -> StateDict:
+  """`RegressorDecoder` params -> official CAE v2 names and layouts."""
+  return to_official(params, _backbone_rule)
 
 
 def student_head_to_flax(state_dict: Mapping[str, Any], embed_dim: int,
                          num_clusters: int) -> Params:
   """Official L2NormLinear state_dict (`last_layer.weight_{v,g}`) -> capi_jax params."""
-  return _to_flax(state_dict, student_head_shapes(embed_dim, num_clusters),
-                  _head_rule(_STUDENT_HEAD_NAMES), 'student head')
+  return to_flax(state_dict, student_head_shapes(embed_dim, num_clusters),
+                 _head_rule(_STUDENT_HEAD_NAMES), 'student head')
 
 
 def student_head_to_official(params: Params) -> StateDict:
-  return _to_official(params, _head_rule(_STUDENT_HEAD_NAMES))
+  return to_official(params, _head_rule(_STUDENT_HEAD_NAMES))
 
 
 def clustering_head_to_flax(state_dict: Mapping[str, Any], embed_dim: int, num_clusters: int,
                             use_bias: bool = True) -> Params:
   """Official OnlineClustering state_dict (`layer.weight`, `layer.bias`) -> capi_jax params."""
-  return _to_flax(state_dict, clustering_head_shapes(embed_dim, num_clusters, use_bias),
-                  _head_rule(_CLUSTERING_HEAD_NAMES), 'clustering head')
+  return to_flax(state_dict, clustering_head_shapes(embed_dim, num_clusters, use_bias),
+                 _head_rule(_CLUSTERING_HEAD_NAMES), 'clustering head')
 
 
 def clustering_head_to_official(params: Params) -> StateDict:
-  return _to_official(params, _head_rule(_CLUSTERING_HEAD_NAMES))
+  return to_official(params, _head_rule(_CLUSTERING_HEAD_NAMES))
 
 
 # ---------------------------------------------------------------------------- files
@@ -227,19 +278,50 @@ def _numpy_to_torch(torch, array: np.ndarray):
   return torch.from_numpy(array)
 
 
+def _is_torchscript(path: pathlib.Path) -> bool:
+  """A TorchScript archive (e.g. OpenAI's CLIP `.pt`): a zip with `<root>/constants.pkl`."""
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as archive:
+    return any(name.endswith('/constants.pkl') for name in archive.namelist())
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
-  """Reads an official-format `.pth` or `.npz` into a flat {name: float array} mapping."""
+  """Reads an official-format checkpoint into a flat {name: array} mapping.
+
+  `.npz`; or `.pth` / `.pt` / `.th` (needs PyTorch): a state_dict, one wrapped in 'model' (an
+  official training checkpoint) or 'state_dict' (MIM-Refiner), or a TorchScript archive (OpenAI
+  CLIP), whose module's `state_dict()` is read.
+
+  Raises:
+    UnreadableCheckpointError: the file is missing, truncated, or not a checkpoint.
+  """
   path = pathlib.Path(path)
-  if path.suffix == '.npz':
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
-  if path.suffix in ('.pth', '.pt'):
-    torch = _import_torch()
-    sd = torch.load(path, map_location='cpu', weights_only=True)
-    if 'model' in sd and isinstance(sd['model'], Mapping):
-      sd = sd['model']  # An official training checkpoint (with optimizer states etc.).
-    return {k: _torch_to_numpy(torch, v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
-  raise ValueError(f'Unknown checkpoint format {path.suffix!r} for {path}: use .pth or .npz.')
+  if path.suffix not in ('.npz', '.pth', '.pt', '.th'):
+    raise UnreadableCheckpointError(f'Unknown checkpoint format {path.suffix!r} for {path}: use '
+                                    '.pth or .npz.')
+  if not path.is_file():
+    raise UnreadableCheckpointError(f'{path} does not exist or is not a file.')
+  torch = _import_torch() if path.suffix != '.npz' else None
+  try:
+    if torch is None:
+      with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+    if _is_torchscript(path):
+      sd = torch.jit.load(path, map_location='cpu').state_dict()
+    else:
+      sd = torch.load(path, map_location='cpu', weights_only=True)
+  except (OSError, EOFError, ValueError, RuntimeError, zipfile.BadZipFile,
+          pickle.UnpicklingError) as e:
+    raise UnreadableCheckpointError(
+        f'Cannot read {path} ({type(e).__name__}: {str(e).strip()[:200]}): it is truncated, '
+        f'damaged, or not a {path.suffix} checkpoint.') from e
+  if not isinstance(sd, Mapping):
+    raise UnreadableCheckpointError(f'{path} holds a {type(sd).__name__}, not a state_dict.')
+  for wrapper in ('model', 'state_dict'):
+    if wrapper in sd and isinstance(sd[wrapper], Mapping):
+      sd = sd[wrapper]  # A training checkpoint (with optimizer states, constructor kwargs...).
+  return {k: _torch_to_numpy(torch, v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def _normalise_training_names(sd: StateDict, source: str) -> StateDict:
@@ -253,7 +335,7 @@ def _normalise_training_names(sd: StateDict, source: str) -> StateDict:
     if k.startswith(source + '.'):
       out[k[len(source) + 1:]] = v
     elif k.startswith('teacher.head.'):
-      out[PREFIXES['teacher_head'] + k[len('teacher.head.'):]] = v
+      out[PREFIXES['clustering_head'] + k[len('teacher.head.'):]] = v
   return out
 
 
@@ -271,7 +353,7 @@ def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDic
     source: for full official training checkpoints, 'student' or 'student_ema'.
 
   Returns:
-    {'backbone': params} plus 'head' (student head) / 'teacher_head' (clustering head) params
+    {'backbone': params} plus 'head' (student head) / 'clustering_head' params
     when the file has them.
 
   Raises:
@@ -292,17 +374,17 @@ def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDic
   head_sd = _strip(sd, PREFIXES['head'])
   if head_sd:
     parts['head'] = student_head_to_flax(head_sd, dim, k)
-  clustering_sd = _strip(sd, PREFIXES['teacher_head'])
+  clustering_sd = _strip(sd, PREFIXES['clustering_head'])
   if clustering_sd:
-    parts['teacher_head'] = clustering_head_to_flax(
+    parts['clustering_head'] = clustering_head_to_flax(
         clustering_sd, dim, k, use_bias=config.capi.clustering_kwargs.bias)
   return parts
 
 
 def to_official_state_dict(parts: Mapping[str, Params]) -> StateDict:
-  """{'backbone': ..., ['head'], ['teacher_head']} -> flat official-format names."""
+  """{'backbone': ..., ['head'], ['clustering_head']} -> flat official-format names."""
   converters = {'backbone': backbone_to_official, 'head': student_head_to_official,
-                'teacher_head': clustering_head_to_official}
+                'clustering_head': clustering_head_to_official}
   unknown = set(parts) - set(converters)
   if unknown:
     raise ValueError(f'Unknown parts {sorted(unknown)}; expected some of {sorted(converters)}.')
@@ -342,33 +424,43 @@ def restore_params(path: str | os.PathLike[str]) -> dict[str, Params]:
   return jax.tree_util.tree_map(np.asarray, restored)
 
 
+def restore_backbone(path: str | os.PathLike[str]) -> Params:
+  """The 'backbone' of what `save_params` wrote in `path`.
+
+  Raises:
+    CheckpointMismatchError: `path` holds no backbone.
+  """
+  parts = restore_params(path)
+  if 'backbone' not in parts:
+    raise CheckpointMismatchError(f'{path} holds {sorted(parts)}, no backbone: pass the '
+                                  'directory written by `python -m capi_jax.convert`.')
+  return parts['backbone']
+
+
 def restore_training_parts(step_dir: str | os.PathLike[str], config: ml_collections.ConfigDict,
                            source: str = 'student') -> dict[str, Params]:
-  """{'backbone', 'head', 'teacher_head'} of a capi_jax training checkpoint, on one device.
+  """{'backbone', 'head', 'clustering_head'} of a capi_jax training checkpoint, on one device.
 
   Args:
-    step_dir: a step folder of a training run, `WORKDIR/checkpoints/<step>`.
+    step_dir: a step folder of a training run, `WORKDIR/checkpoints/<step>` (or a copy of one).
     config: the run's config (the checkpoint's architecture is checked against it).
     source: 'student' or 'student_ema' (the EMA, whose backbone is the teacher's).
   """
   # The engine's modules are imported here so that converting official weights needs none.
-  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   from capi_jax import methods  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import train_step  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import state as state_lib  # pylint: disable=g-import-not-at-top
   if source not in ('student', 'student_ema'):
     raise ValueError(f"source must be 'student' or 'student_ema', got {source!r}.")
-  step_dir = pathlib.Path(step_dir).absolute()
-  init, _ = train_step.init_fn(config, methods.from_config(config))
-  target = checkpointing.restore_target(jax.eval_shape(init, jax.random.PRNGKey(0)),
-                                        jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  checkpointer = checkpointing.Checkpointer(step_dir.parent, config)
-  try:
-    state = checkpointer.restore(int(step_dir.name), target, None)
-  finally:
-    checkpointer.close()
-  params = state.params if source == 'student' else state.ema_params
-  return jax.tree.map(np.asarray, {'backbone': params['backbone'], 'head': params['head'],
-                                   'teacher_head': state.teacher_head_params})
+  device = jax.devices()[0]
+  layout = state_lib.state_layout(config, methods.from_config(config),
+                                  sharding.make_mesh(config, [device]))
+  target = checkpointing.restore_target(layout.abstract, jax.sharding.SingleDeviceSharding(device))
+  state = checkpointing.restore_step_dir(step_dir, config, target)
+  student = state.params if source == 'student' else state.buffers['ema']
+  return jax.tree.map(np.asarray, {'backbone': student['backbone'], 'head': student['head'],
+                                   'clustering_head': state.params['clustering_head']})
 
 
 def _check_restored_architecture(parts: Mapping[str, Params],
@@ -379,8 +471,8 @@ def _check_restored_architecture(parts: Mapping[str, Params],
   dim, k = config.model.embed_dim, config.capi.num_clusters
   if 'head' in parts:
     student_head_to_flax(_strip(sd, PREFIXES['head']), dim, k)
-  if 'teacher_head' in parts:
-    clustering_head_to_flax(_strip(sd, PREFIXES['teacher_head']), dim, k,
+  if 'clustering_head' in parts:
+    clustering_head_to_flax(_strip(sd, PREFIXES['clustering_head']), dim, k,
                             use_bias=config.capi.clustering_kwargs.bias)
 
 
@@ -392,17 +484,18 @@ def _run(cfg: ml_collections.ConfigDict, direction: str, source_path: str, outpu
     target = save_params(parts, output)
     print(f'Wrote {sorted(parts)} to {target}')
     return
-  if (pathlib.Path(source_path) / 'state').is_dir():  # A training run's step folder.
-    parts = restore_training_parts(source_path, cfg, source)
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
+  found = checkpointing.find_checkpoint(source_path)
+  if found.kind == 'training':
+    parts = restore_training_parts(found.path, cfg, source)
   else:
-    parts = restore_params(source_path)
+    parts = restore_params(found.path)
     _check_restored_architecture(parts, cfg)
   export_official(parts, output)
   print(f'Wrote {sorted(parts)} under official names to {output}')
 
 
 def main() -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config = config_flags.DEFINE_config_file(
@@ -419,13 +512,8 @@ def main() -> None:
                              'capi_jax) to read.')
   flags.mark_flags_as_required(['config', 'to', 'input', 'output'])
 
-  def run(_):
-    try:
-      _run(config.value, direction.value, source_path.value, output.value, source.value)
-    except CheckpointMismatchError as e:
-      sys.exit(f'error: {e}')
-
-  app.run(run)
+  cli.run(lambda _: _run(config.value, direction.value, source_path.value, output.value,
+                         source.value))
 
 
 if __name__ == '__main__':

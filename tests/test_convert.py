@@ -44,7 +44,7 @@ def _assert_same_state_dict(ours, ref):
 def test_npz_round_trip_is_bit_exact(ctx, official, tmp_path):
   np.savez(tmp_path / 'official.npz', **official)
   parts = convert.load_official(tmp_path / 'official.npz', ctx.config)
-  assert sorted(parts) == ['backbone', 'head', 'teacher_head']
+  assert sorted(parts) == ['backbone', 'clustering_head', 'head']
   assert parts['backbone']['patch_embed']['kernel'].shape == (14, 14, 3, 64)
   assert parts['head']['kernel_v'].shape == (64, 32)
   convert.export_official(parts, tmp_path / 'back.npz')
@@ -85,7 +85,7 @@ def test_pth_round_trip_and_training_checkpoint(ctx, official, tmp_path):
   torch.save({'iteration': 3, 'model': model, 'optimizer': {'state': {}}}, tmp_path / 'train.pth')
   ema = convert.load_official(tmp_path / 'train.pth', ctx.config, source='student_ema')
   np.testing.assert_array_equal(ema['backbone']['registers'], official['backbone.registers'] + 1)
-  np.testing.assert_array_equal(ema['teacher_head']['bias'], official['teacher_head.layer.bias'])
+  np.testing.assert_array_equal(ema['clustering_head']['bias'], official['teacher_head.layer.bias'])
 
 
 def test_missing_parameter_is_named(ctx, official, tmp_path):
@@ -141,6 +141,19 @@ def test_unknown_prefix_and_format_are_errors(ctx, official, tmp_path):
     convert.read_state_dict(tmp_path / 'model.safetensors')
 
 
+def test_read_state_dict_torchscript_and_wrapped(tmp_path):
+  """OpenAI CLIP ships TorchScript archives; MIM-Refiner wraps its weights in 'state_dict'."""
+  torch = pytest.importorskip('torch')
+  linear = torch.nn.Linear(3, 2)
+  torch.jit.script(linear).save(str(tmp_path / 'scripted.pt'))
+  torch.save({'state_dict': linear.state_dict(), 'ctor_kwargs': {'dim': 3}},
+             tmp_path / 'wrapped.th')
+  for name in ('scripted.pt', 'wrapped.th'):
+    sd = convert.read_state_dict(tmp_path / name)
+    assert sorted(sd) == ['bias', 'weight'], name
+    np.testing.assert_array_equal(sd['weight'], linear.weight.detach().numpy())
+
+
 def test_cli_official_to_capi_jax_and_back(ctx, official, tmp_path):
   np.savez(tmp_path / 'official.npz', **official)
   m = ctx.config.model
@@ -176,7 +189,7 @@ def test_capi_jax_training_checkpoint_to_official(tmp_path):
   from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   from capi_jax import methods  # pylint: disable=g-import-not-at-top
   from capi_jax.core import sharding  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import train_step  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import state as state_lib  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.model.embed_dim, config.model.num_heads = 32, 2
@@ -184,9 +197,9 @@ def test_capi_jax_training_checkpoint_to_official(tmp_path):
   config.data.image_size, config.capi.num_clusters = 16, 8
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   with jax.set_mesh(mesh):
-    state, _, _ = train_step.create_state(config, methods.from_config(config), mesh,
-                                          jax.random.PRNGKey(0))
-  state = state.replace(ema_params=jax.tree.map(lambda x: x + 1, state.ema_params))
+    state, _ = state_lib.create_state(config, methods.from_config(config), mesh,
+                                      jax.random.PRNGKey(0))
+  state = state.replace(buffers=jax.tree.map(lambda x: x + 1, state.buffers))
   checkpointer = checkpointing.Checkpointer(tmp_path / 'checkpoints', config)
   checkpointer.save(7, state, iter(grain.MapDataset.range(4).to_iter_dataset()))
   checkpointer.wait()
@@ -195,6 +208,6 @@ def test_capi_jax_training_checkpoint_to_official(tmp_path):
   convert._run(config, 'official', str(tmp_path / 'checkpoints' / '7'),  # pylint: disable=protected-access
                str(tmp_path / 'ema.npz'), 'student_ema')
   expected = convert.to_official_state_dict({
-      'backbone': state.ema_params['backbone'], 'head': state.ema_params['head'],
-      'teacher_head': state.teacher_head_params})
+      'backbone': state.buffers['ema']['backbone'], 'head': state.buffers['ema']['head'],
+      'clustering_head': state.params['clustering_head']})
   _assert_same_state_dict(convert.read_state_dict(tmp_path / 'ema.npz'), expected)

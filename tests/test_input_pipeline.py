@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from capi_jax.data import sources
+from capi_jax import methods
 from capi_jax.data import pipeline
+from capi_jax.data import transforms
 from configs import tiny
 
 
@@ -27,6 +29,12 @@ def _config(dataset='fashion_mnist', batch=8, num_workers=0, image_size=32, patc
   c.data.image_size = image_size
   c.model.patch_size = patch_size
   return c
+
+
+def _loader(config, **kwargs):
+  """The training loader with the config's method's transform (CAPI's crops and masks)."""
+  return pipeline.create_train_loader(config, methods.from_config(config).train_transform(),
+                                      **kwargs)
 
 
 def _take(iterator, n):
@@ -103,12 +111,14 @@ def test_fashion_mnist_loads_real_images_with_labels():
   assert pixels.std() > 10 and np.array_equal(pixels[..., 0], pixels[..., 2])
   assert example['label'] == 9  # The first training image is an ankle boot.
 
-  batch = next(pipeline.create_train_loader(_config(batch=32), seed=0, process_index=0,
+  batch = next(_loader(_config(batch=32), seed=0, process_index=0,
                                                   process_count=1))
-  assert batch['images'].shape == (32, 32, 32, 3) and batch['images'].dtype == np.float32
-  assert batch['label'].dtype == np.int32 and len(np.unique(batch['label'])) > 3
-  # ImageNet-normalised Fashion-MNIST: mostly black background, bright garments.
-  assert -2.2 < batch['images'].min() < -1.5 and batch['images'].max() > 1.5
+  # Pixels travel as uint8; the method normalises them on the device.
+  assert batch['images'].shape == (32, 32, 32, 3) and batch['images'].dtype == np.uint8
+  # The method's transform decides the example's keys (CAPI's: the crop and its masks).
+  assert set(batch) == {'images', 'visible_indices', 'predict_indices'}
+  # Fashion-MNIST: mostly black background, bright garments.
+  assert batch['images'].min() == 0 and batch['images'].max() > 200
 
 
 def test_fashion_mnist_from_a_user_directory(tmp_path):
@@ -201,10 +211,9 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
 
   config = _config('tfds:capi_test_images', batch=8)
   config.data.data_dir = str(tmp_path)
-  batch = next(pipeline.create_train_loader(config, seed=0, process_index=0,
+  batch = next(_loader(config, seed=0, process_index=0,
                                                   process_count=1))
   assert batch['images'].shape == (8, 32, 32, 3)
-  assert set(batch['label'].tolist()) <= {0, 1, 2}
   evals = list(pipeline.create_eval_dataset(config, 'test', batch_size=4))
   assert [len(b['label']) for b in evals] == [4, 1]
   # Source order with SkipDecoding'd images decoded by us: labels follow the records.
@@ -249,15 +258,15 @@ def test_corrupt_files_are_skipped_and_reported(bad_folder, caplog):
     assert any(name in r.getMessage() and 'Skipping' in r.getMessage() for r in caplog.records)
 
   # Training batches stay full: skipped records are replaced by the next ones in the stream.
-  iterator = pipeline.create_train_loader(config, seed=0, process_index=0, process_count=1)
+  iterator = _loader(config, seed=0, process_index=0, process_count=1)
   for batch in _take(iterator, 6):
-    assert batch['images'].shape == (4, 32, 32, 3) and np.isfinite(batch['images']).all()
+    assert batch['images'].shape == (4, 32, 32, 3) and batch['images'].dtype == np.uint8
 
 
 def test_an_unreadable_dataset_stops_with_a_clear_error(tmp_path):
   for i in range(3):
     (tmp_path / f'{i}.jpg').write_bytes(b'not a jpeg')
-  iterator = pipeline.create_train_loader(_config(f'folder:{tmp_path}', batch=2), seed=0,
+  iterator = _loader(_config(f'folder:{tmp_path}', batch=2), seed=0,
                                                 process_index=0, process_count=1)
   with pytest.raises(ValueError, match='in a row could not be decoded'):
     next(iterator)
@@ -270,31 +279,48 @@ def test_crop_box_follows_torchvision():
   rng = np.random.default_rng(0)
   for height, width in ((100, 100), (50, 200), (1, 1), (7, 3)):
     for _ in range(50):
-      top, left, h, w = pipeline.sample_crop_box(height, width, (0.6, 1.0), (3 / 4, 4 / 3),
+      top, left, h, w = transforms.sample_crop_box(height, width, (0.6, 1.0), (3 / 4, 4 / 3),
                                                        rng)
       assert 0 < h <= height and 0 < w <= width
       assert 0 <= top <= height - h and 0 <= left <= width - w
   # Impossible aspect ratios fall back to the largest centred crop with ratio 4/3.
-  assert pipeline.sample_crop_box(10, 400, (0.6, 1.0), (3 / 4, 4 / 3), rng) == (
+  assert transforms.sample_crop_box(10, 400, (0.6, 1.0), (3 / 4, 4 / 3), rng) == (
       0, 193, 10, 13)
   # Areas: uniform in scale * area (up to rounding) when the crop fits.
-  areas = [np.prod(pipeline.sample_crop_box(200, 200, (0.2, 0.4), (1.0, 1.0), rng)[2:])
+  areas = [np.prod(transforms.sample_crop_box(200, 200, (0.2, 0.4), (1.0, 1.0), rng)[2:])
            for _ in range(500)]
   assert 0.19 * 40000 < min(areas) and max(areas) < 0.41 * 40000
 
 
 def test_eval_image_resizes_shorter_side_and_centre_crops():
   image = Image.fromarray(_rgb(60, 120))
-  out = pipeline.eval_image(image, 224)
+  out = transforms.eval_image(image, 224)
   assert out.shape == (224, 224, 3) and out.dtype == np.float32
-  white = pipeline.eval_image(Image.new('RGB', (10, 30), (255, 255, 255)), 32)
+  white = transforms.eval_image(Image.new('RGB', (10, 30), (255, 255, 255)), 32)
   np.testing.assert_allclose(white, np.broadcast_to(
-      (1 - pipeline.IMAGENET_MEAN) / pipeline.IMAGENET_STD, (32, 32, 3)), rtol=1e-5)
+      (1 - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD, (32, 32, 3)), rtol=1e-5)
+
+
+def test_normalize_on_device_matches_the_host():
+  # Every pixel value in every channel, in a jitted function as in the train step.
+  pixels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(16, 16, 3)
+  on_device = np.asarray(jax.jit(transforms.normalize_on_device)(pixels))
+  assert on_device.dtype == np.float32
+  np.testing.assert_allclose(on_device, transforms.normalize(pixels), rtol=0, atol=1e-6)
+  # Other statistics (e.g. CLIP's): (pixel / 255 - mean) / std, to float32 rounding.
+  mean, std = np.array([0.48, 0.46, 0.41]), np.array([0.27, 0.26, 0.28])
+  np.testing.assert_allclose(transforms.normalize_on_device(pixels, mean, std),
+                             (pixels / 255 - mean) / std, rtol=0, atol=1e-6)
+  # Floats are already normalised (the parity fixtures): unchanged.
+  floats = transforms.normalize(pixels)
+  assert transforms.normalize_on_device(floats) is floats
+  with pytest.raises(ValueError, match='uint8'):
+    transforms.normalize_on_device(pixels.astype(np.int32))
 
 
 def test_train_batch_masks_follow_the_config():
   config = _config(batch=4, image_size=32, patch_size=4)  # 8x8 grid.
-  batch = next(pipeline.create_train_loader(config, seed=0, process_index=0,
+  batch = next(_loader(config, seed=0, process_index=0,
                                                   process_count=1))
   n_masked = int(64 * config.data.mask_ratio)
   n_predict = int(n_masked * config.data.prediction_subsampling)
@@ -322,7 +348,7 @@ def test_eval_dataset_subset_is_fixed_and_batched():
 
 def test_same_seed_same_batches_different_seed_different():
   config = _config(batch=8)
-  make = lambda seed: pipeline.create_train_loader(config, seed=seed, process_index=0,
+  make = lambda seed: _loader(config, seed=seed, process_index=0,
                                                          process_count=1)
   a, b, c = _take(make(0), 3), _take(make(0), 3), _take(make(1), 3)
   _assert_same_batches(a, b)
@@ -332,9 +358,9 @@ def test_same_seed_same_batches_different_seed_different():
 
 def test_hosts_get_different_data():
   config = _config(batch=8)
-  host0 = next(pipeline.create_train_loader(config, seed=0, process_index=0,
+  host0 = next(_loader(config, seed=0, process_index=0,
                                                   process_count=2))
-  host1 = next(pipeline.create_train_loader(config, seed=0, process_index=1,
+  host1 = next(_loader(config, seed=0, process_index=1,
                                                   process_count=2))
   assert host0['images'].shape[0] == host1['images'].shape[0] == 4
   assert not np.array_equal(host0['images'], host1['images'])
@@ -347,7 +373,7 @@ def test_epochs_are_reshuffled(tmp_path):
   config = _config(f'folder:{tmp_path}', batch=6)
   config.data.crop_scale = (1.0, 1.0)
   config.data.do_hflip = False
-  first, second = _take(pipeline.create_train_loader(config, seed=0, process_index=0,
+  first, second = _take(_loader(config, seed=0, process_index=0,
                                                            process_count=1), 2)
   order = lambda b: np.argsort(b['images'][:, 0, 0, 0])
   assert sorted(order(first).tolist()) == list(range(6))  # Each epoch: every image once.
@@ -358,7 +384,7 @@ def test_epochs_are_reshuffled(tmp_path):
 def test_resume_reproduces_the_remaining_batches(num_workers, bad_folder):
   # The folder has corrupt files, so the resumed stream must also skip them identically.
   config = _config(f'folder:{bad_folder[0]}', batch=4, num_workers=num_workers)
-  make = lambda: pipeline.create_train_loader(config, seed=3, process_index=0,
+  make = lambda: _loader(config, seed=3, process_index=0,
                                                     process_count=1)
   uninterrupted = make()
   _take(uninterrupted, 5)
@@ -375,7 +401,7 @@ def test_resume_reproduces_the_remaining_batches(num_workers, bad_folder):
 def test_resume_through_an_orbax_checkpoint(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = _config(batch=8)
-  make = lambda: pipeline.create_train_loader(config, seed=0, process_index=0,
+  make = lambda: _loader(config, seed=0, process_index=0,
                                                     process_count=1)
   iterator = make()
   _take(iterator, 3)
@@ -398,7 +424,7 @@ def test_resume_through_an_orbax_checkpoint(tmp_path):
 
 def test_make_global_batch_shards_the_leading_axis():
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))
-  batch = next(pipeline.create_train_loader(_config(batch=16), seed=0, process_index=0,
+  batch = next(_loader(_config(batch=16), seed=0, process_index=0,
                                                   process_count=1))
   spec = jax.sharding.PartitionSpec('data')
   arrays = pipeline.make_global_batch(batch, mesh, spec)
@@ -410,7 +436,9 @@ def test_make_global_batch_shards_the_leading_axis():
 
 
 def test_measure_throughput_reports_rates():
-  result = pipeline.measure_throughput(_config(batch=8), num_batches=2, warmup_batches=1)
+  config = _config(batch=8)
+  result = pipeline.measure_throughput(config, methods.from_config(config).train_transform(),
+                                       num_batches=2, warmup_batches=1)
   assert result['images_per_s'] > 0 and result['batch_size'] == 8
   assert result['images_per_s_per_worker'] == result['images_per_s']
   assert result['images_per_cpu_s'] > 0

@@ -69,8 +69,8 @@ def _main(workdir: str, total: int) -> None:
   logging.getLogger('capi_jax').setLevel(logging.INFO)
   real = pipeline.create_train_loader
 
-  def single_host_rows(config, *, seed, process_index, process_count):
-    loader = real(config, seed=seed, process_index=0, process_count=1)
+  def single_host_rows(config, transform, *, seed, process_index, process_count):
+    loader = real(config, transform, seed=seed, process_index=0, process_count=1)
     return loader_wrappers.HostRows(loader, process_index, process_count)
 
   pipeline.create_train_loader = single_host_rows

@@ -4,8 +4,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+import pytest
 
 from capi_jax.core import optim
+from capi_jax.methods.capi import optim as capi_optim
 
 
 def _optim_cfg():
@@ -14,7 +17,7 @@ def _optim_cfg():
 
 
 def test_group_multipliers_follow_reference_rules():
-  mults = lambda name: optim.group_multipliers(
+  mults = lambda name: capi_optim.group_multipliers(
       name, patch_embed_lr_mult=0.2, rope_lr_mult=0.0, layernorm_wd_mult=0.1)
   assert mults('backbone/patch_embed/kernel') == (0.2, 1.0)
   assert mults('backbone/patch_embed/bias') == (0.2, 0.0)
@@ -51,7 +54,7 @@ def test_adamw_matches_pytorch_per_group():
   grads = [jax.tree.map(lambda x: rng.normal(size=x.shape), params) for _ in range(3)]
   lrs = [1e-2, 2e-2, 3e-2]
   lr_fn = lambda step: jnp.asarray(lrs)[step]
-  lr_mults, wd_mults = optim.param_group_trees(params32, _optim_cfg())
+  lr_mults, wd_mults = capi_optim.param_group_trees(params32, _optim_cfg())
   tx = optim.adamw(lr_fn, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                    lr_mults=lr_mults, wd_mults=wd_mults)
   state = tx.init(params32)
@@ -62,7 +65,7 @@ def test_adamw_matches_pytorch_per_group():
 
   for path, value in jax.tree_util.tree_leaves_with_path(params):
     name = optim.path_name(path)
-    lr_mult, wd_mult = optim.group_multipliers(
+    lr_mult, wd_mult = capi_optim.group_multipliers(
         name, patch_embed_lr_mult=0.2, rope_lr_mult=0.0, layernorm_wd_mult=0.1)
     leaf_grads = [np.asarray(_get(g, path)) for g in grads]
     expected = _torch_adamw(value, leaf_grads, [lr * lr_mult for lr in lrs], 0.1 * wd_mult,
@@ -76,3 +79,20 @@ def _get(tree, path):
   for key in path:
     tree = tree[key.key]
   return tree
+
+
+def test_partition_steps_each_group_on_its_own_parts():
+  params = {'a': jnp.ones(3), 'b': jnp.ones(2), 'c': jnp.ones(1)}
+  grads = {'a': jnp.ones(3), 'b': jnp.ones(2), 'c': jnp.ones(1)}
+  tx = optim.partition({'first': (('a', 'b'), optax.sgd(1.0)),
+                        'second': (('c',), optax.sgd(0.5))})
+  updates, state = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates['a'], -np.ones(3))
+  np.testing.assert_array_equal(updates['c'], [-0.5])
+  assert set(state.inner) == {'first', 'second'}
+
+
+def test_partition_needs_every_part_in_exactly_one_group():
+  tx = optim.partition({'first': (('a',), optax.sgd(1.0))})
+  with pytest.raises(ValueError, match='every part needs exactly one group'):
+    tx.init({'a': jnp.ones(1), 'b': jnp.ones(1)})

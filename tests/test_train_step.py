@@ -9,7 +9,8 @@ from capi_jax import check_reference
 from capi_jax.data import pipeline
 from capi_jax import methods
 from capi_jax.core import sharding
-from capi_jax.core import train_step
+from capi_jax.core import state as state_lib
+from capi_jax.core import step as step_lib
 from configs import tiny
 
 
@@ -53,9 +54,9 @@ def _losses(config, devices, batches):
   mesh = sharding.make_mesh(config, devices)
   method = methods.from_config(config)
   with jax.set_mesh(mesh):
-    state, shardings, optimizers = train_step.create_state(
-        config, method, mesh, jax.random.PRNGKey(config.train.seed))
-    step = train_step.jit_train_step(method, optimizers, shardings, mesh)
+    state, layout = state_lib.create_state(config, method, mesh,
+                                           jax.random.PRNGKey(config.train.seed))
+    step = step_lib.jit_train_step(method, layout, mesh)
     losses = []
     for batch in batches:
       batch = pipeline.make_global_batch(batch, mesh, sharding.batch_sharding(mesh).spec)
@@ -66,9 +67,9 @@ def _losses(config, devices, batches):
 
 def test_one_device_equals_eight_devices():
   config = micro_config()
-  loader = pipeline.create_train_loader(config, seed=0, process_index=0, process_count=1)
-  batches = [{k: v for k, v in next(loader).items() if k in train_step.STEP_KEYS}
-             for _ in range(3)]
+  loader = pipeline.create_train_loader(config, methods.from_config(config).train_transform(),
+                                        seed=0, process_index=0, process_count=1)
+  batches = [next(loader) for _ in range(3)]
   one, params_one = _losses(config, jax.devices()[:1], batches)
   eight, params_eight = _losses(config, jax.devices(), batches)
   assert len(jax.devices()) == 8
@@ -84,16 +85,18 @@ def test_state_is_born_sharded_fsdp():
   config = micro_config()
   mesh = sharding.make_mesh(config)
   method = methods.from_config(config)
-  state, _, _ = train_step.create_state(config, method, mesh, jax.random.PRNGKey(0))
+  state, _ = state_lib.create_state(config, method, mesh, jax.random.PRNGKey(0))
   kernel = state.params['backbone']['encoder']['blocks_0']['residual2']['fn']['fc1']['kernel']
   assert kernel.shape == (32, 128)
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
   assert {s.data.shape for s in kernel.addressable_shards} == {(32, 16)}
-  mu = state.opt_state[0].mu['backbone']['encoder']['blocks_0']['residual2']['fn']['fc1']['kernel']
+  mu = state.opt_state.inner['student'][0].mu['backbone']['encoder']['blocks_0']['residual2'][
+      'fn']['fc1']['kernel']
   assert mu.sharding.spec == kernel.sharding.spec
   # EMA starts as the student.
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
-               jax.device_get(state.ema_params))
+  student = {k: state.params[k] for k in ('backbone', 'head')}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(student),
+               jax.device_get(state.buffers['ema']))
 
 
 def test_sharding_rules():

@@ -1,24 +1,20 @@
-"""AdamW with the reference's parameter groups, matching PyTorch's `torch.optim.AdamW` step.
+"""Optimiser building blocks that match PyTorch's `torch.optim.AdamW` step, for any method.
 
 PyTorch AdamW with per-group `lr = schedule * lr_mult` and `weight_decay = wd * wd_mult` does
   p <- p * (1 - lr * lr_mult * wd * wd_mult) - lr * lr_mult * m_hat / (sqrt(v_hat) + eps)
 with bias-corrected moments. Here: `optax.scale_by_adam` gives `m_hat / (sqrt(v_hat) + eps)` and
 `scale_by_groups` applies the decoupled decay and the scheduled, per-parameter learning rate.
-
-Parameter groups (the reference's `get_params_groups`, by parameter path):
-  - biases and names containing 'gamma': no weight decay;
-  - norm scales (a `scale`/`weight` leaf under a module whose name contains 'norm'):
-    weight decay x `layernorm_wd_mult`;
-  - anything under `patch_embed`: lr x `patch_embed_lr_mult`;
-  - RoPE frequencies (`freqs`, or anything under a 'rope' module): lr x `rope_lr_mult`.
+PyTorch's parameter groups become per-leaf multiplier trees (`multiplier_trees`, from a rule on
+the parameter's path), and several optimisers stepped after one backward pass become
+`partition` over the top-level parts of the parameters.
 """
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from capi_jax.core import schedules
@@ -39,38 +35,10 @@ def path_name(path: tuple[Any, ...]) -> str:
   return '/'.join(parts)
 
 
-def group_multipliers(
-    name: str,
-    *,
-    patch_embed_lr_mult: float,
-    rope_lr_mult: float,
-    layernorm_wd_mult: float,
-) -> tuple[float, float]:
-  """(lr multiplier, wd multiplier) of the parameter at '/'-joined path `name`."""
-  parts = name.split('/')
-  leaf, modules = parts[-1], [p.lower() for p in parts[:-1]]
-  lr_mult, wd_mult = 1.0, 1.0
-  if leaf == 'bias' or 'gamma' in name:
-    wd_mult = 0.0
-  if leaf in ('scale', 'weight') and any('norm' in m for m in modules):
-    wd_mult = layernorm_wd_mult
-  if 'patch_embed' in name:
-    lr_mult *= patch_embed_lr_mult
-  if leaf == 'freqs' or any('rope' in m for m in modules):
-    lr_mult *= rope_lr_mult
-  return lr_mult, wd_mult
-
-
-def param_group_trees(params: PyTree, optim_cfg: ml_collections.ConfigDict
-                      ) -> tuple[PyTree, PyTree]:
-  """Per-leaf (lr multiplier, wd multiplier) trees for the student's parameters."""
-  mults = jax.tree_util.tree_map_with_path(
-      lambda path, _: group_multipliers(
-          path_name(path),
-          patch_embed_lr_mult=optim_cfg.patch_embed_lr_mult,
-          rope_lr_mult=optim_cfg.rope_lr_mult,
-          layernorm_wd_mult=optim_cfg.layernorm_wd_mult),
-      params)
+def multiplier_trees(params: PyTree, rule: Callable[[str], tuple[float, float]]
+                     ) -> tuple[PyTree, PyTree]:
+  """Per-leaf (lr multiplier, wd multiplier) trees from `rule('/'-joined path) -> (lr, wd)`."""
+  mults = jax.tree_util.tree_map_with_path(lambda path, _: rule(path_name(path)), params)
   is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], float)
   lr_mults = jax.tree.map(lambda m: m[0], mults, is_leaf=is_pair)
   wd_mults = jax.tree.map(lambda m: m[1], mults, is_leaf=is_pair)
@@ -131,24 +99,41 @@ def adamw(
   )
 
 
-def student_optimizer(config: ml_collections.ConfigDict, student_params: PyTree
-                      ) -> optax.GradientTransformation:
-  """The student's AdamW (`config.optim`), groups derived from the parameter paths."""
-  lr_mults, wd_mults = param_group_trees(student_params, config.optim)
-  return adamw(
-      schedules.from_config(config.optim.lr_schedule, config.optim.total_iters),
-      betas=tuple(config.optim.betas),
-      eps=config.optim.eps,
-      weight_decay=config.optim.weight_decay,
-      lr_mults=lr_mults,
-      wd_mults=wd_mults)
+class PartitionState(NamedTuple):
+  inner: dict[str, optax.OptState]  # Each group's state, over its own parts only.
 
 
-def clustering_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The online clustering head's AdamW (`config.capi.clustering_optimizer`): one group."""
-  cfg = config.capi.clustering_optimizer
-  return adamw(
-      schedules.from_config(cfg.lr_schedule, config.optim.total_iters),
-      betas=tuple(cfg.betas),
-      eps=cfg.eps,
-      weight_decay=cfg.weight_decay)
+def partition(groups: dict[str, tuple[tuple[str, ...], optax.GradientTransformation]]
+              ) -> optax.GradientTransformation:
+  """Several optimisers over the top-level parts of a dict of parameters.
+
+  `groups` maps a group name to (the parts it owns, its transformation); every part of the
+  parameters must belong to exactly one group. Each transformation sees only its parts, so
+  per-leaf trees (lr / wd multipliers) are written for those parts alone, and a group's state
+  (its step count, its moments) is its own, as with separate PyTorch optimisers stepped after
+  one backward pass.
+  """
+
+  def split(tree, parts):
+    return None if tree is None else {p: tree[p] for p in parts}
+
+  def check(params):
+    owned = [p for parts, _ in groups.values() for p in parts]
+    if sorted(owned) != sorted(params):
+      raise ValueError(f'Optimiser groups own parts {sorted(owned)}, but the parameters have '
+                       f'{sorted(params)}: every part needs exactly one group.')
+
+  def init_fn(params):
+    check(params)
+    return PartitionState({name: tx.init(split(params, parts))
+                           for name, (parts, tx) in groups.items()})
+
+  def update_fn(updates, state, params=None):
+    new_updates, new_inner = {}, {}
+    for name, (parts, tx) in groups.items():
+      u, new_inner[name] = tx.update(split(updates, parts), state.inner[name],
+                                     split(params, parts))
+      new_updates.update(u)
+    return new_updates, PartitionState(new_inner)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -10,17 +10,29 @@ Semantics follow the official CAPI release (see `docs/reference/capi_algorithm.m
 With `roll`, a block mask is shifted by a uniform random (dy, dx) with wrap-around, so every grid
 position is equally likely to be masked.
 
+CAE v2 (BEiT's generator, `docs/reference/caev2_algorithm.md`, Data and masks):
+- `BeitBlock`: rectangles are added until exactly `n_masked` cells are masked. With m = min(still
+  needed, max per block), up to 10 tries of area ~ U(min_block_patches, m) and a log-uniform aspect
+  ratio; h = round(sqrt(area * ratio)), w = round(sqrt(area / ratio)) must be strictly smaller than
+  the grid; a uniformly placed rectangle is kept if it masks between 1 and m new cells. The masks
+  favour the centre of the grid.
+
 Every generator is `generate(n_masked, rng) -> bool (h, w)` with exactly `n_masked` True cells,
 random only through the given `np.random.Generator`, so a Grain `random_map` makes it
-deterministic per record.
+deterministic per record; generators pickle (module-level functions bound with
+`functools.partial`).
 """
 
-import math
 from collections.abc import Callable
+import functools
+import math
 
 import numpy as np
 
 MaskGenerator = Callable[[int, np.random.Generator], np.ndarray]
+
+GENERATORS = ('InverseBlock', 'Block', 'Uniform', 'BeitBlock')
+_BEIT_MAX_IDLE_ROUNDS = 100
 
 
 def _check_count(n: int, grid: tuple[int, int]) -> None:
@@ -58,38 +70,102 @@ def _block(n: int, grid: tuple[int, int], roll: bool, log_aspect: tuple[float, f
   return mask
 
 
+def _uniform(n_masked: int, rng: np.random.Generator, *, grid: tuple[int, int]) -> np.ndarray:
+  _check_count(n_masked, grid)
+  mask = np.zeros(grid[0] * grid[1], dtype=bool)
+  mask[rng.permutation(mask.size)[:n_masked]] = True
+  return mask.reshape(grid)
+
+
+def _one_block(n_masked: int, rng: np.random.Generator, *, grid: tuple[int, int], roll: bool,
+               log_aspect: tuple[float, float]) -> np.ndarray:
+  _check_count(n_masked, grid)
+  return _block(n_masked, grid, roll, log_aspect, rng)
+
+
+def _inverse_block(n_masked: int, rng: np.random.Generator, *, grid: tuple[int, int], roll: bool,
+                   log_aspect: tuple[float, float]) -> np.ndarray:
+  _check_count(n_masked, grid)
+  return ~_block(grid[0] * grid[1] - n_masked, grid, roll, log_aspect, rng)
+
+
+def _add_beit_block(mask: np.ndarray, limit: int, min_patches: int,
+                    log_aspect: tuple[float, float], rng: np.random.Generator) -> int:
+  """Masks one more rectangle of 1 .. `limit` new cells in place (<= 10 tries); the count."""
+  height, width = mask.shape
+  for _ in range(10):
+    # a + (b - a) * U, like Python's random.uniform, also when b < a (limit < min_patches).
+    area = min_patches + (limit - min_patches) * rng.random()
+    aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * rng.random())
+    # Python's round (half to even), as the reference.
+    h = int(round(math.sqrt(area * aspect)))
+    w = int(round(math.sqrt(area / aspect)))
+    if h < height and w < width:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      window = mask[top:top + h, left:left + w]
+      new = h * w - int(window.sum())
+      if 0 < new <= limit:
+        window[...] = True
+        return new
+  return 0
+
+
+def _beit_block(n_masked: int, rng: np.random.Generator, *, grid: tuple[int, int],
+                log_aspect: tuple[float, float], min_patches: int,
+                max_patches: int | None) -> np.ndarray:
+  _check_count(n_masked, grid)
+  if n_masked and min(grid) < 2:
+    raise ValueError(f'BeitBlock masking needs a grid of at least 2x2 (its rectangles are strictly '
+                     f'smaller than the grid), got {grid[0]}x{grid[1]}; use another generator.')
+  mask = np.zeros(grid, dtype=bool)
+  count, idle = 0, 0
+  while count < n_masked:
+    limit = min(n_masked - count, n_masked if max_patches is None else max_patches)
+    added = _add_beit_block(mask, limit, min_patches, log_aspect, rng)
+    count += added
+    idle = 0 if added else idle + 1
+    # The reference loops forever when no rectangle can fit (e.g. every drawn area too large
+    # for the grid); a workable setting fails 100 rounds in a row with negligible probability.
+    if idle == _BEIT_MAX_IDLE_ROUNDS:
+      raise ValueError(
+          f'BeitBlock masking placed no rectangle in {idle * 10} tries with {count} of '
+          f'{n_masked} cells masked on a {grid[0]}x{grid[1]} grid (min_block_patches='
+          f'{min_patches}): lower min_block_patches or the mask count.')
+  return mask
+
+
 def make_mask_generator(name: str = 'InverseBlock', grid: tuple[int, int] = (16, 16),
                         roll: bool = True, min_aspect: float = 0.5,
-                        max_aspect: float | None = None) -> MaskGenerator:
+                        max_aspect: float | None = None, min_block_patches: int = 16,
+                        max_block_patches: int | None = None) -> MaskGenerator:
   """Returns `generate(n_masked, rng) -> bool (h, w)` with exactly `n_masked` True cells.
 
   Args:
-    name: 'InverseBlock' (reference default), 'Block' or 'Uniform'.
+    name: 'InverseBlock' (CAPI's default), 'Block', 'Uniform' or 'BeitBlock' (CAE v2).
     grid: (h, w) token grid, i.e. (image_size / patch_size,) * 2.
-    roll: shift block masks by a random wrap-around offset (no effect on 'Uniform').
-    min_aspect: smallest rectangle aspect ratio (height / width) for the block generators.
+    roll: shift block masks by a random wrap-around offset ('InverseBlock' and 'Block' only).
+    min_aspect: smallest rectangle aspect ratio (height / width) for the block generators
+      (CAE v2: 0.3).
     max_aspect: largest aspect ratio; None = 1 / min_aspect.
+    min_block_patches: 'BeitBlock' only: the lower end of a rectangle's drawn area
+      (`--min_mask_patches_per_block`).
+    max_block_patches: 'BeitBlock' only: the most new cells one rectangle may mask; None = all
+      `n_masked` (`--max_mask_patches_per_block`).
   """
   grid = (int(grid[0]), int(grid[1]))
   log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
-
-  def uniform(n_masked: int, rng: np.random.Generator) -> np.ndarray:
-    _check_count(n_masked, grid)
-    mask = np.zeros(grid[0] * grid[1], dtype=bool)
-    mask[rng.permutation(mask.size)[:n_masked]] = True
-    return mask.reshape(grid)
-
-  def block(n_masked: int, rng: np.random.Generator) -> np.ndarray:
-    _check_count(n_masked, grid)
-    return _block(n_masked, grid, roll, log_aspect, rng)
-
-  def inverse_block(n_masked: int, rng: np.random.Generator) -> np.ndarray:
-    _check_count(n_masked, grid)
-    return ~_block(grid[0] * grid[1] - n_masked, grid, roll, log_aspect, rng)
-
-  generators = {'InverseBlock': inverse_block, 'Block': block, 'Uniform': uniform}
-  if name not in generators:
-    raise ValueError(f'Unknown masking generator {name!r}; choose one of {sorted(generators)} '
+  generators = {
+      'InverseBlock': functools.partial(_inverse_block, grid=grid, roll=roll,
+                                        log_aspect=log_aspect),
+      'Block': functools.partial(_one_block, grid=grid, roll=roll, log_aspect=log_aspect),
+      'Uniform': functools.partial(_uniform, grid=grid),
+      'BeitBlock': functools.partial(_beit_block, grid=grid, log_aspect=log_aspect,
+                                     min_patches=min_block_patches,
+                                     max_patches=max_block_patches),
+  }
+  if name not in GENERATORS:
+    raise ValueError(f'Unknown masking generator {name!r}; choose one of {GENERATORS} '
                      '(config.data.masking_generator).')
   return generators[name]
 

@@ -1,9 +1,10 @@
-"""Grain input pipeline: augmentation and host-side masks, resumable loaders, global batches.
+"""Grain input pipeline: resumable training loaders, evaluation batches, global batches.
 
 Training (`create_train_loader`), per host:
   source[process_index::process_count] -> shuffle (reshuffled every epoch) -> repeat forever
-  -> decode (undecodable records become None and are dropped) -> random_map(crop, flip,
-  normalise, masks) -> batch(global_batch / process_count) -> `num_workers` worker processes.
+  -> decode (undecodable records become None and are dropped) -> random_map(the method's
+  train transform: views, crops, masks) -> batch(global_batch / process_count) ->
+  `num_workers` worker processes.
 The random_map's generator is seeded from (seed, host) and the record's position in the
 infinite shuffled stream, so augmentations and masks are reproducible, differ every epoch, and
 a resumed iterator (`get_state` / `set_state`) yields exactly the batches an uninterrupted one
@@ -16,10 +17,17 @@ Checkpointing the iterator with the model, in Orbax (grain 0.2.18):
 with `grain.checkpoint.CheckpointHandler` registered for the 'data_iter' item
 (`ocp.CheckpointManager(..., item_handlers={'data_iter': grain.checkpoint.CheckpointHandler()})`).
 The handler writes one JSON file per process, so every host restores its own position.
+A position saved with another `data.num_workers` is adapted by `adapt_iterator_state`.
+
+Worker processes (`data.num_workers` > 0) ignore the signals a terminal or a scheduler sends to
+the whole process group (the main process decides when to stop: it checkpoints first) and end
+as soon as the main process is gone, even after a `kill -9` of it.
 """
 
-import dataclasses
-import math
+import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -29,132 +37,18 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 
+from capi_jax.core import cli
 from capi_jax.data import sources
-from capi_jax.data import masking
+from capi_jax.data import transforms
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-# normalised = pixel * _SCALE + _OFFSET == (pixel / 255 - mean) / std.
-_SCALE = 1 / (255 * IMAGENET_STD)
-_OFFSET = -IMAGENET_MEAN / IMAGENET_STD
-CROP_RATIO = (3 / 4, 4 / 3)
+logger = logging.getLogger(__name__)
+
 # Threads per process that read and transform records (PIL releases the GIL while decoding
 # and resizing, so threads overlap well even in a single process).
 READ_THREADS = 8
 
 Batch = dict[str, np.ndarray]
-
-
-def sample_crop_box(height: int, width: int, scale: tuple[float, float],
-                    ratio: tuple[float, float],
-                    rng: np.random.Generator) -> tuple[int, int, int, int]:
-  """torchvision's RandomResizedCrop.get_params: (top, left, h, w).
-
-  Ten tries at a random area fraction in `scale` and log-uniform aspect ratio (w / h) in `ratio`;
-  if none fits, the largest centred crop with an aspect ratio inside `ratio`.
-  """
-  area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target_area = area * rng.uniform(scale[0], scale[1])
-    aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-    w = int(round(math.sqrt(target_area * aspect_ratio)))
-    h = int(round(math.sqrt(target_area / aspect_ratio)))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      return top, left, h, w
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    h, w = height, int(round(height * max(ratio)))
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
-
-
-def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
-  """RGB image or uint8 array (..., 3) -> float32 (..., 3), ImageNet mean/std normalised."""
-  pixels = np.array(image, dtype=np.float32)  # Always a copy, so the in-place ops below are safe.
-  pixels *= _SCALE  # In place: this runs for every pixel of every training image.
-  pixels += _OFFSET
-  return pixels
-
-
-def eval_image(image: Image.Image, image_size: int) -> np.ndarray:
-  """The reference evaluation transform: float32 (image_size, image_size, 3).
-
-  Resize the shorter side to image_size * 256 / 224 (bicubic), centre-crop image_size
-  (torchvision's Resize(int) + CenterCrop rounding), normalise.
-  """
-  resize = int(image_size * 256 / 224)
-  width, height = image.size
-  if width <= height:
-    size = (resize, max(int(resize * height / width), resize))
-  else:
-    size = (max(int(resize * width / height), resize), resize)
-  image = image.resize(size, Image.Resampling.BICUBIC)
-  top = int(round((size[1] - image_size) / 2.0))
-  left = int(round((size[0] - image_size) / 2.0))
-  return normalize(image.crop((left, top, left + image_size, top + image_size)))
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainTransform(grain.transforms.RandomMap):
-  """RandomResizedCrop (bicubic) + horizontal flip + normalisation + this image's masks.
-
-  All randomness comes from the generator Grain derives from the seed and the record index.
-  Output: images float32 (S, S, 3), visible_indices int32 (n_visible,) ascending,
-  predict_indices int32 (n_predict,), label int32 ().
-  """
-  image_size: int
-  patch_size: int
-  crop_scale: tuple[float, float]
-  do_hflip: bool
-  masking_generator: str
-  masking_roll: bool
-  mask_ratio: float
-  prediction_subsampling: float
-
-  @property
-  def grid(self) -> tuple[int, int]:
-    return (self.image_size // self.patch_size,) * 2
-
-  def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> Batch:
-    image = element['image']
-    top, left, h, w = sample_crop_box(image.height, image.width, self.crop_scale, CROP_RATIO,
-                                      rng)
-    # crop, then resize: torchvision's order (resizing with a box would read pixels outside it).
-    image = image.crop((left, top, left + w, top + h)).resize(
-        (self.image_size, self.image_size), Image.Resampling.BICUBIC)
-    if self.do_hflip and rng.random() < 0.5:
-      image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    generate = masking.make_mask_generator(self.masking_generator, self.grid, self.masking_roll)
-    visible, predict = masking.sample_indices(generate, self.grid, self.mask_ratio,
-                                              self.prediction_subsampling, rng)
-    return {'images': normalize(image), 'visible_indices': visible, 'predict_indices': predict,
-            'label': element['label']}
-
-
-def train_transform(config: ml_collections.ConfigDict) -> TrainTransform:
-  """The training transform from `config.data` and `config.model.patch_size`."""
-  data = config.data
-  if data.image_size % config.model.patch_size:
-    raise ValueError(f'config.data.image_size={data.image_size} is not a multiple of '
-                     f'config.model.patch_size={config.model.patch_size}.')
-  transform = TrainTransform(
-      image_size=data.image_size, patch_size=config.model.patch_size,
-      crop_scale=tuple(data.crop_scale), do_hflip=data.do_hflip,
-      masking_generator=data.masking_generator, masking_roll=data.masking_roll,
-      mask_ratio=data.mask_ratio, prediction_subsampling=data.prediction_subsampling)
-  # Fail now, in the main process, on a bad generator name or empty visible/predicted sets.
-  masking.make_mask_generator(transform.masking_generator, transform.grid)
-  masking.mask_counts(transform.grid[0] * transform.grid[1], data.mask_ratio,
-                      data.prediction_subsampling)
-  return transform
 
 
 def _host_seeds(seed: int, process_index: int) -> tuple[int, int]:
@@ -163,18 +57,23 @@ def _host_seeds(seed: int, process_index: int) -> tuple[int, int]:
   return int(shuffle_seed), int(map_seed)
 
 
-def train_dataset(config: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
-  """This host's infinite stream of augmented, masked examples (before batching)."""
+def train_dataset(config: ml_collections.ConfigDict, transform: grain.transforms.RandomMap, *,
+                  seed: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """This host's infinite stream of training examples made by `transform` (before batching).
+
+  The transform receives decoded records `{'image', 'label', 'index'}`, 'index' being the
+  image's position in the whole dataset (methods that must tell samples apart read it).
+  """
   source = sources.make_source(config.data.dataset, config.data.split, config.data.data_dir,
-                                    config.data.image_size)
+                               config.data.image_size)
   if len(source) < process_count:
     raise ValueError(f'{source.description} has fewer images than the {process_count} hosts.')
   shuffle_seed, map_seed = _host_seeds(seed, process_index)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source).map_with_index(lambda i, record: {**record, 'index': i})
+  ds = ds[process_index::process_count]
   ds = ds.shuffle(seed=shuffle_seed).repeat(None)
   ds = ds.map(sources.decode)
-  return ds.random_map(train_transform(config), seed=map_seed)
+  return ds.random_map(transform, seed=map_seed)
 
 
 def _batched(ds: grain.MapDataset, config: ml_collections.ConfigDict, batch_size: int,
@@ -197,10 +96,34 @@ def _batched(ds: grain.MapDataset, config: ml_collections.ConfigDict, batch_size
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=workers, per_worker_buffer_size=-(-in_flight // workers)))
+      num_workers=workers, per_worker_buffer_size=-(-in_flight // workers)),
+                        worker_init_fn=_init_worker)
 
 
-def create_train_loader(config: ml_collections.ConfigDict, *, seed: int,
+# How often a worker process checks that the main process is still alive.
+_PARENT_CHECK_S = 0.5
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Runs first in every Grain worker process: signals go to the main process alone, and the
+  worker exits once the main process is gone (it would otherwise live on as an orphan)."""
+  del worker_index, worker_count
+  # Ctrl-C reaches the whole foreground process group, SLURM signals every process of a job
+  # step: only the main process acts on them (it checkpoints, then closes the workers).
+  for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def exit_with_parent():
+    while os.getppid() == parent:  # Re-parented (to init or a subreaper) once it died.
+      time.sleep(_PARENT_CHECK_S)
+    os._exit(1)  # pylint: disable=protected-access  (no cleanup: the consumer is gone)
+
+  threading.Thread(target=exit_with_parent, name='exit-with-parent', daemon=True).start()
+
+
+def create_train_loader(config: ml_collections.ConfigDict, transform: grain.transforms.RandomMap,
+                        *, seed: int,
                         process_index: int | None = None,
                         process_count: int | None = None) -> grain.DatasetIterator:
   """Iterator over this host's training batches, of global_batch_size / process_count each.
@@ -208,7 +131,7 @@ def create_train_loader(config: ml_collections.ConfigDict, *, seed: int,
   The iterator is infinite, supports `get_state()` / `set_state()` (JSON-serialisable dicts)
   and Grain's Orbax checkpoint handler (see the module docstring). With
   `config.data.num_workers` > 0, batches are built in that many worker processes; the stream
-  depends on num_workers, so resume with the same value.
+  depends on num_workers (0 and 1 give the same one), see `adapt_iterator_state`.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -216,8 +139,62 @@ def create_train_loader(config: ml_collections.ConfigDict, *, seed: int,
   if global_batch % process_count:
     raise ValueError(f'config.optim.global_batch_size={global_batch} is not divisible by the '
                      f'{process_count} hosts.')
-  ds = train_dataset(config, seed=seed, process_index=process_index, process_count=process_count)
+  ds = train_dataset(config, transform, seed=seed, process_index=process_index,
+                     process_count=process_count)
   return iter(_batched(ds, config, global_batch // process_count, drop_remainder=True))
+
+
+def _slice_positions(state: Mapping[str, Any]) -> list[int] | None:
+  """Records read from each worker's slice of the host's record stream (one slice without
+  workers), from a training iterator's state; None for a state of another form."""
+  if set(state) == {'next_index'}:
+    return [state['next_index']]
+  workers = state.get('iterators_in_use_states')
+  if (isinstance(workers, list) and workers
+      and all(isinstance(w, dict) and set(w) == {'next_index'} for w in workers)):
+    return [w['next_index'] for w in workers]
+  return None
+
+
+def adapt_iterator_state(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+  """`saved` (a `create_train_loader` iterator's state) for an iterator whose state is `fresh`.
+
+  With n > 1 workers, worker i reads the slice i::n of the host's shuffled record stream and
+  batches it; 0 and 1 workers read the stream in order. So:
+    - same num_workers: `saved` as is (an exact resume);
+    - 0 <-> 1 workers: the same stream in Grain's two state formats, converted exactly;
+    - otherwise: the new workers start right after the furthest record read, so no record is
+      read twice (fewer than n batches of records are skipped), but the batches differ from
+      those of an uninterrupted run; a warning says which num_workers would resume exactly.
+
+  Raises:
+    cli.UserError: a state this version of capi_jax cannot convert (names the num_workers to use).
+  """
+  old, new = _slice_positions(saved), _slice_positions(fresh)
+  saved_workers = len(saved.get('iterators_in_use_states', []))
+  if old is None or new is None:
+    if old is None and new is None and saved.keys() == fresh.keys():
+      return saved  # A form this version does not know, saved with this pipeline's settings.
+    raise cli.UserError('The data iterator position in the checkpoint was saved with '
+                        f'data.num_workers={saved_workers} in a form capi_jax cannot convert: '
+                        f'resume with --config.data.num_workers={saved_workers}.')
+  if len(old) == len(new):
+    if ('next_index' in saved) == ('next_index' in fresh):
+      return saved  # The same num_workers.
+    positions = old  # 0 <-> 1 worker: the same stream, Grain's two forms of state.
+  else:
+    n, m = len(old), len(new)
+    read = max((n * (c - 1) + i + 1 for i, c in enumerate(old) if c > 0), default=0)
+    positions = [max(0, -(-(read - j) // m)) for j in range(m)]
+    logger.warning(
+        'The data iterator was saved with data.num_workers=%d and resumes with %d: it goes on '
+        'after record %d of the shuffled stream (none is read twice), but its batches differ '
+        'from an uninterrupted run\'s; resume with --config.data.num_workers=%d for those.',
+        saved_workers, len(fresh.get('iterators_in_use_states', [])), read, saved_workers)
+  if 'next_index' in fresh:
+    return {'next_index': positions[0]}
+  return {**fresh, 'next_index_in_cycle': 0,
+          'iterators_in_use_states': [{'next_index': p} for p in positions]}
 
 
 def create_eval_dataset(config: ml_collections.ConfigDict, split: str, max_images: int = 0,
@@ -239,7 +216,7 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str, max_image
   image_size = config.data.image_size
 
   def transform(element: Mapping[str, Any]) -> Batch:
-    return {'images': eval_image(element['image'], image_size), 'label': element['label']}
+    return {'images': transforms.eval_image(element['image'], image_size), 'label': element['label']}
 
   ds = ds.map(sources.decode).map(transform)
   return _batched(ds, config, batch_size or config.evals.batch_size, drop_remainder=False)
@@ -253,9 +230,9 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.
           for k, v in local_batch.items()}
 
 
-def measure_throughput(config: ml_collections.ConfigDict, num_batches: int = 20,
-                       warmup_batches: int = 2) -> dict[str, float]:
-  """Host pipeline throughput of the training loader (no accelerator work).
+def measure_throughput(config: ml_collections.ConfigDict, transform: grain.transforms.RandomMap,
+                       num_batches: int = 20, warmup_batches: int = 2) -> dict[str, float]:
+  """Host pipeline throughput of the training loader with `transform` (no accelerator work).
 
   Returns images_per_s; images_per_s_per_worker (per worker process; the main process counts
   as one worker when num_workers=0); with num_workers=0 also images_per_cpu_s (images per
@@ -263,7 +240,7 @@ def measure_throughput(config: ml_collections.ConfigDict, num_batches: int = 20,
   num_batches, batch_size, num_workers, image_size. Readers run up to
   config.data.prefetch_buffer_size batches ahead, so use num_batches well above that.
   """
-  iterator = create_train_loader(config, seed=config.train.seed)
+  iterator = create_train_loader(config, transform, seed=config.train.seed)
   try:
     for _ in range(warmup_batches):  # Worker start-up and first file opens are not throughput.
       next(iterator)
@@ -274,7 +251,7 @@ def measure_throughput(config: ml_collections.ConfigDict, num_batches: int = 20,
   finally:
     if hasattr(iterator, 'close'):
       iterator.close()
-  batch_size = int(batch['images'].shape[0])
+  batch_size = len(next(iter(batch.values())))  # Images per batch, whatever the keys.
   images = num_batches * batch_size
   workers = config.data.num_workers
   result = {'images_per_s': images / seconds,

@@ -1,24 +1,45 @@
-"""Pretraining methods: what the engine (`train_step.py`) needs to know about one.
+"""Pretraining methods, by name: `config.method` picks one (`from_config`).
 
-A method is a config plus its heads and losses. It provides
-  - `init(rng, image_shape) -> (student_params, teacher_head_params)`: the student is
-    `{'backbone': ..., 'head': ...}` (the EMA starts as its copy); the teacher head is trained by
-    its own optimiser (CAPI's online clustering); `{}` when a method has none;
-  - `teacher_head_optimizer() -> optax.GradientTransformation`;
-  - `grads(student, ema, teacher_head, batch, rng) -> (student_grads, teacher_head_grads, metrics)`.
-The engine owns the rest: the student's AdamW, the EMA, sharding, checkpoints, the loop.
+A method is a config section plus a `capi_jax.methods.base.Method` subclass; the engine calls
+only that interface. The built-in methods are imported lazily by module path, so the engine
+(which imports this registry) never imports a method's code itself. `register` adds one at run
+time (a research prototype, a test's toy method) without touching the engine.
 """
+
+import importlib
 
 import ml_collections
 
-from capi_jax.methods.capi import method as capi
+from capi_jax.methods import base
 
-METHODS = {'capi': capi.Capi}
+# name -> 'module:Class' of the built-in methods.
+_BUILT_IN = {
+    'capi': 'capi_jax.methods.capi.method:Capi',
+    'mim_refiner': 'capi_jax.methods.mim_refiner.method:MimRefiner',
+}
+_REGISTERED: dict[str, type[base.Method]] = {}
 
 
-def from_config(config: ml_collections.ConfigDict):
-  """The method named by `config.method`."""
-  name = config.method
-  if name not in METHODS:
-    raise ValueError(f'Unknown method {name!r}; known: {sorted(METHODS)}.')
-  return METHODS[name](config)
+def register(method_cls: type[base.Method]) -> type[base.Method]:
+  """Makes `method_cls` selectable as `config.method = method_cls.name` (usable as decorator)."""
+  _REGISTERED[method_cls.name] = method_cls
+  return method_cls
+
+
+def names() -> list[str]:
+  return sorted({*_BUILT_IN, *_REGISTERED})
+
+
+def get(name: str) -> type[base.Method]:
+  """The Method subclass called `name`."""
+  if name in _REGISTERED:
+    return _REGISTERED[name]
+  if name not in _BUILT_IN:
+    raise ValueError(f'Unknown method {name!r} (config.method); known: {names()}.')
+  module, cls = _BUILT_IN[name].split(':')
+  return getattr(importlib.import_module(module), cls)
+
+
+def from_config(config: ml_collections.ConfigDict) -> base.Method:
+  """The method named by `config.method`, built from `config`."""
+  return get(config.method)(config)

@@ -50,6 +50,26 @@ class Variables(NamedTuple):
   buffers: PyTree
 
 
+class Pretrained(NamedTuple):
+  """Weights a run starts from, read by the engine from one of `Method.pretrained_paths()`.
+
+  Exactly one of `backbone` / `state_dict` is set, as numpy trees.
+
+  Attributes:
+    backbone: capi_jax evaluation-backbone params: `eval_params(..., 'ema')` of the run that
+      wrote a capi_jax training checkpoint, or the 'backbone' of a `capi_jax.convert` output.
+    state_dict: the tensors of an official-format file (`.pth`, `.pt`, `.npz`) under their
+      official names, for the method to convert with its model's converter.
+    method: the name of the method that wrote a capi_jax training checkpoint, else None.
+    variables: that run's whole variables (else None), for methods that continue their own
+      earlier stage (MIM-Refiner's stage 3 loads stage 2's heads, statistics and queues).
+  """
+  backbone: PyTree | None = None
+  state_dict: dict[str, Any] | None = None
+  method: str | None = None
+  variables: Variables | None = None
+
+
 class Method(abc.ABC):
   """Base class of pretraining methods; see the module docstring for the contract.
 
@@ -75,6 +95,25 @@ class Method(abc.ABC):
   @abc.abstractmethod
   def init(self, rng: jax.Array) -> Variables:
     """Fresh variables (jit-able; the engine runs it with output shardings)."""
+
+  def pretrained_paths(self) -> dict[str, str]:
+    """Checkpoints a new run starts from, by role (e.g. {'init': ..., 'teacher': ...}).
+
+    The engine reads each (a capi_jax training checkpoint of any method, a `capi_jax.convert`
+    output, or an official-format file) into a `Pretrained` and passes them all to
+    `from_pretrained` when a run starts; a resumed run restores its own checkpoint instead.
+    The default: `config.init.checkpoint` as 'init', when set.
+    """
+    init = self.config.get('init', {})
+    return {'init': init.checkpoint} if init.get('checkpoint') else {}
+
+  def from_pretrained(self, variables: Variables, pretrained: dict[str, Pretrained]
+                      ) -> Variables:
+    """`variables` (fresh from `init`) with the pretrained weights put in: the same structure
+    and shapes. The default refuses: a method that pretrains from scratch loads nothing."""
+    del variables
+    raise ValueError(f'Method {self.name!r} trains from scratch and cannot start from '
+                     f'{sorted(pretrained)} checkpoints: leave config.init.checkpoint empty.')
 
   @abc.abstractmethod
   def optimizer(self, params: PyTree) -> optax.GradientTransformation:

@@ -1,1 +1,2 @@
-"""Backbones and the layers they share: CAPI's EncoderDecoder (`encoder_decoder.py`)."""
+"""Backbones and the layers they share: CAPI's EncoderDecoder (`encoder_decoder.py`), the
+standard ViT of MAE / data2vec 2.0 / CAE v2 / CLIP (`vit.py`, converters in `vit_convert.py`)."""

@@ -5,7 +5,7 @@ Images are NHWC and linear kernels (in, out) here (PyTorch: NCHW, weights (out, 
 
 from collections.abc import Callable
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -14,6 +14,18 @@ import numpy as np
 
 Array = jax.Array
 DType = Any
+
+class Encoded(NamedTuple):
+  """A backbone's `encode` result (the per-block API every refinable backbone has).
+
+  tokens: (batch, n_prefix + n, D_out) final output, [prefix tokens (class token or
+    registers), patches], after the final norm (and projection) where the backbone has them.
+  blocks: {i: (batch, n_prefix + n, D)} raw residual stream after block i (0-indexed), as
+    requested.
+  """
+  tokens: Array
+  blocks: dict[int, Array]
+
 
 # torch's xavier-uniform on (out, in) linear weights (flax kernels are (in, out)).
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -65,6 +77,11 @@ def gelu(x: Array) -> Array:
   return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(0.7071067811865476, x.dtype)))
 
 
+def quick_gelu(x: Array) -> Array:
+  """CLIP's QuickGELU, x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(np.asarray(1.702, x.dtype) * x)
+
+
 def attention(q: Array, k: Array, v: Array) -> Array:
   """Softmax attention with logits and softmax in float32.
 
@@ -83,9 +100,10 @@ def attention(q: Array, k: Array, v: Array) -> Array:
 
 
 class Mlp(nn.Module):
-  """dim -> mlp_ratio*dim -> dim with exact GELU; `fc1`, `fc2`."""
-  mlp_ratio: int = 4
+  """dim -> int(mlp_ratio * dim) -> dim, `activation` between (exact GELU); `fc1`, `fc2`."""
+  mlp_ratio: float = 4
   use_bias: bool = False
+  activation: Callable[[Array], Array] = gelu
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -94,5 +112,5 @@ class Mlp(nn.Module):
     dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=xavier_uniform)
     dim = x.shape[-1]
-    x = dense(dim * self.mlp_ratio, name='fc1')(x)
-    return dense(dim, name='fc2')(gelu(x))
+    x = dense(int(dim * self.mlp_ratio), name='fc1')(x)
+    return dense(dim, name='fc2')(self.activation(x))

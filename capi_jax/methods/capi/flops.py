@@ -35,6 +35,11 @@ import dataclasses
 
 import ml_collections
 
+from capi_jax.models.flops import cross_attention_block_flops
+from capi_jax.models.flops import matmul_flops
+from capi_jax.models.flops import patch_embed_flops
+from capi_jax.models.flops import self_attention_block_flops
+
 # Sinkhorn-Knopp: the stable exp is divide by temperature, max over the batch axis, shift, exp
 # (4 ops per element); every iteration is two (sum, divide) pairs (4 ops per element).
 _SINKHORN_SETUP_FLOPS_PER_ELEMENT = 4
@@ -111,45 +116,6 @@ def step_shapes(config: ml_collections.ConfigDict) -> StepShapes:
   )
 
 
-def matmul_flops(m: int, k: int, n: int) -> int:
-  """FLOPs of an (m, k) @ (k, n) matmul: one multiply-add (2 FLOPs) per output per k."""
-  return 2 * m * k * n
-
-
-def patch_embed_flops(n_patches: int, patch_dim: int, dim: int) -> int:
-  """Forward FLOPs of the patch embedding (a stride-p conv = one matmul) for one image."""
-  return matmul_flops(n_patches, patch_dim, dim)
-
-
-def self_attention_block_flops(n: int, dim: int, mlp_dim: int) -> int:
-  """Forward FLOPs of one encoder block on one image of `n` tokens (registers included).
-
-  q, k, v and output projections (4 n d^2 multiply-adds), scores and weighted sum
-  (2 n^2 d), MLP (2 n d mlp_dim); times 2 FLOPs per multiply-add.
-  """
-  projections = 4 * matmul_flops(n, dim, dim)
-  attention = 2 * matmul_flops(n, dim, n)
-  mlp = 2 * matmul_flops(n, dim, mlp_dim)
-  return projections + attention + mlp
-
-
-def cross_attention_block_flops(n_q: int, n_kv: int, dim: int, mlp_dim: int) -> int:
-  """Forward FLOPs of one predictor block on one image.
-
-  Args:
-    n_q: query tokens (predicted positions).
-    n_kv: context tokens (final encoder output: visible patches + registers), projected to
-      keys and values in every block.
-    dim: width.
-    mlp_dim: MLP hidden width.
-  """
-  q_and_out = 2 * matmul_flops(n_q, dim, dim)
-  k_and_v = 2 * matmul_flops(n_kv, dim, dim)
-  attention = 2 * matmul_flops(n_q, dim, n_kv)
-  mlp = 2 * matmul_flops(n_q, dim, mlp_dim)
-  return q_and_out + k_and_v + attention + mlp
-
-
 def encoder_forward_flops(n_patches: int, s: StepShapes) -> int:
   """Forward FLOPs of the encoder on one image with `n_patches` patches (+ registers)."""
   blocks = s.encoder_depth * self_attention_block_flops(
@@ -205,10 +171,3 @@ def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   }
   parts['total'] = sum(parts.values())
   return parts
-
-
-COUNTING_NOTE = (
-    'analytic (capi_jax.methods.capi.flops): 2 FLOPs per multiply-add; teacher encoder forward, clustering '
-    'head forward + weight grad, Sinkhorn, student encoder and predictor forward + backward '
-    '(3x, on the efficient-drop-path kept samples), student head 3x, softmax cross-entropy '
-    'losses; norms, RoPE, GELU, attention softmax, optimiser and EMA updates not counted')

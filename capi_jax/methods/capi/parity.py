@@ -304,47 +304,59 @@ def _official(part: str, params: Any) -> dict[str, np.ndarray]:
   return convert.student_head_to_official(params)
 
 
+def _constant(value: float) -> ml_collections.ConfigDict:
+  """A warmup-cosine schedule section whose value is `value` at every step."""
+  return ml_collections.ConfigDict(dict(base_value=value, final_value=value, warmup_iters=0,
+                                        start_warmup_value=value, truncate_cos=1.0))
+
+
+def fixture_training_config(ctx: Context) -> ml_collections.ConfigDict:
+  """The fixture run's settings (`meta.opt`) as a capi_jax config: constant lr and momentum,
+  PyTorch's AdamW defaults where the fixture leaves them out (eps 1e-8; weight decay 0.01 for
+  the clustering head)."""
+  opt = ctx.meta['opt']
+  config = ctx.config.copy_and_resolve_references()
+  config.capi.num_clusters = ctx.arrays['step/init/teacher_head/layer.weight'].shape[0]
+  eps = opt.get('eps', 1e-8)
+  config.capi.clustering_optimizer = ml_collections.ConfigDict(dict(
+      betas=tuple(opt['betas']), eps=eps, weight_decay=opt.get('clustering_wd', 0.01),
+      lr_schedule=_constant(opt['clustering_lr'])))
+  config.optim = ml_collections.ConfigDict(dict(
+      total_iters=1_000, global_batch_size=int(ctx.arrays['step/0/images'].shape[0]),
+      betas=tuple(opt['betas']), eps=eps, weight_decay=opt['wd'],
+      lr_schedule=_constant(opt['lr']), momentum_schedule=_constant(opt['momentum']),
+      patch_embed_lr_mult=opt['patch_embed_lr_mult'], rope_lr_mult=opt['rope_lr_mult'],
+      layernorm_wd_mult=opt['layernorm_wd_mult']))
+  _, _, h, w = ctx.arrays['step/0/images'].shape
+  config.data = ml_collections.ConfigDict(dict(image_size=(h, w)))
+  return config
+
+
 @SUITE.register('two training iterations', requires=(
     'step/init/student/backbone/patch_embed.weight', 'step/init/teacher_head/layer.weight',
     'step_f64/final/student/backbone/patch_embed.weight',
     'step/0/images', 'step/0/visible_indices', 'step/0/predict_indices', 'step/0/capi_loss',
     'step/1/images', 'step/1/capi_loss'))
 def _two_training_iterations(ctx: Context) -> list[Result]:
-  """capi_jax's train step from the fixture's initial weights on its two batches."""
+  """The engine's train step with CAPI's optimiser, from the fixture's weights on its batches."""
   try:
-    from capi_jax.core import optim  # pylint: disable=g-import-not-at-top
-    from capi_jax.core import train_step  # pylint: disable=g-import-not-at-top
+    from capi_jax.core import state as state_lib  # pylint: disable=g-import-not-at-top
+    from capi_jax.core import step as step_lib  # pylint: disable=g-import-not-at-top
+    from capi_jax.methods import base  # pylint: disable=g-import-not-at-top
     from capi_jax.methods.capi import method as capi  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise Skipped(f'the training engine is not importable: {e}') from e
-  opt = ctx.meta['opt']
-  config = ctx.config.copy_and_resolve_references()
-  config.capi.num_clusters = ctx.arrays['step/init/teacher_head/layer.weight'].shape[0]
-  method = capi.Capi(config)
+  method = capi.Capi(fixture_training_config(ctx))
   init = _step_parts(ctx, 'step/init')
   student = {'backbone': init['student/backbone'], 'head': init['student/head']}
-  teacher_head = init['teacher_head']
-  optim_cfg = ml_collections.ConfigDict(dict(
-      patch_embed_lr_mult=opt['patch_embed_lr_mult'], rope_lr_mult=opt['rope_lr_mult'],
-      layernorm_wd_mult=opt['layernorm_wd_mult']))
-  lr_mults, wd_mults = optim.param_group_trees(student, optim_cfg)
-  constant = lambda value: (lambda step: jnp.asarray(value, jnp.float32))
-  # The fixture's run: constant lr and momentum; PyTorch's AdamW defaults (eps 1e-8, and
-  # weight decay 0.01 for the clustering head).
-  optimizers = train_step.Optimizers(
-      student=optim.adamw(constant(opt['lr']), betas=tuple(opt['betas']),
-                          eps=opt.get('eps', 1e-8), weight_decay=opt['wd'],
-                          lr_mults=lr_mults, wd_mults=wd_mults),
-      teacher_head=optim.adamw(constant(opt['clustering_lr']), betas=tuple(opt['betas']),
-                               eps=opt.get('eps', 1e-8),
-                               weight_decay=opt.get('clustering_wd', 0.01)),
-      lr_fn=constant(opt['lr']), momentum_fn=constant(opt['momentum']))
-  state = train_step.TrainState(
-      step=jnp.zeros([], jnp.int32), rng=jax.random.PRNGKey(0), params=student,
-      ema_params=jax.tree.map(jnp.copy, student), teacher_head_params=teacher_head,
-      opt_state=optimizers.student.init(student),
-      teacher_head_opt_state=optimizers.teacher_head.init(teacher_head))
-  step_fn = jax.jit(train_step.make_train_step(method, optimizers))
+  params = {**student, 'clustering_head': init['teacher_head']}
+  optimizer = method.optimizer(params)
+  # The release copies the student into the EMA at init.
+  variables = base.Variables(params, {}, {'ema': jax.tree.map(jnp.copy, student)})
+  state = state_lib.TrainState(
+      step=jnp.zeros([], jnp.int32), rng=jax.random.PRNGKey(0), params=variables.params,
+      frozen=variables.frozen, buffers=variables.buffers, opt_state=optimizer.init(params))
+  step_fn = jax.jit(step_lib.make_train_step(method, optimizer))
 
   results = []
   i = 0
@@ -359,9 +371,10 @@ def _two_training_iterations(ctx: Context) -> list[Result]:
         results.append(compare(f'step/{i}/{name}', metrics[name], ctx.arrays[f'step/{i}/{name}'],
                                TRAIN_TOL))
     i += 1
+  ema = state.buffers['ema']
   ours = {'student/backbone': state.params['backbone'], 'student/head': state.params['head'],
-          'ema/backbone': state.ema_params['backbone'], 'ema/head': state.ema_params['head'],
-          'teacher_head': state.teacher_head_params}
+          'ema/backbone': ema['backbone'], 'ema/head': ema['head'],
+          'teacher_head': state.params['clustering_head']}
   for part in _STEP_PARTS:
     truth = ctx.group(f'step_f64/final/{part}')
     official = ctx.group(f'step/final/{part}')

@@ -1,0 +1,142 @@
+"""Image transforms shared by the methods' training transforms and the evaluations.
+
+torchvision semantics where the releases use torchvision: `sample_crop_box` is
+RandomResizedCrop.get_params, `random_resized_crop` crops then resizes (bicubic), `eval_image`
+is Resize(int) + CenterCrop. Images are PIL in, NHWC numpy out.
+
+Training images travel to the accelerator as uint8 pixels (a quarter of float32's bytes, and no
+host time spent normalising); the method normalises them inside its jitted step with
+`normalize_on_device`, with the mean/std its release uses. Evaluation images are normalised on
+the host (`normalize`, `eval_image`). Both give the same float32 numbers.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+# Per-channel RGB statistics in [0, 1] units, as torchvision's Normalize takes them.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def _scale_and_offset(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """float32 (3,) pair with pixel * scale + offset == (pixel / 255 - mean) / std.
+
+  One multiply-add per pixel instead of a divide, a subtract and a divide; host and device use
+  the same two constants so that they round alike.
+  """
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  return (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+
+_IMAGENET_SCALE, _IMAGENET_OFFSET = _scale_and_offset(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def sample_crop_box(height: int, width: int, scale: tuple[float, float],
+                    ratio: tuple[float, float],
+                    rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop.get_params: (top, left, h, w).
+
+  Ten tries at a random area fraction in `scale` and log-uniform aspect ratio (w / h) in `ratio`;
+  if none fits, the largest centred crop with an aspect ratio inside `ratio`.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect_ratio)))
+    h = int(round(math.sqrt(target_area / aspect_ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
+  """On the host: RGB image or uint8 array (..., 3) -> float32 (..., 3), ImageNet mean/std
+  normalised."""
+  pixels = np.array(image, dtype=np.float32)  # Always a copy, so the in-place ops below are safe.
+  pixels *= _IMAGENET_SCALE  # In place: this runs for every pixel of every image.
+  pixels += _IMAGENET_OFFSET
+  return pixels
+
+
+def normalize_on_device(images: jax.Array, mean: np.ndarray = IMAGENET_MEAN,
+                        std: np.ndarray = IMAGENET_STD) -> jax.Array:
+  """In a jitted step: uint8 pixels (..., 3) -> float32 (..., 3) normalised with mean/std.
+
+  Float input is taken as already normalised and returned unchanged: the parity fixtures and
+  other callers that prepared float images themselves pass them straight through.
+
+  Args:
+    images: uint8 RGB pixels, e.g. a training batch (batch, height, width, 3); or floats.
+    mean, std: per-channel statistics in [0, 1] units, shape (3,) (ImageNet's by default).
+
+  Returns:
+    float32 (..., 3): (pixel / 255 - mean) / std, equal to `normalize` on the host up to float32
+    rounding; float input as it came.
+  """
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images
+  if images.dtype != jnp.uint8:
+    raise ValueError(f'Images must be uint8 pixels or already normalised floats, got '
+                     f'{images.dtype}; emit np.uint8 arrays from the training transform.')
+  scale, offset = _scale_and_offset(mean, std)
+  return images.astype(jnp.float32) * scale + offset
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+  """torchvision's Resize(size) (bicubic): the shorter side becomes `size`, aspect kept."""
+  width, height = image.size
+  if width <= height:
+    new_size = (size, max(int(size * height / width), size))
+  else:
+    new_size = (max(int(size * width / height), size), size)
+  return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def eval_image(image: Image.Image, image_size: int) -> np.ndarray:
+  """The reference evaluation transform: float32 (image_size, image_size, 3).
+
+  Resize the shorter side to image_size * 256 / 224 (bicubic), centre-crop image_size
+  (torchvision's Resize(int) + CenterCrop rounding), normalise.
+  """
+  image = resize_shorter_side(image, int(image_size * 256 / 224))
+  top = int(round((image.height - image_size) / 2.0))
+  left = int(round((image.width - image_size) / 2.0))
+  return normalize(image.crop((left, top, left + image_size, top + image_size)))
+
+
+def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float],
+                        rng: np.random.Generator, ratio: tuple[float, float] = CROP_RATIO
+                        ) -> Image.Image:
+  """torchvision's RandomResizedCrop(size, scale, ratio, bicubic) on a PIL image."""
+  top, left, h, w = sample_crop_box(image.height, image.width, scale, ratio, rng)
+  # crop, then resize: torchvision's order (resizing with a box would read pixels outside it).
+  return image.crop((left, top, left + w, top + h)).resize((size, size),
+                                                            Image.Resampling.BICUBIC)
+
+
+def random_flip(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+  """Horizontal flip with probability 0.5."""
+  return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(height, width) of the training images, from `config.data.image_size` (int or pair)."""
+  size = config.data.image_size
+  return (size, size) if isinstance(size, int) else tuple(size)

@@ -1,0 +1,1 @@
+"""CAE v2 (Zhang et al., 2022): regress frozen CLIP features of all tokens from the visible ones."""

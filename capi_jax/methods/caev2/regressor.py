@@ -1,0 +1,308 @@
+"""CAE v2's student after the encoder: latent regressor, decoder head, unit-norm outputs.
+
+Reproduces `ContextAutoencoderViT` with `model_type='caev2'` (Atten4Vis/CAE, commit a7fd162,
+`models/modeling_cae.py` and `models/modeling_cae_helper.py`) from the encoder's output on;
+see `docs/reference/caev2_algorithm.md`, Student. Per image, with the encoder's
+[class, visible] latents (visible patches in ascending index order):
+  1. if the regressor width D_r differs from the encoder width D: Linear + LayerNorm;
+  2. mask-token queries at the masked positions run through `depth` cross-attention blocks whose
+     keys/values are [visible latents, current queries] (positions from the regressor's own
+     fixed sin-cos table);
+  3. one LayerNorm shared by class, visible and regressed tokens, one Linear to C, rows
+     L2-normalised: outputs in the token order [class, visible, masked].
+
+Parameter tree (names mirror the official `state_dict`, spelling included: `convert.py` maps
+them by rule):
+  encoder_to_regresser/{kernel (D, D_r), bias}, encoder_to_regresser_norm/{scale, bias}
+    (only when D_r != D), mask_token (1, 1, D_r),
+  regresser/regressor_blocks_{j}/{norm1_q,norm1_k,norm1_v,norm2_cross}/{scale, bias} (D_r,),
+  regresser/regressor_blocks_{j}/cross_attn/{q,k,v}/kernel (D_r, D_r), cross_attn/{q,v}_bias,
+  regresser/regressor_blocks_{j}/cross_attn/proj/{kernel, bias},
+  regresser/regressor_blocks_{j}/mlp_cross/{fc1,fc2}/{kernel, bias},
+  regresser/regressor_blocks_{j}/{gamma_1_cross, gamma_2_cross} (D_r,),
+  decoder/norm/{scale, bias} (D_r,), decoder/head/{kernel (D_r, C), bias (C,)}.
+The official `rd_pos_embed` is a constant here (`sincos_table`), and `regresser.norm`, which
+CAE v2 never applies, does not exist.
+"""
+
+from collections.abc import Callable
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capi_jax.models import layers
+
+Array = jax.Array
+DType = Any
+
+# The official `trunc_normal_(t, std=0.02)` cuts at +-std (a=-std, b=std), not at +-2 std.
+_token_init = nn.initializers.truncated_normal(0.02, lower=-1.0, upper=1.0)
+
+
+def sincos_table(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> np.ndarray:
+  """The release's fixed 2-D sin-cos position table of the patches, (h * w, dim) float32.
+
+  With d = dim / 4 and om_k = temperature^(-k/d), patch t gets
+  [sin(a om), cos(a om), sin(b om), cos(b om)] with a = t // h, b = t % h for the grid (h, w)
+  (the release's meshgrid of (arange(w), arange(h))): on a square grid, a is the row and b the
+  column. The release prepends a zero row for the class token, which no position ever reads.
+  Computed in float32 as the release does, except that the powers, sines and cosines are rounded
+  once from float64 (torch's float32 pow and sin may differ by an ulp).
+  """
+  if dim % 4:
+    raise ValueError(f'The 2-D sin-cos position table needs a width divisible by 4, got {dim}.')
+  h, w = grid
+  quarter = dim // 4
+  exponent = np.arange(quarter, dtype=np.float32) / np.float32(quarter)
+  omega = np.float32(1.0) / (temperature ** exponent.astype(np.float64)).astype(np.float32)
+  t = np.arange(h * w)
+  a = np.outer((t // h).astype(np.float32), omega).astype(np.float64)
+  b = np.outer((t % h).astype(np.float32), omega).astype(np.float64)
+  return np.concatenate([np.sin(a), np.cos(a), np.sin(b), np.cos(b)], axis=1).astype(np.float32)
+
+
+def split_by_mask(masked: Array, n_masked: int) -> tuple[Array, Array]:
+  """Visible and masked patch indices, each ascending, from a boolean mask.
+
+  Args:
+    masked: (batch, N) bool, True = masked, exactly `n_masked` per row (the release reshapes
+      by that count; rows with another count give wrong indices, unchecked under jit).
+    n_masked: the static count.
+
+  Returns:
+    visible_indices (batch, N - n_masked) and masked_indices (batch, n_masked), int32.
+  """
+  # A stable sort of the mask puts the visible (False) first, each group in index order.
+  order = jnp.argsort(masked, axis=1, stable=True).astype(jnp.int32)
+  n_visible = masked.shape[1] - n_masked
+  return order[:, :n_visible], order[:, n_visible:]
+
+
+def normalize_rows(x: Array) -> Array:
+  """x / ||x||_2 over the last axis, in float32, as the release (no epsilon).
+
+  The release divides by the bare norm, so an all-zero row would be NaN and poison the step.
+  Here a zero row stays zero, with a zero (not NaN) gradient; every other row is computed
+  exactly as the release does. Teacher and head outputs are not exactly zero in practice, so
+  this only changes what a degenerate input does.
+  """
+  x = x.astype(jnp.float32)
+  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  nonzero = sq > 0
+  return jnp.where(nonzero, x / jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
+def drop_path(x: Array, rate: float, rng: Array) -> Array:
+  """timm's DropPath: each sample's branch kept with probability 1 - rate, scaled by its inverse.
+
+  Args:
+    x: (batch, ...) a residual branch.
+    rate: the drop probability (0 <= rate < 1).
+    rng: the key deciding which samples drop.
+  """
+  keep = 1.0 - rate
+  kept = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x * (kept.astype(x.dtype) / jnp.asarray(keep, x.dtype))
+
+
+def _layer_norm(eps: float, dtype: DType, param_dtype: DType, name: str) -> nn.LayerNorm:
+  # torch's LayerNorm: biased variance from the centred values (not E[x^2] - E[x]^2).
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
+                      name=name)
+
+
+class CrossAttention(nn.Module):
+  """Multi-head attention of queries on separate key and value inputs.
+
+  q = x Wq + q_bias, k = k_in Wk (no bias), v = v_in Wv + v_bias, each head of width
+  dim // num_heads (the release's all_head_dim = head_dim * num_heads may be < dim); then proj.
+  """
+  num_heads: int
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, k_in: Array, v_in: Array) -> Array:
+    """x: (batch, n_q, dim); k_in, v_in: (batch, n_k, dim) -> (batch, n_q, dim)."""
+    b, n_q, dim = x.shape
+    n_k = k_in.shape[1]
+    head_dim = dim // self.num_heads
+    inner = head_dim * self.num_heads
+    dense = functools.partial(nn.Dense, inner, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype, kernel_init=layers.xavier_uniform)
+    q_bias = self.param('q_bias', nn.initializers.zeros, (inner,), self.param_dtype)
+    v_bias = self.param('v_bias', nn.initializers.zeros, (inner,), self.param_dtype)
+    q = dense(name='q')(x) + q_bias.astype(self.dtype)
+    k = dense(name='k')(k_in)
+    v = dense(name='v')(v_in) + v_bias.astype(self.dtype)
+    heads = lambda t, n: t.reshape(b, n, self.num_heads, head_dim)
+    out = layers.attention(heads(q, n_q), heads(k, n_k), heads(v, n_k)).reshape(b, n_q, inner)
+    return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=layers.xavier_uniform, name='proj')(out)
+
+
+class RegressorBlock(nn.Module):
+  """One regressor block: cross-attention of the queries on [visible, queries], post-norm.
+
+  x = LN_2(x_q + g1 * CrossAttn(LN_q(x_q + pos_q), LN_k(x_kv + pos_kv), LN_v(x_kv)));
+  out = x + g2 * MLP(x), each gamma-scaled branch under stochastic depth.
+  """
+  num_heads: int
+  mlp_ratio: int = 4
+  layer_scale_init: float = 0.1
+  drop_path_rate: float = 0.0
+  norm_eps: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_q: Array, x_kv: Array, pos_q: Array, pos_kv: Array,
+               deterministic: bool) -> Array:
+    """x_q, pos_q: (batch, n_q, dim); x_kv, pos_kv: (batch, n_kv, dim) -> (batch, n_q, dim)."""
+    dim = x_q.shape[-1]
+    norm = functools.partial(_layer_norm, self.norm_eps, self.dtype, self.param_dtype)
+    gamma = lambda name: self.param(name, nn.initializers.constant(self.layer_scale_init), (dim,),
+                                    self.param_dtype).astype(self.dtype)
+
+    def residual(branch: Array) -> Array:
+      if deterministic or self.drop_path_rate == 0.0:
+        return branch
+      return drop_path(branch, self.drop_path_rate, self.make_rng('drop_path'))
+
+    attn = CrossAttention(self.num_heads, self.dtype, self.param_dtype, name='cross_attn')(
+        norm('norm1_q')(x_q + pos_q), norm('norm1_k')(x_kv + pos_kv), norm('norm1_v')(x_kv))
+    x = norm('norm2_cross')(x_q + residual(gamma('gamma_1_cross') * attn))
+    mlp = layers.Mlp(self.mlp_ratio, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='mlp_cross')(x)
+    return x + residual(gamma('gamma_2_cross') * mlp)
+
+
+class LatentRegressor(nn.Module):
+  """`depth` RegressorBlocks; drop path rates linspace(0, drop_path_rate, depth) as the release.
+
+  `make_block(drop_path_rate=..., name=...)` builds one block (a partial RegressorBlock).
+  """
+  depth: int
+  drop_path_rate: float
+  make_block: Callable[..., RegressorBlock]
+
+  @nn.compact
+  def __call__(self, queries: Array, visible: Array, pos_masked: Array, pos_visible: Array,
+               deterministic: bool) -> Array:
+    """Regressed latents of the masked positions.
+
+    Args:
+      queries: (batch, n_masked, dim) the mask tokens.
+      visible: (batch, n_visible, dim) the encoder's visible latents (fixed across blocks).
+      pos_masked: (batch, n_masked, dim); pos_visible: (batch, n_visible, dim).
+      deterministic: no stochastic depth.
+
+    Returns:
+      (batch, n_masked, dim), with no final norm (CAE v2 skips `regresser.norm`).
+    """
+    rates = layers.torch_linspace(0.0, self.drop_path_rate, self.depth)
+    pos_kv = jnp.concatenate([pos_visible, pos_masked], axis=1)
+    for j in range(self.depth):
+      block = self.make_block(drop_path_rate=float(rates[j]), name=f'regressor_blocks_{j}')
+      queries = block(queries, jnp.concatenate([visible, queries], axis=1), pos_masked, pos_kv,
+                      deterministic)
+    return queries
+
+
+class Decoder(nn.Module):
+  """CAE v2's decoder of depth 0: one shared LayerNorm, then the head Linear to `out_dim`."""
+  out_dim: int
+  norm_eps: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, cls: Array, visible: Array, regressed: Array) -> tuple[Array, Array]:
+    """cls (batch, 1, D_r), visible (batch, n_v, D_r), regressed (batch, n_m, D_r).
+
+    Returns:
+      head outputs (batch, 1 + n_v + n_m, out_dim) in the order [class, visible, masked], and
+      latent_predict (batch, n_m, D_r): the normed regressed latents.
+    """
+    norm = _layer_norm(self.norm_eps, self.dtype, self.param_dtype, 'norm')
+    latent_predict = norm(regressed)
+    tokens = jnp.concatenate([norm(cls), norm(visible), latent_predict], axis=1)
+    head = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=layers.xavier_uniform, name='head')
+    return head(tokens), latent_predict
+
+
+class RegressorDecoder(nn.Module):
+  """Everything of CAE v2's student after the encoder (see the module docstring).
+
+  Attributes:
+    grid: (h, w) patch grid of the student's images.
+    embed_dim: regressor width D_r (`--decoder_embed_dim`); a projection is made when the
+      encoder's width differs.
+    depth: regressor blocks (`--regressor_depth`).
+    num_heads: regressor heads (the release always builds 12: its `--decoder_num_heads` never
+      reaches the model).
+    out_dim: C, the teacher's feature width (`--num_out_dim`).
+    mlp_ratio: the regressor MLP's hidden width / D_r (the encoder's mlp_ratio in the release).
+    layer_scale_init: initial gammas (the release's class default 0.1).
+    drop_path_rate: the largest stochastic depth rate (`--drop_path`).
+    norm_eps: LayerNorm epsilon (1e-6).
+    dtype: compute dtype; the output rows are normalised in float32.
+  """
+  grid: tuple[int, int]
+  embed_dim: int
+  depth: int
+  num_heads: int
+  out_dim: int
+  mlp_ratio: int = 4
+  layer_scale_init: float = 0.1
+  drop_path_rate: float = 0.0
+  norm_eps: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, latents: Array, visible_indices: Array, masked_indices: Array,
+               deterministic: bool = True) -> tuple[Array, Array]:
+    """The student's outputs from the encoder's latents.
+
+    Args:
+      latents: (batch, 1 + n_visible, D) the encoder's output on [class, visible], after its
+        final norm.
+      visible_indices: (batch, n_visible) int, ascending row-major patch indices.
+      masked_indices: (batch, n_masked) int, ascending; together with `visible_indices` every
+        patch of `grid` once.
+      deterministic: no stochastic depth (else the 'drop_path' rng is needed).
+
+    Returns:
+      outputs: (batch, 1 + n_visible + n_masked, out_dim) float32 unit rows, token order
+        [class, visible, masked];
+      latent_predict: (batch, n_masked, D_r) the normed regressed latents.
+    Sows 'intermediates': `encoder_to_regresser_out` (when projected) and `regressor_out`.
+    """
+    b = latents.shape[0]
+    n_masked = masked_indices.shape[1]
+    norm = functools.partial(_layer_norm, self.norm_eps, self.dtype, self.param_dtype)
+    latents = latents.astype(self.dtype)
+    if latents.shape[-1] != self.embed_dim:
+      latents = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                         kernel_init=layers.xavier_uniform, name='encoder_to_regresser')(latents)
+      latents = norm('encoder_to_regresser_norm')(latents)
+      self.sow('intermediates', 'encoder_to_regresser_out', latents)
+    cls, visible = latents[:, :1], latents[:, 1:]
+    table = jnp.asarray(sincos_table(self.grid, self.embed_dim), self.dtype)
+    mask_token = self.param('mask_token', _token_init, (1, 1, self.embed_dim), self.param_dtype)
+    queries = jnp.broadcast_to(mask_token.astype(self.dtype), (b, n_masked, self.embed_dim))
+    make_block = functools.partial(
+        RegressorBlock, self.num_heads, self.mlp_ratio, self.layer_scale_init,
+        norm_eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    regressed = LatentRegressor(self.depth, self.drop_path_rate, make_block, name='regresser')(
+        queries, visible, table[masked_indices], table[visible_indices], deterministic)
+    self.sow('intermediates', 'regressor_out', regressed)
+    outputs, latent_predict = Decoder(self.out_dim, self.norm_eps, self.dtype, self.param_dtype,
+                                      name='decoder')(cls, visible, regressed)
+    return normalize_rows(outputs), latent_predict

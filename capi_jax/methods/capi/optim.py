@@ -1,0 +1,68 @@
+"""CAPI's optimisers: the student's AdamW with the release's parameter groups, and the online
+clustering head's own AdamW (`config.optim`, `config.capi.clustering_optimizer`).
+
+Parameter groups (the release's `get_params_groups`, by parameter path):
+  - biases and names containing 'gamma': no weight decay;
+  - norm scales (a `scale`/`weight` leaf under a module whose name contains 'norm'):
+    weight decay x `layernorm_wd_mult`;
+  - anything under `patch_embed`: lr x `patch_embed_lr_mult`;
+  - RoPE frequencies (`freqs`, or anything under a 'rope' module): lr x `rope_lr_mult`.
+"""
+
+from typing import Any
+
+import ml_collections
+import optax
+
+from capi_jax.core import optim
+from capi_jax.core import schedules
+
+PyTree = Any
+
+
+def group_multipliers(
+    name: str,
+    *,
+    patch_embed_lr_mult: float,
+    rope_lr_mult: float,
+    layernorm_wd_mult: float,
+) -> tuple[float, float]:
+  """(lr multiplier, wd multiplier) of the parameter at '/'-joined path `name`."""
+  parts = name.split('/')
+  leaf, modules = parts[-1], [p.lower() for p in parts[:-1]]
+  lr_mult, wd_mult = 1.0, 1.0
+  if leaf == 'bias' or 'gamma' in name:
+    wd_mult = 0.0
+  if leaf in ('scale', 'weight') and any('norm' in m for m in modules):
+    wd_mult = layernorm_wd_mult
+  if 'patch_embed' in name:
+    lr_mult *= patch_embed_lr_mult
+  if leaf == 'freqs' or any('rope' in m for m in modules):
+    lr_mult *= rope_lr_mult
+  return lr_mult, wd_mult
+
+
+def param_group_trees(params: PyTree, optim_cfg: ml_collections.ConfigDict
+                      ) -> tuple[PyTree, PyTree]:
+  """Per-leaf (lr multiplier, wd multiplier) trees for the student's parameters."""
+  return optim.multiplier_trees(params, lambda name: group_multipliers(
+      name, patch_embed_lr_mult=optim_cfg.patch_embed_lr_mult,
+      rope_lr_mult=optim_cfg.rope_lr_mult, layernorm_wd_mult=optim_cfg.layernorm_wd_mult))
+
+
+def student_optimizer(config: ml_collections.ConfigDict, student_params: PyTree
+                      ) -> optax.GradientTransformation:
+  """The student's AdamW (`config.optim`), groups derived from the parameter paths."""
+  lr_mults, wd_mults = param_group_trees(student_params, config.optim)
+  return optim.adamw(
+      schedules.from_config(config.optim.lr_schedule, config.optim.total_iters),
+      betas=tuple(config.optim.betas), eps=config.optim.eps,
+      weight_decay=config.optim.weight_decay, lr_mults=lr_mults, wd_mults=wd_mults)
+
+
+def clustering_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The online clustering head's AdamW (`config.capi.clustering_optimizer`): one group."""
+  cfg = config.capi.clustering_optimizer
+  return optim.adamw(
+      schedules.from_config(cfg.lr_schedule, config.optim.total_iters),
+      betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)

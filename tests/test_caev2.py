@@ -1,0 +1,330 @@
+"""CAE v2 (part 1): block masks, regressor + decoder, labels, loss, optimiser, parity suite.
+
+The shipped fixture holds the official numbers (encoder width != regressor width). The
+regressor-width == encoder-width path, which the hidden fixture takes, is checked against a
+float64 numpy transcription of the release's forward written from its description here.
+"""
+
+import json
+import math
+import pathlib
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from capi_jax import check_reference
+from capi_jax import convert
+from capi_jax.data import masking
+from capi_jax.methods.caev2 import loss as caev2_loss
+from capi_jax.methods.caev2 import optim as caev2_optim
+from capi_jax.methods.caev2 import parity
+from capi_jax.methods.caev2 import regressor
+
+FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'caev2_reference' / 'caev2_small.npz'
+PART_2 = 'teacher, encoder and two training iterations'
+
+
+# ---------------------------------------------------------------------------- shipped fixture
+def test_shipped_fixture_passes(capsys):
+  assert check_reference.main(['check_reference', str(FIXTURE)]) == 0
+  out = capsys.readouterr().out
+  for quantity in ('rd_pos_embed', 'fwd/labels', 'fwd/encoder_to_regresser_out',
+                   'fwd/regressor_out', 'fwd/latent_predict', 'fwd/outputs', 'fwd/token_loss',
+                   'step/0/loss', 'f64/step/0/grads/regresser', 'schedule/lr', 'step/1/lr',
+                   'groups of', 'step/1/grad_norm', 'student/final after 2 steps',
+                   'maskgen/base/position_freq'):
+    assert quantity in out, quantity
+  assert 'FAIL' not in out and out.rstrip().endswith('PASS')
+  skipped = [line for line in out.splitlines() if line.startswith('skipped:')]
+  assert len(skipped) == 1 and PART_2 in skipped[0]
+
+
+# ---------------------------------------------------------------------------- block masks
+@pytest.mark.parametrize('grid, min_block', (((14, 14), 16), ((6, 6), 4), ((5, 9), 4),
+                                              ((9, 5), 4), ((2, 2), 1)))
+def test_beit_block_masks_exact_counts(grid, min_block):
+  generate = masking.make_mask_generator('BeitBlock', grid=grid, min_aspect=0.3,
+                                         min_block_patches=min_block)
+  rng = np.random.default_rng(0)
+  n_tokens = grid[0] * grid[1]
+  for n_masked in sorted({0, 1, n_tokens // 7, n_tokens // 2, n_tokens - 1, n_tokens}):
+    for _ in range(3):
+      mask = generate(n_masked, rng)
+      assert mask.shape == grid and mask.dtype == bool and mask.sum() == n_masked
+
+
+def test_beit_block_with_a_block_cap_and_determinism():
+  generate = masking.make_mask_generator('BeitBlock', grid=(14, 14), min_aspect=0.3,
+                                         max_block_patches=20)
+  a = generate(98, np.random.default_rng(3))
+  assert a.sum() == 98
+  np.testing.assert_array_equal(a, generate(98, np.random.default_rng(3)))
+
+
+def test_mask_generators_pickle():
+  for name in ('InverseBlock', 'Block', 'Uniform', 'BeitBlock'):
+    generate = pickle.loads(pickle.dumps(masking.make_mask_generator(name, grid=(6, 6))))
+    assert generate(10, np.random.default_rng(0)).sum() == 10
+
+
+def test_beit_block_rejects_settings_it_cannot_fill():
+  with pytest.raises(ValueError, match='at least 2x2'):
+    masking.make_mask_generator('BeitBlock', grid=(1, 8))(3, np.random.default_rng(0))
+  # Only 1x1 rectangles fit a 2x2 grid, and areas of 3 to 4 never round to one.
+  with pytest.raises(ValueError, match='placed no rectangle'):
+    masking.make_mask_generator('BeitBlock', grid=(2, 2), min_block_patches=4)(
+        3, np.random.default_rng(0))
+
+
+def test_mask_statistic_rejects_another_generator():
+  """The parity statistic separates the release's block size from another one."""
+  arrays = check_reference.load_fixture(str(FIXTURE))
+  cfg = json.loads(str(arrays['meta_json']))['maskgen']['small']
+  ref = arrays['maskgen/small/position_freq']
+  wrong = masking.make_mask_generator('BeitBlock', grid=tuple(cfg['grid']),
+                                      min_aspect=cfg['min_aspect'], min_block_patches=4)
+  chi2 = parity.position_freq_chi2(wrong, cfg['num_mask_patches'], cfg['samples'], ref,
+                                   cfg['samples'])
+  assert chi2 > 2 * parity.MASKGEN_CHI2_PER_POSITION
+  # The doc's numbers for 98 of 196: the centre is masked ~86% of the time, a corner ~6%.
+  generate = masking.make_mask_generator('BeitBlock', grid=(14, 14), min_aspect=0.3)
+  rng = np.random.default_rng(0)
+  freq = sum(generate(98, rng).astype(np.int64) for _ in range(500)) / 500
+  assert freq[6:8, 6:8].mean() > 0.8 and freq[[0, 0, -1, -1], [0, -1, 0, -1]].mean() < 0.12
+
+
+# ---------------------------------------------------------------------------- tables, tokens
+def test_sincos_table_layout_on_a_non_square_grid():
+  h, w, dim = 3, 5, 8
+  table = regressor.sincos_table((h, w), dim)
+  omega = 1.0 / 10000.0 ** (np.arange(2) / 2)
+  for t in range(h * w):
+    a, b = (t // h) * omega, (t % h) * omega
+    np.testing.assert_allclose(table[t], np.concatenate(
+        [np.sin(a), np.cos(a), np.sin(b), np.cos(b)]), atol=1e-6)
+  with pytest.raises(ValueError, match='divisible by 4'):
+    regressor.sincos_table((2, 2), 6)
+
+
+def test_split_by_mask_and_labels_order():
+  masked = np.array([[True, False, True, False, False], [False, False, True, True, False]])
+  visible, masked_idx = regressor.split_by_mask(masked, 2)
+  np.testing.assert_array_equal(visible, [[1, 3, 4], [0, 1, 4]])
+  np.testing.assert_array_equal(masked_idx, [[0, 2], [2, 3]])
+  features = np.random.default_rng(0).normal(size=(2, 6, 4)).astype(np.float32)
+  labels = np.asarray(caev2_loss.labels(features, visible, masked_idx))
+  expected = features[np.arange(2)[:, None], np.concatenate(
+      [np.zeros((2, 1), int), 1 + visible, 1 + masked_idx], axis=1)]
+  np.testing.assert_allclose(labels, expected / np.linalg.norm(expected, axis=-1, keepdims=True),
+                             atol=1e-6)
+
+
+def test_zero_rows_stay_zero_with_finite_gradients():
+  x = jnp.array([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]])
+  np.testing.assert_allclose(regressor.normalize_rows(x), [[0, 0, 0], [0.6, 0, 0.8]], rtol=1e-6)
+  grad = jax.grad(lambda v: regressor.normalize_rows(v).sum())(x)
+  assert np.all(np.isfinite(grad)) and not np.any(grad[0])
+
+
+def test_loss_is_torch_cosine_embedding_loss():
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(1)
+  out, tgt = rng.normal(size=(2, 5, 7)), rng.normal(size=(2, 5, 7))
+  out[0, 0] = 0.0  # torch's epsilon keeps a zero row at cos 0
+  ref = torch.nn.functional.cosine_embedding_loss(
+      torch.tensor(out.reshape(-1, 7)), torch.tensor(tgt.reshape(-1, 7)), torch.ones(10),
+      reduction='none').numpy().reshape(2, 5)
+  np.testing.assert_allclose(caev2_loss.token_losses(out, tgt), ref, atol=1e-6)
+  np.testing.assert_allclose(caev2_loss.alignment_loss(out, tgt, 2.0), 2 * ref.mean(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- optimiser
+def _module(width, **kw):
+  return regressor.RegressorDecoder(grid=(3, 4), embed_dim=width, depth=2, num_heads=2,
+                                    out_dim=10, mlp_ratio=3, **kw)
+
+
+def _inputs(encoder_width, batch, n_masked=5, seed=0):
+  """(latents (batch, 1 + N_v, D), masked (batch, 12) bool, visible and masked indices)."""
+  rng = np.random.default_rng(seed)
+  masked = np.stack([rng.permutation(12) < n_masked for _ in range(batch)])
+  latents = rng.normal(size=(batch, 1 + 12 - n_masked, encoder_width)).astype(np.float32)
+  return latents, masked, *regressor.split_by_mask(masked, n_masked)
+
+
+def _random_params(module, latents, visible, masked_idx, seed=0):
+  """The module's parameter tree with random values (numpy: no init to compile); LayerNorm
+  scales around 1, kernels ~ 1/sqrt(fan_in), every other leaf off its init value."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), latents, visible, masked_idx)['params']
+  rng = np.random.default_rng(seed)
+
+  def value(path, leaf):
+    name = path[-1].key
+    x = rng.normal(size=leaf.shape).astype(np.float32)
+    if name == 'kernel':
+      return x / np.sqrt(leaf.shape[0])
+    return (1 if name == 'scale' else 0) + 0.3 * x
+
+  return jax.tree_util.tree_map_with_path(value, shapes)
+
+
+def test_weight_decay_groups_of_the_module():
+  latents, _, visible, masked_idx = _inputs(encoder_width=16, batch=1)
+  params = _random_params(_module(12), latents, visible, masked_idx)
+  names = {n: float(np.max(v)) for n, v in convert.caev2_regressor_to_official(
+      jax.tree.map(lambda p, m: np.full(p.shape, m), params,
+                   caev2_optim.weight_decay_mults(params))).items()}
+  decayed = {n for n, m in names.items() if m}
+  # The release decays every >= 2-D tensor that is not a bias: mask_token included.
+  assert decayed == {n for n in names if n.endswith('weight') and (
+      'norm' not in n)} | {'mask_token'}
+  assert 'encoder_to_regresser.weight' in decayed
+  assert not any(n.endswith(('bias', 'gamma_1_cross', 'gamma_2_cross')) for n in decayed)
+
+
+def test_clip_matches_torch_clip_grad_norm():
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(2)
+  grads = {'a': rng.normal(size=(3, 4)).astype(np.float32),
+           'b': rng.normal(size=(5,)).astype(np.float32)}
+  norm = float(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values())))
+  for max_norm in (norm / 2, norm - 1e-7, norm * 2):  # binds; inside torch's 1e-6; does not bind
+    tensors = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads.values()]
+    for t, g in zip(tensors, grads.values()):
+      t.grad = torch.tensor(g)
+    torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+    clipped, _ = caev2_optim.clip_by_global_norm(max_norm).update(grads, None)
+    for t, name in zip(tensors, grads):
+      np.testing.assert_allclose(clipped[name], t.grad.numpy(), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- D_r == D
+def _layer_norm(x, sd, name, eps):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * sd[f'{name}.weight'] + sd[f'{name}.bias']
+
+
+def _linear(x, sd, name, bias=True):
+  return x @ sd[f'{name}.weight'].T + (sd[f'{name}.bias'] if bias else 0.0)
+
+
+def _cross_attention(q_in, k_in, v_in, sd, name, heads):
+  q = q_in @ sd[f'{name}.q.weight'].T + sd[f'{name}.q_bias']
+  k = k_in @ sd[f'{name}.k.weight'].T
+  v = v_in @ sd[f'{name}.v.weight'].T + sd[f'{name}.v_bias']
+  split = lambda t: t.reshape(*t.shape[:2], heads, -1).transpose(0, 2, 1, 3)
+  q, k, v = split(q), split(k), split(v)
+  logits = q @ k.transpose(0, 1, 3, 2) * q.shape[-1] ** -0.5
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  out = (probs @ v).transpose(0, 2, 1, 3).reshape(*q_in.shape[:2], -1)
+  return _linear(out, sd, f'{name}.proj')
+
+
+def _reference_forward(sd, latents, masked, grid, heads, eps):
+  """The release's regressor + decoder for D_r == D, float64 numpy, from its description."""
+  sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+  latents = np.asarray(latents, np.float64)
+  batch, n = masked.shape
+  width = sd['mask_token'].shape[-1]
+  h, _ = grid
+  quarter = width // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter) / quarter)
+  t = np.arange(n)
+  a, b = np.outer(t // h, omega), np.outer(t % h, omega)
+  table = np.concatenate([np.sin(a), np.cos(a), np.sin(b), np.cos(b)], axis=1)
+  pos_m = np.stack([table[m] for m in masked])
+  pos_v = np.stack([table[~m] for m in masked])
+  cls, visible = latents[:, :1], latents[:, 1:]
+  x = np.broadcast_to(sd['mask_token'], pos_m.shape)
+  depth = len({k.split('.')[2] for k in sd if k.startswith('regresser.regressor_blocks.')})
+  for j in range(depth):
+    p = f'regresser.regressor_blocks.{j}'
+    kv = np.concatenate([visible, x], axis=1)
+    pos_kv = np.concatenate([pos_v, pos_m], axis=1)
+    attn = _cross_attention(_layer_norm(x + pos_m, sd, f'{p}.norm1_q', eps),
+                            _layer_norm(kv + pos_kv, sd, f'{p}.norm1_k', eps),
+                            _layer_norm(kv, sd, f'{p}.norm1_v', eps), sd, f'{p}.cross_attn', heads)
+    y = _layer_norm(x + sd[f'{p}.gamma_1_cross'] * attn, sd, f'{p}.norm2_cross', eps)
+    hidden = _linear(y, sd, f'{p}.mlp_cross.fc1')
+    hidden = 0.5 * hidden * (1 + special.erf(hidden / math.sqrt(2)))
+    x = y + sd[f'{p}.gamma_2_cross'] * _linear(hidden, sd, f'{p}.mlp_cross.fc2')
+  latent_predict = _layer_norm(x, sd, 'decoder.norm', eps)
+  tokens = np.concatenate([_layer_norm(cls, sd, 'decoder.norm', eps),
+                           _layer_norm(visible, sd, 'decoder.norm', eps), latent_predict], axis=1)
+  outputs = _linear(tokens, sd, 'decoder.head')
+  return outputs / np.linalg.norm(outputs, axis=-1, keepdims=True), latent_predict, x
+
+
+def test_parity_suite_runs_on_a_fixture_with_equal_widths():
+  """A fixture in the shipped format with D_r == D (as the hidden one) and other sizes; its
+  numbers come from the float64 transcription above, not from capi_jax."""
+  width, heads, eps = 12, 2, 1e-6
+  module = _module(width)
+  latents, masked, visible, masked_idx = _inputs(encoder_width=width, batch=3, seed=2)
+  sd = convert.caev2_regressor_to_official(_random_params(module, latents, visible, masked_idx))
+  outputs, latent_predict, regressed = _reference_forward(sd, latents, masked, module.grid, heads,
+                                                          eps)
+  rng = np.random.default_rng(4)
+  teacher = rng.normal(size=(3, 13, 10))
+  order = np.concatenate([np.zeros((3, 1), int), 1 + np.asarray(visible),
+                          1 + np.asarray(masked_idx)], axis=1)
+  labels = np.take_along_axis(teacher, order[:, :, None], axis=1)
+  labels /= np.linalg.norm(labels, axis=-1, keepdims=True)
+  token_loss = 1 - np.sum(outputs * labels, axis=-1)
+  sd['rd_pos_embed'] = np.concatenate([np.zeros((1, width)), regressor.sincos_table(
+      module.grid, width)])[None]
+  sd['regresser.norm.weight'], sd['regresser.norm.bias'] = np.ones(width), np.zeros(width)
+  names = [n for n in sd if n not in ('rd_pos_embed', 'regresser.norm.weight',
+                                      'regresser.norm.bias')]
+  decay = [n for n in names if sd[n].ndim >= 2 and not n.endswith('.bias')]
+  meta = {'student': {'decoder_num_heads': heads, 'norm_eps': eps},
+          'args': {'weight_decay': 0.04, 'latent_alignment_loss_weight': 1.0},
+          'optimizer': {'groups': [
+              {'weight_decay': 0.04, 'lr_scale': 1.0, 'params': decay},
+              {'weight_decay': 0.0, 'lr_scale': 1.0,
+               'params': [n for n in names if n not in decay]}]},
+          'frozen_params': ['rd_pos_embed']}
+  arrays = {f'student/init/{k}': np.asarray(v, np.float32) for k, v in sd.items()}
+  arrays.update({
+      'meta_json': np.array(json.dumps(meta)), 'batch/0/bool_masked_pos': masked.reshape(3, 3, 4),
+      'fwd/encoder_out': latents, 'fwd/teacher_features': teacher.astype(np.float32),
+      'fwd/labels': labels, 'fwd/regressor_out': regressed, 'fwd/latent_predict': latent_predict,
+      'fwd/outputs': outputs, 'fwd/token_loss': token_loss,
+      'step/0/loss': np.asarray(token_loss.mean())})
+  report = check_reference.run(arrays)
+  assert report.kind == 'caev2' and report.ok, report.table()
+  compared = {r.quantity for r in report.results}
+  assert {'rd_pos_embed', 'fwd/labels', 'fwd/regressor_out', 'fwd/outputs', 'step/0/loss'} <= (
+      compared) and 'fwd/encoder_to_regresser_out' not in compared
+  arrays['fwd/labels'] = arrays['fwd/labels'] + 1e-3  # a wrong number is caught
+  labels_only = [c for c in parity.SUITE.comparisons if c.name == 'labels']
+  assert not check_reference.run(arrays, comparisons=labels_only).ok
+
+
+# ---------------------------------------------------------------------------- stochastic depth
+def test_stochastic_depth():
+  module = _module(12, drop_path_rate=0.5)
+  latents, _, visible, masked_idx = _inputs(encoder_width=16, batch=8)
+  params = _random_params(module, latents, visible, masked_idx)
+  apply = jax.jit(lambda key, det: module.apply(
+      {'params': params}, latents, visible, masked_idx, deterministic=det,
+      rngs={'drop_path': key})[0], static_argnums=1)
+  train_out = apply(jax.random.key(0), False)
+  eval_out = apply(jax.random.key(0), True)
+  assert np.all(np.isfinite(train_out)) and not np.allclose(train_out, eval_out)
+  np.testing.assert_array_equal(train_out, apply(jax.random.key(0), False))
+
+
+def test_drop_path_keeps_whole_samples_and_the_mean():
+  x = jnp.ones((4000, 2, 3))
+  y = np.asarray(regressor.drop_path(x, 0.25, jax.random.key(0)))
+  per_sample = y.reshape(4000, -1)
+  assert set(np.unique(per_sample).tolist()) == {0.0, float(np.float32(1) / np.float32(0.75))}
+  assert np.all(per_sample == per_sample[:, :1])
+  assert abs(y.mean() - 1.0) < 0.05
