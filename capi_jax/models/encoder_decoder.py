@@ -28,7 +28,8 @@ from capi_jax.models import layers
 Array = jax.Array
 DType = Any
 
-# The name under which attention outputs (batch, heads, n_q, head_dim) are saved by remat policies.
+# The name under which attention outputs (either `layers.attention` layout) are saved by remat
+# policies.
 ATTENTION_OUT = 'attention_out'
 _policies = jax.checkpoint_policies
 # What each block keeps for its backward pass (`efficiency.remat_policy`); the rest is recomputed.

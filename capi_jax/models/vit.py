@@ -225,10 +225,9 @@ class Attention(nn.Module):
       q_bias = self.param('q_bias', nn.initializers.zeros, (dim,), self.param_dtype)
       v_bias = self.param('v_bias', nn.initializers.zeros, (dim,), self.param_dtype)
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    # (3, batch, heads, n, head_dim): heads-major, the layout `layers.attention` takes.
-    q, k, v = qkv.reshape(b, n, 3, self.num_heads, dim // self.num_heads).transpose(2, 0, 3, 1, 4)
-    out = checkpoint_name(layers.attention(q, k, v), encoder_decoder.ATTENTION_OUT)
-    out = out.transpose(0, 2, 1, 3).reshape(b, n, dim)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, dim // self.num_heads)
+    out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], layout='tokens_major')
+    out = checkpoint_name(out, encoder_decoder.ATTENTION_OUT).reshape(b, n, dim)
     return dense(dim, name='proj')(out)
 
 
