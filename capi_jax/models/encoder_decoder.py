@@ -300,7 +300,7 @@ class EncoderDecoder(nn.Module):
   Fields mirror `config.model` (see `from_config`); `dtype` is the compute dtype (softmax,
   norms and reductions stay float32), `param_dtype` the parameters' dtype;
   `drop_path_groups`: see `Residual` (1 = one subset over the whole batch);
-  `train_rope_freqs`: see `Rope` (`from_config` turns it off when `optim.rope_lr_mult` is 0).
+  `train_rope_freqs`: see `Rope` (CAPI turns it off when `optim.rope_lr_mult` is 0).
   """
   patch_size: int = 14
   n_registers: int = 16
@@ -493,11 +493,11 @@ class EncoderDecoder(nn.Module):
     return enc_outs[self._out_layer][:, self.n_registers:], pred
 
 
-def from_config(config: ml_collections.ConfigDict) -> EncoderDecoder:
-  """Builds the EncoderDecoder from `config.model`, `config.efficiency` and, when present,
-  `config.optim.rope_lr_mult` (0: RoPE frequencies get no gradient)."""
+def from_config(config: ml_collections.ConfigDict,
+                train_rope_freqs: bool = True) -> EncoderDecoder:
+  """Builds the EncoderDecoder from `config.model` and `config.efficiency`; `train_rope_freqs`
+  False: RoPE frequencies get no gradient (CAPI passes `optim.rope_lr_mult != 0`)."""
   m, e = config.model, config.efficiency
-  rope_lr_mult = config.optim.rope_lr_mult if 'optim' in config else 1.0
   return EncoderDecoder(
       patch_size=m.patch_size, n_registers=m.n_registers,
       register_coordinates=m.register_coordinates, scale_reg_to_visible=m.scale_reg_to_visible,
@@ -506,4 +506,4 @@ def from_config(config: ml_collections.ConfigDict) -> EncoderDecoder:
       encoder_depth=m.encoder_depth,
       decoder_depth=m.decoder_depth, out_layer=m.out_layer,
       dtype=jnp.dtype(e.compute_dtype), param_dtype=jnp.dtype(e.param_dtype),
-      remat_policy=e.remat_policy, train_rope_freqs=rope_lr_mult != 0)
+      remat_policy=e.remat_policy, train_rope_freqs=train_rope_freqs)
