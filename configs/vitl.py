@@ -104,8 +104,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4
   c.model.drop_path_rate = 0.2
   # Stochastic-depth subsets are drawn per group of batch / drop_path_groups samples (the release
-  # draws one per GPU). Set it to the number of batch shards to keep the selection on-device.
-  c.model.drop_path_groups = 1
+  # draws one per GPU: 32 groups of 512 in the paper's run). Use a multiple of the number of
+  # batch shards (devices): each group then lies on one device. A group spread over devices
+  # makes GSPMD assemble the kept samples of the whole group on each of them (measured on
+  # v5e:4x4 with 1 group: 29 GiB of all-reduces per chip per step).
+  c.model.drop_path_groups = 32
   c.model.encoder_depth = 24
   c.model.decoder_depth = 12
   c.model.out_layer = -1

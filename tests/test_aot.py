@@ -2,9 +2,13 @@
 
 import importlib.util
 
+import jax
 import pytest
 
 from capi_jax import aot
+from capi_jax import methods
+from capi_jax.core import sharding
+from capi_jax.core import state as state_lib
 from configs import tiny
 
 _HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -75,7 +79,8 @@ def test_tiny_config_compiles_for_a_v5e_slice():
   with config.unlocked():
     config.data.dataset = 'synthetic'
     config.data.image_size = 16
-    config.model.update(embed_dim=32, num_heads=2, encoder_depth=1, decoder_depth=1,
+    # Width 512: a kernel's quarter fills whole (8, 128) TPU tiles (narrower shards are padded).
+    config.model.update(embed_dim=512, num_heads=4, encoder_depth=1, decoder_depth=1,
                         n_registers=4)
     config.capi.num_clusters = 16
     config.optim.global_batch_size = 8
@@ -85,5 +90,10 @@ def test_tiny_config_compiles_for_a_v5e_slice():
   assert result['fits'] and result['images_per_chip'] == 2
   assert 0 < result['total_bytes'] <= result['hbm_bytes']
   assert result['flops_per_chip'] > 0 and result['ideal_step_s'] > 0
-  # Parameters are sharded over the 4 chips (fsdp): the step gathers them.
+  # Parameters, EMA and optimiser state stay sharded over the 4 chips (fsdp): a chip's
+  # arguments hold a quarter of the state, and the blocks gather their weights.
+  abstract = state_lib.state_layout(
+      config, methods.from_config(config), sharding.make_mesh(config, jax.devices()[:1])).abstract
+  state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+  assert result['argument_bytes'] < 0.3 * state_bytes, (result['argument_bytes'], state_bytes)
   assert result['collective_bytes'].get('all-gather', 0) > 0
