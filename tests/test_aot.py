@@ -13,10 +13,16 @@ from configs import tiny
 
 _HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
-# A module with an all-gather at the top, and a reduce-scatter and an async all-reduce inside a
-# while loop that runs 3 times.
+# A module with an all-gather at the top, a TPU fused reduce-scatter (an all-reduce sliced to
+# shards), and a reduce-scatter and an async all-reduce inside a while loop that runs 3 times.
 _HLO = """\
 HloModule step
+
+%all-reduce-scatter.1 (input_0: f32[8,16]) -> f32[2,16] {
+  %input_0 = f32[8,16]{1,0} parameter(0)
+  %ar = f32[8,16]{1,0} all-reduce(%input_0), to_apply=%add
+  ROOT %ds = f32[2,16]{1,0} dynamic-slice(%ar, %c, %c), dynamic_slice_sizes={2,16}
+}
 
 %body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
   %p = (s32[], f32[8,16]{1,0}) parameter(0)
@@ -30,6 +36,7 @@ HloModule step
 ENTRY %main (a: bf16[4,16]) -> f32[8,16] {
   %a = bf16[4,16]{1,0} parameter(0)
   %ag = bf16[16,16]{1,0} all-gather(%a), dimensions={0}
+  %ars = f32[2,16]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
   %w = (s32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   ROOT %r = f32[8,16]{1,0} get-tuple-element(%w), index=1
 }
@@ -54,7 +61,7 @@ def test_shape_bytes():
 def test_collective_bytes_counts_operands_and_loop_trips():
   assert aot.collective_bytes(_HLO) == {
       'all-gather': 4 * 16 * 2,  # The bf16 shard that is gathered, once.
-      'reduce-scatter': 3 * 8 * 16 * 4,  # Three loop trips.
+      'reduce-scatter': 8 * 16 * 4 + 3 * 8 * 16 * 4,  # The fused one, then three loop trips.
       'all-reduce': 3 * 8 * 16 * 4,  # Async pair counted once per trip, at its start.
   }
 
