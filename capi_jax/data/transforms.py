@@ -13,9 +13,10 @@ from PIL import Image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-# normalised = pixel * _SCALE + _OFFSET == (pixel / 255 - mean) / std.
-_SCALE = 1 / (255 * IMAGENET_STD)
-_OFFSET = -IMAGENET_MEAN / IMAGENET_STD
+# OpenAI CLIP's input statistics (its `_transform`; CAE v2's teacher view).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+NORMALIZATIONS = {'imagenet': (IMAGENET_MEAN, IMAGENET_STD), 'clip': (CLIP_MEAN, CLIP_STD)}
 CROP_RATIO = (3 / 4, 4 / 3)
 def sample_crop_box(height: int, width: int, scale: tuple[float, float],
                     ratio: tuple[float, float],
@@ -46,11 +47,12 @@ def sample_crop_box(height: int, width: int, scale: tuple[float, float],
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
-  """RGB image or uint8 array (..., 3) -> float32 (..., 3), ImageNet mean/std normalised."""
+def normalize(image: Image.Image | np.ndarray, mean: np.ndarray = IMAGENET_MEAN,
+              std: np.ndarray = IMAGENET_STD) -> np.ndarray:
+  """RGB image or uint8 array (..., 3) -> float32 (..., 3), (pixel / 255 - mean) / std."""
   pixels = np.array(image, dtype=np.float32)  # Always a copy, so the in-place ops below are safe.
-  pixels *= _SCALE  # In place: this runs for every pixel of every training image.
-  pixels += _OFFSET
+  pixels *= 1 / (255 * std)  # In place: this runs for every pixel of every training image.
+  pixels += -mean / std
   return pixels
 
 
