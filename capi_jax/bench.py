@@ -52,6 +52,7 @@ import grain
 import numpy as np
 
 from capi_jax import methods
+from capi_jax.core import cli
 from capi_jax.core import sharding
 from capi_jax.core import state as state_lib
 from capi_jax.core import step as step_lib
@@ -61,15 +62,16 @@ from capi_jax.data import transforms
 from capi_jax.models import flops
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed train steps.')
-_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed train steps.', lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'CI mode: 2 timed steps, 1 warm-up, 2 data batches.')
 _SCALING = flags.DEFINE_bool('scaling', False, 'Benchmark on sub-meshes of --device_counts.')
 _DEVICE_COUNTS = flags.DEFINE_list('device_counts', ['1', '2', '4', '8'],
                                    'Device counts for --scaling (those above the number of '
                                    'devices JAX sees are skipped).')
 _DATA_BATCHES = flags.DEFINE_integer('data_batches', 10,
-                                     'Batches timed for the data pipeline; 0 skips it.')
+                                     'Batches timed for the data pipeline; 0 skips it.',
+                                     lower_bound=0)
 _PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', None,
                                   'Per-device peak TFLOP/s for MFU; overrides the table.')
 
@@ -294,4 +296,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

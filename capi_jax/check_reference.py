@@ -35,6 +35,7 @@ SUITES = {
     'capi': 'capi_jax.methods.capi.parity',
     'mim_refiner': 'capi_jax.methods.mim_refiner.parity',
     'caev2': 'capi_jax.methods.caev2.parity',
+    'capi_eval': 'capi_jax.evaluators.parity',
 }
 
 

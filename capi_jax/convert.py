@@ -28,7 +28,9 @@ Run:
       --input=/tmp/capi_tiny/checkpoints/1500 --output=/tmp/capi_tiny_ema.pth
 
 The architecture comes from `config.model`, the number of clusters from `config.capi`; any name
-or shape that does not fit it is an error naming the parameter (never a silent skip).
+or shape that does not fit it is an error naming the parameter (never a silent skip), and so is
+a weight that is not floating point or holds NaN/inf. A file that cannot be read (truncated, not
+a checkpoint) is an error naming the file.
 
 ViT families (`models/vit_convert.py`) convert with `--family`, the ViT's fields read from the
 config section `--section`, e.g. OpenAI CLIP's ViT-B/16 (CAE v2's teacher) and back:
@@ -44,8 +46,8 @@ directory with the ViT as 'backbone' (also a capi_jax training run: its evaluati
 from collections.abc import Callable, Mapping
 import os
 import pathlib
+import pickle
 import re
-import sys
 from typing import Any
 import zipfile
 
@@ -55,6 +57,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
+from capi_jax.core import cli
 from capi_jax.methods.capi import heads
 from capi_jax.models import encoder_decoder
 
@@ -69,8 +72,12 @@ PREFIXES = {'backbone': 'backbone.', 'head': 'head.', 'clustering_head': 'teache
 _MAX_PROBLEMS_SHOWN = 30
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(cli.UserError, ValueError):
   """An official checkpoint does not fit the architecture it is loaded into."""
+
+
+class UnreadableCheckpointError(cli.UserError, ValueError):
+  """A checkpoint file cannot be read (truncated, damaged, or not a checkpoint)."""
 
 
 # ---------------------------------------------------------------------------- leaf layouts
@@ -154,6 +161,16 @@ def to_official(params: Params, rule_fn: Callable[[tuple[str, ...], int], Rule])
   return out
 
 
+def _value_problem(value: np.ndarray) -> str | None:
+  """Why `value` cannot be a weight (not floating point, or NaN/inf), or None."""
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    return f'dtype {value.dtype}, expected a floating-point dtype'
+  bad = int(value.size - np.count_nonzero(np.isfinite(value.astype(np.float32))))
+  if bad:
+    return f'{bad} of its {value.size} values are NaN or inf'
+  return None
+
+
 def to_flax(state_dict: Mapping[str, Any], expected: Params,
             rule_fn: Callable[[tuple[str, ...], int], Rule], what: str,
             fix: str = 'check config.model / config.capi against the checkpoint') -> Params:
@@ -167,7 +184,8 @@ def to_flax(state_dict: Mapping[str, Any], expected: Params,
     fix: what the error tells the user to do.
 
   Raises:
-    CheckpointMismatchError: listing every missing, unexpected or misshaped parameter.
+    CheckpointMismatchError: listing every missing, unexpected, misshaped, non-float or
+      non-finite parameter.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
   problems, converted = [], []
@@ -182,6 +200,10 @@ def to_flax(state_dict: Mapping[str, Any], expected: Params,
     value = np.asarray(state_dict[name])
     if value.shape != official_shape:
       problems.append(f'parameter {name!r}: expected shape {official_shape}, found {value.shape}')
+      continue
+    problem = _value_problem(value)
+    if problem:
+      problems.append(f'parameter {name!r}: {problem}')
       continue
     converted.append(leaf_to_flax(value))
   for name in sorted(set(state_dict) - expected_names):
@@ -263,27 +285,41 @@ def _is_torchscript(path: pathlib.Path) -> bool:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
-  """Reads an official-format checkpoint into a flat {name: float array} mapping.
+  """Reads an official-format checkpoint into a flat {name: array} mapping.
 
   `.npz`; or `.pth` / `.pt` / `.th` (needs PyTorch): a state_dict, one wrapped in 'model' (an
   official training checkpoint) or 'state_dict' (MIM-Refiner), or a TorchScript archive (OpenAI
   CLIP), whose module's `state_dict()` is read.
+
+  Raises:
+    UnreadableCheckpointError: the file is missing, truncated, or not a checkpoint.
   """
   path = pathlib.Path(path)
-  if path.suffix == '.npz':
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
-  if path.suffix in ('.pth', '.pt', '.th'):
-    torch = _import_torch()
+  if path.suffix not in ('.npz', '.pth', '.pt', '.th'):
+    raise UnreadableCheckpointError(f'Unknown checkpoint format {path.suffix!r} for {path}: use '
+                                    '.pth or .npz.')
+  if not path.is_file():
+    raise UnreadableCheckpointError(f'{path} does not exist or is not a file.')
+  torch = _import_torch() if path.suffix != '.npz' else None
+  try:
+    if torch is None:
+      with np.load(path) as f:
+        return {k: f[k] for k in f.files}
     if _is_torchscript(path):
       sd = torch.jit.load(path, map_location='cpu').state_dict()
     else:
       sd = torch.load(path, map_location='cpu', weights_only=True)
-    for wrapper in ('model', 'state_dict'):
-      if wrapper in sd and isinstance(sd[wrapper], Mapping):
-        sd = sd[wrapper]  # A training checkpoint (with optimizer states, constructor kwargs...).
-    return {k: _torch_to_numpy(torch, v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
-  raise ValueError(f'Unknown checkpoint format {path.suffix!r} for {path}: use .pth or .npz.')
+  except (OSError, EOFError, ValueError, RuntimeError, zipfile.BadZipFile,
+          pickle.UnpicklingError) as e:
+    raise UnreadableCheckpointError(
+        f'Cannot read {path} ({type(e).__name__}: {str(e).strip()[:200]}): it is truncated, '
+        f'damaged, or not a {path.suffix} checkpoint.') from e
+  if not isinstance(sd, Mapping):
+    raise UnreadableCheckpointError(f'{path} holds a {type(sd).__name__}, not a state_dict.')
+  for wrapper in ('model', 'state_dict'):
+    if wrapper in sd and isinstance(sd[wrapper], Mapping):
+      sd = sd[wrapper]  # A training checkpoint (with optimizer states, constructor kwargs...).
+  return {k: _torch_to_numpy(torch, v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def _normalise_training_names(sd: StateDict, source: str) -> StateDict:
@@ -390,12 +426,25 @@ def restore_params(path: str | os.PathLike[str]) -> dict[str, Params]:
   return jax.tree_util.tree_map(np.asarray, restored)
 
 
+def restore_backbone(path: str | os.PathLike[str]) -> Params:
+  """The 'backbone' of what `save_params` wrote in `path`.
+
+  Raises:
+    CheckpointMismatchError: `path` holds no backbone.
+  """
+  parts = restore_params(path)
+  if 'backbone' not in parts:
+    raise CheckpointMismatchError(f'{path} holds {sorted(parts)}, no backbone: pass the '
+                                  'directory written by `python -m capi_jax.convert`.')
+  return parts['backbone']
+
+
 def restore_training_parts(step_dir: str | os.PathLike[str], config: ml_collections.ConfigDict,
                            source: str = 'student') -> dict[str, Params]:
   """{'backbone', 'head', 'clustering_head'} of a capi_jax training checkpoint, on one device.
 
   Args:
-    step_dir: a step folder of a training run, `WORKDIR/checkpoints/<step>`.
+    step_dir: a step folder of a training run, `WORKDIR/checkpoints/<step>` (or a copy of one).
     config: the run's config (the checkpoint's architecture is checked against it).
     source: 'student' or 'student_ema' (the EMA, whose backbone is the teacher's).
   """
@@ -406,16 +455,11 @@ def restore_training_parts(step_dir: str | os.PathLike[str], config: ml_collecti
   from capi_jax.core import state as state_lib  # pylint: disable=g-import-not-at-top
   if source not in ('student', 'student_ema'):
     raise ValueError(f"source must be 'student' or 'student_ema', got {source!r}.")
-  step_dir = pathlib.Path(step_dir).absolute()
   device = jax.devices()[0]
   layout = state_lib.state_layout(config, methods.from_config(config),
                                   sharding.make_mesh(config, [device]))
   target = checkpointing.restore_target(layout.abstract, jax.sharding.SingleDeviceSharding(device))
-  checkpointer = checkpointing.Checkpointer(step_dir.parent, config)
-  try:
-    state = checkpointer.restore(int(step_dir.name), target, None)
-  finally:
-    checkpointer.close()
+  state = checkpointing.restore_step_dir(step_dir, config, target)
   student = state.params if source == 'student' else state.buffers['ema']
   return jax.tree.map(np.asarray, {'backbone': student['backbone'], 'head': student['head'],
                                    'clustering_head': state.params['clustering_head']})
@@ -439,7 +483,7 @@ def _config_section(cfg: ml_collections.ConfigDict, section: str) -> ml_collecti
   node = cfg
   for key in section.split('.'):
     if key not in node:
-      raise ValueError(f'The config has no section {section!r} (no {key!r} in it): pass '
+      raise cli.UserError(f'The config has no section {section!r} (no {key!r} in it): pass '
                        '--section=<the dotted path of the ViT\'s fields>, e.g. model.')
     node = node[key]
   return node
@@ -464,7 +508,7 @@ def _run_vit(cfg: ml_collections.ConfigDict, family: str, section: str, directio
   from capi_jax.core import pretrained  # pylint: disable=g-import-not-at-top
   params = pretrained.load(source_path).backbone
   if params is None:
-    raise ValueError(f'{source_path} is an official file already; --to=official reads a '
+    raise cli.UserError(f'{source_path} is an official file already; --to=official reads a '
                      'capi_jax params directory or training run.')
   sd = vit_convert.params_to_official(params, family, prefix)
   vit_convert.official_to_params(sd, model, family, prefix)  # Fails unless it fits `section`.
@@ -480,17 +524,18 @@ def _run(cfg: ml_collections.ConfigDict, direction: str, source_path: str, outpu
     target = save_params(parts, output)
     print(f'Wrote {sorted(parts)} to {target}')
     return
-  if (pathlib.Path(source_path) / 'state').is_dir():  # A training run's step folder.
-    parts = restore_training_parts(source_path, cfg, source)
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
+  found = checkpointing.find_checkpoint(source_path)
+  if found.kind == 'training':
+    parts = restore_training_parts(found.path, cfg, source)
   else:
-    parts = restore_params(source_path)
+    parts = restore_params(found.path)
     _check_restored_architecture(parts, cfg)
   export_official(parts, output)
   print(f'Wrote {sorted(parts)} under official names to {output}')
 
 
 def main() -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from capi_jax.models import vit_convert  # pylint: disable=g-import-not-at-top
@@ -516,16 +561,13 @@ def main() -> None:
   flags.mark_flags_as_required(['config', 'to', 'input', 'output'])
 
   def run(_):
-    try:
-      if family.value:
-        _run_vit(config.value, family.value, section.value, direction.value, source_path.value,
-                 output.value)
-      else:
-        _run(config.value, direction.value, source_path.value, output.value, source.value)
-    except CheckpointMismatchError as e:
-      sys.exit(f'error: {e}')
+    if family.value:
+      _run_vit(config.value, family.value, section.value, direction.value, source_path.value,
+               output.value)
+    else:
+      _run(config.value, direction.value, source_path.value, output.value, source.value)
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == '__main__':

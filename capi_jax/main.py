@@ -1,7 +1,9 @@
 r"""Pretrains CAPI: `python -m capi_jax.main --config=configs/tiny.py --workdir=/tmp/capi_tiny`.
 
 Override any config value on the command line, e.g. `--config.optim.lr_schedule.base_value=3e-4`.
-Rerunning with the same --workdir resumes from its latest checkpoint.
+Rerunning with the same --workdir resumes from its latest intact checkpoint. Mistakes (a bad
+value, a mistyped key, a busy workdir, a diverged run) end with a one-line message and a non-zero
+exit status; Ctrl-C checkpoints first and exits with 130.
 """
 
 import logging as std_logging
@@ -11,7 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from capi_jax.core import config_checks
+from capi_jax.core import cli
 from capi_jax.core import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,11 +28,8 @@ def main(argv: list[str]) -> None:
   # capi_jax's own progress at INFO; libraries (Orbax logs every save step) at WARNING.
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger('capi_jax').setLevel(std_logging.INFO)
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except config_checks.ConfigError as e:
-    raise SystemExit(str(e)) from None  # The message says it all; a traceback would bury it.
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

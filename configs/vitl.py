@@ -18,6 +18,7 @@ data / model / efficiency / evals) wherever the concept is the same. Where capi_
 """
 
 import ml_collections
+import numpy as np
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -120,26 +121,74 @@ def get_config() -> ml_collections.ConfigDict:
   # dimension over the fsdp axis, 'replicate' keeps a full copy. First match wins.
   c.sharding.param_rules = (('.*', 'fsdp'),)
 
+  # The official evaluations (default_eval_config.yaml, default_pretrain_config.yaml `evals`):
+  # seg + viz of the student every 10k steps, classification every 20k, all on the EMA at the
+  # end. Dataset roots are placeholders: point them at local copies. See capi_jax/evaluators.
   c.evals = ml_collections.ConfigDict()
-  c.evals.period = 20_000  # 0 = only at the end.
-  c.evals.final = True  # Evaluate the EMA model when training ends.
-  c.evals.random_init_baseline = False  # Also show random-init and raw-pixel numbers (once per workdir).
-  c.evals.model = 'student'  # 'student' or 'ema'; the final evaluation always uses 'ema'.
-  c.evals.dataset = 'tfds:imagenet2012'
-  c.evals.train_split = 'train'
-  c.evals.test_split = 'validation'
-  c.evals.max_train_images = 0  # 0 = all.
-  c.evals.batch_size = 256
-  c.evals.knn_ks = (10, 20, 100, 200)
-  c.evals.knn_temperature = 0.07
-  c.evals.probes = ('knn', 'linear', 'attentive')
-  c.evals.probe_lrs = (1e-4, 3e-4, 1e-3, 3e-3)
-  c.evals.probe_wds = (0.0, 1e-4)
-  c.evals.probe_iters = 12_500
-  c.evals.probe_batch_size = 1024
-  c.evals.segmentation = ''  # e.g. 'folder:/data/ADEChallengeData2016'; '' = off.
-  c.evals.seg_knn_ks = (1, 3, 10, 30)
-  c.evals.seg_ignore_labels = (0, 255)
-  c.evals.held_out_fraction = 0.1
-  c.evals.visualize = True
+  c.evals.protocols = ('classif', 'seg', 'viz')  # Add 'knn' for capi_jax's k-NN extra.
+  c.evals.model = 'student'  # 'student' or 'ema' for the periodic evaluations.
+  c.evals.final = True  # Every protocol on the EMA model when training ends.
+  c.evals.batch_size = 1024  # Images per forward when extracting features (128 x 8 GPUs).
+  c.evals.compute_dtype = 'float32'  # The official evaluations run the model in float32.
+  c.evals.random_init_baseline = False  # Also show the random init's numbers (once per workdir).
+
+  c.evals.classif = ml_collections.ConfigDict()  # eval_classification.py, classif_in1k_torchvision.
+  c.evals.classif.period = 20_000
+  c.evals.classif.train = ml_collections.ConfigDict(dict(dataset='tfds:imagenet2012',
+                                                         split='train'))
+  # Named test sets; add ImageNet-V2 / -ReaL / -A / -R / ObjectNet as folders or TFDS sets with
+  # `labels` (a JSON list per image: an int or a list of valid ints) and `class_map` (a JSON
+  # list of the logit columns to score) files where they need them.
+  c.evals.classif.tests = ml_collections.ConfigDict({'imagenet_val': ml_collections.ConfigDict(
+      dict(dataset='tfds:imagenet2012', split='validation', labels='', class_map=''))})
+  c.evals.classif.num_classes = 1000
+  c.evals.classif.representations = ('cls', 'avg_patch', 'patch')
+  c.evals.classif.learning_rates = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
+  c.evals.classif.weight_decays = (5e-4, 1e-3, 5e-2)
+  c.evals.classif.n_iters = 12_500
+  c.evals.classif.warmup_iters = 1250
+  c.evals.classif.batch_size = 1024  # Global: 128 per GPU x 8 GPUs; lr x batch / 256.
+  c.evals.classif.ranks = 8  # The official samplers' ranks that make up a batch.
+  c.evals.classif.val_proportion = 0.1
+  c.evals.classif.resolution = 224
+  c.evals.classif.log_every = 250
+
+  c.evals.seg = ml_collections.ConfigDict()  # eval_segmentation.py, seg_ade20k.
+  c.evals.seg.period = 10_000
+  c.evals.seg.dataset = 'ade20k:/data/ade20k'  # The folder holding ADEChallengeData2016.
+  c.evals.seg.train_split = 'training'
+  c.evals.seg.val_split = ''  # '': hold out a tenth of train, as the official run.
+  c.evals.seg.test_split = 'validation'
+  c.evals.seg.resolution = 224
+  c.evals.seg.ignore_labels = (0, 255)
+  c.evals.seg.classifiers = ('knn', 'logreg')
+  c.evals.seg.standardization = 'StandardScaler'
+  c.evals.seg.knn_neighbours = (1, 3, 10, 30)
+  c.evals.seg.knn_distances = ('cosine', 'L2')
+  c.evals.seg.knn_dtype = 'bfloat16'  # The ADE20K job's setting (the function default: float32).
+  c.evals.seg.logreg_C = tuple(float(x) for x in 10 ** np.linspace(-6, 5, 8))
+  c.evals.seg.logreg_max_iter = 1000
+  c.evals.seg.logreg_tol = 1e-12
+  c.evals.seg.logreg_linesearch_max_iter = 50
+  c.evals.seg.logreg_memory = 5
+  c.evals.seg.world_size = 8  # Ties between grid points go to the official 8 ranks' order.
+
+  c.evals.viz = ml_collections.ConfigDict()  # eval_visualizations.py, viz_ade20k(_448).
+  c.evals.viz.period = 10_000
+  c.evals.viz.dataset = 'ade20k:/data/ade20k'
+  c.evals.viz.split = 'training'
+  c.evals.viz.resolutions = (224, 448)
+  c.evals.viz.num_images = 1024
+
+  c.evals.knn = ml_collections.ConfigDict()  # capi_jax's extra (only if listed in protocols).
+  c.evals.knn.period = 0
+  c.evals.knn.train = ml_collections.ConfigDict(dict(dataset='tfds:imagenet2012', split='train'))
+  c.evals.knn.test = ml_collections.ConfigDict(dict(dataset='tfds:imagenet2012',
+                                                    split='validation'))
+  c.evals.knn.max_train_images = 0  # 0 = all (features held in host memory: 8 D bytes/image).
+  c.evals.knn.max_test_images = 0
+  c.evals.knn.ks = (10, 20, 100, 200)
+  c.evals.knn.temperature = 0.07
+  c.evals.knn.pixels = False
+  c.evals.knn.resolution = 224
   return c

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from capi_jax.data import transforms
+
 
 class WrappedLoader:
   """Delegates iteration state to `loader`; subclasses change the batches in `transform`."""
@@ -68,16 +70,20 @@ class Throttled(WrappedLoader):
 
 
 class NanFrom(WrappedLoader):
-  """A real training loader whose images turn NaN from batch `start` on (fault injection)."""
+  """A real training loader whose images turn NaN from batch `start` on (fault injection).
+
+  uint8 pixels cannot hold a NaN, so every batch's images are normalised here, on the host:
+  the method passes float images through unnormalised.
+  """
 
   def __init__(self, loader, start: int):
     super().__init__(loader)
     self.start, self.count = start, 0
 
   def transform(self, batch):
-    batch = dict(batch)
+    batch = {**batch, 'images': transforms.normalize(batch['images'])}
     if self.count >= self.start:
-      batch['images'] = np.full_like(batch['images'], np.nan)
+      batch['images'][:] = np.nan
     self.count += 1
     return batch
 

@@ -61,7 +61,7 @@ def test_synthetic_batch_has_the_pipeline_layout():
   config = bench_cpu.get_config()
   batch = bench.synthetic_batch(config, methods.from_config(config).train_transform())
   # 64 tokens: 41 masked, 23 visible, int(41 * 0.25) = 10 predicted.
-  assert batch['images'].shape == (64, 112, 112, 3) and batch['images'].dtype == np.float32
+  assert batch['images'].shape == (64, 112, 112, 3) and batch['images'].dtype == np.uint8
   assert batch['visible_indices'].shape == (64, 23)
   assert batch['predict_indices'].shape == (64, 10)
   for visible, predict in zip(batch['visible_indices'], batch['predict_indices']):

@@ -377,7 +377,7 @@ def _micro_config(teacher_checkpoint: str = '', dataset: str = 'synthetic'
   c = caev2_fashion_mnist.get_config()
   c.model.update(patch_size=4, image_size=16, embed_dim=16, depth=1, num_heads=2)
   c.data.image_size = 16
-  c.data.dataset = c.evals.dataset = dataset
+  c.data.dataset = dataset
   c.caev2.num_mask_patches = 6
   c.caev2.min_mask_patches_per_block = 2
   c.caev2.regressor.update(embed_dim=8, depth=1, num_heads=2)
@@ -389,8 +389,9 @@ def _micro_config(teacher_checkpoint: str = '', dataset: str = 'synthetic'
   c.optim.lr_schedule.warmup_iters = 1
   c.train.update(log_loss_every=1)
   c.train.checkpointing.period = 2
-  c.evals.update(batch_size=8, knn_ks=(3,), probes=('knn',), segmentation='',
-                 random_init_baseline=False, visualize=False, max_train_images=0)
+  c.evals.update(protocols=('knn',), batch_size=8, random_init_baseline=False)
+  c.evals.knn.update(train=dict(dataset=dataset, split='train'), ks=(3,), pixels=False,
+                     test=dict(dataset=dataset, split='test'), resolution=16)
   return c
 
 
@@ -460,11 +461,14 @@ def test_transform_views_normalisations_and_exact_masks():
       {'image': Image.new('RGB', (30, 20), (90, 140, 200)), 'label': 0},
       np.random.default_rng(0))
   assert example['images'].shape == (16, 16, 3) and example['teacher_images'].shape == (8, 8, 3)
+  assert example['images'].dtype == example['teacher_images'].dtype == np.uint8
+  np.testing.assert_array_equal(example['images'][3, 5], [90, 140, 200])
+  # The method normalises each view on the device with its own statistics.
   rgb = np.array([90, 140, 200], np.float32) / 255
-  np.testing.assert_allclose(example['images'][3, 5], (rgb - transforms.IMAGENET_MEAN)
-                             / transforms.IMAGENET_STD, rtol=1e-6)
-  np.testing.assert_allclose(example['teacher_images'][3, 5], (rgb - transforms.CLIP_MEAN)
-                             / transforms.CLIP_STD, rtol=1e-6)
+  clip = transforms.normalize_on_device(example['teacher_images'],
+                                        *transforms.NORMALIZATIONS['clip'])
+  np.testing.assert_allclose(clip[3, 5], (rgb - transforms.CLIP_MEAN) / transforms.CLIP_STD,
+                             rtol=1e-6)
   visible, masked = example['visible_indices'], example['masked_indices']
   assert len(masked) == 6 and np.all(np.diff(visible) > 0) and np.all(np.diff(masked) > 0)
   np.testing.assert_array_equal(np.sort(np.concatenate([visible, masked])), np.arange(16))
@@ -488,7 +492,7 @@ def test_trains_from_a_capi_teacher_evaluates_and_benchmarks(tmp_path):
   assert all(np.isfinite(r[k]) for r in rows for k in ('loss', 'loss_class', 'loss_visible',
                                                         'loss_masked', 'grad_norm'))
   results = json.loads((tmp_path / 'run' / 'eval' / '2' / 'results.json').read_text())
-  assert 0.0 <= results['knn']['k3'] <= 1.0
+  assert 0.0 <= results['protocols']['knn']['results']['global/k3'] <= 100.0
 
   timing = bench.time_train_step(config, jax.devices()[:1], steps=1, warmup=0)
   assert timing['step_time_s'] > 0 and timing['peak_memory_bytes'] > 0

@@ -44,3 +44,11 @@ def test_main_exits_with_the_message_and_no_traceback(tmp_path):
   assert result.returncode != 0
   assert 'data.mask_ratio=1.5 must be in (0, 1)' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_evaluation_settings_are_checked_before_training():
+  config = importlib.import_module('configs.tiny').get_config()
+  config.evals.protocols = ('classif', 'segm')
+  config.evals.model = 'teacher'
+  found = '\n'.join(config_checks.problems(config, device_count=8))
+  assert 'segm' in found and "evals.model='teacher'" in found

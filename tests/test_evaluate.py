@@ -1,22 +1,31 @@
-"""Feature extraction, the end-to-end evaluation on folder datasets, and loading encoders."""
+"""The evaluation driver: config checks, the schedule, every protocol end to end on folder
+datasets, the random-init baseline, and loading encoders (training runs, converted and official
+checkpoints)."""
 
 import json
 import pathlib
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
 from capi_jax import evaluate
-from capi_jax import methods
+from capi_jax import evaluators
 from capi_jax.core import sharding
 from configs import tiny
+from configs import vitl
 
 
-def _config(data: pathlib.Path | None = None):
+def _set(dataset: str, split: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(dataset=dataset, split=split))
+
+
+def _config(data: pathlib.Path | None = None) -> ml_collections.ConfigDict:
   c = tiny.get_config()
   c.data.image_size = 16
+  c.data.num_workers = 0
   c.model.patch_size = 4
   c.model.n_registers = 4
   c.model.embed_dim = 32
@@ -24,21 +33,20 @@ def _config(data: pathlib.Path | None = None):
   c.model.encoder_depth = 1
   c.model.decoder_depth = 1
   c.capi.num_clusters = 16
-  if data is not None:
-    c.evals.dataset = f'folder:{data / "cls"}'
-    c.evals.segmentation = f'folder:{data / "seg"}'
-  c.evals.train_split = 'train'
-  c.evals.test_split = 'test'
-  c.evals.max_train_images = 0
   c.evals.batch_size = 16
-  c.evals.knn_ks = (1, 3)
-  c.evals.probes = ('knn', 'linear', 'attentive')
-  c.evals.probe_lrs = (1e-3, 1e-2)
-  c.evals.probe_wds = (0.0,)
-  c.evals.probe_iters = 30
-  c.evals.probe_batch_size = 16
-  c.evals.seg_knn_ks = (1, 3)
-  c.evals.held_out_fraction = 0.25
+  cl = c.evals.classif
+  cl.learning_rates, cl.weight_decays = (1e-3, 1e-1), (5e-2,)
+  cl.n_iters, cl.warmup_iters, cl.batch_size, cl.resolution, cl.num_classes = 6, 2, 16, 16, 0
+  sg = c.evals.seg
+  sg.resolution, sg.knn_neighbours, sg.logreg_C = 16, (1, 3), (0.1, 10.0)
+  c.evals.viz.resolutions, c.evals.viz.num_images = (16,), 4
+  c.evals.knn.ks, c.evals.knn.resolution = (1, 3), 16
+  if data is not None:
+    cl.train, cl.tests = _set(f'folder:{data / "cls"}', 'train'), ml_collections.ConfigDict(
+        {'stripes': _set(f'folder:{data / "cls"}', 'test')})
+    c.evals.knn.train, c.evals.knn.test = cl.train, cl.tests.stripes
+    sg.dataset, sg.train_split, sg.test_split = f'folder:{data / "seg"}', 'training', 'validation'
+    c.evals.viz.dataset, c.evals.viz.split = sg.dataset, 'validation'
   return c
 
 
@@ -64,107 +72,97 @@ def data(tmp_path_factory) -> pathlib.Path:
     (root / 'seg' / 'images' / split).mkdir(parents=True)
     (root / 'seg' / 'annotations' / split).mkdir(parents=True)
     for i in range(n):
-      # Left half horizontal stripes (class 1), right half vertical (class 2).
+      # Left half horizontal stripes (class 1), right half vertical (class 2), a void band.
       image = np.concatenate([_stripes(True, rng)[:, :10], _stripes(False, rng)[:, 10:]], 1)
       mask = np.zeros((20, 20), np.uint8)
-      mask[:, :10], mask[:, 10:] = 1, 2
+      mask[:, :10], mask[:, 10:], mask[:2] = 1, 2, 255
       Image.fromarray(image).save(root / 'seg' / 'images' / split / f'{i}.png')
       Image.fromarray(mask).save(root / 'seg' / 'annotations' / split / f'{i}.png')
   return root
 
 
-def test_extractor_rebatches_pads_and_matches_the_model():
-  config = _config()
-  mesh = sharding.make_mesh(config)
-  params = evaluate.random_init_params(config, mesh)
-  extract = evaluate.FeatureExtractor(config, params, mesh)
-  rng = np.random.default_rng(0)
-  images = rng.normal(size=(21, 16, 16, 3)).astype(np.float32)
-  labels = np.arange(21)
-  batches = [{'images': images[a:b], 'label': labels[a:b]} for a, b in ((0, 7), (7, 12), (12, 21))]
-  out = extract(batches, keep_maps=True, keep_pixels=True)
-  np.testing.assert_array_equal(out['label'], labels)  # Order kept, padding dropped.
-  assert out['feature_map'].shape == (21, 4, 4, 32) and out['pixels'].shape == (21, 16 * 16 * 3)
-  model = methods.from_config(config).eval_model()
-  global_repr, _, feature_map = model.apply({'params': jax.device_get(params)}, images)
-  # Same float32 computation, batched differently: rounding-level differences only.
-  np.testing.assert_allclose(out['global_repr'], global_repr, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(out['patch_mean'], feature_map.mean((1, 2)), rtol=1e-4, atol=1e-5)
-  assert out['pca_images'].shape == (evaluate.PCA_IMAGES, 16, 16, 3)
+def test_shipped_configs_pass_and_bad_values_are_named():
+  assert evaluators.config_problems(tiny.get_config()) == []
+  assert evaluators.config_problems(vitl.get_config()) == []
+  c = tiny.get_config()
+  c.evals.protocols = ('seg', 'segmentation')
+  c.evals.seg.knn_distances = ('cosine', 'l1')
+  c.evals.seg.resolution = 30
+  c.evals.seg.extra_key = 1
+  problems = evaluators.config_problems(c)
+  assert len(problems) == 4, problems
+  for needle in ("'segmentation'", 'knn_distances', 'seg.resolution=30', "['extra_key']"):
+    assert any(needle in p for p in problems), (needle, problems)
+  c.evals.seg.knn_neighbours = None  # Any value: sentences, never an exception.
+  assert any('knn_neighbours=None' in p for p in evaluators.config_problems(c))
+
+
+def test_official_schedule():
+  c = vitl.get_config()
+  assert evaluators.due(c, 10_000) == ('seg', 'viz')
+  assert evaluators.due(c, 20_000) == ('classif', 'seg', 'viz')
+  assert evaluators.due(c, 5_000) == ()
 
 
 def test_run_evals_end_to_end(data, tmp_path, capsys):
   config = _config(data)
   config.evals.random_init_baseline = True
-  mesh = sharding.make_mesh(config)
+  # One device: the protocols' sharding is tested on 8 in test_seg.py / test_classif.py.
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
   params = evaluate.random_init_params(config, mesh)
-  flat = evaluate.run_evals(config, params, 7, tmp_path, pixel_baseline=True)
+  flat = evaluate.run_evals(config, params, 7, tmp_path, mesh=mesh)
   table = capsys.readouterr().out
-  assert 'random_init' in table and 'segmentation/knn/miou' in table
+  assert 'random_init' in table and 'seg/labels_knn_mIoU' in table
   saved = json.loads((tmp_path / 'eval' / '7' / 'results.json').read_text())
-  assert saved['step'] == 7
-  for key in ('knn/k1', 'knn_patch_mean/k3', 'linear_global/top1', 'linear_patch_mean/top1',
-              'linear_concat/top1', 'attentive/top1', 'pixels_knn/k3',
-              'segmentation/knn/miou', 'segmentation/linear/pixel_acc'):
+  assert saved['step'] == 7 and set(saved['protocols']) == {'classif', 'seg', 'viz', 'knn'}
+  for key in ('classif/cls_stripes_acc', 'classif/avg_patch_stripes_acc',
+              'classif/cls_avg_patch_stripes_acc', 'seg/labels_knn_mIoU', 'seg/labels_knn_acc',
+              'seg/labels_logreg_mIoU', 'seg/hparam_fitting.logreg.mIoU_C=10.0_max_iter=1000_'
+              'tol=1e-12_linesearch_max_iter=50_lbfgs_hessian_rank=5',
+              'extra/knn/global/k1', 'extra/knn/pixels/k3'):
     assert 0 <= flat[key] <= 1, key
-  # Stripe orientation is a pixel-level fact: the raw-pixel k-NN gets it.
-  assert flat['pixels_knn/k1'] > 0.9
-  assert saved['segmentation']['knn']['metric'] in ('cosine', 'l2')
-  for picture in ('pca.png', 'pca_segmentation.png'):
-    assert (tmp_path / 'eval' / '7' / picture).stat().st_size > 1000
+  assert flat['extra/knn/pixels/k1'] > 0.9  # Stripe orientation is a pixel-level fact.
+  pictures = sorted(p.name for p in (tmp_path / 'eval' / '7' / 'viz_16').iterdir())
+  assert '0000000_pca_sep.png' in pictures and '0000005_pca_jointall_flips_7.png' in pictures
   # The baseline was evaluated once (the same weights here, so the same numbers) and is reused.
   baseline_file = tmp_path / 'eval' / 'random_init' / 'results.json'
   mtime = baseline_file.stat().st_mtime_ns
   baseline = evaluate.random_init_results(config, tmp_path, mesh)
   assert baseline_file.stat().st_mtime_ns == mtime
-  assert baseline['knn'] == saved['knn'] and 'pixels_knn' in baseline
+  assert evaluate.flatten(baseline) == flat
 
 
-def test_format_table():
-  table = evaluate.format_table(
-      {'knn': {'k10': 0.5}, 'linear_global': {'top1': 0.25, 'held_out_top1': 0.3, 'lr': 1e-3}},
-      baseline={'knn': {'k10': 0.125}, 'pixels_knn': {'k10': 0.75}})
-  lines = table.splitlines()
+def test_format_table_names_extras_last():
+  results = {'knn': {'results': {'global/k10': 0.5}},
+             'seg': {'results': {'labels_knn_mIoU': 0.25}}}
+  baseline = {'seg': {'results': {'labels_knn_mIoU': 0.125}}}
+  lines = evaluate.format_table(results, baseline).splitlines()
   assert 'random_init' in lines[0]
-  assert lines[1].split() == ['knn/k10', '50.00', '12.50']
-  assert lines[2].split() == ['linear_global/top1', '25.00', '-']
-  assert lines[3].split() == ['pixels_knn/k10', '-', '75.00']
-  assert 'held_out' not in table and 'lr' not in table
+  assert lines[1].split() == ['seg/labels_knn_mIoU', '25.00', '12.50']
+  assert lines[2].split() == ['extra/knn/global/k10', '50.00', '-']
 
 
-def test_segmentation_spec_errors(data):
-  config = _config(data)
-  config.evals.segmentation = 'ade20k'
-  with pytest.raises(ValueError, match='fashion_mnist_scenes'):
-    evaluate.segmentation_data(config)
-
-
-def test_fashion_mnist_scenes_data():
-  config = _config()
-  config.evals.segmentation = 'fashion_mnist_scenes'
-  train_x, train_y, test_x, test_y, num_classes = evaluate.segmentation_data(config)
-  side = 16 * evaluate.SCENE_SIZE_FACTOR
-  assert train_x.shape == (evaluate.SCENES_TRAIN, side, side, 3) and train_x.dtype == np.float32
-  assert test_y.shape == (evaluate.SCENES_TEST, side, side) and num_classes == 11
-  assert 0 < (train_y > 0).mean() < 0.8  # Items and background both present.
-
-
-def test_load_params_random_and_converted(tmp_path):
+def test_load_params_random_converted_and_official(tmp_path):
   from capi_jax import convert  # pylint: disable=g-import-not-at-top
   config = _config()
   mesh = sharding.make_mesh(config)
   params, name = evaluate.load_params(config, tmp_path, '', 'random', 'ema', mesh)
   assert name == 'random_init'
-  again = evaluate.random_init_params(config, mesh)
-  jax.tree.map(np.testing.assert_array_equal, params, again)  # Deterministic from the seed.
   convert.save_params({'backbone': params}, tmp_path / 'out')
   restored, name = evaluate.load_params(config, tmp_path, str(tmp_path / 'out'), '', 'ema', mesh)
   assert name == 'converted'
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(params))
+  convert.export_official({'backbone': jax.device_get(params)}, tmp_path / 'capi_tiny.npz')
+  official, name = evaluate.load_params(config, tmp_path, str(tmp_path / 'capi_tiny.npz'), '',
+                                        'ema', mesh)
+  assert name == 'capi_tiny'
+  jax.tree.map(np.testing.assert_array_equal, official, jax.device_get(params))
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     evaluate.load_params(config, tmp_path, '', '', 'ema', mesh)
   with pytest.raises(FileNotFoundError, match='not a directory'):
     evaluate.load_params(config, tmp_path, str(tmp_path / 'missing'), '', 'ema', mesh)
+  with pytest.raises(FileNotFoundError, match='official checkpoint file'):
+    evaluate.load_params(config, tmp_path, str(tmp_path / 'missing.pth'), '', 'ema', mesh)
 
 
 def test_load_params_from_a_training_checkpoint(data, tmp_path):

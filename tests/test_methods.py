@@ -130,18 +130,20 @@ def _config(dataset='fashion_mnist', total_iters=4):
   c = tiny.get_config()
   c.method = 'toy'
   c.toy = dict(lr=1e-2)
-  c.data.dataset = c.evals.dataset = dataset
+  c.data.dataset = dataset
   c.data.image_size = _SIZE
   c.optim.total_iters = total_iters
   c.optim.global_batch_size = 16
   c.train.log_loss_every = 1
   c.train.checkpointing.period = 2
+  c.evals.protocols = ('knn',)
   c.evals.batch_size = 16
-  c.evals.knn_ks = (5,)
-  c.evals.probes = ('knn',)
-  c.evals.segmentation = ''
   c.evals.random_init_baseline = False
-  c.evals.visualize = False
+  c.evals.knn.train = dict(dataset=dataset, split='train')
+  c.evals.knn.test = dict(dataset=dataset, split='test')
+  c.evals.knn.ks = (5,)
+  c.evals.knn.pixels = False
+  c.evals.knn.resolution = _SIZE
   return c
 
 
@@ -163,7 +165,8 @@ def test_the_toy_method_trains_resumes_and_evaluates(tmp_path):
                          state.params['encoder']['embed']['kernel'])
   assert float(state.frozen['target_scale']) == 0.5
   results = json.loads((workdir / 'eval' / '4' / 'results.json').read_text())
-  assert results['knn']['k5'] == 1.0  # Dark vs bright: the toy's features separate them.
+  # Dark vs bright: the toy's features separate them.
+  assert results['protocols']['knn']['results']['global/k5'] == 1.0, results
   assert checkpointing.Checkpointer(workdir / 'checkpoints', _config()).all_steps() == [2, 4]
 
 

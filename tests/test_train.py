@@ -79,8 +79,10 @@ def test_nan_in_data_aborts_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
   from capi_jax.core import train  # pylint: disable=g-import-not-at-top
   real = pipeline.create_train_loader
   monkeypatch.setattr(pipeline, 'create_train_loader',
-                      lambda *a, **k: loader_wrappers.NanFrom(real(*a, **k), start=6))
-  config = _micro(total_iters=20)  # Checkpoints every 4 steps, NaN check every step.
+                      lambda *a, **k: loader_wrappers.NanFrom(real(*a, **k), start=5))
+  # Checkpoints every 4 steps, NaN check every step: the third bad check (step 7) aborts before
+  # the non-finite state reaches the checkpoint of step 8.
+  config = _micro(total_iters=20)
   with pytest.raises(train.NonFiniteLossError, match=r'NaN/inf at 3 consecutive checks.*'
                      r'last good checkpoint is step 4'):
     train.train_and_evaluate(config, tmp_path)
@@ -92,9 +94,10 @@ def test_nan_in_data_aborts_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
   assert leaves and all(np.isfinite(x).all() for x in leaves if x.dtype.kind == 'f')
   ckpt.close()
   lines = _metrics(tmp_path)
-  assert [l['step'] for l in lines] == list(range(9))
-  assert np.isfinite(lines[5]['capi_loss']) and np.isnan(lines[6]['capi_loss'])
-  assert (tmp_path / 'config.json').exists() and list((tmp_path / 'tensorboard').iterdir())
+  assert [l['step'] for l in lines] == list(range(8))
+  assert np.isfinite(lines[4]['capi_loss']) and np.isnan(lines[5]['capi_loss'])
+  assert len(list((tmp_path / 'runs').iterdir())) == 1
+  assert list((tmp_path / 'tensorboard').iterdir())
 
 
 if __name__ == '__main__':

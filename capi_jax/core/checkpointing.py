@@ -1,36 +1,77 @@
-"""Orbax checkpoints of the whole TrainState plus the Grain iterator state, with a config check.
+"""Orbax checkpoints of the whole TrainState plus the Grain iterator state, checked on restore.
 
-Layout: `WORKDIR/checkpoints/<step>/{state, data_iter, config}`.
+Layout: `WORKDIR/checkpoints/<step>/{state, data_iter, config, checksums.json}`.
   - `state`: the TrainState, each process writing its shards (restored straight into the target
     shardings, so a resumed model is born sharded too);
   - `data_iter`: each process's Grain iterator state, so a resumed run reads exactly the batches
-    an uninterrupted one would;
-  - `config`: the architecture-relevant part of the config (`architecture`), checked on restore.
+    an uninterrupted one would (also after a change of `data.num_workers`, see
+    `pipeline.adapt_iterator_state`);
+  - `config`: the architecture-relevant part of the config (`architecture`), checked on restore;
+  - `checksums.json`: size and SHA-256 of every file, written by process 0 once every process
+    has written its part and before Orbax renames the checkpoint into place, so it appears
+    atomically with the checkpoint; verified before every restore.
 Saves are asynchronous (the device-to-host copy blocks, the writes do not) and atomic: Orbax
 writes into a temporary directory and renames it when complete, so `latest_step` never sees a
-checkpoint cut short by a kill; leftovers are removed on the next start.
+checkpoint cut short by a kill; leftovers are removed on the next start. A save that would not
+fit on the disk is refused before it starts, and a failed write is reported when it fails.
+
+Resuming (`Checkpointer.restore_latest`) takes the newest checkpoint that is intact: a damaged
+one (a file truncated, deleted or changed since it was written; without checksums, one Orbax
+cannot read) is moved to `WORKDIR/checkpoints_damaged/` with a warning naming the damage, and
+the previous one is tried.
+
+`find_checkpoint` resolves what a user may pass as a checkpoint (a step folder, a copy of one,
+a checkpoints folder, a workdir, a `capi_jax.convert` output); `restore_step_dir` reads a step
+folder wherever it lies.
 """
 
+import dataclasses
+import hashlib
 import json
 import logging
+import os
 import pathlib
+import shutil
 from typing import Any
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from capi_jax import methods
+from capi_jax.core import cli
+from capi_jax.data import pipeline
 
 PyTree = Any
 logger = logging.getLogger(__name__)
 
 _STATE, _DATA, _CONFIG = 'state', 'data_iter', 'config'
+CHECKSUMS = 'checksums.json'
+# Orbax's own bookkeeping at the top of a step folder, rewritten when it commits the checkpoint
+# (after the checksums are taken): not covered by them.
+_ORBAX_COMMIT_FILES = frozenset({'_CHECKPOINT_METADATA', 'commit_success.txt'})
+# Free disk space wanted beyond the size of one checkpoint, for the file systems' own overhead.
+_SPACE_MARGIN = 1.1
+DAMAGED_SUFFIX = '_damaged'
 
 
-class IncompatibleCheckpointError(ValueError):
-  """The checkpoint in the workdir was written by a run with a different architecture."""
+class IncompatibleCheckpointError(cli.UserError, ValueError):
+  """A checkpoint was written with a different architecture than the config's."""
+
+
+class DamagedCheckpointError(cli.UserError):
+  """A checkpoint's files differ from when it was written, or cannot be read."""
+
+
+class CheckpointWriteError(cli.UserError):
+  """A checkpoint could not be written (no disk space, a failed write)."""
+
+
+class CheckpointNotFoundError(cli.UserError, FileNotFoundError):
+  """A path names no checkpoint."""
 
 
 def architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -52,16 +93,249 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = '
   return diffs
 
 
+# ---------------------------------------------------------------------------- integrity
+def _sha256(path: pathlib.Path) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def _checked_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Every file of a step folder that the checksums cover, relative to it, sorted."""
+  files = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      relative = (pathlib.Path(root) / name).relative_to(step_dir)
+      if str(relative) not in _ORBAX_COMMIT_FILES and str(relative) != CHECKSUMS:
+        files.append(relative)
+  return sorted(files)
+
+
+def write_checksums(step_dir: pathlib.Path) -> None:
+  """Writes `step_dir/checksums.json`: {'files': {relative path: {'bytes', 'sha256'}}}."""
+  files = {str(f): {'bytes': (step_dir / f).stat().st_size, 'sha256': _sha256(step_dir / f)}
+           for f in _checked_files(step_dir)}
+  tmp = step_dir / f'{CHECKSUMS}.tmp'
+  tmp.write_text(json.dumps({'files': files}, indent=1))
+  tmp.replace(step_dir / CHECKSUMS)
+
+
+def damage(step_dir: pathlib.Path) -> str | None:
+  """What differs in `step_dir` from when it was written; None if nothing does.
+
+  A checkpoint without checksums (written before they existed) cannot be verified: it counts as
+  intact here and is only judged by whether it restores.
+  """
+  path = step_dir / CHECKSUMS
+  if not path.exists():
+    logger.warning('%s has no %s: restoring it unverified.', step_dir, CHECKSUMS)
+    return None
+  try:
+    recorded = json.loads(path.read_text())['files']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f'its {CHECKSUMS} is unreadable ({e})'
+  for name, expected in sorted(recorded.items()):
+    file = step_dir / name
+    if not file.is_file():
+      return f'{name} is missing'
+    size = file.stat().st_size
+    if size != expected['bytes']:
+      return f'{name} has {size} bytes, {expected["bytes"]} when written'
+    if _sha256(file) != expected['sha256']:
+      return f'{name} has changed since it was written (SHA-256 mismatch)'
+  return None
+
+
+def _on_process_0(value: int) -> int:
+  """Process 0's `value` on every process (decisions all processes must share)."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def _damage_agreed(step_dir: pathlib.Path) -> str | None:
+  """`damage(step_dir)` as process 0 sees it (only it reads the files), on every process."""
+  found = damage(step_dir) if jax.process_index() == 0 else None
+  if _on_process_0(found is not None) and found is None:
+    found = 'a file differs from when it was written (process 0 logs which)'
+  return found
+
+
+# ---------------------------------------------------------------------------- reading
+class _IteratorStateAdapter:
+  """What Grain's checkpoint handler restores into: adapts the saved iterator state to the
+  live iterator (another `data.num_workers`); the handler hands non-Grain items JSON bytes."""
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self.iterator = iterator
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(
+        pipeline.adapt_iterator_state(json.loads(state), self.iterator.get_state()))
+
+  def start_prefetch(self) -> None:
+    self.iterator.start_prefetch()
+
+
+def _reader() -> ocp.Checkpointer:
+  """Reads the items of one step folder, whatever its name or place."""
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
+      _STATE: ocp.StandardCheckpointHandler(),
+      _DATA: grain.checkpoint.CheckpointHandler(),
+      _CONFIG: ocp.JsonCheckpointHandler(),
+  }))
+
+
+def _first_line(error: BaseException) -> str:
+  return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0]}'
+
+
+def _read(step_dir: pathlib.Path, items: dict[str, Any]) -> dict[str, Any]:
+  """Orbax's restore of `items` from `step_dir`.
+
+  A failure counts as damage only for a checkpoint without checksums: files verified as
+  written that Orbax cannot read point to a bug or a version mismatch, raised as is.
+  """
+  try:
+    with _reader() as reader:
+      return reader.restore(step_dir, args=ocp.args.Composite(**items))
+  except cli.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON, missing files)
+    if (step_dir / CHECKSUMS).exists():
+      raise
+    raise DamagedCheckpointError(f'{step_dir} cannot be read: {_first_line(e)}.') from e
+
+
+def check_architecture(step_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Raises IncompatibleCheckpointError if `step_dir` holds another architecture than `config`."""
+  saved = _read(step_dir, {_CONFIG: ocp.args.JsonRestore()})[_CONFIG]
+  diffs = _differences(saved, architecture(config))
+  if diffs:
+    raise IncompatibleCheckpointError(
+        f'The checkpoint {step_dir} was written with another model config:\n  '
+        + '\n  '.join(diffs) + '\nPass the config it was trained with (a training workdir '
+        'keeps the config of every start in WORKDIR/runs/).')
+
+
+def restore_step_dir(step_dir: str | pathlib.Path, config: ml_collections.ConfigDict,
+                     abstract_state: PyTree, data_iter: Any | None = None) -> PyTree:
+  """The TrainState saved in `step_dir` (a step folder under any name), verified first.
+
+  Args:
+    step_dir: a step folder (`WORKDIR/checkpoints/<step>` or a copy of one).
+    config: the config; the checkpoint's architecture must match it.
+    abstract_state: ShapeDtypeStructs with shardings (`restore_target`) to restore into.
+    data_iter: if given, moved to the saved position in place (a Grain iterator, or any object
+      with `get_state` / `set_state` speaking JSON bytes).
+
+  Raises:
+    DamagedCheckpointError: a file differs from when it was written, or (without checksums)
+      cannot be read.
+    IncompatibleCheckpointError: the checkpoint has another architecture.
+  """
+  step_dir = pathlib.Path(step_dir).absolute()
+  problem = _damage_agreed(step_dir)
+  if problem:
+    raise DamagedCheckpointError(f'{step_dir} is damaged: {problem}.')
+  check_architecture(step_dir, config)
+  items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+  if data_iter is not None:
+    adapted = (_IteratorStateAdapter(data_iter) if isinstance(data_iter, grain.DatasetIterator)
+               else data_iter)
+    items[_DATA] = grain.checkpoint.CheckpointRestore(adapted)
+  restored = _read(step_dir, items)
+  logger.info('Restored checkpoint %s.', step_dir)
+  return restored[_STATE]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPath:
+  """A checkpoint found by `find_checkpoint`.
+
+  Attributes:
+    kind: 'training' (a step folder of a training run) or 'params' (parameters written by
+      `python -m capi_jax.convert --to=capi_jax`).
+    path: the step folder, or the params folder.
+    step: the step a training checkpoint's folder is named after; None for a copy under another
+      name (the restored state's `step` holds it) and for params.
+  """
+  kind: str
+  path: pathlib.Path
+  step: int | None
+
+
+def _is_step_dir(path: pathlib.Path) -> bool:
+  return (path / _STATE).is_dir()
+
+
+def _is_params_dir(path: pathlib.Path) -> bool:
+  return (path / '_METADATA').is_file() and not _is_step_dir(path)
+
+
+def _steps_in(directory: pathlib.Path) -> list[int]:
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _is_step_dir(p))
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> CheckpointPath:
+  """The checkpoint `path` names; nothing is created or written.
+
+  `path` may be a step folder (`WORKDIR/checkpoints/<step>`, or a copy of one under any name),
+  a checkpoints folder or a workdir (their newest step), or the output folder of
+  `capi_jax.convert --to=capi_jax` (OUT or OUT/params).
+
+  Raises:
+    CheckpointNotFoundError: `path` is not a directory, or holds none of these.
+  """
+  path = pathlib.Path(path).absolute()
+  usage = ('pass a workdir, its checkpoints folder, one step folder (WORKDIR/checkpoints/<step>, '
+           'or a copy of one), or the output folder of `python -m capi_jax.convert '
+           '--to=capi_jax`')
+  if not path.is_dir():
+    what = 'does not exist' if not path.exists() else 'is a file'
+    raise CheckpointNotFoundError(f'{path} is not a directory (it {what}): {usage}.')
+  if _is_step_dir(path):
+    return CheckpointPath('training', path, int(path.name) if path.name.isdigit() else None)
+  for params in (path / 'params', path):
+    if _is_params_dir(params):
+      return CheckpointPath('params', params, None)
+  for directory in (path / 'checkpoints', path):
+    steps = _steps_in(directory)
+    if steps:
+      return CheckpointPath('training', directory / str(steps[-1]), steps[-1])
+  raise CheckpointNotFoundError(f'No checkpoint in {path}: train first, or {usage}.')
+
+
+# ---------------------------------------------------------------------------- training runs
+def _tree_bytes(tree: PyTree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _dir_bytes(directory: pathlib.Path) -> int:
+  return sum(f.stat().st_size for f in directory.rglob('*') if f.is_file())
+
+
+def _bytes(n: float) -> str:
+  return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'
+
+
 class Checkpointer:
-  """Periodic, async, atomic checkpoints of (TrainState, Grain iterator) in one directory."""
+  """Periodic, async, atomic, checksummed checkpoints of (TrainState, Grain iterator)."""
 
   def __init__(self, directory: str | pathlib.Path, config: ml_collections.ConfigDict):
     ckpt_cfg = config.train.checkpointing
     self.directory = pathlib.Path(directory).absolute()
+    self._config = config
     self._architecture = architecture(config)
+    self._async = ckpt_cfg.async_save
+    self._saving: int | None = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.max_to_keep,
-        enable_async_checkpointing=ckpt_cfg.async_save,
+        # Always Orbax's async path (a synchronous save waits for it): only it runs
+        # `_write_checksums` inside the commit.
+        enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
         # Interrupted saves leave temporary directories; they are never restored, only removed.
         cleanup_tmp_directories=True,
     )
@@ -79,48 +353,129 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def _write_checksums(self) -> None:
+    """Orbax's post-finalisation hook: on process 0, after every process wrote its part of
+    checkpoint `self._saving` and before its temporary folder is renamed into place."""
+    tmp = sorted(self.directory.glob(f'{self._saving}.orbax-checkpoint-tmp*'))
+    if len(tmp) != 1:
+      raise RuntimeError(f'Expected one temporary folder of checkpoint {self._saving} in '
+                         f'{self.directory}, found {[p.name for p in tmp]}: Orbax changed its '
+                         'layout; update capi_jax.core.checkpointing.')
+    write_checksums(tmp[0])
+
+  def check_space(self, state: PyTree) -> None:
+    """Raises CheckpointWriteError if a checkpoint of `state` would not fit on the disk.
+
+    The size is the newest checkpoint's on disk, else the state's; process 0 decides for all.
+    """
+    steps = self.all_steps()
+    need = (_dir_bytes(self.directory / str(steps[-1])) if steps else _tree_bytes(state))
+    free = shutil.disk_usage(self.directory).free
+    if _on_process_0(free < need * _SPACE_MARGIN):
+      resume = (f'resumes from step {steps[-1]}' if steps else 'starts from scratch')
+      raise CheckpointWriteError(
+          f'Not enough disk space for a checkpoint in {self.directory}: {_bytes(free)} free, '
+          f'about {_bytes(need * _SPACE_MARGIN)} needed. Free some space (or lower '
+          f'train.checkpointing.max_to_keep) and rerun with the same --workdir: it {resume}.')
+
   def save(self, step: int, state: PyTree, data_iter: Any) -> None:
-    """Starts an async save of `state` and the iterator position at `step` (steps done)."""
+    """Starts an async save of `state` and the iterator position at `step` (steps done).
+
+    Raises:
+      CheckpointWriteError: not enough disk space, or the previous save failed.
+    """
     # A save at a step that already has a checkpoint (e.g. final == periodic) is a no-op.
     if step in self.manager.all_steps():
       return
+    self.wait()  # `_write_checksums` reads `_saving`: the previous save must be done.
+    self.check_space(state)
+    self._saving = step
     self.manager.save(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state),
         _DATA: grain.checkpoint.CheckpointSave(data_iter),
         _CONFIG: ocp.args.JsonSave(self._architecture),
     }), force=True)
-
-  def check_compatible(self, step: int) -> None:
-    """Raises IncompatibleCheckpointError if checkpoint `step` has another architecture."""
-    saved = self.manager.restore(
-        step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
-    diffs = _differences(saved, self._architecture)
-    if diffs:
-      raise IncompatibleCheckpointError(
-          f'The checkpoint at {self.directory / str(step)} was written with another model '
-          'config, so it cannot be resumed:\n  ' + '\n  '.join(diffs) +
-          '\nUse a new --workdir for this config, or pass the config the checkpoint was '
-          'trained with (its full config is in the workdir\'s config.json).')
+    if not self._async:
+      self.wait()
 
   def restore(self, step: int, abstract_state: PyTree, data_iter: Any | None) -> PyTree:
-    """The TrainState at `step`, placed like `abstract_state` (ShapeDtypeStructs with shardings).
+    """The TrainState at `step`, placed like `abstract_state` (see `restore_step_dir`)."""
+    try:
+      return restore_step_dir(self.directory / str(step), self._config, abstract_state, data_iter)
+    except IncompatibleCheckpointError as e:
+      raise IncompatibleCheckpointError(
+          f'{e} Or train this config in a new --workdir.') from None
 
-    The iterator, if given, is moved to the saved position in place.
+  def _set_aside(self, step: int) -> pathlib.Path:
+    """Moves checkpoint `step` out of the way into `<directory>_damaged/` (process 0)."""
+    aside = self.directory.with_name(self.directory.name + DAMAGED_SUFFIX) / str(step)
+    n = 1
+    while aside.exists():
+      aside, n = aside.with_name(f'{step}.{n}'), n + 1
+    if jax.process_index() == 0:
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      os.rename(self.directory / str(step), aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'capi_jax set aside checkpoint {step}')
+    self.manager.reload()
+    return aside
+
+  def restore_latest(self, abstract_state: PyTree, data_iter: Any | None
+                     ) -> tuple[PyTree, int] | None:
+    """(state, step) of the newest intact checkpoint; None if there are no checkpoints.
+
+    Damaged newer ones are moved to `<directory>_damaged/`, each with a warning.
+
+    Raises:
+      DamagedCheckpointError: every checkpoint is damaged (they are all set aside).
+      IncompatibleCheckpointError: the newest intact one has another architecture.
     """
-    self.check_compatible(step)
-    items = {_STATE: ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-      items[_DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    logger.info('Restored checkpoint %s/%d.', self.directory, step)
-    return restored[_STATE]
+    problems = []
+    for step in reversed(self.all_steps()):
+      try:
+        state = self.restore(step, abstract_state, data_iter)
+      except DamagedCheckpointError as e:
+        aside = self._set_aside(step)
+        problems.append(str(e))
+        logger.warning('%s Moved it to %s; trying the previous checkpoint.', e, aside)
+        continue
+      if problems:
+        logger.warning('Resuming from step %d, the newest intact checkpoint.', step)
+      return state, step
+    if problems:
+      raise DamagedCheckpointError(
+          'No intact checkpoint to resume from (all were moved to '
+          f'{self.directory.name + DAMAGED_SUFFIX}/):\n  ' + '\n  '.join(problems) +
+          '\nRestore a backup of the checkpoints, or start again in a new --workdir.')
+    return None
+
+  def raise_if_save_failed(self) -> None:
+    """Reports a finished but failed async save now rather than at the next save."""
+    if not self.manager.is_saving_in_progress():
+      self.wait()
 
   def wait(self) -> None:
-    """Blocks until the pending async save is complete on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until the pending async save is complete on disk.
+
+    Raises:
+      CheckpointWriteError: it failed (e.g. the disk filled up while writing).
+    """
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (Orbax re-raises the writer's error)
+      raise CheckpointWriteError(
+          f'Writing checkpoint {self._saving} to {self.directory} failed: {_first_line(e)}. '
+          'Fix the cause (e.g. free disk space) and rerun with the same --workdir: it resumes '
+          f'from the newest complete checkpoint.') from e
 
   def close(self) -> None:
-    self.manager.close()
+    """Waits for the pending save and releases Orbax's resources; a failed save is only logged
+    here (`wait` raises it), so that closing never hides the error that ended a run."""
+    try:
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logger.error('Writing checkpoint %s to %s failed: %s', self._saving, self.directory,
+                   _first_line(e))
 
 
 def restore_target(abstract_state: PyTree, shardings: PyTree | jax.sharding.Sharding) -> PyTree:

@@ -1,15 +1,22 @@
 """Training metrics to stdout, `WORKDIR/metrics.jsonl` and TensorBoard (tensorboardX, no TF).
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. A run resumed at step
+S (from a checkpoint older than the last rows written, or after a crash) first drops the rows
+of steps >= S from metrics.jsonl and hides TensorBoard's events of those steps, so that no
+step ever appears twice.
 """
 
 import json
+import logging
 import pathlib
 from typing import Any
 
 import numpy as np
 import tensorboardX
 import tqdm
+
+logger = logging.getLogger(__name__)
+METRICS_FILE = 'metrics.jsonl'
 
 
 def _to_python(value: Any) -> Any:
@@ -19,19 +26,45 @@ def _to_python(value: Any) -> Any:
   return value
 
 
+def truncate_jsonl(path: pathlib.Path, start_step: int) -> None:
+  """Keeps the rows of `path` with step < start_step (and drops a line cut short by a kill)."""
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and isinstance(row.get('step'), int) and row['step'] < start_step:
+      kept.append(line)
+  if len(kept) < len(lines):
+    logger.info('%s: dropped %d rows of steps >= %d (written after the checkpoint this run '
+                'resumes from).', path, len(lines) - len(kept), start_step)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(''.join(l + '\n' for l in kept))
+    tmp.replace(path)
+
+
 class MetricsWriter:
   """One JSON object per line in metrics.jsonl, one log line, one TensorBoard scalar per key."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True, start_step: int = 0):
+    """A writer for a run (segment) that begins at `start_step` (steps already done)."""
     self.enabled = enabled
     self.workdir = pathlib.Path(workdir)
     self._jsonl = None
     self._tb = None
     if enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      # Appending keeps the lines of earlier (pre-emption) segments of the same run.
-      self._jsonl = open(self.workdir / 'metrics.jsonl', 'a')
-      self._tb = tensorboardX.SummaryWriter(str(self.workdir / 'tensorboard'))
+      path = self.workdir / METRICS_FILE
+      # Appending keeps the rows of earlier (pre-emption) segments of the same run; rows past
+      # the resumed step are from a segment whose work was lost, and are written again.
+      truncate_jsonl(path, start_step)
+      self._jsonl = open(path, 'a')
+      self._tb = tensorboardX.SummaryWriter(str(self.workdir / 'tensorboard'),
+                                            purge_step=start_step)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     """Training scalars for `step`: a metrics.jsonl line, a stdout line, TensorBoard."""

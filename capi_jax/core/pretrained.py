@@ -6,15 +6,15 @@ A path may be
   - the output directory of `python -m capi_jax.convert --to=capi_jax` (or its `params/`):
     its 'backbone';
   - a capi_jax training run of ANY method: a step folder (`WORKDIR/checkpoints/<step>`), the
-    `checkpoints/` folder or the workdir (latest step). The source run's own config (its
-    `config.json`) rebuilds its method, the state is restored on one device, and the
-    `Pretrained` carries that method's evaluation backbone (its EMA where it has one), its name
-    and its whole variables.
+    `checkpoints/` folder or the workdir (latest step), as `checkpointing.find_checkpoint`
+    resolves them. The source run's own config (its newest record in WORKDIR/runs/) rebuilds
+    its method, the state is restored (verified) on one device, and the `Pretrained` carries
+    that method's evaluation backbone (its EMA where it has one), its name and its whole
+    variables.
 `apply` calls the method's `from_pretrained` and checks that the variables keep their
 structure, shapes and dtypes.
 """
 
-import json
 import pathlib
 from typing import Any
 
@@ -29,24 +29,16 @@ PyTree = Any
 _OFFICIAL_SUFFIXES = ('.pth', '.pt', '.th', '.npz')
 
 
-def _step_dir(path: pathlib.Path) -> pathlib.Path | None:
-  """The step folder a training-run path names (latest for a workdir / checkpoints folder)."""
-  if (path / 'state').is_dir():
-    return path
-  for directory in (path / 'checkpoints', path):
-    steps = [p for p in directory.glob('*') if p.name.isdigit() and (p / 'state').is_dir()]
-    if steps:
-      return max(steps, key=lambda p: int(p.name))
-  return None
-
-
 def _run_config(step_dir: pathlib.Path) -> ml_collections.ConfigDict:
-  workdir = step_dir.parent.parent
-  path = workdir / 'config.json'
-  if not path.is_file():
-    raise FileNotFoundError(f'{step_dir} is a training checkpoint, but its run\'s config '
-                            f'({path}) is missing: it is needed to rebuild that run\'s model.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import runs  # pylint: disable=g-import-not-at-top
+  config = runs.latest_config(step_dir.parent.parent)
+  if config is None:
+    raise checkpointing.CheckpointNotFoundError(
+        f'{step_dir} is a training checkpoint, but its run\'s config ('
+        f'{step_dir.parent.parent / runs.RUNS_DIR}/*.json) is missing: it is needed to rebuild '
+        'that run\'s model.')
+  return config
 
 
 def _from_training_run(step_dir: pathlib.Path) -> base.Pretrained:
@@ -61,11 +53,7 @@ def _from_training_run(step_dir: pathlib.Path) -> base.Pretrained:
   layout = state_lib.state_layout(config, method, sharding.make_mesh(config, [device]))
   target = checkpointing.restore_target(layout.abstract,
                                         jax.sharding.SingleDeviceSharding(device))
-  checkpointer = checkpointing.Checkpointer(step_dir.parent, config)
-  try:
-    state = checkpointer.restore(int(step_dir.name), target, None)
-  finally:
-    checkpointer.close()
+  state = checkpointing.restore_step_dir(step_dir, config, target)
   variables = jax.device_get(state.variables)
   return base.Pretrained(backbone=method.eval_params(variables, 'ema'), method=config.method,
                          variables=variables)
@@ -74,23 +62,19 @@ def _from_training_run(step_dir: pathlib.Path) -> base.Pretrained:
 def load(path: str) -> base.Pretrained:
   """The weights at `path` (see the module docstring), as numpy trees."""
   from capi_jax import convert  # pylint: disable=g-import-not-at-top
+  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
   p = pathlib.Path(path)
   if p.is_file() and p.suffix in _OFFICIAL_SUFFIXES:
     return base.Pretrained(state_dict=convert.read_state_dict(p))
   if not p.is_dir():
-    raise FileNotFoundError(
+    raise checkpointing.CheckpointNotFoundError(
         f'Pretrained checkpoint {path!r} is neither an official-format file '
         f'({", ".join(_OFFICIAL_SUFFIXES)}) nor a directory (a capi_jax run, step folder or '
         '`capi_jax.convert` output).')
-  step_dir = _step_dir(p)
-  if step_dir is not None:
-    return _from_training_run(step_dir)
-  params_dir = p / 'params' if (p / 'params').is_dir() else p
-  parts = convert.restore_params(params_dir)
-  if 'backbone' not in parts:
-    raise ValueError(f'{path} holds {sorted(parts)}, no backbone: pass a training run, a step '
-                     'folder, or the directory written by `python -m capi_jax.convert`.')
-  return base.Pretrained(backbone=parts['backbone'])
+  found = checkpointing.find_checkpoint(p)
+  if found.kind == 'training':
+    return _from_training_run(found.path)
+  return base.Pretrained(backbone=convert.restore_backbone(found.path))
 
 
 def _layout(tree: PyTree) -> list[tuple[str, tuple[int, ...], str]]:

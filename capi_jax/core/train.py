@@ -8,15 +8,25 @@ From one CPU to a pod, the same loop:
     logged;
   - inside the loop the host only dispatches; it syncs with the devices at logging, NaN checks
     and checkpoints;
-  - SIGTERM / SIGUSR1 (pre-emption, SLURM's warning signal) -> checkpoint and exit cleanly; the
-    next run with the same workdir resumes exactly where this one stopped (single process: after
-    the current step; several processes: all agree at the next logging step);
-  - loss NaN/inf at more than 2 consecutive checks (every `train.nan_check_period` steps) -> abort
-    with an error; checkpoints are only written from finite states, so the last one is good;
-  - evaluations (`capi_jax.evaluate`) every `evals.period` steps of `evals.model`, and of the
-    EMA at the end unless `evals.final` (optional, default True) is False.
+  - one run per workdir (`runs.lock_workdir`); every start that trains leaves a record of its
+    config in WORKDIR/runs/ (nothing of an earlier start is overwritten);
+  - resuming takes the newest intact checkpoint (damaged ones are set aside, see
+    `checkpointing`), and metrics.jsonl / TensorBoard forget the steps after it;
+  - SIGTERM / SIGUSR1 (pre-emption, SLURM's warning signal) / SIGINT (Ctrl-C) -> checkpoint and
+    exit; the next run with the same workdir resumes exactly where this one stopped (single
+    process: after the current step; several processes: all agree at the next logging step). A
+    Ctrl-C run then raises KeyboardInterrupt (the command line exits with 130); a second Ctrl-C
+    interrupts at once, without a checkpoint;
+  - divergence fails loudly (`NonFiniteLossError`, naming the last good checkpoint): loss NaN/inf
+    at more than 2 consecutive checks (every `train.nan_check_period` steps), or a non-finite
+    state at a checkpoint, an evaluation or the end. Only finite states become checkpoints and
+    a non-finite model is never evaluated;
+  - evaluations (`capi_jax.evaluate`) of `evals.model` at the steps `evaluators.due` names
+    (each protocol's `period`), and of the EMA with every protocol at the end unless
+    `evals.final` is False.
 """
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -33,12 +43,15 @@ import numpy as np
 import tqdm
 
 from capi_jax.core import checkpointing
+from capi_jax.core import cli
 from capi_jax.core import config_checks
 from capi_jax.data import pipeline
+from capi_jax import evaluators
 from capi_jax import methods
 from capi_jax.methods import base
 from capi_jax.core import metrics_writer
 from capi_jax.core import pretrained
+from capi_jax.core import runs
 from capi_jax.core import sharding
 from capi_jax.core import state as state_lib
 from capi_jax.core import step as step_lib
@@ -48,8 +61,9 @@ logger = logging.getLogger(__name__)
 CONSECUTIVE_NAN_LIMIT = 2
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss was NaN/inf at more than CONSECUTIVE_NAN_LIMIT consecutive checks."""
+class NonFiniteLossError(cli.UserError):
+  """Training diverged: the loss was NaN/inf at more than CONSECUTIVE_NAN_LIMIT consecutive
+  checks, or the state was not finite where it is checked (checkpoints, evaluations, the end)."""
 
 
 def initialize_distributed() -> None:
@@ -73,19 +87,27 @@ def initialize_distributed() -> None:
 
 
 class _StopFlag:
-  """Set by SIGTERM / SIGUSR1; read by the loop between steps."""
+  """Set by SIGTERM / SIGUSR1 / SIGINT; read by the loop between steps.
+
+  A Ctrl-C after the first stop signal raises KeyboardInterrupt at once (no checkpoint).
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
   def __init__(self):
     self.signal = None
 
   def __call__(self, signum, frame):
     del frame
+    if signum == signal.SIGINT and self.signal is not None:
+      raise KeyboardInterrupt
     self.signal = signum
-    logger.warning('Received signal %d: checkpointing and exiting after this step.', signum)
+    logger.warning('Received %s: checkpointing and exiting after this step%s.',
+                   signal.Signals(signum).name,
+                   ' (Ctrl-C again: exit at once, without one)' if signum == signal.SIGINT else '')
 
   def install(self) -> dict[int, Any]:
     """Installs the handler; returns the previous handlers, for `restore`."""
-    return {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    return {sig: signal.signal(sig, self) for sig in self.SIGNALS}
 
   @staticmethod
   def restore(previous: dict[int, Any]) -> None:
@@ -112,9 +134,22 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.stack(leaves).all()
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+def _diverged(ckpt: checkpointing.Checkpointer, what: str) -> NonFiniteLossError:
+  """The error for a diverged run, naming its last good checkpoint."""
+  ckpt.wait()
+  latest = ckpt.latest_step()
+  where = (f'The last good checkpoint is step {latest} in {ckpt.directory}' if latest is not None
+           else 'No checkpoint was written (none of its states was finite at a save)')
+  return NonFiniteLossError(
+      f'{what}: training diverged. {where}; lower optim.lr_schedule.base_value or check the '
+      'data, then rerun with the same --workdir to resume.')
+
+
+def _require_finite(state: state_lib.TrainState, ckpt: checkpointing.Checkpointer, step: int,
+                    when: str) -> None:
+  """Raises NonFiniteLossError unless every float of `state` (after `step` steps) is finite."""
+  if not bool(_all_finite(state)):
+    raise _diverged(ckpt, f'The state after step {step} is not finite ({when})')
 
 
 def _log_memory(compiled) -> None:
@@ -133,7 +168,8 @@ def _log_memory(compiled) -> None:
 
 def run_evals(config: ml_collections.ConfigDict, method: base.Method,
               state: state_lib.TrainState, step: int, workdir: pathlib.Path, which: str,
-              mesh: jax.sharding.Mesh, writer: metrics_writer.MetricsWriter) -> dict[str, float]:
+              mesh: jax.sharding.Mesh, writer: metrics_writer.MetricsWriter,
+              protocols: tuple[str, ...] | None = None) -> dict[str, float]:
   """Evaluates the student or EMA backbone with `capi_jax.evaluate`; logs and returns results.
 
   `evaluate.run_evals` prints a table and writes WORKDIR/eval/<step>/; with
@@ -141,7 +177,7 @@ def run_evals(config: ml_collections.ConfigDict, method: base.Method,
   """
   from capi_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only when used)
   params = method.eval_params(state.variables, which)
-  results = evaluate.run_evals(config, params, step, workdir, mesh=mesh)
+  results = evaluate.run_evals(config, params, step, workdir, protocols=protocols, mesh=mesh)
   writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()},
                            prefix='eval/')
   return results
@@ -154,15 +190,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   config_checks.validate(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  _save_config(config, workdir)
-  is_main = jax.process_index() == 0
-  logger.info('Process %d/%d, %d local / %d global devices (%s).', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
-
-  mesh = sharding.make_mesh(config)
-  with jax.set_mesh(mesh):
-    return _train(config, workdir, mesh, is_main)
+  lock = runs.lock_workdir(workdir)
+  try:
+    is_main = jax.process_index() == 0
+    logger.info('Process %d/%d, %d local / %d global devices (%s).', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+    mesh = sharding.make_mesh(config)
+    with jax.set_mesh(mesh):
+      return _train(config, workdir, mesh, is_main)
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
@@ -174,40 +213,45 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
   data_iter = pipeline.create_train_loader(
       config, method.train_transform(), seed=config.train.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
-  latest = ckpt.latest_step()
-  if latest is not None and not config.train.auto_resume:
-    raise ValueError(f'{ckpt.directory} already holds checkpoint {latest} and '
-                     'config.train.auto_resume is False: use a new --workdir, or resume.')
-  if latest is not None:
-    target = checkpointing.restore_target(layout.abstract, layout.shardings)
-    state = ckpt.restore(latest, target, data_iter)
-    logger.info('Resuming from step %d.', latest)
-  else:
-    state = jax.jit(layout.init, out_shardings=layout.shardings)(rng)
-    if method.pretrained_paths():
-      variables = pretrained.apply(method, state.variables)
-      state = jax.device_put(state.replace(**variables._asdict()), layout.shardings)
-      logger.info('Started from %s.', method.pretrained_paths())
+  with contextlib.ExitStack() as cleanup:  # Closed in reverse order, on errors too.
+    ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
+    cleanup.callback(ckpt.close)
+    if ckpt.all_steps() and not config.train.auto_resume:
+      raise cli.UserError(f'{ckpt.directory} already holds checkpoints {ckpt.all_steps()} and '
+                          'config.train.auto_resume is False: use a new --workdir, or resume.')
+    restored = ckpt.restore_latest(checkpointing.restore_target(layout.abstract, layout.shardings),
+                                   data_iter)
+    if restored is not None:
+      state, latest = restored
+      logger.info('Resuming from step %d.', latest)
+    else:
+      state = jax.jit(layout.init, out_shardings=layout.shardings)(rng)
+      if method.pretrained_paths():
+        variables = pretrained.apply(method, state.variables)
+        state = jax.device_put(state.replace(**variables._asdict()), layout.shardings)
+        logger.info('Started from %s.', method.pretrained_paths())
+    ckpt.check_space(state)
+    runs.write_record(workdir, config, resumed_from=None if restored is None else latest)
 
-  total = config.optim.total_iters
-  start = int(jax.device_get(state.step))
-  writer = metrics_writer.MetricsWriter(workdir, enabled=is_main)
-  stop = _StopFlag()
-  previous_handlers = stop.install()
-  batch_spec = sharding.batch_sharding(mesh).spec
-  next_batch = lambda: pipeline.make_global_batch(next(data_iter), mesh, batch_spec)
+    total = config.optim.total_iters
+    start = int(jax.device_get(state.step))
+    writer = metrics_writer.MetricsWriter(workdir, enabled=is_main, start_step=start)
+    cleanup.callback(writer.close)
+    stop = _StopFlag()
+    cleanup.callback(stop.restore, stop.install())
+    batch_spec = sharding.batch_sharding(mesh).spec
+    next_batch = lambda: pipeline.make_global_batch(next(data_iter), mesh, batch_spec)
 
-  step_fn = step_lib.jit_train_step(method, layout, mesh)
-  compiled = None
-  cfg = config.train
-  global_batch = config.optim.global_batch_size
-  bad_checks = 0
-  last_log_time, last_log_step = time.perf_counter(), start
-  metrics = None
-  progress = tqdm.tqdm(total=total, initial=start, disable=not (is_main and sys.stderr.isatty()),
-                       desc='train', unit='step', dynamic_ncols=True)
-  try:
+    step_fn = step_lib.jit_train_step(method, layout, mesh)
+    compiled = None
+    cfg = config.train
+    global_batch = config.optim.global_batch_size
+    bad_checks = 0
+    last_log_time, last_log_step = time.perf_counter(), start
+    metrics = None
+    progress = cleanup.enter_context(tqdm.tqdm(
+        total=total, initial=start, disable=not (is_main and sys.stderr.isatty()), desc='train',
+        unit='step', dynamic_ncols=True))
     for step in range(start, total):
       batch = next_batch()
       if compiled is None:
@@ -225,6 +269,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
         host['images_per_s'] = (step + 1 - last_log_step) * global_batch / (now - last_log_time)
         last_log_time, last_log_step = now, step + 1
         writer.write(step, host)
+        ckpt.raise_if_save_failed()
 
       if cfg.nan_check_period > 0 and step % cfg.nan_check_period == 0:
         host = jax.device_get(metrics)
@@ -235,38 +280,32 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
           logger.warning('Non-finite loss at step %d (%d consecutive checks): %s', step,
                           bad_checks, {k: float(host[k]) for k in method.loss_keys})
           if bad_checks > CONSECUTIVE_NAN_LIMIT:
-            ckpt.wait()
-            raise NonFiniteLossError(
-                f'Loss is NaN/inf at {bad_checks} consecutive checks (every '
-                f'{cfg.nan_check_period} steps), last at step {step}: training diverged. The '
-                f'last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}; '
-                'lower optim.lr_schedule.base_value or check the data, then rerun to resume.')
+            raise _diverged(ckpt, f'Loss is NaN/inf at {bad_checks} consecutive checks (every '
+                                  f'{cfg.nan_check_period} steps), last at step {step}')
 
       stopping = (stop.signal is not None if jax.process_count() == 1 else
                   step % cfg.log_loss_every == 0 and _any_process(stop.signal is not None))
       if stopping or done % cfg.checkpointing.period == 0:
         # Only finite states become checkpoints, so the latest one is always good.
-        if bool(_all_finite(state)):
-          ckpt.save(done, state, data_iter)
-        else:
-          logger.warning('Not checkpointing step %d: the state is not finite.', done)
+        _require_finite(state, ckpt, done, 'checkpoint')
+        ckpt.save(done, state, data_iter)
       if stopping:
         ckpt.wait()
         logger.warning('Stopped by signal at step %d; checkpoint saved, rerun to resume.', done)
+        if stop.signal == signal.SIGINT:
+          raise KeyboardInterrupt
         return state
 
-      if config.evals.period and done % config.evals.period == 0 and done != total:
-        run_evals(config, method, state, done, workdir, config.evals.model, mesh, writer)
+      due = evaluators.due(config, done)
+      if due and done != total:
+        _require_finite(state, ckpt, done, 'evaluation')
+        run_evals(config, method, state, done, workdir, config.evals.model, mesh, writer, due)
 
-    if metrics is not None and bool(_all_finite(state)):
+    if metrics is not None:
+      _require_finite(state, ckpt, total, 'end of training')
       ckpt.save(total, state, data_iter)
     ckpt.wait()
     if config.evals.final:
       # The EMA is what the reference evaluates at the end (and what it releases).
       run_evals(config, method, state, total, workdir, 'ema', mesh, writer)
     return state
-  finally:
-    stop.restore(previous_handlers)
-    progress.close()
-    ckpt.close()
-    writer.close()

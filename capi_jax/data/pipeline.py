@@ -17,8 +17,17 @@ Checkpointing the iterator with the model, in Orbax (grain 0.2.18):
 with `grain.checkpoint.CheckpointHandler` registered for the 'data_iter' item
 (`ocp.CheckpointManager(..., item_handlers={'data_iter': grain.checkpoint.CheckpointHandler()})`).
 The handler writes one JSON file per process, so every host restores its own position.
+A position saved with another `data.num_workers` is adapted by `adapt_iterator_state`.
+
+Worker processes (`data.num_workers` > 0) ignore the signals a terminal or a scheduler sends to
+the whole process group (the main process decides when to stop: it checkpoints first) and end
+as soon as the main process is gone, even after a `kill -9` of it.
 """
 
+import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,8 +37,12 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+
+from capi_jax.core import cli
 from capi_jax.data import sources
 from capi_jax.data import transforms
+
+logger = logging.getLogger(__name__)
 
 # Threads per process that read and transform records (PIL releases the GIL while decoding
 # and resizing, so threads overlap well even in a single process).
@@ -83,7 +96,30 @@ def _batched(ds: grain.MapDataset, config: ml_collections.ConfigDict, batch_size
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=workers, per_worker_buffer_size=-(-in_flight // workers)))
+      num_workers=workers, per_worker_buffer_size=-(-in_flight // workers)),
+                        worker_init_fn=_init_worker)
+
+
+# How often a worker process checks that the main process is still alive.
+_PARENT_CHECK_S = 0.5
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Runs first in every Grain worker process: signals go to the main process alone, and the
+  worker exits once the main process is gone (it would otherwise live on as an orphan)."""
+  del worker_index, worker_count
+  # Ctrl-C reaches the whole foreground process group, SLURM signals every process of a job
+  # step: only the main process acts on them (it checkpoints, then closes the workers).
+  for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def exit_with_parent():
+    while os.getppid() == parent:  # Re-parented (to init or a subreaper) once it died.
+      time.sleep(_PARENT_CHECK_S)
+    os._exit(1)  # pylint: disable=protected-access  (no cleanup: the consumer is gone)
+
+  threading.Thread(target=exit_with_parent, name='exit-with-parent', daemon=True).start()
 
 
 def create_train_loader(config: ml_collections.ConfigDict, transform: grain.transforms.RandomMap,
@@ -95,7 +131,7 @@ def create_train_loader(config: ml_collections.ConfigDict, transform: grain.tran
   The iterator is infinite, supports `get_state()` / `set_state()` (JSON-serialisable dicts)
   and Grain's Orbax checkpoint handler (see the module docstring). With
   `config.data.num_workers` > 0, batches are built in that many worker processes; the stream
-  depends on num_workers, so resume with the same value.
+  depends on num_workers (0 and 1 give the same one), see `adapt_iterator_state`.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -106,6 +142,59 @@ def create_train_loader(config: ml_collections.ConfigDict, transform: grain.tran
   ds = train_dataset(config, transform, seed=seed, process_index=process_index,
                      process_count=process_count)
   return iter(_batched(ds, config, global_batch // process_count, drop_remainder=True))
+
+
+def _slice_positions(state: Mapping[str, Any]) -> list[int] | None:
+  """Records read from each worker's slice of the host's record stream (one slice without
+  workers), from a training iterator's state; None for a state of another form."""
+  if set(state) == {'next_index'}:
+    return [state['next_index']]
+  workers = state.get('iterators_in_use_states')
+  if (isinstance(workers, list) and workers
+      and all(isinstance(w, dict) and set(w) == {'next_index'} for w in workers)):
+    return [w['next_index'] for w in workers]
+  return None
+
+
+def adapt_iterator_state(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+  """`saved` (a `create_train_loader` iterator's state) for an iterator whose state is `fresh`.
+
+  With n > 1 workers, worker i reads the slice i::n of the host's shuffled record stream and
+  batches it; 0 and 1 workers read the stream in order. So:
+    - same num_workers: `saved` as is (an exact resume);
+    - 0 <-> 1 workers: the same stream in Grain's two state formats, converted exactly;
+    - otherwise: the new workers start right after the furthest record read, so no record is
+      read twice (fewer than n batches of records are skipped), but the batches differ from
+      those of an uninterrupted run; a warning says which num_workers would resume exactly.
+
+  Raises:
+    cli.UserError: a state this version of capi_jax cannot convert (names the num_workers to use).
+  """
+  old, new = _slice_positions(saved), _slice_positions(fresh)
+  saved_workers = len(saved.get('iterators_in_use_states', []))
+  if old is None or new is None:
+    if old is None and new is None and saved.keys() == fresh.keys():
+      return saved  # A form this version does not know, saved with this pipeline's settings.
+    raise cli.UserError('The data iterator position in the checkpoint was saved with '
+                        f'data.num_workers={saved_workers} in a form capi_jax cannot convert: '
+                        f'resume with --config.data.num_workers={saved_workers}.')
+  if len(old) == len(new):
+    if ('next_index' in saved) == ('next_index' in fresh):
+      return saved  # The same num_workers.
+    positions = old  # 0 <-> 1 worker: the same stream, Grain's two forms of state.
+  else:
+    n, m = len(old), len(new)
+    read = max((n * (c - 1) + i + 1 for i, c in enumerate(old) if c > 0), default=0)
+    positions = [max(0, -(-(read - j) // m)) for j in range(m)]
+    logger.warning(
+        'The data iterator was saved with data.num_workers=%d and resumes with %d: it goes on '
+        'after record %d of the shuffled stream (none is read twice), but its batches differ '
+        'from an uninterrupted run\'s; resume with --config.data.num_workers=%d for those.',
+        saved_workers, len(fresh.get('iterators_in_use_states', [])), read, saved_workers)
+  if 'next_index' in fresh:
+    return {'next_index': positions[0]}
+  return {**fresh, 'next_index_in_cycle': 0,
+          'iterators_in_use_states': [{'next_index': p} for p in positions]}
 
 
 def create_eval_dataset(config: ml_collections.ConfigDict, split: str, max_images: int = 0,

@@ -16,7 +16,11 @@
   recursively below them); a folder with no sub-folders is one unlabelled set (label -1).
 - `synthetic`: random pixels (1M records, deterministic per index), for benchmarks.
 
-Every source returns records `{'image': bytes | uint8 array, 'label': int, 'name': str}`;
+Problems with a dataset (missing files, an unknown name, damaged data) raise
+`DatasetNotFoundError` / `DatasetError`, user errors whose message names the fix.
+
+Every source has `description`, `num_classes` and `class_names` (label -> name; [] when
+unlabelled) and returns records `{'image': bytes | uint8 array, 'label': int, 'name': str}`;
 `decode(record)` turns one into `{'image': PIL RGB image, 'label': int32}` or None when the
 record cannot be decoded (logged with its name and counted in `skipped_records()`).
 """
@@ -33,9 +37,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from capi_jax.core import cli
+
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
+                         'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
 SYNTHETIC_SIZE = 1_000_000
 # After this many undecodable records in a row, a process stops with an error instead of
@@ -46,6 +54,14 @@ _MAX_CONSECUTIVE_SKIPS = 100
 Record = dict[str, Any]
 
 
+class DatasetNotFoundError(cli.UserError, FileNotFoundError):
+  """The dataset named in the config is not where it should be."""
+
+
+class DatasetError(cli.UserError, ValueError):
+  """The dataset's name or data is unusable (unknown kind, split, damaged files)."""
+
+
 class FashionMnistSource:
   """Fashion-MNIST from local IDX files: records with a (28, 28) uint8 image and a label."""
 
@@ -53,14 +69,15 @@ class FashionMnistSource:
 
   def __init__(self, root: str, split: str):
     if split not in self._PREFIX:
-      raise ValueError(f'Fashion-MNIST has splits {sorted(self._PREFIX)}, not {split!r}.')
+      raise DatasetError(f'Fashion-MNIST has splits {sorted(self._PREFIX)}, not {split!r}.')
     prefix = self._PREFIX[split]
     self.images = _read_idx(_find_idx(root, f'{prefix}-images-idx3-ubyte'), ndim=3)
     self.labels = _read_idx(_find_idx(root, f'{prefix}-labels-idx1-ubyte'), ndim=1)
     if len(self.images) != len(self.labels):
-      raise ValueError(f'Fashion-MNIST in {root}: {len(self.images)} images but '
+      raise DatasetError(f'Fashion-MNIST in {root}: {len(self.images)} images but '
                        f'{len(self.labels)} labels for split {split!r}; the files are damaged.')
-    self.num_classes = 10
+    self.class_names = list(FASHION_MNIST_CLASSES)
+    self.num_classes = len(self.class_names)
     self.description = f'fashion_mnist:{root} split {split!r} ({len(self)} images)'
 
   def __len__(self) -> int:
@@ -75,7 +92,7 @@ def _find_idx(root: str, stem: str) -> pathlib.Path:
   for name in (f'{stem}.gz', stem):
     if (path := pathlib.Path(root) / name).is_file():
       return path
-  raise FileNotFoundError(
+  raise DatasetNotFoundError(
       f'Fashion-MNIST file {stem}[.gz] not found in {root!r}. Install Debian\'s '
       f'`dataset-fashion-mnist` package (files in {FASHION_MNIST_DIR}) or give the folder '
       'holding the four IDX files as `fashion_mnist:DIR`.')
@@ -94,7 +111,7 @@ def _read_idx(path: pathlib.Path, ndim: int) -> np.ndarray:
                        f'{ndim} dims')
     array = np.frombuffer(data, np.uint8, count=int(np.prod(shape)), offset=4 + 4 * dims)
   except (OSError, EOFError, ValueError, struct.error) as e:
-    raise ValueError(f'Cannot read IDX file {path}: {e}. Re-download or reinstall it.') from e
+    raise DatasetError(f'Cannot read IDX file {path}: {e}. Re-download or reinstall it.') from e
   return array.reshape(shape)
 
 
@@ -123,13 +140,13 @@ class FolderSource:
 def _folder_split_dir(root: str, split: str) -> pathlib.Path:
   path = pathlib.Path(root)
   if not path.is_dir():
-    raise FileNotFoundError(f'Image folder {root!r} does not exist; check the path in '
+    raise DatasetNotFoundError(f'Image folder {root!r} does not exist; check the path in '
                             '`folder:PATH` (config.data.dataset or config.evals.dataset).')
   if (path / split).is_dir():
     return path / split
   if split == 'train':
     return path
-  raise FileNotFoundError(
+  raise DatasetNotFoundError(
       f'Image folder {root!r} has no sub-folder {split!r} for split {split!r}. Put that split\'s '
       f'images in {path / split}/ (optionally in class sub-folders), or choose an existing split.')
 
@@ -161,7 +178,7 @@ def _scan_images(split_dir: pathlib.Path) -> tuple[list[str], list[int], list[st
     paths = images_below(split_dir)
     labels, class_names = [-1] * len(paths), []
   if not paths:
-    raise FileNotFoundError(
+    raise DatasetNotFoundError(
         f'No images ({", ".join(IMAGE_EXTENSIONS)}) found in {split_dir}. Put the images there, '
         'optionally in one sub-folder per class.')
   return paths, labels, class_names
@@ -177,7 +194,8 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: str):
     self._args = (name, split, data_dir or None)
     source = self._open()  # Fail here, in the main process, with a readable message.
-    self.image_key, self.label_key, self.num_classes = _tfds_keys(source.dataset_info, name)
+    self.image_key, self.label_key, self.class_names = _tfds_keys(source.dataset_info, name)
+    self.num_classes = len(self.class_names)
     self._length = len(source)
     self.description = f'tfds:{name} split {split!r} ({self._length} images)'
 
@@ -189,11 +207,18 @@ class TfdsSource:
       image_keys = [k for k, f in info.features.items() if isinstance(f, tfds.features.Image)]
       source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                                 decoders={k: tfds.decode.SkipDecoding() for k in image_keys})
+    except tfds.core.registered.DatasetNotFoundError as e:
+      # Its message lists the whole TFDS catalogue; keep only the suggestion, if any.
+      hint = ''.join(f' ({l.strip()})' for l in str(e).splitlines() if l.startswith('Did you'))
+      raise DatasetNotFoundError(
+          f'TFDS knows no dataset named {name!r}{hint}: check the name in `tfds:NAME` '
+          '(config.data.dataset or config.evals.dataset).') from None
     except Exception as e:  # TFDS raises many types (registration, missing files, formats).
-      raise FileNotFoundError(
+      reason = ' '.join(str(e).strip().splitlines()[:3])
+      raise DatasetNotFoundError(
           f'Cannot open TFDS dataset {name!r} split {split!r} in data_dir {data_dir or "(default)"}'
-          f': {type(e).__name__}: {e}. Prepare it in ArrayRecord format, e.g. `tfds build {name} '
-          '--file_format=array_record --data_dir=DIR` (ImageNet needs its archives in '
+          f': {type(e).__name__}: {reason}. Prepare it in ArrayRecord format, e.g. `tfds build '
+          f'{name} --file_format=array_record --data_dir=DIR` (ImageNet needs its archives in '
           'DIR/downloads/manual), and set config.data.data_dir=DIR.') from e
     self._source = source
     return source
@@ -212,15 +237,16 @@ class TfdsSource:
             'name': f'tfds:{self._args[0]}/{self._args[1]}[{index}]'}
 
 
-def _tfds_keys(info, name: str) -> tuple[str, str | None, int]:
+def _tfds_keys(info, name: str) -> tuple[str, str | None, list[str]]:
+  """(image feature, label feature or None, class names or [])."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   features = info.features
   image_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
   if not image_keys:
-    raise ValueError(f'TFDS dataset {name!r} has no Image feature (features: {list(features)}).')
+    raise DatasetError(f'TFDS dataset {name!r} has no Image feature (features: {list(features)}).')
   label = features['label'] if 'label' in features else None
-  num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
-  return image_keys[0], ('label' if label is not None else None), num_classes
+  class_names = label.names if isinstance(label, tfds.features.ClassLabel) else []
+  return image_keys[0], ('label' if label is not None else None), class_names
 
 
 class SyntheticSource:
@@ -228,7 +254,7 @@ class SyntheticSource:
 
   def __init__(self, image_size: int):
     self.image_size = image_size
-    self.num_classes = 0
+    self.num_classes, self.class_names = 0, []
     self.description = f'synthetic ({SYNTHETIC_SIZE} random {image_size}x{image_size} images)'
 
   def __len__(self) -> int:
@@ -252,7 +278,7 @@ def make_source(dataset: str, split: str, data_dir: str = '', image_size: int = 
     return FolderSource(arg, split)
   if kind == 'synthetic':
     return SyntheticSource(image_size)
-  raise ValueError(f'Unknown dataset {dataset!r}. Use fashion_mnist, fashion_mnist:DIR, '
+  raise DatasetError(f'Unknown dataset {dataset!r}. Use fashion_mnist, fashion_mnist:DIR, '
                    'tfds:NAME, folder:PATH or synthetic.')
 
 
@@ -279,7 +305,7 @@ def _count(name: str, error: Exception | None) -> None:
   logger.warning('Skipping unreadable record %s (%s: %s); %d skipped so far in this process.',
                   name, type(error).__name__, error, skipped)
   if in_a_row >= _MAX_CONSECUTIVE_SKIPS:
-    raise ValueError(
+    raise DatasetError(
         f'{in_a_row} records in a row could not be decoded as images (latest: {name}: '
         f'{type(error).__name__}: {error}). The dataset is damaged or is not an image dataset; '
         'check the path and the files, or remove the bad ones.')

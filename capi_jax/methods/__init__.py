@@ -16,6 +16,7 @@ from capi_jax.methods import base
 _BUILT_IN = {
     'capi': 'capi_jax.methods.capi.method:Capi',
     'caev2': 'capi_jax.methods.caev2.method:CaeV2',
+    'mim_refiner': 'capi_jax.methods.mim_refiner.method:MimRefiner',
 }
 _REGISTERED: dict[str, type[base.Method]] = {}
 

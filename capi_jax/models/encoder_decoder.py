@@ -385,6 +385,47 @@ class EncoderDecoder(nn.Module):
     enc_outs, _, _ = self._encode(images, None, {self._out_layer}, True)
     return enc_outs[self._out_layer][:, self.n_registers:]
 
+  def encode(self, images: Array, visible_indices: Array | None = None,
+             blocks: Sequence[int] = (), train: bool = False) -> layers.Encoded:
+    """The encoder alone, with raw per-block outputs (the API `vit.ViT.encode` has too).
+
+    Args:
+      images: (batch, H, W, 3), H and W divisible by patch_size.
+      visible_indices: (batch, n_visible) int row-major patch indices to keep, or None.
+      blocks: 0-indexed encoder blocks whose raw output to return.
+      train: stochastic depth on (needs the 'drop_path' rng when drop_path_rate > 0).
+
+    Returns:
+      Encoded(tokens (batch, R + n, D): [registers, patches] of the last block, normed;
+      blocks {i: (batch, R + n, D)}: raw residual stream after block i), n = n_visible or
+      (H/p) * (W/p).
+    """
+    bad = [i for i in blocks if not 0 <= i < self.encoder_depth]
+    if bad:
+      raise ValueError(f'blocks {bad} out of range: this encoder has blocks '
+                       f'0..{self.encoder_depth - 1}.')
+    grid_h, grid_w = self._grid(images)
+    b = images.shape[0]
+    x = self.patch_embed(images.astype(self.dtype)).reshape(b, grid_h * grid_w, self.embed_dim)
+    coords = jnp.broadcast_to(patch_coordinates(grid_h, grid_w), (b, grid_h * grid_w, 2))
+    if visible_indices is not None:
+      x = jnp.take_along_axis(x, visible_indices[:, :, None], axis=1)
+      coords = jnp.take_along_axis(coords, visible_indices[:, :, None], axis=1)
+    reg_coords = jnp.broadcast_to(
+        register_coordinates(self.register_coordinates, self.n_registers),
+        (b, self.n_registers, 2))
+    if self.scale_reg_to_visible:
+      lo, hi = coords.min(axis=1, keepdims=True), coords.max(axis=1, keepdims=True)
+      reg_coords = lo + reg_coords * (hi - lo)
+    registers = jnp.broadcast_to(self.registers.astype(self.dtype),
+                                 (b, self.n_registers, self.embed_dim))
+    final = self.encoder_depth
+    # Transformer layer i + 1 is the output of block i.
+    outputs = self.encoder(jnp.concatenate([registers, x], axis=1),
+                           jnp.concatenate([reg_coords, coords], axis=1),
+                           tuple(sorted({final, *(i + 1 for i in blocks)})), not train)
+    return layers.Encoded(self.enc_norm(outputs[final]), {i: outputs[i + 1] for i in blocks})
+
   def pretrain(self, images: Array, visible_indices: Array, predict_indices: Array,
                train: bool = True) -> tuple[Array, Array]:
     """Student forward: encoder on visible tokens, predictor on the positions to predict.

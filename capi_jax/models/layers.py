@@ -5,7 +5,7 @@ Images are NHWC and linear kernels (in, out) here (PyTorch: NCHW, weights (out, 
 
 from collections.abc import Callable
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -14,6 +14,18 @@ import numpy as np
 
 Array = jax.Array
 DType = Any
+
+class Encoded(NamedTuple):
+  """A backbone's `encode` result (the per-block API every refinable backbone has).
+
+  tokens: (batch, n_prefix + n, D_out) final output, [prefix tokens (class token or
+    registers), patches], after the final norm (and projection) where the backbone has them.
+  blocks: {i: (batch, n_prefix + n, D)} raw residual stream after block i (0-indexed), as
+    requested.
+  """
+  tokens: Array
+  blocks: dict[int, Array]
+
 
 # torch's xavier-uniform on (out, in) linear weights (flax kernels are (in, out)).
 xavier_uniform = nn.initializers.xavier_uniform()

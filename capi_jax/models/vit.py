@@ -72,7 +72,7 @@ class token truncated normal std 0.02 cut at +-0.02, layer scale at `layer_scale
 from collections.abc import Callable, Sequence
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -279,17 +279,6 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------- the model
-class Encoded(NamedTuple):
-  """`ViT.encode`'s result.
-
-  tokens: (batch, 1 + n, D_out) final output, [class, patches], after the final norm and
-    projection where the family has them.
-  blocks: {i: (batch, 1 + n, D)} raw residual stream after block i (0-indexed), as requested.
-  """
-  tokens: Array
-  blocks: dict[int, Array]
-
-
 class ViT(nn.Module):
   """One class token, a position table, `depth` blocks; the families are in `FAMILIES`.
 
@@ -361,8 +350,8 @@ class ViT(nn.Module):
 
   @nn.compact
   def encode(self, images: Array, visible_indices: Array | None = None,
-             blocks: Sequence[int] = (), train: bool = False) -> Encoded:
-    """Runs the ViT; see `Encoded` for the outputs.
+             blocks: Sequence[int] = (), train: bool = False) -> layers.Encoded:
+    """Runs the ViT; see `layers.Encoded` for the outputs.
 
     Args:
       images: (batch, H, W, 3), H and W divisible by patch_size.
@@ -421,7 +410,7 @@ class ViT(nn.Module):
     if self.out_dim:
       x = nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=nn.initializers.normal(dim ** -0.5), name='proj')(x)
-    return Encoded(x, outputs)
+    return layers.Encoded(x, outputs)
 
   def __call__(self, images: Array) -> tuple[Array, Array, Array]:
     """Eval forward (the engine's interface).

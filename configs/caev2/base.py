@@ -83,5 +83,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.efficiency = reference.efficiency
   c.sharding = reference.sharding
   c.evals = reference.evals
-  c.evals.period = 50 * ITERS_PER_EPOCH
+  for name in c.evals.protocols:  # Every 50 epochs.
+    c.evals[name].period = 50 * ITERS_PER_EPOCH
   return c

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from capi_jax.core import schedules
+from capi_jax.data import transforms
 from capi_jax.methods import base
 from capi_jax.methods.caev2 import config_checks
 from capi_jax.methods.caev2 import flops
@@ -142,7 +143,8 @@ class CaeV2(base.Method):
 
     Args:
       variables: see the module docstring.
-      batch: images (B, S, S, 3), teacher_images (B, S_t, S_t, 3), visible_indices
+      batch: images (B, S, S, 3), teacher_images (B, S_t, S_t, 3) (uint8 pixels, or floats
+        normalised already), visible_indices
         (B, N - n_masked), masked_indices (B, n_masked).
       rng: this step's key (stochastic depth).
 
@@ -152,12 +154,14 @@ class CaeV2(base.Method):
       their counts); grad_norm is before clipping.
     """
     visible, masked = batch['visible_indices'], batch['masked_indices']
+    images = transforms.normalize_on_device(batch['images'])
+    teacher_stats = transforms.NORMALIZATIONS[self.config.caev2.teacher.normalization]
+    teacher_images = transforms.normalize_on_device(batch['teacher_images'], *teacher_stats)
     targets = caev2_loss.labels(
-        self.teacher_features(variables.frozen['teacher'], batch['teacher_images']), visible,
-        masked)
+        self.teacher_features(variables.frozen['teacher'], teacher_images), visible, masked)
 
     def loss_fn(params):
-      outputs = self.student_outputs(params, batch['images'], visible, masked, rng)
+      outputs = self.student_outputs(params, images, visible, masked, rng)
       return caev2_loss.alignment_loss(outputs, targets, self.config.caev2.loss_weight), outputs
 
     (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables.params)

@@ -7,10 +7,10 @@ Per record, as the release's `DataAugmentationForCAE` (`furnace/datasets.py`,
   -> horizontal flip (p 0.5)
   -> one random resized crop box (`data.crop_scale`, ratio (3/4, 4/3)), resized bicubic to the
      student's `data.image_size` and to the teacher's `caev2.teacher.image_size`
-  -> student view ImageNet-normalised, teacher view with `caev2.teacher.normalization`
-     (CLIP's for the release);
+  -> both views as uint8 pixels; the method normalises them on the device, the student's with
+     ImageNet's statistics, the teacher's with `caev2.teacher.normalization` (CLIP's for the
+     release);
   BEiT's block mask on the student's patch grid with exactly `caev2.num_mask_patches` patches.
-Normalisation happens here, on the host, as for CAPI's transform.
 """
 
 import dataclasses
@@ -29,7 +29,7 @@ from capi_jax.methods.mim_refiner import augment
 
 @dataclasses.dataclass(frozen=True)
 class CaeV2Transform(grain.transforms.RandomMap):
-  """Record -> {'images' float32 (S, S, 3), 'teacher_images' float32 (S_t, S_t, 3),
+  """Record -> {'images' uint8 (S, S, 3), 'teacher_images' uint8 (S_t, S_t, 3),
   'visible_indices' int32 (N - n_masked,), 'masked_indices' int32 (n_masked,)}, both index
   sets ascending and row-major over the mask generator's grid; all randomness from Grain's per-record generator."""
   image_size: int
@@ -37,7 +37,6 @@ class CaeV2Transform(grain.transforms.RandomMap):
   crop_scale: tuple[float, float]
   color_jitter: float
   do_hflip: bool
-  teacher_normalization: str
   mask_generator: masking.MaskGenerator
   num_mask_patches: int
 
@@ -63,9 +62,8 @@ class CaeV2Transform(grain.transforms.RandomMap):
     teacher = crop.resize((self.teacher_image_size,) * 2, Image.Resampling.BICUBIC)
     masked = self.mask_generator(self.num_mask_patches, rng).ravel()
     return {
-        'images': transforms.normalize(student),
-        'teacher_images': transforms.normalize(
-            teacher, *transforms.NORMALIZATIONS[self.teacher_normalization]),
+        'images': np.asarray(student, np.uint8),
+        'teacher_images': np.asarray(teacher, np.uint8),
         'visible_indices': np.flatnonzero(~masked).astype(np.int32),
         'masked_indices': np.flatnonzero(masked).astype(np.int32),
     }
@@ -82,5 +80,5 @@ def from_config(config: ml_collections.ConfigDict) -> CaeV2Transform:
   return CaeV2Transform(
       image_size=d.image_size, teacher_image_size=c.teacher.image_size,
       crop_scale=tuple(d.crop_scale), color_jitter=d.color_jitter, do_hflip=d.do_hflip,
-      teacher_normalization=c.teacher.normalization, mask_generator=generator,
+      mask_generator=generator,
       num_mask_patches=c.num_mask_patches)

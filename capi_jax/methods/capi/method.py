@@ -96,7 +96,8 @@ class Capi(base.Method):
 
     Args:
       variables: see the module docstring; the EMA backbone is the teacher.
-      batch: images (B, H, W, 3), visible_indices (B, n_visible), predict_indices (B, n_predict).
+      batch: images (B, H, W, 3) uint8 pixels (or floats already normalised, as the parity
+        fixtures give them), visible_indices (B, n_visible), predict_indices (B, n_predict).
       rng: this step's key (stochastic depth).
 
     Returns:
@@ -104,7 +105,8 @@ class Capi(base.Method):
     """
     cfg = self.config.capi
     params, ema = variables.params, variables.buffers['ema']
-    images, predict_indices = batch['images'], batch['predict_indices']
+    images = transforms.normalize_on_device(batch['images'])
+    predict_indices = batch['predict_indices']
 
     teacher_patches = self.model.apply(
         {'params': ema['backbone']}, images, method='encode_all')

@@ -1,9 +1,10 @@
 """CAPI's training example: one random resized crop, a flip, and that image's masks.
 
 Per record (the release's data pipeline, `docs/reference/capi_algorithm.md`): RandomResizedCrop
-(bicubic, `data.crop_scale`), horizontal flip, ImageNet normalisation, then a mask from
-`data.masking_generator` with `int(n_tokens * mask_ratio)` masked positions, of which a uniform
-`prediction_subsampling` fraction is predicted.
+(bicubic, `data.crop_scale`), horizontal flip, then a mask from `data.masking_generator` with
+`int(n_tokens * mask_ratio)` masked positions, of which a uniform `prediction_subsampling`
+fraction is predicted. The release's ImageNet normalisation happens on the accelerator
+(`Capi.loss_and_grads`): the crop leaves the host as uint8 pixels.
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ from capi_jax.data import transforms
 
 @dataclasses.dataclass(frozen=True)
 class CapiTransform(grain.transforms.RandomMap):
-  """Record -> {'images' float32 (S, S, 3), 'visible_indices' int32 (n_visible,) ascending,
+  """Record -> {'images' uint8 (S, S, 3), 'visible_indices' int32 (n_visible,) ascending,
   'predict_indices' int32 (n_predict,)}; all randomness from Grain's per-record generator."""
   image_size: int
   crop_scale: tuple[float, float]
@@ -39,7 +40,7 @@ class CapiTransform(grain.transforms.RandomMap):
     visible, predict = masking.sample_indices(
         self.mask_generator, self.grid, self.mask_ratio,
         self.prediction_subsampling, rng)
-    return {'images': transforms.normalize(image), 'visible_indices': visible,
+    return {'images': np.asarray(image), 'visible_indices': visible,
             'predict_indices': predict}
 
 

@@ -28,7 +28,7 @@ from PIL import ImageEnhance
 from PIL import ImageFilter
 from PIL import ImageOps
 
-from capi_jax.data import pipeline
+from capi_jax.data import transforms
 
 # Colour jitter operations, indexed as torchvision's ColorJitter (and kappadata's permutation).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -71,10 +71,11 @@ def grayscale(image: Image.Image) -> Image.Image:
 
 @dataclasses.dataclass(frozen=True)
 class MultiCrop(grain.transforms.RandomMap):
-  """Decoded record {'image': PIL RGB, 'label': int} -> the release's global and local views.
+  """Decoded record {'image': PIL RGB, 'label': int, 'index': int} -> the release's views.
 
   Output: 'global_views' float32 (G, global_size, global_size, 3), 'local_views' float32
-  (n_local, local_size, local_size, 3), 'label' int32 (). G = len(global_blur_p); global view
+  (n_local, local_size, local_size, 3), 'label' int32 (), 'index' int32 () (the record's
+  dataset index: the queue never returns a sample's own rows). G = len(global_blur_p); global view
   g is blurred with probability global_blur_p[g] and solarised with global_solarize_p[g].
   All randomness comes from the generator Grain passes (seeded per record).
   """
@@ -135,8 +136,8 @@ class MultiCrop(grain.transforms.RandomMap):
   def _view(self, image: Image.Image, rng: np.random.Generator, size: int,
            scale: tuple[float, float], blur_p: float, solarize_p: float) -> np.ndarray:
     """One augmented view, float32 (size, size, 3), normalised."""
-    top, left, h, w = pipeline.sample_crop_box(image.height, image.width, scale,
-                                               pipeline.CROP_RATIO, rng)
+    top, left, h, w = transforms.sample_crop_box(image.height, image.width, scale,
+                                                 transforms.CROP_RATIO, rng)
     # crop, then resize: torchvision's order (resizing with a box would read pixels outside it).
     image = image.crop((left, top, left + w, top + h)).resize((size, size),
                                                               Image.Resampling.BICUBIC)
@@ -150,7 +151,7 @@ class MultiCrop(grain.transforms.RandomMap):
       image = grayscale(image)
     if rng.random() < solarize_p:
       image = ImageOps.solarize(image, self.solarize_threshold)
-    return pipeline.normalize(image)
+    return transforms.normalize(image)
 
   def random_map(self, element: Mapping[str, Any], rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
@@ -163,4 +164,4 @@ class MultiCrop(grain.transforms.RandomMap):
     return {'global_views': np.stack(global_views),
             'local_views': np.stack(local_views) if local_views else np.zeros(local_shape,
                                                                               np.float32),
-            'label': np.int32(element['label'])}
+            'label': np.int32(element['label']), 'index': np.int32(element['index'])}

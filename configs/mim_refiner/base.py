@@ -1,0 +1,89 @@
+r"""MIM-Refiner's config sections, shared by the recipes in this folder.
+
+`refiner(...)` takes configs/vitl.py's engine sections (train, data source, efficiency,
+sharding, evals), drops CAPI's, and adds:
+  method = 'mim_refiner'
+  init.checkpoint     the run to start from: a capi_jax checkpoint of any method (stage 3: the
+                      stage-2 run) or converted official weights
+  model               the encoder's fields (`mim_refiner.encoder` says which backbone)
+  mim_refiner         stage, encoder, heads ('main' = final output, 'cls<N>' = raw block N),
+                      pooling, temperature, topk, queue_size, head sizes, ema, layer_decay,
+                      freeze_end_percent, views (MultiCrop fields; global size = data.image_size)
+  optim               total_iters, global_batch_size, base_lr (x batch / 256), warmup_iters,
+                      end_lr, betas, eps, weight_decay (encoder), head_weight_decay
+The values are the released recipes' (`docs/reference/mim_refiner_algorithm.md`): AdamW
+(0.9, 0.95), warmup 4 epochs then cosine to 1e-6, lr 2e-4 (stage 2) / 4e-4 (stage 3) x batch /
+256, weight decay 0.05 / 1e-5 (encoder / heads), layer-wise decay 0.65, queue 65536, heads
+2048 / 4096 / 256, top-k 1 (stage 2) / 20 (stage 3), EMA 0.9999, 2 x 224 + 10 local views.
+"""
+
+from collections.abc import Sequence
+
+import ml_collections
+
+from configs import vitl
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+# configs/vitl.py's data keys that only CAPI's masks and crops read.
+_CAPI_DATA_KEYS = ('crop_scale', 'do_hflip', 'mask_ratio', 'prediction_subsampling',
+                   'masking_generator', 'masking_roll')
+
+
+def block_heads(first: int, last: int) -> tuple[str, ...]:
+  """'main' and the heads on blocks last, last - 1, ..., first (the release's order)."""
+  return ('main',) + tuple(f'cls{i}' for i in range(last, first - 1, -1))
+
+
+def vit_model(family: str, *, patch_size: int, embed_dim: int, depth: int,
+              num_heads: int) -> ml_collections.ConfigDict:
+  """A `vit.ViT` model section of `family` at 224 (MIM-Refiner's encoders: MLP ratio 4)."""
+  from capi_jax.models import vit  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(
+      **vit.FAMILIES[family], patch_size=patch_size, image_size=224, embed_dim=embed_dim,
+      depth=depth, num_heads=num_heads, mlp_ratio=4.0, drop_path_rate=0.0))
+
+
+def parse_stage(arg: str) -> int:
+  """The stage from the config argument (`--config=FILE.py:2`); 3 when empty."""
+  stage = int(arg or 3)
+  if stage not in (2, 3):
+    raise ValueError(f'Pass the stage as the config argument, FILE.py:2 or FILE.py:3; got {arg!r}.')
+  return stage
+
+
+def refiner(*, name: str, encoder: str, model: ml_collections.ConfigDict, stage: int,
+            heads: Sequence[str], temperature: float, batch: int, epochs: int,
+            local_size: int, pooling: str = 'cls', freeze_end_percent: float | None = None,
+            train_images: int = IMAGENET_TRAIN_IMAGES) -> ml_collections.ConfigDict:
+  """A MIM-Refiner config (see the module docstring); epochs count `train_images` images."""
+  c = vitl.get_config()
+  c.name = name
+  c.method = 'mim_refiner'
+  del c['capi']
+  for key in _CAPI_DATA_KEYS:
+    del c.data[key]
+  c.data.image_size = 224
+  c.init = ml_collections.ConfigDict(dict(checkpoint=''))
+  c.model = model
+  c.efficiency.remat_policy = 'none'
+
+  updates_per_epoch = train_images // batch
+  c.optim = ml_collections.ConfigDict(dict(
+      total_iters=epochs * updates_per_epoch, global_batch_size=batch,
+      base_lr=2e-4 if stage == 2 else 4e-4, warmup_iters=4 * updates_per_epoch, end_lr=1e-6,
+      betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, head_weight_decay=1e-5))
+
+  c.mim_refiner = ml_collections.ConfigDict(dict(
+      stage=stage, encoder=encoder, heads=tuple(heads), pooling=pooling,
+      temperature=temperature, topk=1 if stage == 2 else 20, queue_size=65536,
+      proj_hidden_dim=2048, pred_hidden_dim=4096, output_dim=256, proj_hidden_layers=1,
+      pred_hidden_layers=0, ema=0.9999, layer_decay=0.65,
+      freeze_end_percent=ml_collections.config_dict.placeholder(float),
+      views=ml_collections.ConfigDict(dict(
+          local_size=local_size, n_local=10, global_scale=(0.25, 1.0),
+          local_scale=(0.05, 0.25)))))
+  c.mim_refiner.freeze_end_percent = freeze_end_percent
+  c.train.checkpointing.period = 5000
+  for name in c.evals.protocols:  # Only the final evaluation.
+    c.evals[name].period = 0
+  return c

@@ -1,0 +1,25 @@
+r"""MIM-Refiner on data2vec 2.0 ViT-L/16: the released stage-2 / stage-3 recipe.
+
+Run (stage 2 from the converted official weights, then stage 3 from stage 2):
+  python -m capi_jax.main --config=configs/mim_refiner/d2v2_l16.py:2 --workdir=/tmp/d2v2_l16_s2 \
+      --config.init.checkpoint=CONVERTED_WEIGHTS_DIR --config.data.dataset=tfds:imagenet2012
+  python -m capi_jax.main --config=configs/mim_refiner/d2v2_l16.py:3 --workdir=/tmp/d2v2_l16_s3 \
+      --config.init.checkpoint=/tmp/d2v2_l16_s2/checkpoints/LAST_STEP \
+      --config.data.dataset=tfds:imagenet2012
+
+Heads on the final output and blocks 22..16 (CLS pooling), temperature 0.2,
+batch 1024, local views at 96; see configs/mim_refiner/base.py for the shared values.
+"""
+
+import ml_collections
+
+from configs.mim_refiner import base
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  stage = base.parse_stage(arg)
+  model = base.vit_model('data2vec2', patch_size=16, embed_dim=1024, depth=24,
+                         num_heads=16)
+  return base.refiner(name=f'mimref_d2v2_l16_s{stage}', encoder='data2vec2', model=model,
+                      stage=stage, heads=base.block_heads(16, 22), temperature=0.2, batch=1024,
+                      epochs=20, local_size=96)

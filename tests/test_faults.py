@@ -1,0 +1,540 @@
+"""Nothing lost, ever: each fault a hostile user can cause, and what capi_jax does about it.
+
+One test (or a few) per case of issue 13: two runs on one workdir, run records, divergence,
+`data.num_workers` changes, config holes, orphaned Grain workers, duplicated metrics rows,
+damaged checkpoints, Ctrl-C, evaluate's paths, misleading messages. (A parity check that
+compares nothing failing is tests/test_check_reference.py::
+test_a_fixture_with_nothing_comparable_fails.)
+
+The training runs are subprocesses of this file (`python tests/test_faults.py WORKDIR ...`) on
+one CPU device, sharing JAX's persistent compilation cache, so only the first one compiles.
+`_workers_main` is the subprocess whose Grain workers must die with it.
+One trained workdir (`trained`: 16 steps, checkpoints 8, 12, 16) is reused by most cases.
+"""
+
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from capi_jax import convert
+from capi_jax.core import checkpointing
+from capi_jax.core import cli
+from capi_jax.core import config_checks
+from capi_jax.core import metrics_writer
+from capi_jax.core import runs
+from capi_jax.core import sharding
+from capi_jax.core import state as state_lib
+from capi_jax.core import train
+from capi_jax.data import pipeline
+from capi_jax.data import sources
+from capi_jax import methods
+from test_train_step import micro_config
+import loader_wrappers  # tests/ is on sys.path (pytest's rootdir insertion, PYTHONPATH in scripts)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TESTS = pathlib.Path(__file__).resolve().parent
+TOTAL = 16  # micro_config checkpoints every 4 steps and keeps 3: 8, 12, 16.
+
+
+def _config(total: int = TOTAL):
+  config = micro_config()
+  config.optim.total_iters = total
+  return config
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+def _script(cache_dir: pathlib.Path, workdir: pathlib.Path, *flags: str) -> subprocess.Popen:
+  """This file's training run in WORKDIR (see `_train_main`), on one CPU device."""
+  env = {**os.environ, 'PYTHONPATH': f'{ROOT}{os.pathsep}{TESTS}', 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  return subprocess.Popen([sys.executable, __file__, str(workdir), *flags], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+  out, err = proc.communicate(timeout=600)
+  return proc.returncode, out + err
+
+
+def _steps(workdir: pathlib.Path) -> list[int]:
+  return [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _rows(workdir: pathlib.Path) -> list[dict[str, float]]:
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  return [{k: v for k, v in json.loads(l).items() if k != 'images_per_s'} for l in lines]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, cache_dir) -> pathlib.Path:
+  """A workdir trained for TOTAL steps in one go (read-only: tests copy it)."""
+  workdir = tmp_path_factory.mktemp('trained') / 'run'
+  rc, out = _finish(_script(cache_dir, workdir))
+  assert rc == 0, out
+  return workdir
+
+
+def _copy(workdir: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(shutil.copytree(workdir, tmp_path / 'copy'))
+
+
+def _target(config):
+  """Restore target of `config`'s TrainState on this process's 8 devices."""
+  layout = state_lib.state_layout(config, methods.from_config(config),
+                                  sharding.make_mesh(config))
+  return checkpointing.restore_target(layout.abstract, layout.shardings)
+
+
+# ------------------------------------------------------------------ 1. one run per workdir
+def test_workdir_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path, caplog):
+  first = runs.WorkdirLock(tmp_path)
+  first.acquire()
+  with pytest.raises(runs.WorkdirBusyError, match=f'in use by another run: pid {os.getpid()} '):
+    runs.WorkdirLock(tmp_path).acquire()
+  first.release()
+  assert not (tmp_path / runs.LOCK_NAME).exists()
+
+  # Same host, holder gone (kill -9): taken over at once.
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  lock_file = tmp_path / runs.LOCK_NAME
+  lock_file.write_text(json.dumps({'host': runs.Holder.me().host, 'pid': dead.pid,
+                                   'started': 'x', 'token': 'old', 'command': 'c'}))
+  with caplog.at_level(logging.WARNING), runs.WorkdirLock(tmp_path):
+    assert f'process {dead.pid} on this host is gone' in caplog.text
+
+  # Another host: live while its heartbeat is fresh, stale after STALE_AFTER_S.
+  lock_file.write_text(json.dumps({'host': 'elsewhere', 'pid': 1, 'started': 'x',
+                                   'token': 'other', 'command': 'c'}))
+  with pytest.raises(runs.WorkdirBusyError, match='pid 1 on host elsewhere'):
+    runs.WorkdirLock(tmp_path).acquire()
+  old = time.time() - runs.STALE_AFTER_S - 60
+  os.utime(lock_file, (old, old))
+  with runs.WorkdirLock(tmp_path):
+    pass
+
+
+def test_simultaneous_starts_get_one_lock(tmp_path):
+  locks = [runs.WorkdirLock(tmp_path) for _ in range(8)]
+  won, start = [], threading.Barrier(len(locks))
+
+  def try_lock(lock):
+    start.wait()
+    try:
+      lock.acquire()
+      won.append(lock)
+    except runs.WorkdirBusyError:
+      pass
+
+  threads = [threading.Thread(target=try_lock, args=(lock,)) for lock in locks]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(won) == 1
+  won[0].release()
+
+
+# ------------------------------------------------------------------ 2. run records
+def test_a_refused_rerun_keeps_the_record_of_the_run(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  records = sorted((workdir / 'runs').iterdir())
+  assert len(records) == 1
+  first = json.loads(records[0].read_text())
+  assert first['config']['model']['embed_dim'] == 32 and first['resumed_from_step'] is None
+  config = _config()
+  config.model.embed_dim = 64
+  with pytest.raises(checkpointing.IncompatibleCheckpointError) as error:
+    train.train_and_evaluate(config, workdir)
+  assert 'model.embed_dim: checkpoint 32 vs config 64' in str(error.value)
+  assert 'WORKDIR/runs/' in str(error.value) and 'new --workdir' in str(error.value)
+  assert sorted((workdir / 'runs').iterdir()) == records
+  assert json.loads(records[0].read_text()) == first
+  assert not (workdir / 'config.json').exists()
+
+
+# ------------------------------------------------------------------ 3 + 7. divergence, metrics rows
+def test_divergence_at_the_end_fails_loudly_and_rows_never_repeat(trained, tmp_path, cache_dir):
+  workdir = _copy(trained, tmp_path)
+  shutil.rmtree(workdir / 'checkpoints' / str(TOTAL))  # Resume from 12: rows 12..15 exist.
+  # NaN batches from step 14: two bad checks, never the three that abort; the final state is
+  # NaN. The final evaluation is on, and must not run.
+  rc, out = _finish(_script(cache_dir, workdir, '--nan_from=14', '--final_eval'))
+  assert rc == 1, out
+  assert 'Resuming from step 12' in out
+  assert (f'error: The state after step {TOTAL} is not finite (checkpoint): training diverged. '
+          'The last good checkpoint is step 12') in out
+  assert 'Traceback' not in out
+  assert checkpointing.find_checkpoint(workdir).step == 12
+  assert not (workdir / 'eval').exists()
+  assert _steps(workdir) == list(range(TOTAL))  # Steps 12.. once, not twice.
+  assert _rows(workdir)[:14] == _rows(trained)[:14]  # An exact resume up to the NaNs.
+  assert np.isnan(_rows(workdir)[14]['capi_loss'])
+
+
+def test_the_divergence_message_without_any_checkpoint(tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path, _config())
+  message = str(train._diverged(ckpt, 'Loss is NaN'))  # pylint: disable=protected-access
+  ckpt.close()
+  assert 'None' not in message and 'No checkpoint was written' in message
+
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
+  path = tmp_path / metrics_writer.METRICS_FILE
+  path.write_text(''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in range(10))
+                  + '{"step": 10, "lo')  # A line cut short by a kill.
+  metrics_writer.MetricsWriter(tmp_path, start_step=6).close()
+  assert _steps(tmp_path) == list(range(6))
+
+
+# ------------------------------------------------------------------ 4 + 6. workers
+def test_iterator_state_across_num_workers():
+  fresh = {'next_index_in_cycle': 0, 'next_index_in_datasets': 2, 'iterators_in_use_indices':
+           [0, 1], 'iterators_in_use_states': [{'next_index': 0}, {'next_index': 0}],
+           'exhausted': [0, 0], 'future_states': {}}
+  one = {**fresh, 'next_index_in_datasets': 1, 'iterators_in_use_indices': [0],
+         'iterators_in_use_states': [{'next_index': 0}], 'exhausted': [0]}
+  saved = {**fresh, 'next_index_in_cycle': 1,
+           'iterators_in_use_states': [{'next_index': 32}, {'next_index': 16}]}
+  assert pipeline.adapt_iterator_state(saved, fresh) == saved  # Same workers: as saved.
+  assert pipeline.adapt_iterator_state({'next_index': 48}, {'next_index': 0}) == {
+      'next_index': 48}
+  # 0 <-> 1 worker: one stream, two forms.
+  assert pipeline.adapt_iterator_state({'next_index': 48}, one)['iterators_in_use_states'] == [
+      {'next_index': 48}]
+  assert pipeline.adapt_iterator_state({**one, 'iterators_in_use_states': [{'next_index': 48}]},
+                                       {'next_index': 0}) == {'next_index': 48}
+  # 2 workers read records 0, 2, .., 62 and 1, 3, .., 31: go on after 62, none read twice.
+  assert pipeline.adapt_iterator_state(saved, {'next_index': 0}) == {'next_index': 63}
+  assert pipeline.adapt_iterator_state({'next_index': 63}, fresh)['iterators_in_use_states'] == [
+      {'next_index': 32}, {'next_index': 31}]
+  with pytest.raises(cli.UserError, match='num_workers=2'):
+    pipeline.adapt_iterator_state({**saved, 'iterators_in_use_states': [{'x': 1}, {'x': 2}]},
+                                  {'next_index': 0})
+
+
+def _pid_gone(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  status = pathlib.Path(f'/proc/{pid}/status')
+  return status.exists() and '\nState:\tZ' in status.read_text()  # A zombie is gone too.
+
+
+def _workers_main() -> None:
+  """Resumes loaders across num_workers 0 -> 1 -> 2 -> 0, prints the workers' pids, waits."""
+  config = micro_config()
+
+  transform = methods.from_config(config).train_transform()
+
+  def loader(workers):
+    config.data.num_workers = workers
+    return pipeline.create_train_loader(config, transform, seed=0, process_index=0,
+                                        process_count=1)
+
+  def resumed(workers, state):
+    it = loader(workers)
+    it.set_state(pipeline.adapt_iterator_state(state, it.get_state()))
+    return it
+
+  plain = loader(0)
+  for _ in range(3):
+    next(plain)
+  state = plain.get_state()
+  upcoming = [next(plain)['images'] for _ in range(2)]
+  one = resumed(1, state)
+  assert all(np.array_equal(next(one)['images'], want) for want in upcoming)  # Exact.
+  two = resumed(2, state)
+  next(two)
+  next(resumed(0, two.get_state()))
+  print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+  time.sleep(600)
+
+
+def test_grain_workers_die_with_a_killed_main_process():
+  # `-c`, not this file: spawned workers then import only what the pipeline needs.
+  proc = subprocess.Popen(
+      [sys.executable, '-c', 'import test_faults; test_faults._workers_main()'], cwd=ROOT,
+      stdout=subprocess.PIPE, text=True,
+      env={**os.environ, 'PYTHONPATH': f'{ROOT}{os.pathsep}{TESTS}', 'JAX_PLATFORMS': 'cpu'})
+  try:
+    line = proc.stdout.readline()
+  finally:
+    proc.kill()
+    proc.wait()
+  pids = [int(p) for p in line.split()]
+  assert len(pids) >= 2, line  # At least the 2 workers of the last 2-worker loader.
+  deadline = time.time() + 30
+  while not all(_pid_gone(p) for p in pids):
+    assert time.time() < deadline, [p for p in pids if not _pid_gone(p)]
+    time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ 5. config values
+@pytest.mark.parametrize('key, value, expected', [
+    ('optim.lr_schedule.base_value', -1e-3, 'optim.lr_schedule.base_value=-0.001 must be >= 0'),
+    ('model.num_heads', 0, 'model.num_heads=0 must be an integer >= 1'),
+    ('model.patch_size', 0, 'model.patch_size=0 must be an integer >= 1'),
+    ('data.crop_scale', (0.5,), 'data.crop_scale=(0.5,) must be a pair of numbers'),
+    ('optim.betas', (1.5, -0.2), 'optim.betas=(1.5, -0.2) must each be in [0, 1)'),
+    ('optim.eps', -1.0, 'optim.eps=-1.0 must be > 0'),
+    ('optim.weight_decay', -5.0, 'optim.weight_decay=-5.0 must be >= 0'),
+    ('capi.clustering_optimizer.eps', 0.0, 'capi.clustering_optimizer.eps=0.0 must be > 0'),
+    ('optim.momentum_schedule.base_value', 1.5, 'must be in [0, 1]'),
+    ('data.num_workers', -1, 'data.num_workers=-1 must be an integer >= 0'),
+    ('sharding.mesh', (('data', 3), ('fsdp', -1)), 'do not split into mesh'),
+    ('sharding.param_rules', (('(', 'fsdp'),), "'(' is not a regular expression"),
+    ('efficiency.reduce_dtype', 'bfloat16', 'must equal efficiency.param_dtype'),
+])
+def test_bad_config_values_are_named_up_front(key, value, expected):
+  config = _config()
+  *sections, name = key.split('.')
+  section = config
+  for s in sections:
+    section = section[s]
+  section[name] = value
+  found = config_checks.problems(config, device_count=8)  # Never raises.
+  assert any(expected in p for p in found), found
+
+
+def test_a_mistyped_config_key_is_one_line():
+  program = ('from ml_collections import config_flags; from capi_jax.core import cli; '
+             "config_flags.DEFINE_config_file('config'); cli.run(lambda argv: None)")
+  for flag, hint in (('--config.model.embed_dimm=3', 'Did you mean "embed_dim"'),
+                     ('--config.modle.embed_dim=3', 'Did you mean "model"')):
+    result = subprocess.run([sys.executable, '-c', program, '--config=configs/tiny.py', flag],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f'error: {flag.split("=")[0]} names no config key: {hint}'), result.stderr
+
+
+def test_an_unknown_tfds_dataset_is_one_line():
+  with pytest.raises(sources.DatasetNotFoundError) as error:
+    sources.make_source('tfds:nonexistent', 'train', '', 28)
+  assert len(str(error.value).splitlines()) == 1 and len(str(error.value)) < 300
+
+
+# ------------------------------------------------------------------ 9. damaged checkpoints
+def _damage(step_dir: pathlib.Path, how: str) -> None:
+  data = max((f for f in (step_dir / 'state').rglob('*') if f.is_file() and '/d/' in str(f)),
+             key=lambda f: f.stat().st_size)
+  if how == 'truncated':
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  elif how == 'deleted':
+    data.unlink()
+  else:  # 8 bytes overwritten mid-file: same size, different content.
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 8] = bytes(255 - b for b in raw[middle:middle + 8])
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize('how', ['truncated', 'deleted', 'overwritten'])
+def test_a_damaged_latest_checkpoint_falls_back(trained, tmp_path, caplog, how):
+  workdir = _copy(trained, tmp_path)
+  _damage(workdir / 'checkpoints' / str(TOTAL), how)
+  config = _config()
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
+  with caplog.at_level(logging.WARNING):
+    state, step = ckpt.restore_latest(_target(config), None)
+  ckpt.close()
+  assert step == 12 == int(state.step)
+  assert f'checkpoints/{TOTAL} is damaged' in caplog.text
+  assert 'Resuming from step 12' in caplog.text
+  assert ckpt.all_steps() == [8, 12]
+  assert (workdir / 'checkpoints_damaged' / str(TOTAL) / 'state').is_dir()  # Kept, aside.
+
+
+def test_no_intact_checkpoint_is_an_error_and_none_is_unverified(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  config = _config()
+  (workdir / 'checkpoints' / '12' / checkpointing.CHECKSUMS).unlink()
+  for step in (8, TOTAL):
+    _damage(workdir / 'checkpoints' / str(step), 'overwritten')
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
+  _, step = ckpt.restore_latest(_target(config), None)  # 12 has no checksums: unverified.
+  assert step == 12
+  _damage(workdir / 'checkpoints' / '12', 'deleted')
+  with pytest.raises(checkpointing.DamagedCheckpointError, match='No intact checkpoint'):
+    ckpt.restore_latest(_target(config), None)
+  ckpt.close()
+
+
+# ------------------------------------------------------------------ 11. evaluate's paths
+def test_every_kind_of_checkpoint_path(trained, tmp_path):
+  from capi_jax import evaluate  # pylint: disable=g-import-not-at-top
+  latest = trained / 'checkpoints' / str(TOTAL)
+  for path in (trained, trained / 'checkpoints', latest):
+    assert checkpointing.find_checkpoint(path) == checkpointing.CheckpointPath(
+        'training', latest, TOTAL)
+  copied = pathlib.Path(shutil.copytree(latest, tmp_path / 'my copy'))
+  assert checkpointing.find_checkpoint(copied).step is None
+  config = _config()
+  mesh = sharding.make_mesh(config)
+  params, step = evaluate.load_params(config, tmp_path, str(copied), '', 'ema', mesh)
+  assert step == TOTAL and 'encoder' in params
+
+  convert.save_params({'backbone': {'w': np.ones(2, np.float32)}}, tmp_path / 'converted')
+  for path in (tmp_path / 'converted', tmp_path / 'converted' / 'params'):
+    assert checkpointing.find_checkpoint(path).kind == 'params'
+
+  fresh = tmp_path / 'fresh'
+  fresh.mkdir()
+  (tmp_path / 'file').write_text('x')
+  for path, message in ((fresh, 'No checkpoint in'), (tmp_path / 'file', 'is a file'),
+                        (tmp_path / 'missing', 'does not exist')):
+    with pytest.raises(checkpointing.CheckpointNotFoundError, match=message):
+      checkpointing.find_checkpoint(path)
+  assert list(fresh.iterdir()) == []  # Nothing created in a workdir that has no checkpoint.
+
+
+# ------------------------------------------------------------------ 12. messages
+def test_a_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
+  config = _config()
+  ckpt = checkpointing.Checkpointer(tmp_path, config)
+  state = {'w': np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)}
+  data_iter = iter(grain.MapDataset.range(10).to_iter_dataset())
+  ckpt.save(1, state, data_iter)
+  ckpt.wait()
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(checkpointing.shutil, 'disk_usage',
+                      lambda _: usage._replace(free=100_000))
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match=r'Not enough disk space .*: 0\.1 MiB free, about 0\.[23] MiB '
+                     'needed.* resumes from step 1'):
+    ckpt.save(2, state, data_iter)
+  ckpt.close()
+  assert ckpt.all_steps() == [1]
+
+
+def _official_backbone(config) -> dict[str, np.ndarray]:
+  shapes = convert.backbone_shapes(config)
+  return convert.backbone_to_official(
+      jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes))
+
+
+def test_convert_refuses_integer_and_non_finite_weights():
+  config = _config()
+  sd = _official_backbone(config)
+  name = 'decoder.blocks.0.residual2.fn.fc1.weight'
+  for value, message in ((sd[name].astype(np.int32), 'dtype int32, expected a floating-point'),
+                         (np.full_like(sd[name], np.nan), 'are NaN or inf')):
+    with pytest.raises(convert.CheckpointMismatchError, match=f"'{name}': .*{message}"):
+      convert.backbone_to_flax({**sd, name: value}, config)
+
+
+def test_convert_names_an_unreadable_file(tmp_path):
+  good = tmp_path / 'good.npz'
+  np.savez(good, **{'backbone.x': np.ones(3, np.float32)})
+  truncated = tmp_path / 'truncated.npz'
+  truncated.write_bytes(good.read_bytes()[:40])
+  text = tmp_path / 'text.pth'
+  text.write_text('not a checkpoint')
+  for path in (truncated, text):
+    with pytest.raises(convert.UnreadableCheckpointError, match='truncated, damaged'):
+      convert.read_state_dict(path)
+
+
+def test_a_step_folder_of_another_model_does_not_suggest_a_new_workdir(trained):
+  config = _config()
+  config.model.embed_dim = 64
+  with pytest.raises(checkpointing.IncompatibleCheckpointError) as error:
+    convert.restore_training_parts(trained / 'checkpoints' / '8', config)
+  assert 'embed_dim' in str(error.value) and 'workdir' not in str(error.value).split('(')[0]
+  assert 'new --workdir' not in str(error.value)
+
+
+def test_bench_refuses_zero_steps():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  importlib.import_module('capi_jax.bench')  # Defines its flags.
+  with pytest.raises(flags.IllegalFlagValueError, match='positive'):
+    flags.FLAGS['steps'].parse('0')
+
+
+# ----------------------------------------- 10 + 1. Ctrl-C, busy workdir (last: the cache is warm)
+def test_ctrl_c_checkpoints_and_a_second_run_is_refused_meanwhile(tmp_path, cache_dir):
+  workdir = tmp_path / 'run'
+  first = _script(cache_dir, workdir, '--throttle=5')  # Runs long enough for `second`.
+  deadline = time.time() + 300
+  while not ((workdir / 'metrics.jsonl').exists() and _steps(workdir)):
+    assert first.poll() is None and time.time() < deadline, _finish(first)[1]
+    time.sleep(0.1)
+
+  second = subprocess.run(
+      [sys.executable, '-m', 'capi_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert second.returncode == 1, second.stderr
+  assert f'is in use by another run: pid {first.pid} on host' in second.stderr
+  assert 'Traceback' not in second.stderr
+  assert len(list((workdir / 'runs').iterdir())) == 1  # The refused start left no record.
+
+  first.send_signal(signal.SIGINT)
+  rc, out = _finish(first)
+  assert rc == cli.INTERRUPTED_EXIT_CODE, out
+  assert 'Stopped by signal' in out and 'Traceback' not in out, out
+  saved = checkpointing.find_checkpoint(workdir)
+  assert saved.step == _steps(workdir)[-1] + 1 < TOTAL
+  assert not (workdir / runs.LOCK_NAME).exists()
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+  stop = train._StopFlag()  # pylint: disable=protected-access
+  stop(signal.SIGINT, None)
+  assert stop.signal == signal.SIGINT
+  with pytest.raises(KeyboardInterrupt):
+    stop(signal.SIGINT, None)
+
+
+# ------------------------------------------------------------------ the training script
+def _train_main(argv: list[str]) -> None:
+  """Trains `_config()` in argv[1] with the test's loader wrapper (see `_script`)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  fl = flags.FLAGS
+  absl_logging.set_verbosity(absl_logging.WARNING)  # As capi_jax.main.
+  logging.basicConfig(level=logging.WARNING)
+  logging.getLogger('capi_jax').setLevel(logging.INFO)
+  config = _config()
+  config.evals.final = fl.final_eval
+  real = pipeline.create_train_loader
+
+  def loader(*args, **kwargs):
+    inner = real(*args, **kwargs)
+    if fl.throttle:
+      return loader_wrappers.Throttled(inner, fl.throttle)
+    return loader_wrappers.NanFrom(inner, start=fl.nan_from)
+
+  pipeline.create_train_loader = loader
+  train.train_and_evaluate(config, argv[1])
+
+
+if __name__ == '__main__':
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  absl_flags.DEFINE_float('throttle', 0.0, 'Seconds per batch (a Throttled loader).')
+  absl_flags.DEFINE_integer('nan_from', 10**9, 'First NaN batch (a NanFrom loader).')
+  absl_flags.DEFINE_bool('final_eval', False, 'config.evals.final.')
+  cli.run(_train_main)
