@@ -13,9 +13,10 @@ jitted train step (`capi_jax.core.step`), feeds it one synthetic batch of the co
 ahead of time, warms up, times `--steps` steps (each waited for with `block_until_ready`) and
 prints ONE JSON line on stdout:
 
-  images_per_s, step_time_s (median), step_time_min_s, host_cpu_s_per_step, tflops_per_s,
-  mfu, peak_tflops_per_s and peak_source, flops_per_step and flops_by_part (the method's
-  analytic count, `Method.flops_per_step`), peak_memory_bytes and memory_source, compile_s, device_kind,
+  images_per_s, step_time_s (median), step_time_min_s, step_time_mean_s, host_cpu_s_per_step
+  (median) and host_cpu_mean_s_per_step, tflops_per_s, mfu, peak_tflops_per_s and
+  peak_source, flops_per_step and flops_by_part (the method's analytic count,
+  `Method.flops_per_step`), peak_memory_bytes and memory_source, compile_s, device_kind,
   device_count, config, global_batch_size, jax_version, xla_flags, host_cpus (cores this
   process may run on, e.g. under `taskset`), load_average (host load during the run: CPU
   timings are only comparable on a quiet host), and data_pipeline: the
@@ -61,20 +62,6 @@ from capi_jax.data import sources
 from capi_jax.data import transforms
 from capi_jax.models import flops
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed train steps.', lower_bound=1)
-_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
-_SMOKE = flags.DEFINE_bool('smoke', False, 'CI mode: 2 timed steps, 1 warm-up, 2 data batches.')
-_SCALING = flags.DEFINE_bool('scaling', False, 'Benchmark on sub-meshes of --device_counts.')
-_DEVICE_COUNTS = flags.DEFINE_list('device_counts', ['1', '2', '4', '8'],
-                                   'Device counts for --scaling (those above the number of '
-                                   'devices JAX sees are skipped).')
-_DATA_BATCHES = flags.DEFINE_integer('data_batches', 10,
-                                     'Batches timed for the data pipeline; 0 skips it.',
-                                     lower_bound=0)
-_PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', None,
-                                  'Per-device peak TFLOP/s for MFU; overrides the table.')
-
 # Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity), keyed by a substring of
 # `device.device_kind`; first match wins, so the more specific names come first.
 PEAK_BF16_FLOPS = (
@@ -116,11 +103,15 @@ def measure_matmul_flops(device: jax.Device, dtype: str, size: int = _CPU_PEAK_M
   return flops.matmul_flops(size, size, size) / best
 
 
-def peak_flops(devices: Sequence[jax.Device], compute_dtype: str) -> tuple[float | None, str]:
-  """(peak FLOP/s of all `devices` together, where it comes from), or (None, why not)."""
+def peak_flops(devices: Sequence[jax.Device], compute_dtype: str, peak_tflops: float | None = None
+               ) -> tuple[float | None, str]:
+  """(peak FLOP/s of all `devices` together, where it comes from), or (None, why not).
+
+  `peak_tflops`, when given, is the per-device peak and overrides the table.
+  """
   kind = devices[0].device_kind
-  if _PEAK_TFLOPS.value is not None:
-    return _PEAK_TFLOPS.value * 1e12 * len(devices), 'flag --peak_tflops x device_count'
+  if peak_tflops is not None:
+    return peak_tflops * 1e12 * len(devices), 'flag --peak_tflops x device_count'
   if devices[0].platform == 'cpu':
     # Host-platform devices share the host's cores: the host's peak, whatever the count.
     return (measure_matmul_flops(devices[0], compute_dtype),
@@ -195,26 +186,30 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
                              'step is broken, its timings would mean nothing.')
   memory, memory_source = peak_memory(compiled, devices)
   return {'step_time_s': statistics.median(times), 'step_time_min_s': min(times),
-          'host_cpu_s_per_step': statistics.median(cpu_times), 'compile_s': compile_s,
+          'step_time_mean_s': statistics.mean(times),
+          'host_cpu_s_per_step': statistics.median(cpu_times),
+          'host_cpu_mean_s_per_step': statistics.mean(cpu_times), 'compile_s': compile_s,
           'peak_memory_bytes': memory, 'memory_source': memory_source}
 
 
 def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], steps: int,
-          warmup: int) -> dict[str, Any]:
+          warmup: int, peak_tflops: float | None = None) -> dict[str, Any]:
   """The train-step benchmark on `devices`, as one JSON-able dict (see the module docstring)."""
   timing = time_train_step(config, devices, steps, warmup)
   flops_by_part = methods.from_config(config).flops_per_step()
   step_flops = flops_by_part.pop('total')
   batch = config.optim.global_batch_size
   flops_per_s = step_flops / timing['step_time_s']
-  peak, peak_source = peak_flops(devices, config.efficiency.compute_dtype)
+  peak, peak_source = peak_flops(devices, config.efficiency.compute_dtype, peak_tflops)
   return {
       'config': config.name,
       'images_per_s': batch / timing['step_time_s'],
       'images_per_s_per_device': batch / timing['step_time_s'] / len(devices),
       'step_time_s': timing['step_time_s'],
       'step_time_min_s': timing['step_time_min_s'],
+      'step_time_mean_s': timing['step_time_mean_s'],
       'host_cpu_s_per_step': timing['host_cpu_s_per_step'],
+      'host_cpu_mean_s_per_step': timing['host_cpu_mean_s_per_step'],
       'tflops_per_s': flops_per_s / 1e12,
       'mfu': None if peak is None else flops_per_s / peak,
       'peak_tflops_per_s': None if peak is None else peak / 1e12,
@@ -269,24 +264,25 @@ def scaling_configs(config: ml_collections.ConfigDict, counts: Sequence[int],
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
+  fl = flags.FLAGS
+  config = fl.config
   if config is None:
     raise app.UsageError('Pass --config=configs/<name>.py.')
-  steps, warmup, data_batches = _STEPS.value, _WARMUP.value, _DATA_BATCHES.value
-  if _SMOKE.value:
+  steps, warmup, data_batches = fl.steps, fl.warmup, fl.data_batches
+  if fl.smoke:
     steps, warmup, data_batches = 2, 1, min(data_batches, 2)
   devices = jax.devices()
 
-  if _SCALING.value:
-    counts = [int(c) for c in _DEVICE_COUNTS.value]
+  if fl.scaling:
+    counts = [int(c) for c in fl.device_counts]
     runs = []
     for count, sub in scaling_configs(config, counts, len(devices)):
       logging.info('Scaling: %d devices, global batch %d', count, sub.optim.global_batch_size)
-      runs.append(bench(sub, devices[:count], steps, warmup))
+      runs.append(bench(sub, devices[:count], steps, warmup, fl.peak_tflops))
     result = {'config': config.name, 'scaling': runs,
               'per_device_batch': runs[0]['global_batch_size'] // runs[0]['device_count']}
   else:
-    result = bench(config, devices, steps, warmup)
+    result = bench(config, devices, steps, warmup, fl.peak_tflops)
     pipeline = data_pipeline(config, data_batches)
     result['data_pipeline'] = pipeline
     if pipeline is not None:
@@ -295,5 +291,21 @@ def main(argv: Sequence[str]) -> None:
   print(json.dumps(result), flush=True)
 
 
-if __name__ == '__main__':
+def _run_cli() -> None:
+  """Defines the flags (here, so that importing this module defines none) and runs main."""
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  flags.DEFINE_integer('steps', 20, 'Timed train steps.', lower_bound=1)
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
+  flags.DEFINE_bool('smoke', False, 'CI mode: 2 timed steps, 1 warm-up, 2 data batches.')
+  flags.DEFINE_bool('scaling', False, 'Benchmark on sub-meshes of --device_counts.')
+  flags.DEFINE_list('device_counts', ['1', '2', '4', '8'],
+                    'Device counts for --scaling (those above the number of devices JAX sees '
+                    'are skipped).')
+  flags.DEFINE_integer('data_batches', 10, 'Batches timed for the data pipeline; 0 skips it.',
+                       lower_bound=0)
+  flags.DEFINE_float('peak_tflops', None, 'Per-device peak TFLOP/s for MFU; overrides the table.')
   cli.run(main)
+
+
+if __name__ == '__main__':
+  _run_cli()

@@ -11,7 +11,8 @@ data / model / efficiency / evals) wherever the concept is the same. Where capi_
 - `efficiency.compute_dtype` is the dtype of activations and matmuls; master weights and the
   optimiser state stay in `efficiency.param_dtype` (float32). The official `param_dtype: bf16`
   (FSDP mixed precision) corresponds to `compute_dtype='bfloat16'` here.
-- `efficiency.remat_policy` names a `jax.checkpoint` policy instead of an on/off switch.
+- `efficiency.remat_policy` names what the blocks keep for the backward pass instead of the
+  official on/off switch and op list; 'dots_and_attention' is the official default policy.
 - `sharding` has no official counterpart: a device mesh and regex rules for parameters.
 - `data.dataset` is one string naming a source: `fashion_mnist[:DIR]`, `tfds:NAME`,
   `folder:PATH`, or `synthetic` (random pixels, for benchmarks).
@@ -112,7 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.efficiency.param_dtype = 'float32'
   c.efficiency.compute_dtype = 'bfloat16'
   c.efficiency.reduce_dtype = 'float32'
-  c.efficiency.remat_policy = 'nothing_saveable'  # 'none' | 'nothing_saveable' | 'dots_saveable' | ...
+  # What the blocks keep for the backward pass: 'none' (everything), 'dots_and_attention' (the
+  # release's default), 'dots', 'full' (block inputs only); see encoder_decoder.REMAT.
+  c.efficiency.remat_policy = 'full'
 
   c.sharding = ml_collections.ConfigDict()
   # Mesh axes and sizes; -1 takes the remaining devices. The batch is split over all axes.

@@ -192,10 +192,56 @@ def test_remat_policies_do_not_change_values_or_gradients():
     return jax.jit(jax.grad(loss))(params)
 
   reference = grads('none')
-  for policy in ('dots_with_no_batch_dims_saveable',):
+  for policy in encoder_decoder.REMAT_POLICIES[1:]:
     for ours, ref in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(reference)):
       # Recomputation reorders float32 sums: agree to ~1e-5 of each gradient's scale.
       assert np.max(np.abs(ours - ref)) <= 1e-4 * np.max(np.abs(ref)), policy
+
+
+@pytest.mark.parametrize('policy,kept,recomputed', [
+    ('dots_and_attention', ('attention_out', 'Dense'), ('exp', 'erf', 'rsqrt')),
+    ('dots', ('Dense',), ('attention_out', 'exp', 'erf', 'rsqrt')),
+    ('full', (), ('attention_out', 'Dense', 'exp', 'erf', 'rsqrt')),
+])
+def test_remat_policy_keeps_what_it_names(policy, kept, recomputed, capsys):
+  """What one block saves for its backward pass: 'Dense' = weight-matmul outputs, 'exp' =
+  softmax, 'erf' = GELU, 'rsqrt' = RMSNorm, 'attention_out' = the attention output."""
+  block = encoder_decoder.Transformer(depth=1, num_heads=3, remat_policy=policy)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 48))
+  coords = jax.random.uniform(jax.random.key(1), (2, 5, 2))
+  params = block.init(jax.random.key(2), x, coords, (1,), True)
+  loss = lambda p: jnp.sum(block.apply(p, x, coords, (1,), True)[1] ** 3)
+  jax.ad_checkpoint.print_saved_residuals(loss, params)
+  # One line per saved array, naming the op that made it (parameters aside).
+  saved = [line for line in capsys.readouterr().out.splitlines() if 'from the argument' not in line]
+
+  def has(name):
+    return any(name in line and (name != 'exp' or 'output of exp' in line) for line in saved)
+  for name in kept:
+    assert has(name), (policy, name, saved)
+  for name in recomputed:
+    assert not has(name), (policy, name, saved)
+
+
+def test_rope_freqs_get_no_gradient_when_not_trained():
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  visible, predict = jnp.tile(jnp.arange(3), (2, 1)), jnp.tile(jnp.array([3]), (2, 1))
+
+  def grads(train_rope_freqs):
+    model = encoder_decoder.from_config(small_config(), train_rope_freqs=train_rope_freqs)
+    params = jax.jit(model.init)(jax.random.key(1), images)['params']
+    loss = lambda p: jnp.sum(model.apply({'params': p}, images, visible, predict, train=False,
+                                         method='pretrain')[1][..., 0])
+    return jax.jit(jax.grad(loss))(params)
+
+  frozen, trained = grads(False), grads(True)
+  flat = lambda g: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(g)}
+  frozen, trained = flat(frozen), flat(trained)
+  for name in frozen:
+    if 'freqs' in name:
+      assert not np.any(frozen[name]) and np.any(trained[name]), name
+    else:  # The same gradient, up to float32 reassociation.
+      np.testing.assert_allclose(frozen[name], trained[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_bf16_compute_keeps_float32_params_and_stays_close():

@@ -351,7 +351,7 @@ def test_compute_dtype_and_remat():
   params = random_params(tiny())
   ref, remat, bf16 = jax.jit(lambda p, x: [
       tiny(**kw).apply({'params': p}, x)[0]
-      for kw in ({}, {'remat_policy': 'dots_saveable'}, {'dtype': jnp.bfloat16})])(params, images)
+      for kw in ({}, {'remat_policy': 'dots_and_attention'}, {'dtype': jnp.bfloat16})])(params, images)
   np.testing.assert_allclose(remat, ref, rtol=0, atol=1e-6)
   assert bf16.dtype == jnp.bfloat16
   np.testing.assert_allclose(bf16.astype(np.float32), ref, rtol=0, atol=0.1)

@@ -18,6 +18,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -27,7 +28,25 @@ from capi_jax.models import layers
 Array = jax.Array
 DType = Any
 
-REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
+# The name under which attention outputs (either `layers.attention` layout) are saved by remat
+# policies.
+ATTENTION_OUT = 'attention_out'
+_policies = jax.checkpoint_policies
+# What each block keeps for its backward pass (`efficiency.remat_policy`); the rest is recomputed.
+# None: no rematerialisation, every activation is kept (fastest, most memory).
+REMAT = {
+    'none': None,
+    # The release's default (`efficiency.rematerialization`): matmul and attention outputs are
+    # kept, pointwise ops (norms, RoPE, GELU, softmax, residual adds) recomputed. The attention
+    # backward recomputes q k^T and the softmax, as a flash-attention backward does.
+    'dots_and_attention': _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(ATTENTION_OUT)),
+    # Weight-matmul outputs only: attention is recomputed whole.
+    'dots': _policies.dots_with_no_batch_dims_saveable,
+    # Each block's input only: the whole block is recomputed (least memory).
+    'full': _policies.nothing_saveable,
+}
+REMAT_POLICIES = tuple(REMAT)
 
 
 def rope_frequencies(head_dim: int, max_freq: float = 7.0, min_freq: float = 7e-4) -> np.ndarray:
@@ -97,24 +116,44 @@ class RMSNorm(nn.Module):
 
 
 class Rope(nn.Module):
-  """2-D rotary embedding with the release's (learnable, lr 0) frequency table `freqs`."""
+  """2-D rotary embedding with the release's (learnable, lr 0) frequency table `freqs`.
+
+  `trainable=False` stops the gradient at `freqs`: the release trains them at learning rate 0,
+  so their gradient (a reduction over every rotated q and k entry, ~10% of a block's backward
+  pass) can never change them.
+  """
   head_dim: int
+  trainable: bool = True
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, coords: Array) -> Array:
-    """x: (batch, n, heads, head_dim); coords: (batch, n, 2) -> same shape and dtype as x."""
+  def __call__(self, coords: Array) -> tuple[Array, Array]:
+    """coords (batch, n, 2) -> (cos, sin) of the rotation angles, each (batch, 1, n, head_dim).
+
+    float32, shaped to broadcast over the heads of (batch, heads, n, head_dim) tokens.
+    """
     freqs = self.param('freqs', lambda *_: jnp.asarray(rope_frequencies(self.head_dim),
                                                        self.param_dtype))
+    if not self.trainable:
+      freqs = jax.lax.stop_gradient(freqs)
     angle = jnp.einsum('bnc,cd->bnd', coords.astype(jnp.float32), freqs.astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    return (x32 * jnp.cos(angle) + rotate_half(x32) * jnp.sin(angle)).astype(x.dtype)
+                       precision=jax.lax.Precision.HIGHEST)[:, None]
+    # Materialised once: XLA would otherwise fuse cos/sin into every consumer (q, k, forward
+    # and backward) and evaluate them once per head and per use.
+    return jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x (batch, heads, n, head_dim) rotated by `Rope`'s (cos, sin); same shape and dtype as x."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
 class Attention(nn.Module):
-  """Bias-free multi-head (cross-)attention with RoPE on q and k."""
+  """Bias-free multi-head (cross-)attention with RoPE on q and k (see `Rope` for
+  `train_rope_freqs`)."""
   num_heads: int
+  train_rope_freqs: bool = True
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -122,19 +161,21 @@ class Attention(nn.Module):
   def __call__(self, x: Array, coords: Array, context: Array | None = None,
                context_coords: Array | None = None) -> Array:
     """x: (batch, n_q, dim), coords (batch, n_q, 2); context (batch, n_k, dim) or None (self)."""
-    if context is None:
-      context, context_coords = x, coords
     b, n_q, dim = x.shape
-    n_k = context.shape[1]
     head_dim = dim // self.num_heads
     dense = functools.partial(nn.Dense, dim, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=layers.xavier_uniform)
-    q = dense(name='q_proj')(x).reshape(b, n_q, self.num_heads, head_dim)
-    k = dense(name='k_proj')(context).reshape(b, n_k, self.num_heads, head_dim)
-    v = dense(name='v_proj')(context).reshape(b, n_k, self.num_heads, head_dim)
-    rope = Rope(head_dim, param_dtype=self.param_dtype, name='rope')
-    q, k = rope(q, coords), rope(k, context_coords)
-    out = layers.attention(q, k, v).reshape(b, n_q, dim)
+    # Heads-major (batch, heads, n, head_dim): attention's matmuls then batch over leading axes.
+    split_heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim).transpose(0, 2, 1, 3)
+    rope = Rope(head_dim, self.train_rope_freqs, self.param_dtype, name='rope')
+    q_angles = rope(coords)
+    k_angles = q_angles if context is None else rope(context_coords)
+    context = x if context is None else context
+    q = apply_rope(split_heads(dense(name='q_proj')(x)), *q_angles)
+    k = apply_rope(split_heads(dense(name='k_proj')(context)), *k_angles)
+    v = split_heads(dense(name='v_proj')(context))
+    out = checkpoint_name(layers.attention(q, k, v), ATTENTION_OUT)
+    out = out.transpose(0, 2, 1, 3).reshape(b, n_q, dim)
     return dense(name='proj')(out)
 
 
@@ -189,6 +230,7 @@ class Block(nn.Module):
   drop_path_rate: float = 0.0
   deterministic: bool = True
   drop_path_groups: int = 1
+  train_rope_freqs: bool = True
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -199,7 +241,7 @@ class Block(nn.Module):
     residual = functools.partial(Residual, drop_rate=self.drop_path_rate,
                                  deterministic=self.deterministic,
                                  drop_path_groups=self.drop_path_groups)
-    attn = functools.partial(Attention, self.num_heads, dtype=self.dtype,
+    attn = functools.partial(Attention, self.num_heads, self.train_rope_freqs, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     x = residual(norm, attn, name='residual1')(x, coords, context, context_coords)
     mlp = functools.partial(layers.Mlp, self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -215,6 +257,7 @@ class Transformer(nn.Module):
   drop_path_rate: float = 0.0
   drop_path_groups: int = 1
   remat_policy: str = 'none'
+  train_rope_freqs: bool = True
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -237,14 +280,14 @@ class Transformer(nn.Module):
     """
     block_cls = Block
     if self.remat_policy != 'none':
-      block_cls = nn.remat(Block, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+      block_cls = nn.remat(Block, policy=REMAT[self.remat_policy])
     # Initialisation must create every block even if this call only needs the first ones.
     n_run = self.depth if self.is_initializing() else max(return_layers)
     outputs = {0: x} if 0 in return_layers else {}
     for i in range(n_run):
       block = block_cls(self.num_heads, self.mlp_ratio, self.norm_eps, self.drop_path_rate,
-                        deterministic, self.drop_path_groups, self.dtype, self.param_dtype,
-                        name=f'blocks_{i}')
+                        deterministic, self.drop_path_groups, self.train_rope_freqs,
+                        self.dtype, self.param_dtype, name=f'blocks_{i}')
       x = block(x, coords, context, context_coords)
       if i + 1 in return_layers:
         outputs[i + 1] = x
@@ -256,7 +299,8 @@ class EncoderDecoder(nn.Module):
 
   Fields mirror `config.model` (see `from_config`); `dtype` is the compute dtype (softmax,
   norms and reductions stay float32), `param_dtype` the parameters' dtype;
-  `drop_path_groups`: see `Residual` (1 = one subset over the whole batch).
+  `drop_path_groups`: see `Residual` (1 = one subset over the whole batch);
+  `train_rope_freqs`: see `Rope` (CAPI turns it off when `optim.rope_lr_mult` is 0).
   """
   patch_size: int = 14
   n_registers: int = 16
@@ -274,6 +318,7 @@ class EncoderDecoder(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   remat_policy: str = 'none'
+  train_rope_freqs: bool = True
 
   def setup(self):
     if self.embed_dim % self.num_heads:
@@ -293,7 +338,7 @@ class EncoderDecoder(nn.Module):
     transformer = functools.partial(
         Transformer, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps,
         drop_path_rate=self.drop_path_rate, drop_path_groups=self.drop_path_groups,
-        remat_policy=self.remat_policy, dtype=self.dtype,
+        remat_policy=self.remat_policy, train_rope_freqs=self.train_rope_freqs, dtype=self.dtype,
         param_dtype=self.param_dtype)
     self.encoder = transformer(self.encoder_depth)
     self.decoder = transformer(self.decoder_depth)
@@ -448,8 +493,10 @@ class EncoderDecoder(nn.Module):
     return enc_outs[self._out_layer][:, self.n_registers:], pred
 
 
-def from_config(config: ml_collections.ConfigDict) -> EncoderDecoder:
-  """Builds the EncoderDecoder from `config.model` and `config.efficiency`."""
+def from_config(config: ml_collections.ConfigDict,
+                train_rope_freqs: bool = True) -> EncoderDecoder:
+  """Builds the EncoderDecoder from `config.model` and `config.efficiency`; `train_rope_freqs`
+  False: RoPE frequencies get no gradient (CAPI passes `optim.rope_lr_mult != 0`)."""
   m, e = config.model, config.efficiency
   return EncoderDecoder(
       patch_size=m.patch_size, n_registers=m.n_registers,
@@ -459,4 +506,4 @@ def from_config(config: ml_collections.ConfigDict) -> EncoderDecoder:
       encoder_depth=m.encoder_depth,
       decoder_depth=m.decoder_depth, out_layer=m.out_layer,
       dtype=jnp.dtype(e.compute_dtype), param_dtype=jnp.dtype(e.param_dtype),
-      remat_policy=e.remat_policy)
+      remat_policy=e.remat_policy, train_rope_freqs=train_rope_freqs)

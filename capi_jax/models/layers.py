@@ -82,21 +82,31 @@ def quick_gelu(x: Array) -> Array:
   return x * jax.nn.sigmoid(np.asarray(1.702, x.dtype) * x)
 
 
-def attention(q: Array, k: Array, v: Array) -> Array:
+# Einsum specs of `attention` per layout: b batch, h heads, q / k query / key tokens, d head dim.
+_ATTENTION_SPECS = {
+    'heads_major': ('bhqd,bhkd->bhqk', 'bhqk,bhkd->bhqd'),
+    'tokens_major': ('bqhd,bkhd->bhqk', 'bhqk,bkhd->bqhd'),
+}
+
+
+def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major') -> Array:
   """Softmax attention with logits and softmax in float32.
 
   Args:
-    q: (batch, n_q, heads, head_dim).
-    k: (batch, n_k, heads, head_dim).
-    v: (batch, n_k, heads, head_dim).
+    q: (batch, heads, n_q, head_dim); with layout='tokens_major' (batch, n_q, heads, head_dim).
+    k: (batch, heads, n_k, head_dim); likewise.
+    v: (batch, heads, n_k, head_dim); likewise.
+    layout: 'heads_major' suits callers that work per head (CAPI's RoPE); 'tokens_major' takes
+      a fused qkv projection as reshaped, with no transposes (the standard ViT).
 
   Returns:
-    (batch, n_q, heads, head_dim) in v's dtype.
+    (batch, heads, n_q, head_dim) in v's dtype; (batch, n_q, heads, head_dim) if tokens_major.
   """
+  logits_spec, out_spec = _ATTENTION_SPECS[layout]
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum(logits_spec, q, k, preferred_element_type=jnp.float32) * scale
   probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+  return jnp.einsum(out_spec, probs.astype(v.dtype), v)
 
 
 class Mlp(nn.Module):

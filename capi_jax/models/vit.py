@@ -76,6 +76,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -227,7 +228,8 @@ class Attention(nn.Module):
       v_bias = self.param('v_bias', nn.initializers.zeros, (dim,), self.param_dtype)
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(b, n, 3, self.num_heads, dim // self.num_heads)
-    out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, dim)
+    out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], layout='tokens_major')
+    out = checkpoint_name(out, encoder_decoder.ATTENTION_OUT).reshape(b, n, dim)
     return dense(dim, name='proj')(out)
 
 
@@ -396,7 +398,7 @@ class ViT(nn.Module):
 
     block_cls = Block
     if self.remat_policy != 'none':
-      block_cls = nn.remat(Block, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+      block_cls = nn.remat(Block, policy=encoder_decoder.REMAT[self.remat_policy])
     rates = layers.torch_linspace(0, self.drop_path_rate, self.depth)
     outputs = {}
     for i in range(self.depth):

@@ -140,7 +140,8 @@ class CrossAttention(nn.Module):
     k = dense(name='k')(k_in)
     v = dense(name='v')(v_in) + v_bias.astype(self.dtype)
     heads = lambda t, n: t.reshape(b, n, self.num_heads, head_dim)
-    out = layers.attention(heads(q, n_q), heads(k, n_k), heads(v, n_k)).reshape(b, n_q, inner)
+    out = layers.attention(heads(q, n_q), heads(k, n_k), heads(v, n_k), layout='tokens_major')
+    out = out.reshape(b, n_q, inner)
     return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=layers.xavier_uniform, name='proj')(out)
 

@@ -55,7 +55,8 @@ class Capi(base.Method):
 
   def __init__(self, config):
     super().__init__(config)
-    self.model = encoder_decoder.from_config(config)
+    self.model = encoder_decoder.from_config(
+        config, train_rope_freqs=config.optim.rope_lr_mult != 0)
     self.student_head = heads.L2NormLinear(config.capi.num_clusters)
     self.clustering_head = heads.ClusteringHead(
         config.capi.num_clusters, use_bias=config.capi.clustering_kwargs.bias)

@@ -1,0 +1,89 @@
+"""Pod plans: topology names, HLO collective accounting, the batch search, a tiny TPU compile."""
+
+import importlib.util
+
+import pytest
+
+from capi_jax import aot
+from configs import tiny
+
+_HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+
+# A module with an all-gather at the top, and a reduce-scatter and an async all-reduce inside a
+# while loop that runs 3 times.
+_HLO = """\
+HloModule step
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]{1,0}) parameter(0)
+  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %rs = f32[2,16]{1,0} reduce-scatter(%x), dimensions={0}, to_apply=%add
+  %ars = f32[8,16]{1,0} all-reduce-start(%x), to_apply=%add
+  %ard = f32[8,16]{1,0} all-reduce-done(%ars)
+  ROOT %t = (s32[], f32[8,16]{1,0}) tuple(%i, %ard)
+}
+
+ENTRY %main (a: bf16[4,16]) -> f32[8,16] {
+  %a = bf16[4,16]{1,0} parameter(0)
+  %ag = bf16[16,16]{1,0} all-gather(%a), dimensions={0}
+  %w = (s32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = f32[8,16]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_parse_topology_names_the_accepted_forms():
+  name, chip, grid = aot.parse_topology('v5e:4x4')
+  assert (name, chip.hbm_bytes, grid) == ('v5e', 16 * aot.GiB, (4, 4))
+  assert aot.parse_topology('v5p:2x2x4')[1].topology_prefix == 'v5'
+  for bad in ('v5e', 'v3:4x4', 'v5e:4', 'v4:2x2x2x2'):
+    with pytest.raises(ValueError, match='CHIP:GRID'):
+      aot.parse_topology(bad)
+
+
+def test_shape_bytes():
+  assert aot.shape_bytes('f32[8,128]{1,0}') == 8 * 128 * 4
+  assert aot.shape_bytes('(bf16[4]{0}, s32[])') == 8 + 4
+  assert aot.shape_bytes('token[]') == 0
+
+
+def test_collective_bytes_counts_operands_and_loop_trips():
+  assert aot.collective_bytes(_HLO) == {
+      'all-gather': 4 * 16 * 2,  # The bf16 shard that is gathered, once.
+      'reduce-scatter': 3 * 8 * 16 * 4,  # Three loop trips.
+      'all-reduce': 3 * 8 * 16 * 4,  # Async pair counted once per trip, at its start.
+  }
+
+
+@pytest.mark.parametrize('limit,start,expected', [
+    (37, 8, 37), (37, 64, 37), (1, 4, 1), (0, 4, 0), (64, 64, 64), (5, 1, 5)])
+def test_largest_fitting_finds_the_limit(limit, start, expected):
+  tried = []
+
+  def fits(n):
+    tried.append(n)
+    return n <= limit
+
+  assert aot.largest_fitting(fits, start) == expected
+  assert len(tried) <= 2 * max(limit, start).bit_length() + 2  # Logarithmic, not linear.
+
+
+@pytest.mark.skipif(not _HAS_LIBTPU, reason="libtpu is not installed (pip install '.[tpu]'); "
+                    'it describes TPU topologies for ahead-of-time compilation on this host.')
+def test_tiny_config_compiles_for_a_v5e_slice():
+  config = tiny.get_config()
+  with config.unlocked():
+    config.data.dataset = 'synthetic'
+    config.data.image_size = 16
+    config.model.update(embed_dim=32, num_heads=2, encoder_depth=1, decoder_depth=1,
+                        n_registers=4)
+    config.capi.num_clusters = 16
+    config.optim.global_batch_size = 8
+  devices = aot.topology_devices('v5e:2x2')
+  assert len(devices) == 4 and devices[0].device_kind == 'TPU v5 lite'
+  result = aot.plan(config, 'v5e:2x2', devices)
+  assert result['fits'] and result['images_per_chip'] == 2
+  assert 0 < result['total_bytes'] <= result['hbm_bytes']
+  assert result['flops_per_chip'] > 0 and result['ideal_step_s'] > 0
+  # Parameters are sharded over the 4 chips (fsdp): the step gathers them.
+  assert result['collective_bytes'].get('all-gather', 0) > 0
