@@ -31,7 +31,8 @@ from capi_jax.methods.mim_refiner import augment
 class CaeV2Transform(grain.transforms.RandomMap):
   """Record -> {'images' uint8 (S, S, 3), 'teacher_images' uint8 (S_t, S_t, 3),
   'visible_indices' int32 (N - n_masked,), 'masked_indices' int32 (n_masked,)}, both index
-  sets ascending and row-major over the mask generator's grid; all randomness from Grain's per-record generator."""
+  sets ascending and row-major over the mask generator's grid; all randomness from Grain's
+  per-record generator."""
   image_size: int
   teacher_image_size: int
   crop_scale: tuple[float, float]
