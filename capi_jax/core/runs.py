@@ -12,8 +12,8 @@ only process 0 takes the lock and the others follow its outcome, so the processe
 never lock each other out.
 
 Run records: `WORKDIR/runs/<UTC start to the microsecond>_<host>_<pid>.json`, one per start
-that got as far as training: the full config, the command line, the devices, and the step it resumed from. A
-rerun with another config (refused or not) never touches an earlier record.
+that got as far as training: the full config, the command line, the devices, and the step it
+resumed from. A rerun with another config (refused or not) never touches an earlier record.
 """
 
 import dataclasses
