@@ -137,7 +137,8 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   """Operand bytes per collective kind in one run of the compiled module, per device.
 
   Collectives inside while loops count once per iteration (XLA's `known_trip_count`); a loop
-  without a known count is counted once.
+  without a known count is counted once. The TPU compiler's `all-reduce-scatter` computations
+  (an all-reduce sliced to shards) count as reduce-scatters.
   """
   computations: dict[str, list[str]] = {}
   entry, current = None, None
@@ -168,6 +169,10 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         continue
       opcode, operands = m.groups()
       kind = opcode.removesuffix('-start')
+      if kind == 'all-reduce' and name.startswith('all-reduce-scatter'):
+        # The TPU compiler's fused reduce-scatter: an all-reduce whose result is sliced to
+        # each device's shard (the gradients of FSDP-sharded weights).
+        kind = 'reduce-scatter'
       if kind in _COLLECTIVES and not opcode.endswith('-done'):
         totals[kind] += times * sum(shape_bytes(shapes.get(o, ''))
                                     for o in re.findall(r'%([\w.\-]+)', operands))

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.encoder_depth = 12
   c.model.decoder_depth = 6
   c.model.drop_path_rate = 0.1
+  c.model.drop_path_groups = 1  # One subset over the batch, as the official single process.
   c.efficiency.compute_dtype = 'float32'
   c.efficiency.remat_policy = 'none'
   return c

@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 96
   c.model.num_heads = 3
   c.model.drop_path_rate = 0.0
+  c.model.drop_path_groups = 1
   c.model.encoder_depth = 4
   c.model.decoder_depth = 2
 

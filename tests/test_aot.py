@@ -2,17 +2,27 @@
 
 import importlib.util
 
+import jax
 import pytest
 
 from capi_jax import aot
+from capi_jax import methods
+from capi_jax.core import sharding
+from capi_jax.core import state as state_lib
 from configs import tiny
 
 _HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
-# A module with an all-gather at the top, and a reduce-scatter and an async all-reduce inside a
-# while loop that runs 3 times.
+# A module with an all-gather at the top, a TPU fused reduce-scatter (an all-reduce sliced to
+# shards), and a reduce-scatter and an async all-reduce inside a while loop that runs 3 times.
 _HLO = """\
 HloModule step
+
+%all-reduce-scatter.1 (input_0: f32[8,16]) -> f32[2,16] {
+  %input_0 = f32[8,16]{1,0} parameter(0)
+  %ar = f32[8,16]{1,0} all-reduce(%input_0), to_apply=%add
+  ROOT %ds = f32[2,16]{1,0} dynamic-slice(%ar, %c, %c), dynamic_slice_sizes={2,16}
+}
 
 %body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
   %p = (s32[], f32[8,16]{1,0}) parameter(0)
@@ -26,6 +36,7 @@ HloModule step
 ENTRY %main (a: bf16[4,16]) -> f32[8,16] {
   %a = bf16[4,16]{1,0} parameter(0)
   %ag = bf16[16,16]{1,0} all-gather(%a), dimensions={0}
+  %ars = f32[2,16]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
   %w = (s32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   ROOT %r = f32[8,16]{1,0} get-tuple-element(%w), index=1
 }
@@ -50,7 +61,7 @@ def test_shape_bytes():
 def test_collective_bytes_counts_operands_and_loop_trips():
   assert aot.collective_bytes(_HLO) == {
       'all-gather': 4 * 16 * 2,  # The bf16 shard that is gathered, once.
-      'reduce-scatter': 3 * 8 * 16 * 4,  # Three loop trips.
+      'reduce-scatter': 8 * 16 * 4 + 3 * 8 * 16 * 4,  # The fused one, then three loop trips.
       'all-reduce': 3 * 8 * 16 * 4,  # Async pair counted once per trip, at its start.
   }
 
@@ -75,7 +86,8 @@ def test_tiny_config_compiles_for_a_v5e_slice():
   with config.unlocked():
     config.data.dataset = 'synthetic'
     config.data.image_size = 16
-    config.model.update(embed_dim=32, num_heads=2, encoder_depth=1, decoder_depth=1,
+    # Width 512: a kernel's quarter fills whole (8, 128) TPU tiles (narrower shards are padded).
+    config.model.update(embed_dim=512, num_heads=4, encoder_depth=1, decoder_depth=1,
                         n_registers=4)
     config.capi.num_clusters = 16
     config.optim.global_batch_size = 8
@@ -85,5 +97,10 @@ def test_tiny_config_compiles_for_a_v5e_slice():
   assert result['fits'] and result['images_per_chip'] == 2
   assert 0 < result['total_bytes'] <= result['hbm_bytes']
   assert result['flops_per_chip'] > 0 and result['ideal_step_s'] > 0
-  # Parameters are sharded over the 4 chips (fsdp): the step gathers them.
+  # Parameters, EMA and optimiser state stay sharded over the 4 chips (fsdp): a chip's
+  # arguments hold a quarter of the state, and the blocks gather their weights.
+  abstract = state_lib.state_layout(
+      config, methods.from_config(config), sharding.make_mesh(config, jax.devices()[:1])).abstract
+  state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+  assert result['argument_bytes'] < 0.3 * state_bytes, (result['argument_bytes'], state_bytes)
   assert result['collective_bytes'].get('all-gather', 0) > 0

@@ -35,6 +35,7 @@ def micro_config() -> ml_collections.ConfigDict:
   c.train.checkpointing.period = 4
   c.train.checkpointing.async_save = True
   c.evals.final = False  # The evaluation has its own tests.
+  c.sharding.min_shard_bytes = 0  # Shard even these tiny kernels: the tests check FSDP.
   return c
 
 
@@ -50,28 +51,40 @@ def test_two_official_training_iterations(fixture_path):
   assert report.ok, report.table()
 
 
-def _losses(config, devices, batches):
+def _device_bytes(tree) -> int:
+  """Bytes of `tree`'s arrays that the first device holds."""
+  device = jax.devices()[0]
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
+             for shard in leaf.addressable_shards if shard.device == device)
+
+
+def _run(config, devices, batches):
+  """(metrics per step, final params, bytes of the state on one device, step's memory)."""
   mesh = sharding.make_mesh(config, devices)
   method = methods.from_config(config)
   with jax.set_mesh(mesh):
     state, layout = state_lib.create_state(config, method, mesh,
                                            jax.random.PRNGKey(config.train.seed))
+    state_bytes = _device_bytes((state.params, state.buffers, state.opt_state))
     step = step_lib.jit_train_step(method, layout, mesh)
+    batches = [pipeline.make_global_batch(b, mesh, sharding.batch_sharding(mesh).spec)
+               for b in batches]
+    memory = step.lower(state, batches[0]).compile().memory_analysis()
     losses = []
     for batch in batches:
-      batch = pipeline.make_global_batch(batch, mesh, sharding.batch_sharding(mesh).spec)
       state, metrics = step(state, batch)
       losses.append(jax.device_get(metrics))
-  return losses, jax.device_get(state.params)
+  return losses, jax.device_get(state.params), state_bytes, memory
 
 
 def test_one_device_equals_eight_devices():
+  """Same losses and parameters on 1 and 8 devices; per-device state memory falls as 1/8."""
   config = micro_config()
   loader = pipeline.create_train_loader(config, methods.from_config(config).train_transform(),
                                         seed=0, process_index=0, process_count=1)
   batches = [next(loader) for _ in range(3)]
-  one, params_one = _losses(config, jax.devices()[:1], batches)
-  eight, params_eight = _losses(config, jax.devices(), batches)
+  one, params_one, bytes_one, memory_one = _run(config, jax.devices()[:1], batches)
+  eight, params_eight, bytes_eight, memory_eight = _run(config, jax.devices(), batches)
   assert len(jax.devices()) == 8
   for a, b in zip(one, eight):
     for key in ('capi_loss', 'clustering_loss', 'target_entropy', 'lr', 'momentum'):
@@ -79,6 +92,14 @@ def test_one_device_equals_eight_devices():
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=key)
   assert one[0]['capi_loss'] != one[2]['capi_loss']  # It trains.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_one, params_eight)
+  # Parameters, EMA and AdamW moments stay sharded: 1/8 per device, up to the few leaves that
+  # no dimension of which divides by 8 (scalars: step counts).
+  assert bytes_eight <= 1.02 * bytes_one / 8, (bytes_one, bytes_eight)
+  # The compiled step holds no whole copy of them either: its arguments shrink the same way,
+  # and arguments + temporaries (the per-layer gathers, activations) fall too.
+  assert memory_eight.argument_size_in_bytes < 0.2 * memory_one.argument_size_in_bytes
+  total = lambda m: m.argument_size_in_bytes + m.temp_size_in_bytes
+  assert total(memory_eight) < 0.8 * total(memory_one), (total(memory_one), total(memory_eight))
 
 
 def test_state_is_born_sharded_fsdp():

@@ -129,6 +129,7 @@ def _check_sharding(p: Problems, s: ml_collections.ConfigDict, device_count: int
       except (re.error, TypeError) as e:
         p.found.append(f'sharding.param_rules: {pattern!r} is not a regular expression ({e}).')
       p.choice(f'sharding.param_rules strategy of {pattern!r}', strategy, _SHARDING_STRATEGIES)
+  p.number('sharding.min_shard_bytes', s.min_shard_bytes, 0, integer=True)
 
 
 def _engine_problems(p: Problems, config: ml_collections.ConfigDict,

@@ -1,13 +1,20 @@
-"""Device mesh, regex parameter-sharding rules and batch sharding.
+"""Device mesh, regex parameter-sharding rules and batch sharding: FSDP (ZeRO-3).
 
 The mesh comes from `config.sharding.mesh`, e.g. (('data', 1), ('fsdp', -1)): named axes and
 their sizes, -1 taking the devices left. Parameters (and everything shaped like them: EMA,
-optimiser moments) are placed by `config.sharding.param_rules`, a sequence of
+optimiser moments) are stored as placed by `config.sharding.param_rules`, a sequence of
 (regex on the '/'-joined path, strategy), first match wins:
-  'fsdp'       shard the largest dimension divisible by the 'fsdp' axis size over it
-               (ZeRO-3 style: XLA all-gathers weights where they are used);
+  'fsdp'       shard the largest dimension divisible by the 'fsdp' axis size over it;
   'replicate'  a full copy on every device.
-The batch's leading axis is split over all mesh axes, so every device holds distinct samples.
+Arrays smaller than `config.sharding.min_shard_bytes` are replicated whatever their rule: their
+shards would cost more in collective latency than they save in memory.
+The batch's leading axis is split over all mesh axes, so every device holds distinct samples
+('data' and 'fsdp' both split the batch; they differ only in how parameters are stored).
+
+Parameters stay sharded through the whole step: the models' transformer blocks gather their
+own weights where they run (`models.layers.gathered`, under the mesh the step puts in context),
+so GSPMD all-gathers one block's weights at a time and reduce-scatters its gradients back to
+the shards; per-device state memory falls as 1 / (fsdp axis size).
 """
 
 from collections.abc import Sequence
@@ -80,14 +87,20 @@ def leaf_spec(shape: Sequence[int], strategy: str, fsdp_size: int) -> P:
   return P(*spec)
 
 
-def tree_shardings(mesh: Mesh, abstract_tree: PyTree, rules: Sequence[tuple[str, str]]) -> PyTree:
-  """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs)."""
+def tree_shardings(mesh: Mesh, abstract_tree: PyTree, rules: Sequence[tuple[str, str]],
+                   min_shard_bytes: int = 0) -> PyTree:
+  """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs).
+
+  Leaves of fewer than `min_shard_bytes` bytes are replicated whatever their rule.
+  """
   fsdp_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(FSDP_AXIS, 1)
   compiled = [(re.compile(pattern), strategy) for pattern, strategy in rules]
 
   def one(path, leaf):
     name = optim.path_name(path)
     strategy = next((s for r, s in compiled if r.search(name)), 'replicate')
+    if math.prod(np.shape(leaf)) * np.dtype(leaf.dtype).itemsize < min_shard_bytes:
+      strategy = 'replicate'
     return NamedSharding(mesh, leaf_spec(np.shape(leaf), strategy, fsdp_size))
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)

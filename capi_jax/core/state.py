@@ -52,7 +52,8 @@ class StateLayout(NamedTuple):
   Attributes:
     init: rng -> a fresh TrainState (jit it with `out_shardings=shardings`).
     abstract: the TrainState as ShapeDtypeStructs.
-    shardings: a TrainState of NamedShardings (from `config.sharding.param_rules`).
+    shardings: a TrainState of NamedShardings (`config.sharding.param_rules` and
+      `min_shard_bytes`).
     optimizer: the method's optimiser of `params`.
   """
   init: Callable[[jax.Array], TrainState]
@@ -99,7 +100,8 @@ def state_layout(config: ml_collections.ConfigDict, method: base.Method,
   optimizer = method.optimizer(abstract_params)
   init = init_fn(method, optimizer)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = sharding.tree_shardings(mesh, abstract, config.sharding.param_rules)
+  shardings = sharding.tree_shardings(mesh, abstract, config.sharding.param_rules,
+                                     config.sharding.min_shard_bytes)
   return StateLayout(init, abstract, shardings, optimizer)
 
 

@@ -10,6 +10,7 @@ student); everything else lives here.
 """
 
 from collections.abc import Callable
+import contextlib
 import functools
 from typing import Any
 
@@ -28,23 +29,24 @@ StepFn = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, Met
 
 def train_step(state: state_lib.TrainState, batch: Batch, *, method: base.Method,
                optimizer: optax.GradientTransformation,
-               compute_sharding: jax.sharding.Sharding | None = None,
+               mesh: jax.sharding.Mesh | None = None,
                ) -> tuple[state_lib.TrainState, Metrics]:
   """One iteration on a global batch; metrics are float32 scalars.
 
-  `compute_sharding` (replicated, under a mesh) gathers the FSDP-sharded variables whole for
-  the forward/backward, ZeRO-3 style: activations then stay split along the batch only, instead
-  of GSPMD guessing layouts from the weights' shards. Gradients are re-sharded for the update.
+  With a `mesh`, the step is traced with it in context: the models' blocks then gather their
+  own FSDP-sharded weights at the point of use and keep activations split along the batch
+  (`models.layers.gathered`), so the variables, their gradients and the optimiser state stay
+  sharded everywhere else (one block's weights are whole at a time, not the whole model).
   """
-  rng = jax.random.fold_in(state.rng, state.step)
-  gather = lambda tree: (tree if compute_sharding is None
-                         else jax.lax.with_sharding_constraint(tree, compute_sharding))
-  grads, aux, metrics = method.loss_and_grads(gather(state.variables), batch, rng)
+  with (contextlib.nullcontext() if mesh is None
+        else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, aux, metrics = method.loss_and_grads(state.variables, batch, rng)
 
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  buffers = method.update_buffers(
-      base.Variables(params, state.frozen, state.buffers), aux, state.step)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    buffers = method.update_buffers(
+        base.Variables(params, state.frozen, state.buffers), aux, state.step)
 
   metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
   metrics.update({k: fn(state.step) for k, fn in method.schedules().items()})
@@ -53,17 +55,16 @@ def train_step(state: state_lib.TrainState, batch: Batch, *, method: base.Method
 
 
 def make_train_step(method: base.Method, optimizer: optax.GradientTransformation,
-                    compute_sharding: jax.sharding.Sharding | None = None) -> StepFn:
+                    mesh: jax.sharding.Mesh | None = None) -> StepFn:
   """train_step with its static arguments bound: (state, batch) -> (state, metrics)."""
-  return functools.partial(train_step, method=method, optimizer=optimizer,
-                           compute_sharding=compute_sharding)
+  return functools.partial(train_step, method=method, optimizer=optimizer, mesh=mesh)
 
 
 def jit_train_step(method: base.Method, layout: state_lib.StateLayout,
                    mesh: jax.sharding.Mesh) -> Any:
   """The jitted step: state donated, batch split over all devices, metrics replicated."""
   return jax.jit(
-      make_train_step(method, layout.optimizer, sharding.replicated(mesh)),
+      make_train_step(method, layout.optimizer, mesh),
       in_shardings=(layout.shardings, sharding.batch_sharding(mesh)),
       out_shardings=(layout.shardings, sharding.replicated(mesh)),
       donate_argnums=0)

@@ -278,9 +278,7 @@ class Transformer(nn.Module):
     Returns:
       {layer: (batch, n, dim)} for every requested layer.
     """
-    block_cls = Block
-    if self.remat_policy != 'none':
-      block_cls = nn.remat(Block, policy=REMAT[self.remat_policy])
+    block_cls = layers.gathered(Block, REMAT[self.remat_policy])
     # Initialisation must create every block even if this call only needs the first ones.
     n_run = self.depth if self.is_initializing() else max(return_layers)
     outputs = {0: x} if 0 in return_layers else {}

@@ -1,6 +1,12 @@
 """Layers and initialisers that several backbones share, each matching its PyTorch original.
 
 Images are NHWC and linear kernels (in, out) here (PyTorch: NCHW, weights (out, in)).
+
+Sharding (FSDP, see `capi_jax/core/sharding.py`): parameters are stored sharded; `gathered`
+wraps a block class so that its weights are gathered whole where the block runs (one block at a
+time, and again in the backward pass under remat) and its input and output stay split along the
+batch. Both constraints refer to the mesh in context (`jax.sharding.get_abstract_mesh()`, set
+by the train step); without one they do nothing, so single-device code is unchanged.
 """
 
 from collections.abc import Callable
@@ -14,6 +20,59 @@ import numpy as np
 
 Array = jax.Array
 DType = Any
+
+
+def _context_mesh() -> jax.sharding.AbstractMesh | None:
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def gather_weights(tree: Any) -> Any:
+  """Every leaf of `tree` replicated over the context mesh: the compute layout of FSDP.
+
+  GSPMD turns the constraint into an all-gather of the stored shards (and its gradient into a
+  reduce-scatter back to them).
+  """
+  if _context_mesh() is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, jax.sharding.PartitionSpec())
+
+
+def shard_batch(x: Array) -> Array:
+  """x (batch, ...) with its leading axis split over every axis of the context mesh."""
+  mesh = _context_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
+
+
+def gathered(block_cls: type[nn.Module], remat_policy: Callable[..., bool] | None
+             ) -> type[nn.Module]:
+  """`block_cls` that gathers its own parameters at the point of use, rematerialised.
+
+  Args:
+    block_cls: a Flax module class whose first call argument and output are (batch, ...)
+      activations.
+    remat_policy: what the block keeps for its backward pass (a `jax.checkpoint_policies`
+      policy), or None for no rematerialisation. Under remat the gathered weights are never
+      kept (no policy saves them): the backward pass gathers them again, as FSDP does; without
+      remat every block's gathered weights are kept from its forward to its backward pass.
+
+  Returns:
+    A module class with the same fields and parameter tree (the gathering is a lifted
+    transform: no extra scope).
+  """
+
+  class Gathered(nn.map_variables(block_cls, 'params', trans_in_fn=gather_weights, init=True)):
+
+    def __call__(self, x: Array, *args: Any) -> Array:
+      return shard_batch(super().__call__(shard_batch(x), *args))
+
+  Gathered.__name__ = block_cls.__name__
+  if remat_policy is None:
+    return Gathered
+  return nn.remat(Gathered, policy=remat_policy)
+
 
 class Encoded(NamedTuple):
   """A backbone's `encode` result (the per-block API every refinable backbone has).

@@ -396,9 +396,7 @@ class ViT(nn.Module):
     if self.embed_norm:
       x = norm(name='embed_norm')(x)
 
-    block_cls = Block
-    if self.remat_policy != 'none':
-      block_cls = nn.remat(Block, policy=encoder_decoder.REMAT[self.remat_policy])
+    block_cls = layers.gathered(Block, encoder_decoder.REMAT[self.remat_policy])
     rates = layers.torch_linspace(0, self.drop_path_rate, self.depth)
     outputs = {}
     for i in range(self.depth):
