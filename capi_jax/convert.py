@@ -31,6 +31,16 @@ The architecture comes from `config.model`, the number of clusters from `config.
 or shape that does not fit it is an error naming the parameter (never a silent skip), and so is
 a weight that is not floating point or holds NaN/inf. A file that cannot be read (truncated, not
 a checkpoint) is an error naming the file.
+
+ViT families (`models/vit_convert.py`) convert with `--family`, the ViT's fields read from the
+config section `--section`, e.g. OpenAI CLIP's ViT-B/16 (CAE v2's teacher) and back:
+  python -m capi_jax.convert --config=configs/caev2/base.py --family=clip \
+      --section=caev2.teacher.model --to=capi_jax --input=ViT-B-16.pt --output=/tmp/clip_b16
+  python -m capi_jax.convert --config=configs/caev2/base.py --family=clip \
+      --section=caev2.teacher.model --to=official --input=/tmp/clip_b16 --output=/tmp/clip.pth
+The official side holds the ViT under `vit_convert.OFFICIAL_PREFIXES[family]` (CLIP: `visual.`;
+the rest of OpenAI's file, the text tower, is not read); the capi_jax side is a params
+directory with the ViT as 'backbone' (also a capi_jax training run: its evaluation backbone).
 """
 
 from collections.abc import Callable, Mapping
@@ -91,7 +101,10 @@ def identity(x: np.ndarray) -> np.ndarray:
 Rule = tuple[str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 
-def _backbone_rule(path: tuple[str, ...], ndim: int) -> Rule:
+def dotted_rule(path: tuple[str, ...], ndim: int) -> Rule:
+  """The naming of modules written after their official counterparts (CAPI's backbone, CAE v2's
+  regressor): `<x>blocks_<i>` <-> `<x>blocks.<i>`, `/` <-> `.`, conv / linear `kernel` and norm
+  `scale` <-> `weight`, with the layouts above."""
   parts = [re.sub(r'^(\w*blocks)_(\d+)$', r'\1.\2', p) for p in path]
   leaf = parts[-1]
   if leaf == 'kernel' and ndim == 4:
@@ -208,27 +221,12 @@ def to_flax(state_dict: Mapping[str, Any], expected: Params,
 
 def backbone_to_flax(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict) -> Params:
   """Official EncoderDecoder state_dict (no prefix) -> capi_jax backbone params (numpy)."""
-  return to_flax(state_dict, backbone_shapes(config), _backbone_rule, 'backbone')
+  return to_flax(state_dict, backbone_shapes(config), dotted_rule, 'backbone')
 
 
 def backbone_to_official(params: Params) -> StateDict:
   """capi_jax backbone params -> official EncoderDecoder state_dict names and layouts."""
-  return to_official(params, _backbone_rule)
-
-
-def caev2_regressor_to_flax(state_dict: Mapping[str, Any], expected: Params) -> Params:
-  """Official CAE v2 tensors after the encoder -> `caev2.regressor.RegressorDecoder` params.
-
-  `state_dict` holds the official names (`mask_token`, `encoder_to_regresser*`,
-  `regresser.regressor_blocks.*`, `decoder.*`) without the frozen `rd_pos_embed` and the unused
-  `regresser.norm.*`; `expected` is the params tree (ShapeDtypeStructs) of the configured module.
-  """
-  return to_flax(state_dict, expected, _backbone_rule, 'CAE v2 regressor/decoder')
-
-
-def caev2_regressor_to_official(params: Params) -> StateDict:
-  """`RegressorDecoder` params -> official CAE v2 names and layouts."""
-  return to_official(params, _backbone_rule)
+  return to_official(params, dotted_rule)
 
 
 def student_head_to_flax(state_dict: Mapping[str, Any], embed_dim: int,
@@ -396,8 +394,12 @@ def to_official_state_dict(parts: Mapping[str, Params]) -> StateDict:
 
 def export_official(parts: Mapping[str, Params], path: str | os.PathLike[str]) -> None:
   """Writes capi_jax parameter trees under official names to `.npz`, or `.pth` (PyTorch)."""
+  write_state_dict(to_official_state_dict(parts), path)
+
+
+def write_state_dict(sd: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> None:
+  """Writes {official name: array} to `.npz`, or `.pth` / `.pt` (PyTorch)."""
   path = pathlib.Path(path)
-  sd = to_official_state_dict(parts)
   if path.suffix == '.npz':
     np.savez(path, **sd)
   elif path.suffix in ('.pth', '.pt'):
@@ -476,6 +478,44 @@ def _check_restored_architecture(parts: Mapping[str, Params],
                             use_bias=config.capi.clustering_kwargs.bias)
 
 
+def _config_section(cfg: ml_collections.ConfigDict, section: str) -> ml_collections.ConfigDict:
+  """`cfg`'s section at a dotted path, e.g. 'caev2.teacher.model'."""
+  node = cfg
+  for key in section.split('.'):
+    if key not in node:
+      raise cli.UserError(f'The config has no section {section!r} (no {key!r} in it): pass '
+                       '--section=<the dotted path of the ViT\'s fields>, e.g. model.')
+    node = node[key]
+  return node
+
+
+def _run_vit(cfg: ml_collections.ConfigDict, family: str, section: str, direction: str,
+             source_path: str, output: str) -> None:
+  """The command line's work for a ViT family (`models/vit_convert.py`): its official file
+  (names under `vit_convert.OFFICIAL_PREFIXES[family]`, e.g. OpenAI CLIP's `.pt`) <-> the
+  'backbone' of a capi_jax params directory."""
+  # vit_convert builds on this module, so it is imported when used.
+  from capi_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from capi_jax.models import vit_convert  # pylint: disable=g-import-not-at-top
+  model = vit.from_config(cfg, _config_section(cfg, section))
+  prefix = vit_convert.OFFICIAL_PREFIXES[family]
+  if direction == 'capi_jax':
+    params = vit_convert.official_to_params(read_state_dict(source_path), model, family, prefix)
+    target = save_params({'backbone': params}, output)
+    print(f'Wrote the {family} ViT ({prefix}*) as backbone to {target}')
+    return
+  # A params directory, or a capi_jax training run of any method (its evaluation backbone).
+  from capi_jax.core import pretrained  # pylint: disable=g-import-not-at-top
+  params = pretrained.load(source_path).backbone
+  if params is None:
+    raise cli.UserError(f'{source_path} is an official file already; --to=official reads a '
+                     'capi_jax params directory or training run.')
+  sd = vit_convert.params_to_official(params, family, prefix)
+  vit_convert.official_to_params(sd, model, family, prefix)  # Fails unless it fits `section`.
+  write_state_dict(sd, output)
+  print(f'Wrote the {family} ViT under official names ({prefix}*) to {output}')
+
+
 def _run(cfg: ml_collections.ConfigDict, direction: str, source_path: str, output: str,
          source: str) -> None:
   """The command line's work: one conversion in `direction` ('capi_jax' or 'official')."""
@@ -498,22 +538,36 @@ def _run(cfg: ml_collections.ConfigDict, direction: str, source_path: str, outpu
 def main() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from capi_jax.models import vit_convert  # pylint: disable=g-import-not-at-top
   config = config_flags.DEFINE_config_file(
       'config', None, 'capi_jax config: architecture (model) and clusters (capi).',
       lock_config=True)
   direction = flags.DEFINE_enum('to', None, ['capi_jax', 'official'], 'Conversion direction.')
   source_path = flags.DEFINE_string(
-      'input', None, 'official .pth/.npz; or a capi_jax OUT/params directory or training '
+      'input', None, 'official .pth/.pt/.npz; or a capi_jax OUT/params directory or training '
       'checkpoint step folder (WORKDIR/checkpoints/<step>).')
   output = flags.DEFINE_string(
       'output', None, 'directory (to capi_jax) or .npz/.pth file (to official).')
   source = flags.DEFINE_enum('source', 'student', ['student', 'student_ema'],
                              'Which network of a full training checkpoint (official or '
                              'capi_jax) to read.')
+  family = flags.DEFINE_enum(
+      'family', '', ['', *vit_convert.FAMILIES],
+      'Convert a ViT of this family (models/vit_convert.py; e.g. clip: OpenAI CLIP\'s visual '
+      'tower, CAE v2\'s teacher) as the backbone, instead of a CAPI checkpoint.')
+  section = flags.DEFINE_string(
+      'section', 'model', 'With --family: the config section holding the ViT\'s fields '
+      '(e.g. caev2.teacher.model).')
   flags.mark_flags_as_required(['config', 'to', 'input', 'output'])
 
-  cli.run(lambda _: _run(config.value, direction.value, source_path.value, output.value,
-                         source.value))
+  def run(_):
+    if family.value:
+      _run_vit(config.value, family.value, section.value, direction.value, source_path.value,
+               output.value)
+    else:
+      _run(config.value, direction.value, source_path.value, output.value, source.value)
+
+  cli.run(run)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,5 @@
 """Checkpoints: round trip with the Grain iterator, atomicity, the config compatibility check."""
 
-import pathlib
 import shutil
 
 import grain

@@ -12,7 +12,6 @@ one CPU device, sharing JAX's persistent compilation cache, so only the first on
 One trained workdir (`trained`: 16 steps, checkpoints 8, 12, 16) is reused by most cases.
 """
 
-import importlib
 import json
 import logging
 import multiprocessing
@@ -468,10 +467,13 @@ def test_a_step_folder_of_another_model_does_not_suggest_a_new_workdir(trained):
 
 
 def test_bench_refuses_zero_steps():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  importlib.import_module('capi_jax.bench')  # Defines its flags.
-  with pytest.raises(flags.IllegalFlagValueError, match='positive'):
-    flags.FLAGS['steps'].parse('0')
+  # The flags are defined when bench runs as a program, so it is run as one.
+  result = subprocess.run(
+      [sys.executable, '-m', 'capi_jax.bench', '--config=configs/bench_cpu.py', '--steps=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode != 0
+  assert '--steps=0: 0 is not a positive integer' in result.stderr, result.stderr
 
 
 # ----------------------------------------- 10 + 1. Ctrl-C, busy workdir (last: the cache is warm)

@@ -11,9 +11,9 @@ Both take-overs are logged. The holder removes the file when it ends. In a multi
 only process 0 takes the lock and the others follow its outcome, so the processes of one run
 never lock each other out.
 
-Run records: `WORKDIR/runs/<UTC start, microseconds>_<host>_<pid>.json`, one per start that got as far as
-training: the full config, the command line, the devices, and the step it resumed from. A
-rerun with another config (refused or not) never touches an earlier record.
+Run records: `WORKDIR/runs/<UTC start to the microsecond>_<host>_<pid>.json`, one per start
+that got as far as training: the full config, the command line, the devices, and the step it
+resumed from. A rerun with another config (refused or not) never touches an earlier record.
 """
 
 import dataclasses

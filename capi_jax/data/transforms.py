@@ -21,6 +21,10 @@ from PIL import Image
 # Per-channel RGB statistics in [0, 1] units, as torchvision's Normalize takes them.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# OpenAI CLIP's input statistics (its `_transform`; CAE v2's teacher view).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+NORMALIZATIONS = {'imagenet': (IMAGENET_MEAN, IMAGENET_STD), 'clip': (CLIP_MEAN, CLIP_STD)}
 CROP_RATIO = (3 / 4, 4 / 3)
 
 

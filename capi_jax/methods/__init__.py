@@ -15,6 +15,7 @@ from capi_jax.methods import base
 # name -> 'module:Class' of the built-in methods.
 _BUILT_IN = {
     'capi': 'capi_jax.methods.capi.method:Capi',
+    'caev2': 'capi_jax.methods.caev2.method:CaeV2',
     'mim_refiner': 'capi_jax.methods.mim_refiner.method:MimRefiner',
 }
 _REGISTERED: dict[str, type[base.Method]] = {}

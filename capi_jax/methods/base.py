@@ -1,9 +1,10 @@
 """The method interface: everything the engine knows about a pretraining method.
 
 A method (CAPI, MIM-Refiner, CAE v2, ...) is a config section plus a subclass of `Method`,
-registered by name in `capi_jax.methods.METHODS` and picked by `config.method`. The engine
-(`capi_jax.core`: state, step, sharding, checkpoints, loop; `capi_jax.evaluate`;
-`capi_jax.bench`) calls only what is declared here and never imports a method.
+registered by name in `capi_jax.methods` (built in, or added with `methods.register`) and
+picked by `config.method`. The engine (`capi_jax.core`: state, step, sharding, checkpoints,
+loop; `capi_jax.evaluate`; `capi_jax.bench`) calls only what is declared here and never
+imports a method.
 
 State. A method's variables come in three trees (`Variables`):
   - `params`: trained by the method's optimiser (gradients, optimiser state);

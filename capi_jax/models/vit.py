@@ -27,6 +27,8 @@ Position tables (`pos_embed`, always a (1, n_pos, D) leaf; n_pos = N (+1 with
                     bit-identical) and CAE v2 (`build_2d_sincos_position_embedding`, computed in
                     float32 there, so up to ~6e-8 apart): patch (r, c) gets
                     [sin(r w), cos(r w), sin(c w), cos(c w)], w_k = 10000^(-k / (D/4)).
+                    (CAE v2's code computes patch t's (t // h, t % h), the same (r, c) on
+                    the square grids built here; other grids are resizes of these.)
   'sincos_col_row'  MAE's `get_2d_sincos_pos_embed` (float64 -> float32, bit-identical): the
                     same with the column in the first half ('emb_h' is computed from the column
                     grid).

@@ -62,6 +62,11 @@ _NAMES: dict[str, tuple[tuple[str, str], ...]] = {
              (r'\.mlp\.fc2\.', '.mlp.c_proj.')),
 }
 FAMILIES = tuple(_NAMES)
+# Where a release's files hold the ViT: OpenAI CLIP's `.pt` holds the visual tower under
+# `visual.` (beside the text tower), a CAE v2 pretraining checkpoint its encoder under
+# `encoder.`; the other families' files hold the ViT alone.
+OFFICIAL_PREFIXES = {family: {'clip': 'visual.', 'caev2': 'encoder.'}.get(family, '')
+                     for family in FAMILIES}
 
 _Layout = Callable[[np.ndarray], np.ndarray]
 

@@ -4,8 +4,9 @@ As `tools/run_pretraining.py`, `furnace/optim_factory.py` and `furnace/engine_fo
 (Atten4Vis/CAE, a7fd162) run it; see `docs/reference/caev2_algorithm.md`, Optimisation:
   - groups (`get_parameter_groups`): weight decay for every tensor with >= 2 dims that is not a
     bias, 0 for the rest. The model defines no `no_weight_decay`, so `mask_token` and the
-    encoder's `cls_token` (both (1, 1, D)) are decayed. Frozen position tables are constants,
-    not parameters, so they are not optimised;
+    encoder's `cls_token` (both (1, 1, D)) are decayed. The frozen position tables are not
+    optimised: the regressor's is a constant, the encoder's a `constants` leaf that gets no
+    update and no optimiser state;
   - gradients clipped to a global L2 norm of `clip_grad` over all parameters, as
     `torch.nn.utils.clip_grad_norm_` (scale min(1, clip / (norm + 1e-6)));
   - torch AdamW (`capi_jax.core.optim.adamw`), lr per iteration from
@@ -55,7 +56,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 def optimizer(params: PyTree, lr_fn: schedules.ScheduleFn, *, weight_decay: float,
               clip_grad: float | None, betas: tuple[float, float] = (0.9, 0.999),
-              eps: float = 1e-8) -> optax.GradientTransformation:
+              eps: float = 1e-8, constants: PyTree | None = None
+              ) -> optax.GradientTransformation:
   """The release's update: optional clip to `clip_grad`, then AdamW with the two groups.
 
   Args:
@@ -64,9 +66,21 @@ def optimizer(params: PyTree, lr_fn: schedules.ScheduleFn, *, weight_decay: floa
     weight_decay: the decay of the decayed group (`--weight_decay`).
     clip_grad: `--clip_grad`; None = no clipping (the release then only measures the norm).
     betas, eps: AdamW's (`--opt_betas` None = torch's (0.9, 0.999); `--opt_eps` 1e-8).
+    constants: bools shaped like `params`, True for leaves kept as they are (the encoder's
+      fixed position table: torch's `requires_grad=False`); None = every leaf is trained.
   """
-  adamw = optim.adamw(lr_fn, betas=betas, eps=eps, weight_decay=weight_decay,
-                      wd_mults=weight_decay_mults(params))
+  wd_mults = weight_decay_mults(params)
+  if constants is not None:
+    # optax.multi_transform hands the trained group's AdamW MaskedNodes in place of the
+    # constant leaves; the multiplier tree must have the same structure.
+    wd_mults = jax.tree.map(lambda m, constant: optax.MaskedNode() if constant else m,
+                            wd_mults, constants)
+  update = optim.adamw(lr_fn, betas=betas, eps=eps, weight_decay=weight_decay,
+                       wd_mults=wd_mults)
+  if constants is not None:
+    labels = jax.tree.map(lambda constant: 'constant' if constant else 'trained', constants)
+    update = optax.multi_transform({'trained': update, 'constant': optax.set_to_zero()}, labels)
   if clip_grad is None:
-    return adamw
-  return optax.chain(clip_by_global_norm(clip_grad), adamw)
+    return update
+  # The constant leaves' gradients are zero, so they leave the clipped norm unchanged.
+  return optax.chain(clip_by_global_norm(clip_grad), update)

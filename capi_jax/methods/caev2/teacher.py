@@ -1,0 +1,121 @@
+"""CAE v2's frozen teacher: any capi_jax backbone, the release's being OpenAI CLIP's ViT.
+
+`config.caev2.teacher`:
+  backbone       the architecture and the official file format: a family of
+                 `models/vit_convert.py` (the release: 'clip', OpenAI CLIP's visual tower with
+                 `ln_post` on every token and the projection) whose `model` section holds
+                 `vit.ViT` fields, or 'capi' (CAPI's EncoderDecoder; `model` is CAPI's
+                 `config.model` section).
+  model          that architecture's config section.
+  checkpoint     the weights (`Method.pretrained_paths` role 'teacher'): an official file of
+                 the ViT family (CLIP's TorchScript `ViT-B-16.pt` or a state_dict, names under
+                 `vit_convert.OFFICIAL_PREFIXES[backbone]`), the output directory of
+                 `python -m capi_jax.convert`, or a capi_jax training run of any method whose
+                 evaluation backbone is this architecture (e.g. the quickstart's CAPI run).
+  image_size     the teacher view's side (`--second_input_size`).
+  normalization  the teacher view's statistics: 'clip' (the release) or 'imagenet' (a
+                 capi_jax backbone trained on ImageNet-normalised images).
+
+Targets come from the backbone's evaluation forward (`Method.eval_model`'s interface):
+[global_repr, feature_map patches], (batch, 1 + N, C). For CLIP that is `ln_post` then the
+projection on the class token and on every patch, exactly the release's teacher. A backbone
+without a class token gives its own global representation as the class target (CAPI: the mean
+over positions of its predictor's first block, the feature its evaluations use). C is the
+backbone's output width (`out_dim`): the student's decoder head is built to match it.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from capi_jax import convert
+from capi_jax.methods import base
+from capi_jax.models import encoder_decoder
+from capi_jax.models import vit
+from capi_jax.models import vit_convert
+
+PyTree = Any
+CAPI = 'capi'
+BACKBONES = (CAPI, *vit_convert.FAMILIES)
+
+
+def _capi_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config CAPI's builders read: the teacher's model section and the run's efficiency."""
+  return ml_collections.ConfigDict({'model': config.caev2.teacher.model,
+                                    'efficiency': config.efficiency})
+
+
+def from_config(config: ml_collections.ConfigDict) -> nn.Module:
+  """The teacher backbone of `config.caev2.teacher`, in the run's compute dtype."""
+  t = config.caev2.teacher
+  if t.backbone == CAPI:
+    return encoder_decoder.from_config(_capi_config(config))
+  if t.backbone not in BACKBONES:
+    raise ValueError(f'caev2.teacher.backbone={t.backbone!r} must be one of {BACKBONES}.')
+  return vit.from_config(config, t.model)
+
+
+def out_dim(teacher: ml_collections.ConfigDict) -> int:
+  """C, the width of the teacher's features (`config.caev2.teacher`)."""
+  m = teacher.model
+  return m.embed_dim if teacher.backbone == CAPI else (m.get('out_dim', 0) or m.embed_dim)
+
+
+def features(module: nn.Module, params: PyTree, images: jax.Array) -> jax.Array:
+  """The teacher's features without gradient, float32 (batch, 1 + N, C) in the natural order
+  [global / class, patches row-major].
+
+  Args:
+    module: the teacher (`from_config`).
+    params: its frozen params.
+    images: (batch, H_t, W_t, 3) the teacher view.
+  """
+  global_repr, _, feature_map = module.apply({'params': params}, images)
+  b, c = global_repr.shape
+  tokens = jnp.concatenate([global_repr[:, None], feature_map.reshape(b, -1, c)], axis=1)
+  return jax.lax.stop_gradient(tokens.astype(jnp.float32))
+
+
+def _flat(tree: PyTree) -> dict[str, np.ndarray]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(k.key for k in path): np.asarray(v) for path, v in leaves}
+
+
+def _by_path(path: tuple[str, ...], ndim: int) -> convert.Rule:
+  del ndim
+  return '/'.join(path), convert.identity, convert.identity
+
+
+def load(pretrained: base.Pretrained, expected: PyTree, config: ml_collections.ConfigDict,
+         module: nn.Module) -> PyTree:
+  """The teacher's params from its checkpoint, in the dtypes of `expected`.
+
+  Args:
+    pretrained: the 'teacher' checkpoint as `core.pretrained.load` read it.
+    expected: the teacher's params tree (arrays or ShapeDtypeStructs), as `init` makes it.
+    config: the run's config (`config.caev2.teacher`).
+    module: the teacher (`from_config(config)`).
+
+  Raises:
+    CheckpointMismatchError: a name or shape does not fit `caev2.teacher.model`.
+    ValueError: an official file for the 'capi' backbone, which is converted beforehand.
+  """
+  t = config.caev2.teacher
+  fix = (f'set caev2.teacher.backbone / caev2.teacher.model to the architecture of '
+         f'{t.checkpoint}')
+  if pretrained.state_dict is None:
+    params = convert.to_flax(_flat(pretrained.backbone), expected, _by_path,
+                             f'teacher ({t.backbone})', fix=fix)
+  elif t.backbone == CAPI:
+    raise ValueError(f'caev2.teacher.checkpoint={t.checkpoint} is an official file; convert it '
+                     'first (python -m capi_jax.convert --to=capi_jax) and pass the output '
+                     'directory.')
+  else:
+    params = vit_convert.official_to_params(pretrained.state_dict, module, t.backbone,
+                                            prefix=vit_convert.OFFICIAL_PREFIXES[t.backbone])
+  # CLIP's release stores its linear weights in float16; the cast to float32 is exact.
+  return jax.tree.map(lambda p, e: np.asarray(p, e.dtype), params, expected)

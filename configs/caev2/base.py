@@ -1,0 +1,88 @@
+r"""CAE v2 ViT-B/16: the release's base pretraining recipe (`caev2_base_300e.sh`).
+
+Run (the teacher is OpenAI's CLIP ViT-B/16 file, which is not shipped: download `ViT-B-16.pt`
+from OpenAI's CLIP release and pass its path):
+  python -m capi_jax.main --config=configs/caev2/base.py --workdir=/tmp/caev2_base \
+      --config.caev2.teacher.checkpoint=/path/to/ViT-B-16.pt
+
+Every value is the release's (`docs/reference/caev2_algorithm.md`, Recipes): ImageNet-1k,
+300 epochs of 625 iterations at batch 2048 (256 x 8 GPUs), lr 1.5e-3 from 0 over 10 warm-up
+epochs then cosine to 1e-5, AdamW (0.9, 0.999) with weight decay 0.05, gradient clip 3.0,
+drop path 0.1, layer scale 0.1; 98 of 196 patches masked by BEiT's block generator; the
+teacher sees the same crop at 224, CLIP-normalised. The official checkpoint `ViT-B-16.pt`
+(TorchScript) is read directly; or convert it once
+(`python -m capi_jax.convert --config=configs/caev2/base.py --family=clip
+--section=caev2.teacher.model --to=capi_jax --input=ViT-B-16.pt --output=/tmp/clip_b16`) and
+pass /tmp/clip_b16. Sections as configs/vitl.py where the concept is the same.
+"""
+
+import ml_collections
+
+from capi_jax.models import vit
+from configs import vitl
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+ITERS_PER_EPOCH = IMAGENET_TRAIN_IMAGES // 2048  # The release drops the last partial batch.
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'caev2_base'
+  c.method = 'caev2'
+  reference = vitl.get_config()
+  c.train = reference.train
+  c.train.checkpointing.period = 10 * ITERS_PER_EPOCH
+
+  c.caev2 = ml_collections.ConfigDict()
+  c.caev2.num_mask_patches = 98  # Exactly this many per image (50% of 196).
+  c.caev2.min_mask_patches_per_block = 16
+  c.caev2.max_mask_patches_per_block = 0  # 0: no cap (the release's None).
+  c.caev2.mask_min_aspect = 0.3
+  c.caev2.loss_weight = 1.0  # --latent_alignment_loss_weight
+  c.caev2.regressor = ml_collections.ConfigDict()
+  c.caev2.regressor.embed_dim = 768  # --decoder_embed_dim (a projection when != model width)
+  c.caev2.regressor.depth = 4  # --regressor_depth
+  c.caev2.regressor.num_heads = 12  # Always 12 in the release (its --decoder_num_heads is unused).
+  c.caev2.regressor.layer_scale_init = 0.1
+  c.caev2.teacher = ml_collections.ConfigDict()
+  c.caev2.teacher.backbone = 'clip'
+  c.caev2.teacher.checkpoint = ''  # Path to OpenAI's ViT-B-16.pt (not shipped).
+  c.caev2.teacher.image_size = 224  # --second_input_size
+  c.caev2.teacher.normalization = 'clip'
+  c.caev2.teacher.model = ml_collections.ConfigDict(dict(
+      vit.FAMILIES['clip'], patch_size=16, image_size=224, embed_dim=768, depth=12,
+      num_heads=12, mlp_ratio=4.0, out_dim=512))
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.total_iters = 300 * ITERS_PER_EPOCH
+  c.optim.global_batch_size = 2048
+  c.optim.betas = (0.9, 0.999)
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.05  # Constant, as in every recipe.
+  c.optim.clip_grad = 3.0
+  c.optim.lr_schedule = ml_collections.ConfigDict()
+  c.optim.lr_schedule.base_value = 1.5e-3  # --lr, used as given (no batch scaling).
+  c.optim.lr_schedule.final_value = 1e-5  # --min_lr
+  c.optim.lr_schedule.warmup_iters = 10 * ITERS_PER_EPOCH  # From 0 (not --warmup_lr).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'tfds:imagenet2012'
+  c.data.split = 'train'
+  c.data.data_dir = ''
+  c.data.image_size = 224
+  c.data.crop_scale = (0.4, 1.0)  # --crop_min_size, --crop_max_size
+  c.data.color_jitter = 0.4
+  c.data.do_hflip = True
+  c.data.num_workers = 8
+  c.data.prefetch_buffer_size = 4
+
+  c.model = ml_collections.ConfigDict(dict(
+      vit.FAMILIES['caev2'], patch_size=16, image_size=224, embed_dim=768, depth=12,
+      num_heads=12, mlp_ratio=4.0, drop_path_rate=0.1))
+
+  c.efficiency = reference.efficiency
+  c.sharding = reference.sharding
+  c.evals = reference.evals
+  for name in c.evals.protocols:  # Every 50 epochs.
+    c.evals[name].period = 50 * ITERS_PER_EPOCH
+  return c
