@@ -69,12 +69,12 @@ def _run(config, devices, batches):
     step = step_lib.jit_train_step(method, layout, mesh)
     batches = [pipeline.make_global_batch(b, mesh, sharding.batch_sharding(mesh).spec)
                for b in batches]
-    memory = step.lower(state, batches[0]).compile().memory_analysis()
+    compiled = step.lower(state, batches[0]).compile()
     losses = []
     for batch in batches:
-      state, metrics = step(state, batch)
+      state, metrics = compiled(state, batch)
       losses.append(jax.device_get(metrics))
-  return losses, jax.device_get(state.params), state_bytes, memory
+  return losses, jax.device_get(state.params), state_bytes, compiled.memory_analysis()
 
 
 def test_one_device_equals_eight_devices():

@@ -13,8 +13,8 @@ The batch's leading axis is split over all mesh axes, so every device holds dist
 
 Parameters stay sharded through the whole step: the models' transformer blocks gather their
 own weights where they run (`models.layers.gathered`, under the mesh the step puts in context),
-so GSPMD all-gathers one block's weights at a time and reduce-scatters its gradients back to
-the shards; per-device state memory falls as 1 / (fsdp axis size).
+so GSPMD all-gathers one block's weights at a time and reduces its gradients back to the
+shards; per-device state memory falls as 1 / (fsdp axis size).
 """
 
 from collections.abc import Sequence

@@ -30,8 +30,8 @@ def _context_mesh() -> jax.sharding.AbstractMesh | None:
 def gather_weights(tree: Any) -> Any:
   """Every leaf of `tree` replicated over the context mesh: the compute layout of FSDP.
 
-  GSPMD turns the constraint into an all-gather of the stored shards (and its gradient into a
-  reduce-scatter back to them).
+  GSPMD turns the constraint into an all-gather of the stored shards, and its gradient into a
+  reduction back to them (a reduce-scatter, or an all-reduce then a slice, as XLA chooses).
   """
   if _context_mesh() is None:
     return tree
