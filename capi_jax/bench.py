@@ -17,11 +17,12 @@ prints ONE JSON line on stdout:
   (median) and host_cpu_mean_s_per_step, tflops_per_s, mfu, peak_tflops_per_s and
   peak_source, flops_per_step and flops_by_part (the method's analytic count,
   `Method.flops_per_step`), peak_memory_bytes and memory_source, compile_s, device_kind,
-  device_count, config, global_batch_size, jax_version, xla_flags, host_cpus (cores this
-  process may run on, e.g. under `taskset`), load_average (host load during the run: CPU
-  timings are only comparable on a quiet host), and data_pipeline: the
-  host input pipeline's own throughput (`pipeline.measure_throughput`, timed
-  separately), with `bottleneck` naming the slower of the two.
+  device_count, config, global_batch_size, jax_version, xla_flags, glibc_tunables (huge pages:
+  `capi_jax.core.huge_pages`), host_cpus (cores this process may run on, e.g. under
+  `taskset`), load_average (host load during the run: CPU timings are only comparable on a
+  quiet host), and data_pipeline: the host input pipeline's own throughput
+  (`pipeline.measure_throughput`, timed separately), with `bottleneck` naming the slower of
+  the two.
 
 MFU = flops_per_step / step_time / (peak FLOP/s of one device x device count). Peaks are the
 vendors' dense bf16 figures (`PEAK_BF16_FLOPS`), used only for bf16 compute. On CPU there is
@@ -34,6 +35,10 @@ mfu is null unless `--peak_tflops` gives the per-device peak.
 per-device batch (weak scaling: global_batch_size / the largest count), and prints one JSON
 line with a `scaling` list of per-count results, each with images_per_s_per_device.
 """
+
+if __name__ == '__main__':  # First, before jax is imported: this may restart the process.
+  from capi_jax.core import huge_pages
+  huge_pages.reexec_with_huge_pages()
 
 from collections.abc import Sequence
 import json
@@ -229,6 +234,7 @@ def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], step
       'platform': devices[0].platform,
       'jax_version': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'host_cpus': len(os.sched_getaffinity(0)),
       'load_average': os.getloadavg()[0],
   }

@@ -20,6 +20,10 @@ capi_jax's extras). With `evals.random_init_baseline` the table shows the random
 beside (computed once per workdir and settings).
 """
 
+if __name__ == '__main__':  # First, before jax is imported: this may restart the process.
+  from capi_jax.core import huge_pages
+  huge_pages.reexec_with_huge_pages()
+
 from collections.abc import Sequence
 import copy
 import json

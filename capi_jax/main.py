@@ -6,6 +6,10 @@ value, a mistyped key, a busy workdir, a diverged run) end with a one-line messa
 exit status; Ctrl-C checkpoints first and exits with 130.
 """
 
+if __name__ == '__main__':  # First, before jax is imported: this may restart the process.
+  from capi_jax.core import huge_pages
+  huge_pages.reexec_with_huge_pages()
+
 import logging as std_logging
 
 from absl import app

@@ -12,6 +12,7 @@ import pytest
 
 from capi_jax import bench
 from capi_jax import methods
+from capi_jax.core import huge_pages
 from configs import bench_cpu
 from configs import tiny
 
@@ -46,6 +47,8 @@ def test_smoke_on_8_devices():
   assert result['peak_source'].startswith('measured') and result['host_cpus'] >= 1
   assert result['data_pipeline']['images_per_s'] > 0
   assert result['bottleneck'] in ('data_pipeline', 'train_step')
+  if huge_pages.tunables_with_huge_pages({}):  # The command restarted itself with huge pages.
+    assert result['glibc_tunables'] == 'glibc.malloc.hugetlb=1'
 
 
 def test_scaling_smoke():
