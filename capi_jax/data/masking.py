@@ -61,13 +61,16 @@ def _block(n: int, grid: tuple[int, int], roll: bool, log_aspect: tuple[float, f
   h = min(max(h, -(-n // w)), height)
   top = int(rng.integers(0, height - h + 1))
   left = int(rng.integers(0, width - w + 1))
-  rows, cols = np.meshgrid(np.arange(top, top + h), np.arange(left, left + w), indexing='ij')
-  mask[(rows * width + cols).ravel()[:n]] = True
-  mask = mask.reshape(grid)
+  # The first n cells of the rectangle in row-major order; with `roll`, each cell (r, c) moves to
+  # ((r + dy) % height, (c + dx) % width), as np.roll would move it (index arithmetic is ~3x
+  # cheaper per image, and this runs for every training image).
+  cells = np.arange(n)
+  rows, cols = top + cells // w, left + cells % w
   if roll:
-    shift = (int(rng.integers(0, height)), int(rng.integers(0, width)))
-    mask = np.roll(mask, shift, axis=(0, 1))
-  return mask
+    rows = (rows + int(rng.integers(0, height))) % height
+    cols = (cols + int(rng.integers(0, width))) % width
+  mask[rows * width + cols] = True
+  return mask.reshape(grid)
 
 
 def _uniform(n_masked: int, rng: np.random.Generator, *, grid: tuple[int, int]) -> np.ndarray:
