@@ -165,18 +165,20 @@ class Attention(nn.Module):
     head_dim = dim // self.num_heads
     dense = functools.partial(nn.Dense, dim, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=layers.xavier_uniform)
+    # Projections on 2-D tokens: see `layers.Mlp`.
+    project = lambda name, t: dense(name=name)(t.reshape(-1, dim)).reshape(*t.shape[:-1], dim)
     # Heads-major (batch, heads, n, head_dim): attention's matmuls then batch over leading axes.
     split_heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim).transpose(0, 2, 1, 3)
     rope = Rope(head_dim, self.train_rope_freqs, self.param_dtype, name='rope')
     q_angles = rope(coords)
     k_angles = q_angles if context is None else rope(context_coords)
     context = x if context is None else context
-    q = apply_rope(split_heads(dense(name='q_proj')(x)), *q_angles)
-    k = apply_rope(split_heads(dense(name='k_proj')(context)), *k_angles)
-    v = split_heads(dense(name='v_proj')(context))
+    q = apply_rope(split_heads(project('q_proj', x)), *q_angles)
+    k = apply_rope(split_heads(project('k_proj', context)), *k_angles)
+    v = split_heads(project('v_proj', context))
     out = checkpoint_name(layers.attention(q, k, v), ATTENTION_OUT)
     out = out.transpose(0, 2, 1, 3).reshape(b, n_q, dim)
-    return dense(name='proj')(out)
+    return project('proj', out)
 
 
 def _select(groups: Array, keep: Array) -> Array:

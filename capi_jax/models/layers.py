@@ -180,6 +180,8 @@ class Mlp(nn.Module):
   def __call__(self, x: Array) -> Array:
     dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=xavier_uniform)
-    dim = x.shape[-1]
-    x = dense(int(dim * self.mlp_ratio), name='fc1')(x)
-    return dense(dim, name='fc2')(self.activation(x))
+    *lead, dim = x.shape
+    # On 2-D tokens the weight gradients are single-contraction matmuls, which XLA:CPU hands to
+    # its fast matmul library (a (batch, n) contraction takes a slower path with copies).
+    x = dense(int(dim * self.mlp_ratio), name='fc1')(x.reshape(-1, dim))
+    return dense(dim, name='fc2')(self.activation(x)).reshape(*lead, dim)
