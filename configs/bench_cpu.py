@@ -5,8 +5,8 @@ Run:
 
 Images 112x112, patch 14 (64 tokens), width 192, 3 heads, encoder depth 12, predictor depth 6,
 16 registers, 1024 clusters, global batch 64, mask ratio 0.65, prediction subsampling 0.25,
-drop path 0.1, float32, synthetic images. The official PyTorch code runs this shape at about
-59 images/s on the 2-core CPU machine (eager; torch.compile was slower).
+drop path 0.1, float32, synthetic images: the shape of `torch_reference_bench.py --shape
+bench_cpu`, so that `benchmarks/side_by_side.py` times both codes on it (README, Speed).
 """
 
 import ml_collections
