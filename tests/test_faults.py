@@ -172,6 +172,20 @@ def test_a_refused_rerun_keeps_the_record_of_the_run(trained, tmp_path):
   assert not (workdir / 'config.json').exists()
 
 
+def test_records_appear_whole_and_a_cut_record_is_skipped(tmp_path, caplog):
+  config = _config()
+  first = runs.write_record(tmp_path, config, None)
+  second = runs.write_record(tmp_path, config, 8)
+  assert sorted(p.name for p in (tmp_path / 'runs').iterdir()) == sorted([first.name, second.name])
+  assert json.loads(second.read_text())['resumed_from_step'] == 8  # Nothing left aside.
+  # A newer record cut short (a crash of an older version while writing it) is skipped.
+  cut = tmp_path / 'runs' / '29991231T000000.000000Z_host_1.json'
+  cut.write_text(second.read_text()[:100])
+  with caplog.at_level(logging.WARNING):
+    assert runs.latest_config(tmp_path).model.embed_dim == config.model.embed_dim
+  assert 'Skipping unreadable run record' in caplog.text
+
+
 # ------------------------------------------------------------------ 3 + 7. divergence, metrics rows
 def test_divergence_at_the_end_fails_loudly_and_rows_never_repeat(trained, tmp_path, cache_dir):
   workdir = _copy(trained, tmp_path)

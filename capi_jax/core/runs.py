@@ -221,17 +221,21 @@ def lock_workdir(workdir: pathlib.Path) -> WorkdirLock | None:
 
 def latest_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
   """The config of the newest start recorded in WORKDIR/runs/ (None if there is none)."""
-  records = sorted((pathlib.Path(workdir) / RUNS_DIR).glob('*.json'))
-  if not records:
-    return None
-  return ml_collections.ConfigDict(json.loads(records[-1].read_text())['config'])
+  for record in sorted((pathlib.Path(workdir) / RUNS_DIR).glob('*.json'), reverse=True):
+    try:
+      return ml_collections.ConfigDict(json.loads(record.read_text())['config'])
+    except (OSError, ValueError, KeyError) as e:  # Cut short by an older version's crash.
+      logger.warning('Skipping unreadable run record %s (%s).', record, e)
+  return None
 
 
 def write_record(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                      resumed_from: int | None) -> pathlib.Path | None:
   """Writes this start's record into WORKDIR/runs/ (process 0 only); returns its path.
 
-  The file name is unique to this start and created exclusively, so no record is ever replaced.
+  The file name is unique to this start and created exclusively, so no record is ever replaced;
+  the record appears whole or not at all (written aside, then hard-linked into place), so a run
+  killed while writing it leaves no partial JSON behind.
   """
   if jax.process_index() != 0:
     return None
@@ -244,13 +248,24 @@ def write_record(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   }
   runs = workdir / RUNS_DIR
   runs.mkdir(parents=True, exist_ok=True)
-  while True:  # One process may start twice within a clock tick (tests, notebooks).
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
-    path = runs / f'{stamp}_{record["host"]}_{record["pid"]}.json'
-    try:
-      with open(path, 'x') as f:
-        json.dump(record, f, indent=2)
-        f.write('\n')
-      return path
-    except FileExistsError:
-      continue
+  aside = runs / f'.{uuid.uuid4().hex}.tmp'
+  with open(aside, 'w') as f:
+    json.dump(record, f, indent=2)
+    f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
+  try:
+    while True:  # One process may start twice within a clock tick (tests, notebooks).
+      stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
+      path = runs / f'{stamp}_{record["host"]}_{record["pid"]}.json'
+      try:
+        os.link(aside, path)  # Atomic, and fails if the name exists.
+        return path
+      except FileExistsError:
+        continue
+      except OSError:  # A filesystem without hard links (some network mounts): rename instead.
+        if not path.exists():
+          os.replace(aside, path)
+          return path
+  finally:
+    aside.unlink(missing_ok=True)
