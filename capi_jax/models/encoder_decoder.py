@@ -128,7 +128,8 @@ class Rope(nn.Module):
 
   @nn.compact
   def __call__(self, coords: Array) -> tuple[Array, Array]:
-    """coords (batch, n, 2) -> (cos, sin) of the rotation angles, each (batch, 1, n, head_dim).
+    """coords (batch, n, 2) -> (cos, sin) of the rotation angles, each (batch, 1, n, head_dim);
+    batch may be 1 (coordinates shared by every image).
 
     float32, shaped to broadcast over the heads of (batch, heads, n, head_dim) tokens.
     """
@@ -160,7 +161,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, coords: Array, context: Array | None = None,
                context_coords: Array | None = None) -> Array:
-    """x: (batch, n_q, dim), coords (batch, n_q, 2); context (batch, n_k, dim) or None (self)."""
+    """x: (batch, n_q, dim), coords (batch or 1, n_q, 2); context (batch, n_k, dim) or None
+    (self), context_coords (batch or 1, n_k, 2)."""
     b, n_q, dim = x.shape
     head_dim = dim // self.num_heads
     dense = functools.partial(nn.Dense, dim, use_bias=False, dtype=self.dtype,
@@ -205,7 +207,8 @@ class Residual(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *branch_args: Array | None) -> Array:
-    """x: (batch, n, dim); branch_args: per-sample arrays (leading batch axis) or None."""
+    """x: (batch, n, dim); branch_args: per-sample arrays (leading batch axis), arrays shared by
+    every sample (leading axis 1), or None."""
     norm, fn = self.make_norm(name='norm'), self.make_fn(name='fn')
     if self.deterministic or self.drop_rate == 0.0:
       return x + fn(norm(x), *branch_args)
@@ -217,7 +220,8 @@ class Residual(nn.Module):
     keys = jax.random.split(self.make_rng('drop_path'), g)
     keep = jax.vmap(lambda k: jax.random.permutation(k, local)[:n_keep])(keys)  # (g, n_keep)
     grouped = lambda a: a.reshape(g, local, *a.shape[1:])
-    sub_args = [None if a is None else _select(grouped(a), keep) for a in branch_args]
+    sub_args = [a if a is None or a.shape[0] == 1 else _select(grouped(a), keep)
+                for a in branch_args]
     branch = fn(norm(_select(grouped(x), keep)), *sub_args)
     branch = branch.reshape(g, n_keep, *branch.shape[1:]) * jnp.asarray(local / n_keep, x.dtype)
     out = jax.vmap(lambda group, idx, update: group.at[idx].add(update))(grouped(x), keep, branch)
@@ -271,11 +275,11 @@ class Transformer(nn.Module):
 
     Args:
       x: (batch, n, dim) input tokens.
-      coords: (batch, n, 2) their RoPE coordinates.
+      coords: (batch, n, 2) their RoPE coordinates, or (1, n, 2) shared by every image.
       return_layers: layer numbers to return; 0 is the input, i the output of block i-1.
       deterministic: no stochastic depth (eval / teacher).
       context: (batch, n_k, dim) keys/values of every block's cross-attention, or None.
-      context_coords: (batch, n_k, 2).
+      context_coords: (batch or 1, n_k, 2).
 
     Returns:
       {layer: (batch, n, dim)} for every requested layer.
@@ -366,21 +370,24 @@ class EncoderDecoder(nn.Module):
       deterministic: no stochastic depth.
 
     Returns:
-      ({layer: (batch, R + n_visible, D) normed}, encoder coords (batch, R + n_visible, 2),
-      all patch coords (n_tokens, 2)).
+      ({layer: (batch, R + n_visible, D) normed}, encoder coords (batch, R + n_visible, 2), or
+      (1, R + n_tokens, 2) without visible_indices (the same for every image), all patch coords
+      (n_tokens, 2)).
     """
     grid_h, grid_w = self._grid(images)
     b = images.shape[0]
     x = self.patch_embed(images.astype(self.dtype)).reshape(b, grid_h * grid_w, self.embed_dim)
     coords_all = patch_coordinates(grid_h, grid_w)
     if visible_indices is None:
-      coords = jnp.broadcast_to(coords_all, (b, *coords_all.shape))
+      # Every image has the same coordinates: one row, so that each block's RoPE table (sin and
+      # cos, per layer) is computed once, not once per image.
+      coords = jnp.asarray(coords_all)[None]
     else:
       x = jnp.take_along_axis(x, visible_indices[:, :, None], axis=1)
       coords = jnp.asarray(coords_all)[visible_indices]
     reg_coords = jnp.broadcast_to(
         register_coordinates(self.register_coordinates, self.n_registers),
-        (b, self.n_registers, 2))
+        (coords.shape[0], self.n_registers, 2))
     if self.scale_reg_to_visible:
       lo = coords.min(axis=1, keepdims=True)
       hi = coords.max(axis=1, keepdims=True)
