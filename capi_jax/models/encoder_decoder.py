@@ -167,8 +167,7 @@ class Attention(nn.Module):
     head_dim = dim // self.num_heads
     dense = functools.partial(nn.Dense, dim, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=layers.xavier_uniform)
-    # Projections on 2-D tokens: see `layers.Mlp`.
-    project = lambda name, t: dense(name=name)(t.reshape(-1, dim)).reshape(*t.shape[:-1], dim)
+    project = lambda name, t: layers.on_tokens(dense(name=name), t)
     # Heads-major (batch, heads, n, head_dim): attention's matmuls then batch over leading axes.
     split_heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim).transpose(0, 2, 1, 3)
     rope = Rope(head_dim, self.train_rope_freqs, self.param_dtype, name='rope')

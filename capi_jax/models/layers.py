@@ -168,6 +168,18 @@ def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major') -> Arra
   return jnp.einsum(out_spec, probs.astype(v.dtype), v)
 
 
+def on_tokens(fn: Callable[[Array], Array], x: Array) -> Array:
+  """fn applied to x (..., D) flattened to 2-D tokens (n, D); its output (n, D') reshaped back
+  to (..., D').
+
+  For dense layers: on 2-D tokens their weight gradients are single-contraction matmuls, which
+  XLA:CPU hands to its fast matmul library (a (batch, n) contraction takes a slower path, with
+  a transposed copy of the gradient).
+  """
+  out = fn(x.reshape(-1, x.shape[-1]))
+  return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class Mlp(nn.Module):
   """dim -> int(mlp_ratio * dim) -> dim, `activation` between (exact GELU); `fc1`, `fc2`."""
   mlp_ratio: float = 4
@@ -180,8 +192,6 @@ class Mlp(nn.Module):
   def __call__(self, x: Array) -> Array:
     dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=xavier_uniform)
-    *lead, dim = x.shape
-    # On 2-D tokens the weight gradients are single-contraction matmuls, which XLA:CPU hands to
-    # its fast matmul library (a (batch, n) contraction takes a slower path with copies).
-    x = dense(int(dim * self.mlp_ratio), name='fc1')(x.reshape(-1, dim))
-    return dense(dim, name='fc2')(self.activation(x)).reshape(*lead, dim)
+    dim = x.shape[-1]
+    fc1, fc2 = dense(int(dim * self.mlp_ratio), name='fc1'), dense(dim, name='fc2')
+    return on_tokens(lambda t: fc2(self.activation(fc1(t))), x)
