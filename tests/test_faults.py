@@ -186,6 +186,15 @@ def test_records_appear_whole_and_a_cut_record_is_skipped(tmp_path, caplog):
   assert 'Skipping unreadable run record' in caplog.text
 
 
+def test_a_record_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(runs.json, 'dump', full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    runs.write_record(tmp_path, _config(), None)
+  assert not list((tmp_path / 'runs').iterdir())
+
+
 # ------------------------------------------------------------------ 3 + 7. divergence, metrics rows
 def test_divergence_at_the_end_fails_loudly_and_rows_never_repeat(trained, tmp_path, cache_dir):
   workdir = _copy(trained, tmp_path)

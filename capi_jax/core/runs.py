@@ -249,12 +249,12 @@ def write_record(workdir: pathlib.Path, config: ml_collections.ConfigDict,
   runs = workdir / RUNS_DIR
   runs.mkdir(parents=True, exist_ok=True)
   aside = runs / f'.{uuid.uuid4().hex}.tmp'
-  with open(aside, 'w') as f:
-    json.dump(record, f, indent=2)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  try:
+  try:  # The file aside goes away whatever happens, a full disk included.
+    with open(aside, 'w') as f:
+      json.dump(record, f, indent=2)
+      f.write('\n')
+      f.flush()
+      os.fsync(f.fileno())
     while True:  # One process may start twice within a clock tick (tests, notebooks).
       stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
       path = runs / f'{stamp}_{record["host"]}_{record["pid"]}.json'
