@@ -6,8 +6,9 @@ in its matmuls. Where the kernel gives huge pages only on request (THP mode `mad
 default of most distributions), glibc >= 2.35 requests them when `GLIBC_TUNABLES` holds
 `glibc.malloc.hugetlb=1`, a tunable read once at process start: hence a re-exec.
 
-Measured on `configs/bench_cpu.py` (2-core AMD EPYC Zen 4): 1.40 -> 1.19-1.21 s/step. The
-official PyTorch code gains nothing from the same tunable (its buffers are small and reused).
+Measured on `configs/bench_cpu.py` (2-core AMD EPYC Zen 4, six runs): 1.40 -> 1.17-1.29
+s/step. The official PyTorch code gains nothing from the same tunable (its buffers are small
+and reused).
 Set `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to opt out.
 """
 
