@@ -1,4 +1,6 @@
-r"""Pretrains CAPI: `python -m capi_jax.main --config=configs/tiny.py --workdir=/tmp/capi_tiny`.
+r"""Pretrains with the config's method (CAPI, MIM-Refiner, CAE v2, ...):
+
+  python -m capi_jax.main --config=configs/tiny.py --workdir=/tmp/capi_tiny
 
 Override any config value on the command line, e.g. `--config.optim.lr_schedule.base_value=3e-4`.
 Rerunning with the same --workdir resumes from its latest intact checkpoint. Mistakes (a bad
@@ -7,7 +9,7 @@ exit status; Ctrl-C checkpoints first and exits with 130.
 """
 
 if __name__ == '__main__':  # First, before jax is imported: this may restart the process.
-  from capi_jax.core import huge_pages
+  from capi_jax.base import huge_pages
   huge_pages.reexec_with_huge_pages()
 
 import logging as std_logging
@@ -17,8 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from capi_jax.core import cli
-from capi_jax.core import train
+from capi_jax.base import cli
+from capi_jax.engine import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file (configs/*.py).', lock_config=True)

@@ -124,7 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (2.48e13); dots_and_attention still fits at 104 per chip (14.93 GiB). docs/pod_plans.md.
   c.efficiency.remat_policy = 'dots_and_attention'
 
-  # FSDP (capi_jax/core/sharding.py): parameters, EMA and optimiser state are stored sharded
+  # FSDP (capi_jax/base/sharding.py): parameters, EMA and optimiser state are stored sharded
   # over the 'fsdp' axis; each transformer block gathers its own weights where it runs.
   c.sharding = ml_collections.ConfigDict()
   # Mesh axes and sizes; -1 takes the remaining devices. The batch is split over all axes;

@@ -5,10 +5,10 @@ import importlib.util
 import jax
 import pytest
 
-from capi_jax import aot
 from capi_jax import methods
-from capi_jax.core import sharding
-from capi_jax.core import state as state_lib
+from capi_jax.base import sharding
+from capi_jax.engine import plans
+from capi_jax.engine import state as state_lib
 from configs import tiny
 
 _HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -44,22 +44,22 @@ ENTRY %main (a: bf16[4,16]) -> f32[8,16] {
 
 
 def test_parse_topology_names_the_accepted_forms():
-  name, chip, grid = aot.parse_topology('v5e:4x4')
-  assert (name, chip.hbm_bytes, grid) == ('v5e', 16 * aot.GiB, (4, 4))
-  assert aot.parse_topology('v5p:2x2x4')[1].topology_prefix == 'v5'
+  name, chip, grid = plans.parse_topology('v5e:4x4')
+  assert (name, chip.hbm_bytes, grid) == ('v5e', 16 * plans.GiB, (4, 4))
+  assert plans.parse_topology('v5p:2x2x4')[1].topology_prefix == 'v5'
   for bad in ('v5e', 'v3:4x4', 'v5e:4', 'v4:2x2x2x2'):
     with pytest.raises(ValueError, match='CHIP:GRID'):
-      aot.parse_topology(bad)
+      plans.parse_topology(bad)
 
 
 def test_shape_bytes():
-  assert aot.shape_bytes('f32[8,128]{1,0}') == 8 * 128 * 4
-  assert aot.shape_bytes('(bf16[4]{0}, s32[])') == 8 + 4
-  assert aot.shape_bytes('token[]') == 0
+  assert plans.shape_bytes('f32[8,128]{1,0}') == 8 * 128 * 4
+  assert plans.shape_bytes('(bf16[4]{0}, s32[])') == 8 + 4
+  assert plans.shape_bytes('token[]') == 0
 
 
 def test_collective_bytes_counts_operands_and_loop_trips():
-  assert aot.collective_bytes(_HLO) == {
+  assert plans.collective_bytes(_HLO) == {
       'all-gather': 4 * 16 * 2,  # The bf16 shard that is gathered, once.
       'reduce-scatter': 8 * 16 * 4 + 3 * 8 * 16 * 4,  # The fused one, then three loop trips.
       'all-reduce': 3 * 8 * 16 * 4,  # Async pair counted once per trip, at its start.
@@ -75,7 +75,7 @@ def test_largest_fitting_finds_the_limit(limit, start, expected):
     tried.append(n)
     return n <= limit
 
-  assert aot.largest_fitting(fits, start) == expected
+  assert plans.largest_fitting(fits, start) == expected
   assert len(tried) <= 2 * max(limit, start).bit_length() + 2  # Logarithmic, not linear.
 
 
@@ -91,9 +91,9 @@ def test_tiny_config_compiles_for_a_v5e_slice():
                         n_registers=4)
     config.capi.num_clusters = 16
     config.optim.global_batch_size = 8
-  devices = aot.topology_devices('v5e:2x2')
+  devices = plans.topology_devices('v5e:2x2')
   assert len(devices) == 4 and devices[0].device_kind == 'TPU v5 lite'
-  result = aot.plan(config, 'v5e:2x2', devices)
+  result = plans.plan(config, 'v5e:2x2', devices)
   assert result['fits'] and result['images_per_chip'] == 2
   assert 0 < result['total_bytes'] <= result['hbm_bytes']
   assert result['flops_per_chip'] > 0 and result['ideal_step_s'] > 0

@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from capi_jax import bench
 from capi_jax import methods
-from capi_jax.core import huge_pages
+from capi_jax.base import hardware
+from capi_jax.base import huge_pages
+from capi_jax.engine import benchmark
 from configs import bench_cpu
 from configs import tiny
 
@@ -63,7 +64,7 @@ def test_scaling_smoke():
 
 def test_synthetic_batch_has_the_pipeline_layout():
   config = bench_cpu.get_config()
-  batch = bench.synthetic_batch(config, methods.from_config(config).train_transform())
+  batch = benchmark.synthetic_batch(config, methods.from_config(config).train_transform())
   # 64 tokens: 41 masked, 23 visible, int(41 * 0.25) = 10 predicted.
   assert batch['images'].shape == (64, 112, 112, 3) and batch['images'].dtype == np.uint8
   assert batch['visible_indices'].shape == (64, 23)
@@ -74,19 +75,19 @@ def test_synthetic_batch_has_the_pipeline_layout():
 
 
 def test_peak_table():
-  assert bench.table_peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
-  assert bench.table_peak_flops('NVIDIA H100 PCIe', 'bfloat16') == 756e12
-  assert bench.table_peak_flops('NVIDIA A100-SXM4-80GB', 'bfloat16') == 312e12
-  assert bench.table_peak_flops('TPU v5 lite', 'bfloat16') == 197e12
-  assert bench.table_peak_flops('TPU v5', 'bfloat16') == 459e12
-  assert bench.table_peak_flops('NVIDIA H100 80GB HBM3', 'float32') is None
-  assert bench.table_peak_flops('cpu', 'bfloat16') is None
+  assert hardware.table_peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
+  assert hardware.table_peak_flops('NVIDIA H100 PCIe', 'bfloat16') == 756e12
+  assert hardware.table_peak_flops('NVIDIA A100-SXM4-80GB', 'bfloat16') == 312e12
+  assert hardware.table_peak_flops('TPU v5 lite', 'bfloat16') == 197e12
+  assert hardware.table_peak_flops('TPU v5', 'bfloat16') == 459e12
+  assert hardware.table_peak_flops('NVIDIA H100 80GB HBM3', 'float32') is None
+  assert hardware.table_peak_flops('cpu', 'bfloat16') is None
 
 
 def test_scaling_configs_keep_the_per_device_batch():
   config = tiny.get_config()  # Global batch 128.
-  runs = bench.scaling_configs(config, [8, 1, 2, 4, 16], n_available=8)
+  runs = benchmark.scaling_configs(config, [8, 1, 2, 4, 16], n_available=8)
   assert [(n, c.optim.global_batch_size) for n, c in runs] == [(1, 16), (2, 32), (4, 64), (8, 128)]
   assert config.optim.global_batch_size == 128  # The caller's config is untouched.
   with pytest.raises(ValueError, match='device_counts'):
-    bench.scaling_configs(config, [16], n_available=8)
+    benchmark.scaling_configs(config, [16], n_available=8)

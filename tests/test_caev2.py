@@ -21,22 +21,26 @@ from PIL import Image
 import pytest
 from scipy import special
 
-from capi_jax import bench
 from capi_jax import check_reference
 from capi_jax import convert
 from capi_jax import methods
-from capi_jax.core import config_checks
-from capi_jax.core import train
 from capi_jax.data import masking
 from capi_jax.data import transforms
+from capi_jax.engine import benchmark
+from capi_jax.engine import config_checks
+from capi_jax.engine import pretrained
+from capi_jax.engine import train
 from capi_jax.methods.caev2 import convert as caev2_convert
 from capi_jax.methods.caev2 import loss as caev2_loss
 from capi_jax.methods.caev2 import optim as caev2_optim
-from capi_jax.methods.caev2 import parity
 from capi_jax.methods.caev2 import regressor
 from capi_jax.methods.caev2 import teacher as teacher_lib
 from capi_jax.models import vit
-from capi_jax.models import vit_convert
+from capi_jax.reference import caev2 as parity
+from capi_jax.reference import harness
+from capi_jax.weights import files
+from capi_jax.weights import rules
+from capi_jax.weights import vit as vit_weights
 from configs.caev2 import base as caev2_base
 from configs.caev2 import fashion_mnist as caev2_fashion_mnist
 from configs.caev2 import large as caev2_large
@@ -101,7 +105,7 @@ def test_beit_block_rejects_settings_it_cannot_fill():
 
 def test_mask_statistic_rejects_another_generator():
   """The parity statistic separates the release's block size from another one."""
-  arrays = check_reference.load_fixture(str(FIXTURE))
+  arrays = harness.load_fixture(str(FIXTURE))
   cfg = json.loads(str(arrays['meta_json']))['maskgen']['small']
   ref = arrays['maskgen/small/position_freq']
   wrong = masking.make_mask_generator('BeitBlock', grid=tuple(cfg['grid']),
@@ -316,14 +320,14 @@ def test_parity_suite_runs_on_a_fixture_with_equal_widths():
       'fwd/labels': labels, 'fwd/regressor_out': regressed, 'fwd/latent_predict': latent_predict,
       'fwd/outputs': outputs, 'fwd/token_loss': token_loss,
       'step/0/loss': np.asarray(token_loss.mean())})
-  report = check_reference.run(arrays)
+  report = harness.run(arrays)
   assert report.kind == 'caev2' and report.ok, report.table()
   compared = {r.quantity for r in report.results}
   assert {'rd_pos_embed', 'fwd/labels', 'fwd/regressor_out', 'fwd/outputs', 'step/0/loss'} <= (
       compared) and 'fwd/encoder_to_regresser_out' not in compared
   arrays['fwd/labels'] = arrays['fwd/labels'] + 1e-3  # a wrong number is caught
   labels_only = [c for c in parity.SUITE.comparisons if c.name == 'labels']
-  assert not check_reference.run(arrays, comparisons=labels_only).ok
+  assert not harness.run(arrays, comparisons=labels_only).ok
 
 
 # ---------------------------------------------------------------------------- stochastic depth
@@ -402,7 +406,7 @@ def _capi_teacher_dir(config: ml_collections.ConfigDict, directory: pathlib.Path
   shapes = jax.eval_shape(module.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))['params']
   params = _random_tree(shapes, seed=3)
-  convert.save_params({'backbone': params}, directory)
+  files.save_params({'backbone': params}, directory)
   return params
 
 
@@ -494,7 +498,7 @@ def test_trains_from_a_capi_teacher_evaluates_and_benchmarks(tmp_path):
   results = json.loads((tmp_path / 'run' / 'eval' / '2' / 'results.json').read_text())
   assert 0.0 <= results['protocols']['knn']['results']['global/k3'] <= 100.0
 
-  timing = bench.time_train_step(config, jax.devices()[:1], steps=1, warmup=0)
+  timing = benchmark.time_train_step(config, jax.devices()[:1], steps=1, warmup=0)
   assert timing['step_time_s'] > 0 and timing['peak_memory_bytes'] > 0
 
 
@@ -504,8 +508,7 @@ def test_a_wrong_teacher_checkpoint_names_the_parameter(tmp_path):
   config.caev2.teacher.model.embed_dim = 24
   method = methods.from_config(config)
   variables = jax.eval_shape(method.init, jax.random.key(0))
-  from capi_jax.core import pretrained  # pylint: disable=g-import-not-at-top
-  with pytest.raises(convert.CheckpointMismatchError, match=r"mask_token.*\(1, 24\).*\(1, 16\)"):
+  with pytest.raises(rules.CheckpointMismatchError, match=r"mask_token.*\(1, 24\).*\(1, 16\)"):
     method.from_pretrained(variables, {'teacher': pretrained.load(str(tmp_path / 'teacher'))})
 
 
@@ -519,8 +522,8 @@ def test_clip_checkpoint_round_trips_through_the_converter(tmp_path):
   config.caev2.teacher.model = _clip_section(patch_size=4, image_size=8, embed_dim=16, depth=2,
                                              num_heads=2, out_dim=6)
   model = vit.from_config(config, config.caev2.teacher.model)
-  params = _random_tree(vit_convert.param_shapes(model), seed=5)
-  official = vit_convert.params_to_official(params, 'clip', prefix='visual.')
+  params = _random_tree(vit_weights.param_shapes(model), seed=5)
+  official = vit_weights.params_to_official(params, 'clip', prefix='visual.')
   # OpenAI's file: linear weights in float16 beside float32 norms and tokens, and a text tower.
   official = {k: v.astype(np.float16) if k.endswith(('weight', 'proj', 'bias')) and 'ln_' not in k
               else v for k, v in official.items()}
@@ -530,13 +533,13 @@ def test_clip_checkpoint_round_trips_through_the_converter(tmp_path):
       config, 'clip', 'caev2.teacher.model', direction, str(source), str(output))
   run('capi_jax', tmp_path / 'ViT-B-16.pt', tmp_path / 'clip')
   run('official', tmp_path / 'clip', tmp_path / 'back.npz')
-  back = convert.read_state_dict(tmp_path / 'back.npz')
+  back = files.read_state_dict(tmp_path / 'back.npz')
   assert sorted(back) == sorted(official)
   for name, value in official.items():
     assert back[name].dtype == value.dtype, name
     np.testing.assert_array_equal(back[name], value)
 
   config.caev2.teacher.model.embed_dim = 8  # A checkpoint of another width does not fit.
-  with pytest.raises(convert.CheckpointMismatchError,
+  with pytest.raises(rules.CheckpointMismatchError,
                      match=r"'visual.class_embedding': expected shape \(8,\), found \(16,\)"):
     run('capi_jax', tmp_path / 'ViT-B-16.pt', tmp_path / 'wrong')

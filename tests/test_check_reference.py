@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from capi_jax import check_reference
-from capi_jax import convert
+from capi_jax.base import schedules
+from capi_jax.methods.capi import convert as capi_convert
 from capi_jax.methods.capi import heads
-from capi_jax.methods.capi import parity as capi_parity
 from capi_jax.models import encoder_decoder
-from capi_jax.core import schedules
+from capi_jax.reference import capi as capi_parity
+from capi_jax.reference import harness
 
 
 def test_shipped_fixture_passes(fixture_path, capsys):
@@ -61,7 +62,7 @@ def make_fixture(official_model: dict, fwd_hw: tuple[int, int], train_hw: tuple[
   nhwc = lambda x: jnp.asarray(x).transpose(0, 2, 3, 1)
   params = jax.jit(model.init)(next(keys), nhwc(fwd_images))['params']
   params = _randomise_norm_scales(params, next(keys))
-  out.update({f'backbone/{k}': v for k, v in convert.backbone_to_official(params).items()})
+  out.update({f'backbone/{k}': v for k, v in capi_convert.backbone_to_official(params).items()})
   variables = {'params': params}
   global_repr, registers, feature_map = jax.jit(model.apply)(variables, nhwc(fwd_images))
   out.update({'fwd/images': fwd_images, 'fwd/global_repr': global_repr,
@@ -94,8 +95,8 @@ def make_fixture(official_model: dict, fwd_hw: tuple[int, int], train_hw: tuple[
   (loss, assignments), grads = jax.value_and_grad(functools.partial(
       heads.clustering_targets_and_loss, target_temp=kw.target_temp, pred_temp=kw.pred_temp,
       n_sk_iter=kw.n_sk_iter), has_aux=True)(clustering, clustering_input)
-  official = convert.clustering_head_to_official(clustering)
-  official_grads = convert.clustering_head_to_official(grads)
+  official = capi_convert.clustering_head_to_official(clustering)
+  official_grads = capi_convert.clustering_head_to_official(grads)
   out.update({'clustering/layer.weight': official['layer.weight'],
               'clustering/layer.bias': official['layer.bias'],
               'clustering/input': clustering_input, 'clustering/assignments': assignments,
@@ -113,8 +114,8 @@ def make_fixture(official_model: dict, fwd_hw: tuple[int, int], train_hw: tuple[
     return heads.capi_loss(logits, targets, cfg.capi.student_temp), logits
 
   (loss, logits), grads = jax.value_and_grad(student_loss, has_aux=True)(student)
-  official = convert.student_head_to_official(student)
-  official_grads = convert.student_head_to_official(grads)
+  official = capi_convert.student_head_to_official(student)
+  official_grads = capi_convert.student_head_to_official(grads)
   out.update({f'student_head/{k}': v for k, v in official.items()})
   out.update({'student_head/input': head_input, 'student_head/targets': targets,
               'student_head/logits': logits, 'student_head/loss': loss,
@@ -152,7 +153,7 @@ def second_fixture():
 
 def test_other_configs_run_every_comparison(second_fixture):
   for fixture in (second_fixture, make_fixture(**THIRD_CONFIG, seed=1)):
-    report = check_reference.run(fixture)
+    report = harness.run(fixture)
     assert report.ok, report.table()
     assert [name for name, _ in report.skipped] == ['two training iterations'], report.table()
     assert len(report.results) == 16, report.table()
@@ -189,7 +190,7 @@ def test_a_wrong_number_fails_with_a_non_zero_exit(second_fixture, tmp_path, cap
 
 def test_missing_arrays_skip_with_the_reason(second_fixture):
   partial = {k: v for k, v in second_fixture.items() if not k.startswith(('schedule/', 'fwd/'))}
-  report = check_reference.run(partial)
+  report = harness.run(partial)
   skipped = dict(report.skipped)
   assert 'schedule/lr' in skipped['schedules'] and 'fwd/images' in skipped['eval forward']
   assert report.ok and 'skipped: schedules' in report.table()
@@ -201,22 +202,22 @@ def test_registered_comparisons_and_skips():
 
   def register(name):
     def wrap(fn):
-      registry.append(check_reference.Comparison(name, (), fn))
+      registry.append(harness.Comparison(name, (), fn))
       return fn
     return wrap
 
   @register('exact')
   def _exact(ctx):
     calls.append(ctx.config.model.patch_size)
-    return [check_reference.compare('x', np.ones(3), np.ones(3), 1e-5)]
+    return [harness.compare('x', np.ones(3), np.ones(3), 1e-5)]
 
   @register('not yet')
   def _not_yet(ctx):
-    raise check_reference.Skipped('needs a module that does not exist yet')
+    raise harness.Skipped('needs a module that does not exist yet')
 
   arrays = {'meta_json': np.array(json.dumps({'model': SECOND_CONFIG['official_model']})),
             'backbone/registers': np.zeros((1, 2, 32))}
-  report = check_reference.run(arrays, comparisons=registry)
+  report = harness.run(arrays, comparisons=registry)
   assert calls == [8] and report.ok
   assert report.skipped == [('not yet', 'needs a module that does not exist yet')]
 
@@ -229,15 +230,15 @@ def test_flat_indices_must_be_grouped_by_image():
 
 
 def test_tolerance_is_relative_for_large_values():
-  assert check_reference.compare('big', [1000.005], [1000.0], 1e-5).ok
-  assert not check_reference.compare('small', [0.5 + 2e-5], [0.5], 1e-5).ok
-  assert not check_reference.compare('nan', [np.nan], [0.5], 1e-5).ok
+  assert harness.compare('big', [1000.005], [1000.0], 1e-5).ok
+  assert not harness.compare('small', [0.5 + 2e-5], [0.5], 1e-5).ok
+  assert not harness.compare('nan', [np.nan], [0.5], 1e-5).ok
 
 
 def test_a_fixture_with_nothing_comparable_fails(second_fixture, tmp_path, capsys):
   weights_only = {k: v for k, v in second_fixture.items()
                   if k.startswith('backbone/') or k == 'meta_json'}
-  report = check_reference.run(weights_only)
+  report = harness.run(weights_only)
   assert not report.results and not report.ok and len(report.skipped) == 6
   np.savez(tmp_path / 'weights.npz', **weights_only)
   assert check_reference.main(['check_reference', str(tmp_path / 'weights.npz')]) == 1
@@ -246,9 +247,9 @@ def test_a_fixture_with_nothing_comparable_fails(second_fixture, tmp_path, capsy
 
 def test_unknown_fixture_format_is_refused():
   with pytest.raises(ValueError, match='no known fixture format'):
-    check_reference.run({'meta_json': np.array('{}'), 'something/else': np.zeros(3)})
+    harness.run({'meta_json': np.array('{}'), 'something/else': np.zeros(3)})
 
 
 def test_absolute_tolerance():
-  assert check_reference.compare('a', [1000.005], [1000.0], 1e-2, absolute=True).ok
-  assert not check_reference.compare('a', [1000.005], [1000.0], 1e-3, absolute=True).ok
+  assert harness.compare('a', [1000.005], [1000.0], 1e-2, absolute=True).ok
+  assert not harness.compare('a', [1000.005], [1000.0], 1e-3, absolute=True).ok

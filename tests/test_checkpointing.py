@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capi_jax.core import checkpointing
-from capi_jax.core import sharding
+from capi_jax.base import sharding
+from capi_jax.engine import checkpointing
 from test_train_step import micro_config
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from capi_jax.core import config_checks
+from capi_jax.engine import config_checks
 
 CONFIGS = ('vits', 'vitb', 'vitl', 'vith', 'tiny', 'bench_cpu')
 

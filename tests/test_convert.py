@@ -9,16 +9,24 @@ import jax
 import numpy as np
 import pytest
 
-from capi_jax import check_reference
-from capi_jax.methods.capi import parity as capi_parity
 from capi_jax import convert
+from capi_jax import methods
+from capi_jax.base import sharding
+from capi_jax.engine import checkpointing
+from capi_jax.engine import state as state_lib
+from capi_jax.methods.capi import convert as capi_convert
+from capi_jax.reference import capi as capi_parity
+from capi_jax.reference import harness
+from capi_jax.weights import files
+from capi_jax.weights import rules
+from configs import tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
 def ctx(fixture_path):
-  context = capi_parity.Context(check_reference.load_fixture(fixture_path))
+  context = capi_parity.Context(harness.load_fixture(fixture_path))
   context.config.capi.num_clusters = context.arrays['clustering/layer.weight'].shape[0]
   return context
 
@@ -43,32 +51,32 @@ def _assert_same_state_dict(ours, ref):
 
 def test_npz_round_trip_is_bit_exact(ctx, official, tmp_path):
   np.savez(tmp_path / 'official.npz', **official)
-  parts = convert.load_official(tmp_path / 'official.npz', ctx.config)
+  parts = capi_convert.load_official(tmp_path / 'official.npz', ctx.config)
   assert sorted(parts) == ['backbone', 'clustering_head', 'head']
   assert parts['backbone']['patch_embed']['kernel'].shape == (14, 14, 3, 64)
   assert parts['head']['kernel_v'].shape == (64, 32)
-  convert.export_official(parts, tmp_path / 'back.npz')
-  _assert_same_state_dict(convert.read_state_dict(tmp_path / 'back.npz'), official)
+  capi_convert.export_official(parts, tmp_path / 'back.npz')
+  _assert_same_state_dict(files.read_state_dict(tmp_path / 'back.npz'), official)
 
 
 def test_converted_backbone_is_the_one_that_matches_the_reference(ctx, official, tmp_path):
   np.savez(tmp_path / 'official.npz', **official)
-  params = convert.load_official(tmp_path / 'official.npz', ctx.config)['backbone']
+  params = capi_convert.load_official(tmp_path / 'official.npz', ctx.config)['backbone']
   jax.tree.map(np.testing.assert_array_equal, params, ctx.backbone)
 
 
 def test_orbax_params_round_trip(ctx, official, tmp_path):
   np.savez(tmp_path / 'official.npz', **official)
-  parts = convert.load_official(tmp_path / 'official.npz', ctx.config)
-  restored = convert.restore_params(convert.save_params(parts, tmp_path / 'out'))
+  parts = capi_convert.load_official(tmp_path / 'official.npz', ctx.config)
+  restored = files.restore_params(files.save_params(parts, tmp_path / 'out'))
   jax.tree.map(np.testing.assert_array_equal, restored, parts)
 
 
 def test_pth_round_trip_and_training_checkpoint(ctx, official, tmp_path):
   torch = pytest.importorskip('torch')
   torch.save({k: torch.from_numpy(v) for k, v in official.items()}, tmp_path / 'official.pth')
-  parts = convert.load_official(tmp_path / 'official.pth', ctx.config)
-  convert.export_official(parts, tmp_path / 'back.pth')
+  parts = capi_convert.load_official(tmp_path / 'official.pth', ctx.config)
+  capi_convert.export_official(parts, tmp_path / 'back.pth')
   back = torch.load(tmp_path / 'back.pth', weights_only=True)
   _assert_same_state_dict({k: v.numpy() for k, v in back.items()}, official)
 
@@ -83,7 +91,7 @@ def test_pth_round_trip_and_training_checkpoint(ctx, official, tmp_path):
     if k.startswith('teacher_head.'):
       model['teacher.head.' + k[len('teacher_head.'):]] = torch.from_numpy(v)
   torch.save({'iteration': 3, 'model': model, 'optimizer': {'state': {}}}, tmp_path / 'train.pth')
-  ema = convert.load_official(tmp_path / 'train.pth', ctx.config, source='student_ema')
+  ema = capi_convert.load_official(tmp_path / 'train.pth', ctx.config, source='student_ema')
   np.testing.assert_array_equal(ema['backbone']['registers'], official['backbone.registers'] + 1)
   np.testing.assert_array_equal(ema['clustering_head']['bias'], official['teacher_head.layer.bias'])
 
@@ -92,20 +100,20 @@ def test_missing_parameter_is_named(ctx, official, tmp_path):
   broken = dict(official)
   del broken['backbone.encoder.blocks.1.residual2.fn.fc1.weight']
   np.savez(tmp_path / 'missing.npz', **broken)
-  with pytest.raises(convert.CheckpointMismatchError,
+  with pytest.raises(rules.CheckpointMismatchError,
                      match=r"missing parameter 'encoder\.blocks\.1\.residual2\.fn\.fc1\.weight': "
                            r'expected shape \(256, 64\), found none'):
-    convert.load_official(tmp_path / 'missing.npz', ctx.config)
+    capi_convert.load_official(tmp_path / 'missing.npz', ctx.config)
 
 
 def test_wrong_shape_is_named_with_both_shapes(ctx, official, tmp_path):
   broken = dict(official)
   broken['backbone.patch_embed.weight'] = np.zeros((64, 3, 16, 16), np.float32)
   np.savez(tmp_path / 'shape.npz', **broken)
-  with pytest.raises(convert.CheckpointMismatchError,
+  with pytest.raises(rules.CheckpointMismatchError,
                      match=r"parameter 'patch_embed\.weight': expected shape \(64, 3, 14, 14\), "
                            r'found \(64, 3, 16, 16\)'):
-    convert.load_official(tmp_path / 'shape.npz', ctx.config)
+    capi_convert.load_official(tmp_path / 'shape.npz', ctx.config)
 
 
 @pytest.mark.parametrize('depth, message', [
@@ -117,16 +125,16 @@ def test_different_depth_is_an_error(ctx, official, tmp_path, depth, message):
   np.savez(tmp_path / 'official.npz', **official)
   config = ctx.config.copy_and_resolve_references()
   config.model.encoder_depth = depth
-  with pytest.raises(convert.CheckpointMismatchError, match=message):
-    convert.load_official(tmp_path / 'official.npz', config)
+  with pytest.raises(rules.CheckpointMismatchError, match=message):
+    capi_convert.load_official(tmp_path / 'official.npz', config)
 
 
 def test_other_width_reports_the_parameters_and_how_many(ctx, official, tmp_path):
   np.savez(tmp_path / 'official.npz', **official)
   config = ctx.config.copy_and_resolve_references()
   config.model.embed_dim, config.model.num_heads = 128, 8
-  with pytest.raises(convert.CheckpointMismatchError) as error:
-    convert.load_official(tmp_path / 'official.npz', config)
+  with pytest.raises(rules.CheckpointMismatchError) as error:
+    capi_convert.load_official(tmp_path / 'official.npz', config)
   message = str(error.value)
   assert ("parameter 'decoder.blocks.0.residual1.fn.k_proj.weight': expected shape (128, 128), "
           'found (64, 64)') in message
@@ -135,10 +143,10 @@ def test_other_width_reports_the_parameters_and_how_many(ctx, official, tmp_path
 
 def test_unknown_prefix_and_format_are_errors(ctx, official, tmp_path):
   np.savez(tmp_path / 'odd.npz', **official, **{'other.weight': np.zeros(3)})
-  with pytest.raises(convert.CheckpointMismatchError, match="'other.weight'"):
-    convert.load_official(tmp_path / 'odd.npz', ctx.config)
+  with pytest.raises(rules.CheckpointMismatchError, match="'other.weight'"):
+    capi_convert.load_official(tmp_path / 'odd.npz', ctx.config)
   with pytest.raises(ValueError, match='use .pth or .npz'):
-    convert.read_state_dict(tmp_path / 'model.safetensors')
+    files.read_state_dict(tmp_path / 'model.safetensors')
 
 
 def test_read_state_dict_torchscript_and_wrapped(tmp_path):
@@ -149,7 +157,7 @@ def test_read_state_dict_torchscript_and_wrapped(tmp_path):
   torch.save({'state_dict': linear.state_dict(), 'ctor_kwargs': {'dim': 3}},
              tmp_path / 'wrapped.th')
   for name in ('scripted.pt', 'wrapped.th'):
-    sd = convert.read_state_dict(tmp_path / name)
+    sd = files.read_state_dict(tmp_path / name)
     assert sorted(sd) == ['bias', 'weight'], name
     np.testing.assert_array_equal(sd['weight'], linear.weight.detach().numpy())
 
@@ -168,15 +176,15 @@ def test_cli_official_to_capi_jax_and_back(ctx, official, tmp_path):
   assert (tmp_path / 'out' / 'params').is_dir()
   run('--to=official', f'--input={tmp_path / "out" / "params"}',
       f'--output={tmp_path / "back.npz"}')
-  _assert_same_state_dict(convert.read_state_dict(tmp_path / 'back.npz'), official)
+  _assert_same_state_dict(files.read_state_dict(tmp_path / 'back.npz'), official)
 
 
 def test_pth_bfloat16_round_trip_is_bit_exact(ctx, official, tmp_path):
   torch = pytest.importorskip('torch')
   bf16 = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in official.items()}
   torch.save(bf16, tmp_path / 'bf16.pth')
-  parts = convert.load_official(tmp_path / 'bf16.pth', ctx.config)
-  convert.export_official(parts, tmp_path / 'back.pth')
+  parts = capi_convert.load_official(tmp_path / 'bf16.pth', ctx.config)
+  capi_convert.export_official(parts, tmp_path / 'back.pth')
   back = torch.load(tmp_path / 'back.pth', weights_only=True)
   assert sorted(back) == sorted(bf16)
   for k, v in bf16.items():
@@ -186,11 +194,6 @@ def test_pth_bfloat16_round_trip_is_bit_exact(ctx, official, tmp_path):
 def test_capi_jax_training_checkpoint_to_official(tmp_path):
   """A training run's step folder exports the student or its EMA under official names."""
   import grain  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
-  from capi_jax import methods  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import sharding  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import state as state_lib  # pylint: disable=g-import-not-at-top
-  from configs import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.model.embed_dim, config.model.num_heads = 32, 2
   config.model.encoder_depth, config.model.decoder_depth = 1, 1
@@ -207,7 +210,7 @@ def test_capi_jax_training_checkpoint_to_official(tmp_path):
 
   convert._run(config, 'official', str(tmp_path / 'checkpoints' / '7'),  # pylint: disable=protected-access
                str(tmp_path / 'ema.npz'), 'student_ema')
-  expected = convert.to_official_state_dict({
+  expected = capi_convert.to_official_state_dict({
       'backbone': state.buffers['ema']['backbone'], 'head': state.buffers['ema']['head'],
       'clustering_head': state.params['clustering_head']})
-  _assert_same_state_dict(convert.read_state_dict(tmp_path / 'ema.npz'), expected)
+  _assert_same_state_dict(files.read_state_dict(tmp_path / 'ema.npz'), expected)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from capi_jax import check_reference
+from capi_jax.reference import harness
 
 FIXTURE = (pathlib.Path(__file__).parent / 'fixtures' / 'capi_eval_reference' /
            'capi_eval_small.npz')
@@ -16,12 +17,12 @@ FIXTURE = (pathlib.Path(__file__).parent / 'fixtures' / 'capi_eval_reference' /
 
 @pytest.fixture(scope='module')
 def arrays() -> dict[str, np.ndarray]:
-  return check_reference.load_fixture(str(FIXTURE))
+  return harness.load_fixture(str(FIXTURE))
 
 
 def _run(arrays, names):
-  suite = check_reference.suite('capi_eval')
-  return check_reference.run(arrays, 'capi_eval',
+  suite = harness.suite('capi_eval')
+  return harness.run(arrays, 'capi_eval',
                              [c for c in suite.comparisons if c.name in names])
 
 

@@ -13,7 +13,11 @@ import pytest
 
 from capi_jax import evaluate
 from capi_jax import evaluators
-from capi_jax.core import sharding
+from capi_jax.base import sharding
+from capi_jax.engine import evaluation
+from capi_jax.engine import train
+from capi_jax.methods.capi import convert as capi_convert
+from capi_jax.weights import files
 from configs import tiny
 from configs import vitl
 
@@ -109,8 +113,8 @@ def test_run_evals_end_to_end(data, tmp_path, capsys):
   config.evals.random_init_baseline = True
   # One device: the protocols' sharding is tested on 8 in test_seg.py / test_classif.py.
   mesh = sharding.make_mesh(config, jax.devices()[:1])
-  params = evaluate.random_init_params(config, mesh)
-  flat = evaluate.run_evals(config, params, 7, tmp_path, mesh=mesh)
+  params = evaluation.random_init_params(config, mesh)
+  flat = evaluation.run_evals(config, params, 7, tmp_path, mesh=mesh)
   table = capsys.readouterr().out
   assert 'random_init' in table and 'seg/labels_knn_mIoU' in table
   saved = json.loads((tmp_path / 'eval' / '7' / 'results.json').read_text())
@@ -127,32 +131,31 @@ def test_run_evals_end_to_end(data, tmp_path, capsys):
   # The baseline was evaluated once (the same weights here, so the same numbers) and is reused.
   baseline_file = tmp_path / 'eval' / 'random_init' / 'results.json'
   mtime = baseline_file.stat().st_mtime_ns
-  baseline = evaluate.random_init_results(config, tmp_path, mesh)
+  baseline = evaluation.random_init_results(config, tmp_path, mesh)
   assert baseline_file.stat().st_mtime_ns == mtime
-  assert evaluate.flatten(baseline) == flat
+  assert evaluation.flatten(baseline) == flat
 
 
 def test_format_table_names_extras_last():
   results = {'knn': {'results': {'global/k10': 0.5}},
              'seg': {'results': {'labels_knn_mIoU': 0.25}}}
   baseline = {'seg': {'results': {'labels_knn_mIoU': 0.125}}}
-  lines = evaluate.format_table(results, baseline).splitlines()
+  lines = evaluation.format_table(results, baseline).splitlines()
   assert 'random_init' in lines[0]
   assert lines[1].split() == ['seg/labels_knn_mIoU', '25.00', '12.50']
   assert lines[2].split() == ['extra/knn/global/k10', '50.00', '-']
 
 
 def test_load_params_random_converted_and_official(tmp_path):
-  from capi_jax import convert  # pylint: disable=g-import-not-at-top
   config = _config()
   mesh = sharding.make_mesh(config)
   params, name = evaluate.load_params(config, tmp_path, '', 'random', 'ema', mesh)
   assert name == 'random_init'
-  convert.save_params({'backbone': params}, tmp_path / 'out')
+  files.save_params({'backbone': params}, tmp_path / 'out')
   restored, name = evaluate.load_params(config, tmp_path, str(tmp_path / 'out'), '', 'ema', mesh)
   assert name == 'converted'
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(params))
-  convert.export_official({'backbone': jax.device_get(params)}, tmp_path / 'capi_tiny.npz')
+  capi_convert.export_official({'backbone': jax.device_get(params)}, tmp_path / 'capi_tiny.npz')
   official, name = evaluate.load_params(config, tmp_path, str(tmp_path / 'capi_tiny.npz'), '',
                                         'ema', mesh)
   assert name == 'capi_tiny'
@@ -166,7 +169,6 @@ def test_load_params_random_converted_and_official(tmp_path):
 
 
 def test_load_params_from_a_training_checkpoint(data, tmp_path):
-  from capi_jax.core import train  # pylint: disable=g-import-not-at-top
   config = _config(data)
   config.data.dataset = f'folder:{data / "cls"}'
   config.optim.total_iters = 2

@@ -29,18 +29,23 @@ import jax
 import numpy as np
 import pytest
 
-from capi_jax import convert
-from capi_jax.core import checkpointing
-from capi_jax.core import cli
-from capi_jax.core import config_checks
-from capi_jax.core import metrics_writer
-from capi_jax.core import runs
-from capi_jax.core import sharding
-from capi_jax.core import state as state_lib
-from capi_jax.core import train
+from capi_jax import evaluate
+from capi_jax import methods
+from capi_jax.base import cli
+from capi_jax.base import errors
+from capi_jax.base import sharding
 from capi_jax.data import pipeline
 from capi_jax.data import sources
-from capi_jax import methods
+from capi_jax.engine import checkpointing
+from capi_jax.engine import config_checks
+from capi_jax.engine import metrics_writer
+from capi_jax.engine import pretrained
+from capi_jax.engine import runs
+from capi_jax.engine import state as state_lib
+from capi_jax.engine import train
+from capi_jax.methods.capi import convert as capi_convert
+from capi_jax.weights import files
+from capi_jax.weights import rules
 from test_train_step import micro_config
 import loader_wrappers  # tests/ is on sys.path (pytest's rootdir insertion, PYTHONPATH in scripts)
 
@@ -250,7 +255,7 @@ def test_iterator_state_across_num_workers():
   assert pipeline.adapt_iterator_state(saved, {'next_index': 0}) == {'next_index': 63}
   assert pipeline.adapt_iterator_state({'next_index': 63}, fresh)['iterators_in_use_states'] == [
       {'next_index': 32}, {'next_index': 31}]
-  with pytest.raises(cli.UserError, match='num_workers=2'):
+  with pytest.raises(errors.UserError, match='num_workers=2'):
     pipeline.adapt_iterator_state({**saved, 'iterators_in_use_states': [{'x': 1}, {'x': 2}]},
                                   {'next_index': 0})
 
@@ -341,7 +346,7 @@ def test_bad_config_values_are_named_up_front(key, value, expected):
 
 
 def test_a_mistyped_config_key_is_one_line():
-  program = ('from ml_collections import config_flags; from capi_jax.core import cli; '
+  program = ('from ml_collections import config_flags; from capi_jax.base import cli; '
              "config_flags.DEFINE_config_file('config'); cli.run(lambda argv: None)")
   for flag, hint in (('--config.model.embed_dimm=3', 'Did you mean "embed_dim"'),
                      ('--config.modle.embed_dim=3', 'Did you mean "model"')):
@@ -407,7 +412,6 @@ def test_no_intact_checkpoint_is_an_error_and_none_is_unverified(trained, tmp_pa
 
 # ------------------------------------------------------------------ 11. evaluate's paths
 def test_every_kind_of_checkpoint_path(trained, tmp_path):
-  from capi_jax import evaluate  # pylint: disable=g-import-not-at-top
   latest = trained / 'checkpoints' / str(TOTAL)
   for path in (trained, trained / 'checkpoints', latest):
     assert checkpointing.find_checkpoint(path) == checkpointing.CheckpointPath(
@@ -419,7 +423,7 @@ def test_every_kind_of_checkpoint_path(trained, tmp_path):
   params, step = evaluate.load_params(config, tmp_path, str(copied), '', 'ema', mesh)
   assert step == TOTAL and 'encoder' in params
 
-  convert.save_params({'backbone': {'w': np.ones(2, np.float32)}}, tmp_path / 'converted')
+  files.save_params({'backbone': {'w': np.ones(2, np.float32)}}, tmp_path / 'converted')
   for path in (tmp_path / 'converted', tmp_path / 'converted' / 'params'):
     assert checkpointing.find_checkpoint(path).kind == 'params'
 
@@ -453,8 +457,8 @@ def test_a_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 def _official_backbone(config) -> dict[str, np.ndarray]:
-  shapes = convert.backbone_shapes(config)
-  return convert.backbone_to_official(
+  shapes = capi_convert.backbone_shapes(config)
+  return capi_convert.backbone_to_official(
       jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes))
 
 
@@ -464,8 +468,8 @@ def test_convert_refuses_integer_and_non_finite_weights():
   name = 'decoder.blocks.0.residual2.fn.fc1.weight'
   for value, message in ((sd[name].astype(np.int32), 'dtype int32, expected a floating-point'),
                          (np.full_like(sd[name], np.nan), 'are NaN or inf')):
-    with pytest.raises(convert.CheckpointMismatchError, match=f"'{name}': .*{message}"):
-      convert.backbone_to_flax({**sd, name: value}, config)
+    with pytest.raises(rules.CheckpointMismatchError, match=f"'{name}': .*{message}"):
+      capi_convert.backbone_to_flax({**sd, name: value}, config)
 
 
 def test_convert_names_an_unreadable_file(tmp_path):
@@ -476,15 +480,15 @@ def test_convert_names_an_unreadable_file(tmp_path):
   text = tmp_path / 'text.pth'
   text.write_text('not a checkpoint')
   for path in (truncated, text):
-    with pytest.raises(convert.UnreadableCheckpointError, match='truncated, damaged'):
-      convert.read_state_dict(path)
+    with pytest.raises(files.UnreadableCheckpointError, match='truncated, damaged'):
+      files.read_state_dict(path)
 
 
 def test_a_step_folder_of_another_model_does_not_suggest_a_new_workdir(trained):
   config = _config()
   config.model.embed_dim = 64
   with pytest.raises(checkpointing.IncompatibleCheckpointError) as error:
-    convert.restore_training_parts(trained / 'checkpoints' / '8', config)
+    pretrained.restore_run(trained / "checkpoints" / "8", config)
   assert 'embed_dim' in str(error.value) and 'workdir' not in str(error.value).split('(')[0]
   assert 'new --workdir' not in str(error.value)
 

@@ -4,6 +4,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from capi_jax import methods
+from capi_jax.engine import benchmark
+from capi_jax.engine import state as state_lib
+from capi_jax.engine import step as step_lib
 from capi_jax.methods.capi import flops
 from configs import bench_cpu
 from configs import tiny
@@ -112,10 +116,6 @@ def test_encoder_forward_matches_xla_cost_analysis():
 
 def test_train_step_matches_xla_cost_analysis():
   """The whole step (teacher, Sinkhorn, student forward + backward, heads, losses, AdamW, EMA)."""
-  from capi_jax import bench  # pylint: disable=g-import-not-at-top
-  from capi_jax import methods  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import state as state_lib  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import step as step_lib  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   c.model.embed_dim, c.model.num_heads = 384, 6
   c.model.encoder_depth, c.model.decoder_depth = 2, 1
@@ -125,6 +125,6 @@ def test_train_step_matches_xla_cost_analysis():
   optimizer = method.optimizer(jax.eval_shape(method.init, jax.random.PRNGKey(0)).params)
   abstract_state = jax.eval_shape(state_lib.init_fn(method, optimizer), jax.random.PRNGKey(0))
   step = step_lib.make_train_step(method, optimizer)
-  xla = _xla_flops(step, abstract_state, bench.synthetic_batch(c, method.train_transform()))
+  xla = _xla_flops(step, abstract_state, benchmark.synthetic_batch(c, method.train_transform()))
   # Measured 2.6% below XLA's count: the elementwise ops, AdamW and the EMA are left out.
   assert method.flops_per_step()['total'] == pytest.approx(xla, rel=0.04)

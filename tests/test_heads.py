@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capi_jax import check_reference
-from capi_jax.methods.capi import parity as capi_parity
-from capi_jax import convert
+from capi_jax.methods.capi import convert as capi_convert
 from capi_jax.methods.capi import heads
+from capi_jax.reference import capi as capi_parity
+from capi_jax.reference import harness
 
 FORWARD_TOL = 1e-5  # float32 parity; measured errors are ~1e-7 .. 3e-6.
 GRAD_TOL = 1e-4
@@ -18,14 +18,14 @@ GRAD_TOL = 1e-4
 
 @pytest.fixture(scope='module')
 def ctx(fixture_path):
-  return capi_parity.Context(check_reference.load_fixture(fixture_path))
+  return capi_parity.Context(harness.load_fixture(fixture_path))
 
 
 def _clustering_params(ctx, prefix='clustering/'):
   sd = {'layer.weight': ctx.arrays[prefix + 'layer.weight'],
         'layer.bias': ctx.arrays[prefix + 'layer.bias']}
   k, d = sd['layer.weight'].shape
-  return convert.clustering_head_to_flax(sd, d, k)
+  return capi_convert.clustering_head_to_flax(sd, d, k)
 
 
 def _clustering_fn(ctx):
@@ -49,7 +49,7 @@ def test_student_head_logits_loss_and_grads_match_reference(ctx):
   sd = {k: ctx.arrays['student_head/' + k]
         for k in ('last_layer.weight_v', 'last_layer.weight_g')}
   k, d = sd['last_layer.weight_v'].shape
-  params = convert.student_head_to_flax(sd, d, k)
+  params = capi_convert.student_head_to_flax(sd, d, k)
 
   def loss_fn(p):
     logits = heads.L2NormLinear(k).apply({'params': p}, ctx.arrays['student_head/input'])
@@ -71,7 +71,7 @@ def test_first_iteration_losses_and_target_entropy_match_reference(ctx):
   The release logs target_entropy = mean over predicted tokens of -sum_k t log t of the Sinkhorn
   targets at the predicted positions (not the entropy of the mean assignment).
   """
-  backbone = convert.backbone_to_flax(ctx.group('step/init/student/backbone'), ctx.config)
+  backbone = capi_convert.backbone_to_flax(ctx.group('step/init/student/backbone'), ctx.config)
   params = _clustering_params(ctx, 'step/init/teacher_head/')
   images = ctx.images('step/0/images')
   patches = jax.jit(functools.partial(ctx.model.apply, method='encode_all'))(

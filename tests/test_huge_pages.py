@@ -1,8 +1,8 @@
-"""Tests for the huge-page re-exec of the command lines (capi_jax.core.huge_pages)."""
+"""Tests for the huge-page re-exec of the command lines (capi_jax.base.huge_pages)."""
 
 import pytest
 
-from capi_jax.core import huge_pages
+from capi_jax.base import huge_pages
 
 
 @pytest.fixture

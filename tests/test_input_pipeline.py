@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capi_jax.data import sources
 from capi_jax import methods
 from capi_jax.data import pipeline
+from capi_jax.data import sources
 from capi_jax.data import transforms
 from configs import tiny
 

@@ -14,14 +14,14 @@ import optax
 import pytest
 from PIL import Image
 
-from capi_jax import bench
 from capi_jax import methods
-from capi_jax.core import checkpointing
-from capi_jax.core import config_checks
-from capi_jax.core import pretrained
-from capi_jax.core import train
+from capi_jax.base import interface
 from capi_jax.data import transforms
-from capi_jax.methods import base
+from capi_jax.engine import benchmark
+from capi_jax.engine import checkpointing
+from capi_jax.engine import config_checks
+from capi_jax.engine import pretrained
+from capi_jax.engine import train
 from configs import tiny
 
 _SIZE, _PATCH, _DIM = 16, 4, 8
@@ -46,7 +46,7 @@ class ToyTransform(grain.transforms.RandomMap):
     return {'images': transforms.normalize(image)}
 
 
-class Toy(base.Method):
+class Toy(interface.Method):
   """Predicts each patch's mean colour from its embedding; keeps an EMA of the encoder."""
   name = 'toy'
   loss_keys = ('loss',)
@@ -59,7 +59,7 @@ class Toy(base.Method):
     k1, k2 = jax.random.split(rng)
     encoder = ToyEncoder().init(k1, jnp.zeros((1, _SIZE, _SIZE, 3)))['params']
     head = nn.Dense(3).init(k2, jnp.zeros((1, _DIM)))['params']
-    return base.Variables(params={'encoder': encoder, 'head': head},
+    return interface.Variables(params={'encoder': encoder, 'head': head},
                           frozen={'target_scale': jnp.float32(0.5)},
                           buffers={'ema': jax.tree.map(jnp.copy, encoder)})
 
@@ -174,7 +174,7 @@ def test_the_engine_checks_the_toy_config_and_benchmarks_it():
   bad = _config()
   bad.toy.lr = -1.0
   assert config_checks.problems(bad) == ['toy.lr=-1.0 must be > 0.']
-  timing = bench.time_train_step(_config(), jax.devices()[:1], steps=1, warmup=0)
+  timing = benchmark.time_train_step(_config(), jax.devices()[:1], steps=1, warmup=0)
   assert timing['step_time_s'] > 0 and timing['peak_memory_bytes'] > 0
 
 

@@ -20,23 +20,25 @@ from PIL import ImageFilter
 
 from capi_jax import check_reference
 from capi_jax import methods
-from capi_jax.core import config_checks
-from capi_jax.core import optim as core_optim
-from capi_jax.core import sharding
-from capi_jax.core import state as state_lib
-from capi_jax.core import step as step_lib
+from capi_jax.base import interface
+from capi_jax.base import optim as core_optim
+from capi_jax.base import sharding
 from capi_jax.data import pipeline
 from capi_jax.data import transforms
-from capi_jax.methods import base
+from capi_jax.engine import config_checks
+from capi_jax.engine import state as state_lib
+from capi_jax.engine import step as step_lib
 from capi_jax.methods.mim_refiner import augment
 from capi_jax.methods.mim_refiner import encoder
 from capi_jax.methods.mim_refiner import heads
 from capi_jax.methods.mim_refiner import loss
 from capi_jax.methods.mim_refiner import objective
 from capi_jax.methods.mim_refiner import optim
-from capi_jax.methods.mim_refiner import parity
 from capi_jax.methods.mim_refiner import queue
 from capi_jax.models import encoder_decoder
+from capi_jax.reference import harness
+from capi_jax.reference import mim_refiner as parity
+from configs.mim_refiner import base as base_config
 from configs.mim_refiner import capi_vitl
 from configs.mim_refiner import d2v2_h14
 from configs.mim_refiner import d2v2_l16
@@ -128,7 +130,7 @@ def _generated_part_a(batch=5, n_global=3, n_local=2, in_dim=7, topk=2, queue_si
 
 def test_suite_reads_every_size_from_the_fixture():
   arrays = _generated_part_a()
-  report = check_reference.run(arrays)
+  report = harness.run(arrays)
   assert report.kind == 'mim_refiner' and report.ok, report.table()
   assert any(r.quantity == 'head/b/act/predictor.2' for r in report.results)
 
@@ -137,7 +139,7 @@ def test_suite_reads_every_size_from_the_fixture():
   wrong_grad = dict(arrays)
   wrong_grad['head/b/grad/predictor.1.0.weight'] = arrays['head/b/grad/predictor.1.0.weight'] * 1.01
   for bad, quantity in ((wrong_pick, 'head/a/queue/nn_index'), (wrong_grad, 'head/b/grad/*')):
-    failed = [r.quantity for r in check_reference.run(bad).results if not r.ok]
+    failed = [r.quantity for r in harness.run(bad).results if not r.ok]
     assert failed and all(q.startswith(quantity) for q in failed), failed
 
 
@@ -395,23 +397,23 @@ def test_colour_operations_follow_their_formulas():
   np.testing.assert_allclose(luma[..., 0], x @ [0.299, 0.587, 0.114], atol=1)
   close = lambda out, expected: np.testing.assert_allclose(
       np.asarray(out, np.float64), np.clip(expected, 0, 255), atol=1)
-  jitter = lambda op, f: augment.color_jitter(image, [op], {op: f})
-  close(jitter(augment.BRIGHTNESS, 1.3), x * 1.3)
+  jitter = lambda op, f: transforms.color_jitter(image, [op], {op: f})
+  close(jitter(transforms.BRIGHTNESS, 1.3), x * 1.3)
   mean = int(luma.mean() + 0.5)
-  close(jitter(augment.CONTRAST, 0.7), mean + 0.7 * (x - mean))
-  close(jitter(augment.SATURATION, 1.2), luma + 1.2 * (x - luma))
-  close(augment.grayscale(image), np.repeat(luma, 3, axis=-1))
+  close(jitter(transforms.CONTRAST, 0.7), mean + 0.7 * (x - mean))
+  close(jitter(transforms.SATURATION, 1.2), luma + 1.2 * (x - luma))
+  close(transforms.grayscale(image), np.repeat(luma, 3, axis=-1))
   # Order matters and follows `order`; operations without a factor are left out.
-  both = augment.color_jitter(image, [augment.BRIGHTNESS, augment.CONTRAST],
-                              {augment.BRIGHTNESS: 1.3, augment.CONTRAST: 0.5})
-  swapped = augment.color_jitter(image, [augment.CONTRAST, augment.BRIGHTNESS],
-                                 {augment.BRIGHTNESS: 1.3, augment.CONTRAST: 0.5})
+  both = transforms.color_jitter(image, [transforms.BRIGHTNESS, transforms.CONTRAST],
+                              {transforms.BRIGHTNESS: 1.3, transforms.CONTRAST: 0.5})
+  swapped = transforms.color_jitter(image, [transforms.CONTRAST, transforms.BRIGHTNESS],
+                                 {transforms.BRIGHTNESS: 1.3, transforms.CONTRAST: 0.5})
   assert not np.array_equal(np.asarray(both), np.asarray(swapped))
-  assert augment.color_jitter(image, [augment.HUE], {}) is image
+  assert transforms.color_jitter(image, [transforms.HUE], {}) is image
 
   primaries = Image.fromarray(np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8))
   for factor in (0.1, -0.07):
-    shifted = np.asarray(augment.adjust_hue(primaries, factor), np.float64)[0]
+    shifted = np.asarray(transforms.adjust_hue(primaries, factor), np.float64)[0]
     for pixel, hue in zip(shifted, (0, 85, 170)):  # PIL's hue bytes of red, green, blue
       expected = colorsys.hsv_to_rgb(((hue + int(factor * 255)) % 256) / 255, 1.0, 1.0)
       np.testing.assert_allclose(pixel, np.array(expected) * 255, atol=2)
@@ -441,15 +443,15 @@ def test_operations_match_torchvision_when_it_is_installed():
   tvf = pytest.importorskip('torchvision.transforms.functional')
   image = _image(9, 11)
   same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  same(augment.color_jitter(image, [augment.BRIGHTNESS], {augment.BRIGHTNESS: 1.3}),
+  same(transforms.color_jitter(image, [transforms.BRIGHTNESS], {transforms.BRIGHTNESS: 1.3}),
        tvf.adjust_brightness(image, 1.3))
-  same(augment.color_jitter(image, [augment.CONTRAST], {augment.CONTRAST: 0.7}),
+  same(transforms.color_jitter(image, [transforms.CONTRAST], {transforms.CONTRAST: 0.7}),
        tvf.adjust_contrast(image, 0.7))
-  same(augment.color_jitter(image, [augment.SATURATION], {augment.SATURATION: 1.2}),
+  same(transforms.color_jitter(image, [transforms.SATURATION], {transforms.SATURATION: 1.2}),
        tvf.adjust_saturation(image, 1.2))
   for factor in (0.08, -0.1):
-    same(augment.adjust_hue(image, factor), tvf.adjust_hue(image, factor))
-  same(augment.grayscale(image), tvf.rgb_to_grayscale(image, num_output_channels=3))
+    same(transforms.adjust_hue(image, factor), tvf.adjust_hue(image, factor))
+  same(transforms.grayscale(image), tvf.rgb_to_grayscale(image, num_output_channels=3))
 
 
 # ---------------------------------------------------------------------------- the method
@@ -468,7 +470,6 @@ def _small_config(encoder_kind='kappamodules', stage=3, batch=8):
     c.model.update(patch_size=4, n_registers=4, embed_dim=16, num_heads=2, encoder_depth=2,
                    decoder_depth=1)
   else:
-    from configs.mim_refiner import base as base_config  # pylint: disable=g-import-not-at-top
     c.model = base_config.vit_model(encoder_kind, patch_size=4, embed_dim=16, depth=2,
                                     num_heads=2)
     c.model.image_size = 8
@@ -548,7 +549,7 @@ def test_from_pretrained_takes_a_backbone_or_a_stage_2_run_and_names_mismatches(
   fresh = method.init(jax.random.PRNGKey(0))
   capi = encoder_decoder.from_config(config)
   backbone = capi.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))['params']
-  from_capi = lambda tree: {'init': base.Pretrained(backbone=tree, method='capi')}
+  from_capi = lambda tree: {'init': interface.Pretrained(backbone=tree, method='capi')}
   loaded = method.from_pretrained(fresh, from_capi(backbone))
   jax.tree.map(np.testing.assert_array_equal, loaded.params['encoder'], backbone)
   jax.tree.map(np.testing.assert_array_equal, loaded.buffers['ema'], backbone)
@@ -556,7 +557,7 @@ def test_from_pretrained_takes_a_backbone_or_a_stage_2_run_and_names_mismatches(
 
   stage2 = methods.from_config(_small_config(encoder.CAPI, stage=2))
   source = stage2.init(jax.random.PRNGKey(2))
-  continued = method.from_pretrained(fresh, {'init': base.Pretrained(
+  continued = method.from_pretrained(fresh, {'init': interface.Pretrained(
       backbone=backbone, method='mim_refiner', variables=source)})
   jax.tree.map(np.testing.assert_array_equal, continued.params['heads'], source.params['heads'])
   jax.tree.map(np.testing.assert_array_equal, continued.buffers['heads'], source.buffers['heads'])

@@ -9,10 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from capi_jax import check_reference
-from capi_jax.methods.capi import parity as capi_parity
 from capi_jax.models import encoder_decoder
 from capi_jax.models import layers
+from capi_jax.reference import capi as capi_parity
+from capi_jax.reference import harness
 
 # float32 parity with the PyTorch release; errors measured ~3e-6 on values of order 3.
 FORWARD_TOL = 1e-5
@@ -20,7 +20,7 @@ FORWARD_TOL = 1e-5
 
 @pytest.fixture(scope='module')
 def ctx(fixture_path):
-  return capi_parity.Context(check_reference.load_fixture(fixture_path))
+  return capi_parity.Context(harness.load_fixture(fixture_path))
 
 
 def small_config(**overrides) -> ml_collections.ConfigDict:
@@ -192,7 +192,7 @@ def test_remat_policies_do_not_change_values_or_gradients():
     return jax.jit(jax.grad(loss))(params)
 
   reference = grads('none')
-  for policy in encoder_decoder.REMAT_POLICIES[1:]:
+  for policy in layers.REMAT_POLICIES[1:]:
     for ours, ref in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(reference)):
       # Recomputation reorders float32 sums: agree to ~1e-5 of each gradient's scale.
       assert np.max(np.abs(ours - ref)) <= 1e-4 * np.max(np.abs(ref)), policy

@@ -10,6 +10,8 @@ Run as a script (`python tests/test_multiprocess.py WORKDIR TOTAL_ITERS`), this 
 training process that `launch/local_multiprocess.py` starts.
 """
 
+from capi_jax.data import pipeline
+from capi_jax.engine import train
 import json
 import os
 import pathlib
@@ -62,8 +64,6 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def _main(workdir: str, total: int) -> None:
   import logging  # pylint: disable=g-import-not-at-top
-  from capi_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import train  # pylint: disable=g-import-not-at-top
   from test_train_step import micro_config  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger('capi_jax').setLevel(logging.INFO)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from capi_jax.core import optim
+from capi_jax.base import optim
 from capi_jax.methods.capi import optim as capi_optim
 
 

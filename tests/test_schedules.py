@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capi_jax.core import schedules
+from capi_jax.base import schedules
 
 
 def _fixture_schedule(fixture_path, name):

@@ -4,6 +4,9 @@ Run as a script (`python tests/test_train.py WORKDIR TOTAL_ITERS`), this file tr
 config in WORKDIR: the subprocess that the pre-emption test signals.
 """
 
+from capi_jax.data import pipeline
+from capi_jax.engine import checkpointing
+from capi_jax.engine import train
 import json
 import os
 import pathlib
@@ -74,9 +77,6 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_nan_in_data_aborts_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  from capi_jax.core import checkpointing  # pylint: disable=g-import-not-at-top
-  from capi_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import train  # pylint: disable=g-import-not-at-top
   real = pipeline.create_train_loader
   monkeypatch.setattr(pipeline, 'create_train_loader',
                       lambda *a, **k: loader_wrappers.NanFrom(real(*a, **k), start=5))
@@ -101,8 +101,6 @@ def test_nan_in_data_aborts_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
 
 
 if __name__ == '__main__':
-  from capi_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import train  # pylint: disable=g-import-not-at-top
   import logging  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger('capi_jax').setLevel(logging.INFO)

@@ -5,12 +5,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from capi_jax import check_reference
-from capi_jax.data import pipeline
 from capi_jax import methods
-from capi_jax.core import sharding
-from capi_jax.core import state as state_lib
-from capi_jax.core import step as step_lib
+from capi_jax.base import sharding
+from capi_jax.data import pipeline
+from capi_jax.engine import state as state_lib
+from capi_jax.engine import step as step_lib
+from capi_jax.reference import harness
 from configs import tiny
 
 
@@ -41,10 +41,10 @@ def micro_config() -> ml_collections.ConfigDict:
 
 def test_two_official_training_iterations(fixture_path):
   """Losses and every parameter after two steps from the fixture's weights and batches."""
-  comparisons = [c for c in check_reference.suite('capi').comparisons
+  comparisons = [c for c in harness.suite('capi').comparisons
                  if c.name == 'two training iterations']
   assert comparisons, 'check_reference lost its "two training iterations" comparison'
-  report = check_reference.run(check_reference.load_fixture(str(fixture_path)),
+  report = harness.run(harness.load_fixture(str(fixture_path)),
                                 comparisons=comparisons)
   assert not report.skipped, report.table()
   assert len(report.results) == 6 + 5, report.table()

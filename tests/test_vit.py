@@ -14,10 +14,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from capi_jax import check_reference
-from capi_jax import convert
 from capi_jax.models import vit
-from capi_jax.models import vit_convert
+from capi_jax.reference import harness
+from capi_jax.weights import rules
+from capi_jax.weights import vit as vit_weights
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 # float32 against the official float32 runs: measured <= 2.3e-6 on values of order 5.
@@ -47,13 +47,13 @@ def random_params(model: vit.ViT, seed: int = 0):
   """Random values in `model`'s parameter tree (no initialiser to compile)."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32),
-                      vit_convert.param_shapes(model))
+                      vit_weights.param_shapes(model))
 
 
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope='module')
 def mimref():
-  arrays = check_reference.load_fixture(FIXTURES / 'mim_refiner_reference' / 'mimref_small.npz')
+  arrays = harness.load_fixture(FIXTURES / 'mim_refiner_reference' / 'mimref_small.npz')
   refine = json.loads(str(arrays['meta_json']))['refine']
   v = refine['vit']
   if v['num_cls_tokens'] != 1:
@@ -67,7 +67,7 @@ def mimref():
 
 @pytest.fixture(scope='module')
 def caev2():
-  arrays = check_reference.load_fixture(FIXTURES / 'caev2_reference' / 'caev2_small.npz')
+  arrays = harness.load_fixture(FIXTURES / 'caev2_reference' / 'caev2_small.npz')
   meta = json.loads(str(arrays['meta_json']))
   s, t = meta['student'], meta['teacher']
   student = vit.ViT(
@@ -84,7 +84,7 @@ def caev2():
 
 @pytest.fixture(scope='module')
 def d2v2():
-  arrays = check_reference.load_fixture(FIXTURES / 'vit_reference' / 'd2v2_postnorm.npz')
+  arrays = harness.load_fixture(FIXTURES / 'vit_reference' / 'd2v2_postnorm.npz')
   meta = json.loads(str(arrays['meta_json']))
   c = meta['ctor_kwargs']
   model = vit.ViT(**{**vit.FAMILIES[meta['family']], 'norm_eps': c['eps']},
@@ -141,7 +141,7 @@ def test_resize_pos_table_matches_torch(method):
 def test_mim_refiner_pooled_features(mimref):
   arrays, refine, model, family = mimref
   prefix = 'stage3/init/encoder.'
-  params = vit_convert.official_to_params(group(arrays, prefix), model, family, prefix=prefix)
+  params = vit_weights.official_to_params(group(arrays, prefix), model, family, prefix=prefix)
   block_heads = tuple(refine['block_heads'])
   encode = jax.jit(lambda images: model.apply({'params': params}, images, blocks=block_heads,
                                               method=model.encode))
@@ -163,7 +163,7 @@ def test_mim_refiner_pooled_features(mimref):
 def test_caev2_clip_teacher_features(caev2):
   arrays, _, teacher = caev2
   official = group(arrays, 'teacher/visual.')
-  params = vit_convert.official_to_params(official, teacher, 'clip', prefix='teacher/visual.')
+  params = vit_weights.official_to_params(official, teacher, 'clip', prefix='teacher/visual.')
   params = jax.tree.map(lambda x: x.astype(np.float32), params)  # fp16 tensors, cast exactly
   features = jax.jit(lambda p, x: teacher.apply({'params': p}, x, method=teacher.encode).tokens)(
       params, nhwc(arrays['batch/0/images']))
@@ -173,7 +173,7 @@ def test_caev2_clip_teacher_features(caev2):
 def test_caev2_encoder_on_visible_patches(caev2):
   arrays, student, _ = caev2
   prefix = 'student/init/encoder.'
-  params = vit_convert.official_to_params(group(arrays, prefix), student, 'caev2', prefix=prefix)
+  params = vit_weights.official_to_params(group(arrays, prefix), student, 'caev2', prefix=prefix)
   masked = arrays['batch/0/bool_masked_pos'].reshape(len(arrays['batch/0/bool_masked_pos']), -1)
   visible = np.stack([np.flatnonzero(~m) for m in masked])  # ascending patch index
   out = jax.jit(lambda p, x, idx: student.apply(
@@ -184,7 +184,7 @@ def test_caev2_encoder_on_visible_patches(caev2):
 
 def test_data2vec2_postnorm_blocks_and_resize(d2v2):
   arrays, model, family = d2v2
-  params = vit_convert.official_to_params(group(arrays, 'state_dict/'), model, family,
+  params = vit_weights.official_to_params(group(arrays, 'state_dict/'), model, family,
                                           prefix='state_dict/')
   encode = jax.jit(lambda images: model.apply(
       {'params': params}, images, blocks=tuple(range(model.depth)), method=model.encode))
@@ -203,8 +203,8 @@ def test_round_trips_are_exact(mimref, caev2, d2v2):
            (group(caev2[0], 'teacher/visual.'), caev2[2], 'clip', 'teacher/visual.'),
            (group(d2v2[0], 'state_dict/'), d2v2[1], d2v2[2], 'state_dict/')]
   for official, model, family, prefix in cases:
-    params = vit_convert.official_to_params(official, model, family, prefix=prefix)
-    assert_same_state_dict(vit_convert.params_to_official(params, family, prefix=prefix), official)
+    params = vit_weights.official_to_params(official, model, family, prefix=prefix)
+    assert_same_state_dict(vit_weights.params_to_official(params, family, prefix=prefix), official)
 
 
 def test_mae_checkpoint_names():
@@ -223,13 +223,13 @@ def test_mae_checkpoint_names():
       'norm.weight': (d,), 'norm.bias': (d,)}
   rng = np.random.default_rng(0)
   official = {k: rng.normal(size=s).astype(np.float32) for k, s in expected.items()}
-  params = vit_convert.official_to_params(official, model, 'mae')
-  assert_same_state_dict(vit_convert.params_to_official(params, 'mae'), official)
-  assert vit_convert.official_name('blocks_0/attn/qkv/kernel', 'mae') == 'blocks.0.attn.qkv.weight'
-  assert (vit_convert.official_name('blocks_0/attn/qkv/kernel', 'clip')
+  params = vit_weights.official_to_params(official, model, 'mae')
+  assert_same_state_dict(vit_weights.params_to_official(params, 'mae'), official)
+  assert vit_weights.official_name('blocks_0/attn/qkv/kernel', 'mae') == 'blocks.0.attn.qkv.weight'
+  assert (vit_weights.official_name('blocks_0/attn/qkv/kernel', 'clip')
           == 'transformer.resblocks.0.attn.in_proj_weight')
   with pytest.raises(ValueError, match="Unknown ViT family 'timm'"):
-    vit_convert.official_name('cls_token', 'timm')
+    vit_weights.official_name('cls_token', 'timm')
 
 
 def test_converter_errors_name_the_parameter(caev2):
@@ -238,27 +238,27 @@ def test_converter_errors_name_the_parameter(caev2):
   official = group(arrays, prefix)
   qkv = prefix + 'blocks.0.attn.qkv.weight'
   missing = {k: v for k, v in official.items() if k != qkv}
-  with pytest.raises(convert.CheckpointMismatchError,
+  with pytest.raises(rules.CheckpointMismatchError,
                      match=rf"missing parameter '{qkv}': expected shape \(\d+, \d+\), found none"):
-    vit_convert.official_to_params(missing, student, 'caev2', prefix=prefix)
+    vit_weights.official_to_params(missing, student, 'caev2', prefix=prefix)
   extra = {**official, prefix + 'blocks.0.attn.k_bias': official[prefix + 'blocks.0.attn.q_bias']}
-  with pytest.raises(convert.CheckpointMismatchError, match=r"unexpected parameter '.*k_bias'"):
-    vit_convert.official_to_params(extra, student, 'caev2', prefix=prefix)
+  with pytest.raises(rules.CheckpointMismatchError, match=r"unexpected parameter '.*k_bias'"):
+    vit_weights.official_to_params(extra, student, 'caev2', prefix=prefix)
   wrong = {**official, qkv: official[qkv][1:]}
   shape = official[qkv].shape
-  with pytest.raises(convert.CheckpointMismatchError,
+  with pytest.raises(rules.CheckpointMismatchError,
                      match=rf"'{qkv}': expected shape \({shape[0]}, {shape[1]}\), "
                            rf"found \({shape[0] - 1}, {shape[1]}\)"):
-    vit_convert.official_to_params(wrong, student, 'caev2', prefix=prefix)
+    vit_weights.official_to_params(wrong, student, 'caev2', prefix=prefix)
   # The wrong family: timm names where kappamodules' are expected.
   model = vit.ViT(**vit.FAMILIES['kappamodules'], patch_size=4, image_size=8, embed_dim=16,
                   depth=1, num_heads=2)
-  timm_names = vit_convert.params_to_official(random_params(model), 'mae')
-  with pytest.raises(convert.CheckpointMismatchError,
+  timm_names = vit_weights.params_to_official(random_params(model), 'mae')
+  with pytest.raises(rules.CheckpointMismatchError,
                      match="missing parameter 'cls_tokens.tokens'"):
-    vit_convert.official_to_params(timm_names, model, 'kappamodules')
-  with pytest.raises(convert.CheckpointMismatchError, match='No parameter named visual'):
-    vit_convert.official_to_params(official, student, 'clip', prefix='visual.')
+    vit_weights.official_to_params(timm_names, model, 'kappamodules')
+  with pytest.raises(rules.CheckpointMismatchError, match='No parameter named visual'):
+    vit_weights.official_to_params(official, student, 'clip', prefix='visual.')
 
 
 # ---------------------------------------------------------------------------- options

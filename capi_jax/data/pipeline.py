@@ -38,7 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from capi_jax.core import cli
+from capi_jax.base import errors
 from capi_jax.data import sources
 from capi_jax.data import transforms
 
@@ -168,14 +168,15 @@ def adapt_iterator_state(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[s
       those of an uninterrupted run; a warning says which num_workers would resume exactly.
 
   Raises:
-    cli.UserError: a state this version of capi_jax cannot convert (names the num_workers to use).
+    errors.UserError: a state this version of capi_jax cannot convert (names the num_workers
+      to use).
   """
   old, new = _slice_positions(saved), _slice_positions(fresh)
   saved_workers = len(saved.get('iterators_in_use_states', []))
   if old is None or new is None:
     if old is None and new is None and saved.keys() == fresh.keys():
       return saved  # A form this version does not know, saved with this pipeline's settings.
-    raise cli.UserError('The data iterator position in the checkpoint was saved with '
+    raise errors.UserError('The data iterator position in the checkpoint was saved with '
                         f'data.num_workers={saved_workers} in a form capi_jax cannot convert: '
                         f'resume with --config.data.num_workers={saved_workers}.')
   if len(old) == len(new):

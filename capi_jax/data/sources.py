@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from capi_jax.core import cli
+from capi_jax.base import errors
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ _MAX_CONSECUTIVE_SKIPS = 100
 Record = dict[str, Any]
 
 
-class DatasetNotFoundError(cli.UserError, FileNotFoundError):
+class DatasetNotFoundError(errors.UserError, FileNotFoundError):
   """The dataset named in the config is not where it should be."""
 
 
-class DatasetError(cli.UserError, ValueError):
+class DatasetError(errors.UserError, ValueError):
   """The dataset's name or data is unusable (unknown kind, split, damaged files)."""
 
 

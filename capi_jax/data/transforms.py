@@ -2,7 +2,8 @@
 
 torchvision semantics where the releases use torchvision: `sample_crop_box` is
 RandomResizedCrop.get_params, `random_resized_crop` crops then resizes (bicubic), `eval_image`
-is Resize(int) + CenterCrop. Images are PIL in, NHWC numpy out.
+is Resize(int) + CenterCrop, `color_jitter` / `grayscale` are ColorJitter / Grayscale on PIL.
+Images are PIL in, NHWC numpy out.
 
 Training images travel to the accelerator as uint8 pixels (a quarter of float32's bytes, and no
 host time spent normalising); the method normalises them inside its jitted step with
@@ -10,6 +11,7 @@ host time spent normalising); the method normalises them inside its jitted step 
 the host (`normalize`, `eval_image`). Both give the same float32 numbers.
 """
 
+from collections.abc import Mapping, Sequence
 import math
 
 import jax
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
+from PIL import ImageEnhance
 
 # Per-channel RGB statistics in [0, 1] units, as torchvision's Normalize takes them.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -144,3 +147,42 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(height, width) of the training images, from `config.data.image_size` (int or pair)."""
   size = config.data.image_size
   return (size, size) if isinstance(size, int) else tuple(size)
+
+
+# Colour jitter operations, indexed as torchvision's ColorJitter (and kappadata's permutation).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+
+
+def adjust_hue(image: Image.Image, factor: float) -> Image.Image:
+  """torchvision's PIL hue shift: the HSV hue byte + int(255 factor), wrapping mod 256."""
+  if not -0.5 <= factor <= 0.5:
+    raise ValueError(f'hue factor {factor} is not in [-0.5, 0.5].')
+  h, s, v = image.convert('HSV').split()
+  shifted = (np.asarray(h, np.int32) + int(factor * 255)) % 256
+  hsv = Image.merge('HSV', (Image.fromarray(shifted.astype(np.uint8), 'L'), s, v))
+  return hsv.convert(image.mode)
+
+
+def color_jitter(image: Image.Image, order: Sequence[int],
+                 factors: Mapping[int, float]) -> Image.Image:
+  """Applies the jitter operations in `order`; an operation without a factor is skipped.
+
+  Args:
+    image: RGB image.
+    order: a permutation of (BRIGHTNESS, CONTRAST, SATURATION, HUE).
+    factors: operation -> factor (brightness / contrast / saturation: 1 is the identity; hue:
+      a shift in [-0.5, 0.5]).
+  """
+  enhancers = {BRIGHTNESS: ImageEnhance.Brightness, CONTRAST: ImageEnhance.Contrast,
+               SATURATION: ImageEnhance.Color}
+  for op in order:
+    if op not in factors:
+      continue
+    image = (adjust_hue(image, factors[op]) if op == HUE
+             else enhancers[op](image).enhance(factors[op]))
+  return image
+
+
+def grayscale(image: Image.Image) -> Image.Image:
+  """torchvision's rgb_to_grayscale with 3 output channels on PIL: 'L' luma, repeated."""
+  return image.convert('L').convert('RGB')

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from capi_jax.core import sharding
+from capi_jax.base import sharding
 
 PyTree = Any
 Features = tuple[jax.Array, jax.Array, jax.Array]

@@ -1,6 +1,6 @@
 """Pretraining methods, by name: `config.method` picks one (`from_config`).
 
-A method is a config section plus a `capi_jax.methods.base.Method` subclass; the engine calls
+A method is a config section plus a `capi_jax.base.interface.Method` subclass; the engine calls
 only that interface. The built-in methods are imported lazily by module path, so the engine
 (which imports this registry) never imports a method's code itself. `register` adds one at run
 time (a research prototype, a test's toy method) without touching the engine.
@@ -10,7 +10,7 @@ import importlib
 
 import ml_collections
 
-from capi_jax.methods import base
+from capi_jax.base import interface
 
 # name -> 'module:Class' of the built-in methods.
 _BUILT_IN = {
@@ -18,10 +18,10 @@ _BUILT_IN = {
     'caev2': 'capi_jax.methods.caev2.method:CaeV2',
     'mim_refiner': 'capi_jax.methods.mim_refiner.method:MimRefiner',
 }
-_REGISTERED: dict[str, type[base.Method]] = {}
+_REGISTERED: dict[str, type[interface.Method]] = {}
 
 
-def register(method_cls: type[base.Method]) -> type[base.Method]:
+def register(method_cls: type[interface.Method]) -> type[interface.Method]:
   """Makes `method_cls` selectable as `config.method = method_cls.name` (usable as decorator)."""
   _REGISTERED[method_cls.name] = method_cls
   return method_cls
@@ -31,7 +31,7 @@ def names() -> list[str]:
   return sorted({*_BUILT_IN, *_REGISTERED})
 
 
-def get(name: str) -> type[base.Method]:
+def get(name: str) -> type[interface.Method]:
   """The Method subclass called `name`."""
   if name in _REGISTERED:
     return _REGISTERED[name]
@@ -41,6 +41,6 @@ def get(name: str) -> type[base.Method]:
   return getattr(importlib.import_module(module), cls)
 
 
-def from_config(config: ml_collections.ConfigDict) -> base.Method:
+def from_config(config: ml_collections.ConfigDict) -> interface.Method:
   """The method named by `config.method`, built from `config`."""
   return get(config.method)(config)

@@ -1,2 +1,3 @@
 """Backbones and the layers they share: CAPI's EncoderDecoder (`encoder_decoder.py`), the
-standard ViT of MAE / data2vec 2.0 / CAE v2 / CLIP (`vit.py`, converters in `vit_convert.py`)."""
+standard ViT of MAE / data2vec 2.0 / CAE v2 / CLIP (`vit.py`; its converters in
+`weights/vit.py`)."""

@@ -28,25 +28,6 @@ from capi_jax.models import layers
 Array = jax.Array
 DType = Any
 
-# The name under which attention outputs (either `layers.attention` layout) are saved by remat
-# policies.
-ATTENTION_OUT = 'attention_out'
-_policies = jax.checkpoint_policies
-# What each block keeps for its backward pass (`efficiency.remat_policy`); the rest is recomputed.
-# None: no rematerialisation, every activation is kept (fastest, most memory).
-REMAT = {
-    'none': None,
-    # The release's default (`efficiency.rematerialization`): matmul and attention outputs are
-    # kept, pointwise ops (norms, RoPE, GELU, softmax, residual adds) recomputed. The attention
-    # backward recomputes q k^T and the softmax, as a flash-attention backward does.
-    'dots_and_attention': _policies.save_from_both_policies(
-        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(ATTENTION_OUT)),
-    # Weight-matmul outputs only: attention is recomputed whole.
-    'dots': _policies.dots_with_no_batch_dims_saveable,
-    # Each block's input only: the whole block is recomputed (least memory).
-    'full': _policies.nothing_saveable,
-}
-REMAT_POLICIES = tuple(REMAT)
 
 
 def rope_frequencies(head_dim: int, max_freq: float = 7.0, min_freq: float = 7e-4) -> np.ndarray:
@@ -177,7 +158,7 @@ class Attention(nn.Module):
     q = apply_rope(split_heads(project('q_proj', x)), *q_angles)
     k = apply_rope(split_heads(project('k_proj', context)), *k_angles)
     v = split_heads(project('v_proj', context))
-    out = checkpoint_name(layers.attention(q, k, v), ATTENTION_OUT)
+    out = checkpoint_name(layers.attention(q, k, v), layers.ATTENTION_OUT)
     out = out.transpose(0, 2, 1, 3).reshape(b, n_q, dim)
     return project('proj', out)
 
@@ -283,7 +264,7 @@ class Transformer(nn.Module):
     Returns:
       {layer: (batch, n, dim)} for every requested layer.
     """
-    block_cls = layers.gathered(Block, REMAT[self.remat_policy])
+    block_cls = layers.gathered(Block, layers.REMAT[self.remat_policy])
     # Initialisation must create every block even if this call only needs the first ones.
     n_run = self.depth if self.is_initializing() else max(return_layers)
     outputs = {0: x} if 0 in return_layers else {}
@@ -327,8 +308,9 @@ class EncoderDecoder(nn.Module):
     if self.embed_dim % self.num_heads:
       raise ValueError(
           f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.')
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f'remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}.')
+    if self.remat_policy not in layers.REMAT_POLICIES:
+      raise ValueError(f'remat_policy must be one of {layers.REMAT_POLICIES}, '
+                       f'got {self.remat_policy!r}.')
     fan_in = 3 * self.patch_size ** 2
     self.patch_embed = nn.Conv(
         self.embed_dim, (self.patch_size, self.patch_size), strides=self.patch_size,

@@ -2,7 +2,7 @@
 
 Images are NHWC and linear kernels (in, out) here (PyTorch: NCHW, weights (out, in)).
 
-Sharding (FSDP, see `capi_jax/core/sharding.py`): parameters are stored sharded; `gathered`
+Sharding (FSDP, see `capi_jax/base/sharding.py`): parameters are stored sharded; `gathered`
 wraps a block class so that its weights are gathered whole where the block runs (one block at a
 time, and again in the backward pass under remat) and its input and output stay split along the
 batch. Both constraints refer to the mesh in context (`jax.sharding.get_abstract_mesh()`, set
@@ -20,6 +20,28 @@ import numpy as np
 
 Array = jax.Array
 DType = Any
+
+
+# The name under which attention outputs (either `layers.attention` layout) are saved by remat
+# policies.
+ATTENTION_OUT = 'attention_out'
+_policies = jax.checkpoint_policies
+# What each block keeps for its backward pass (`efficiency.remat_policy`); the rest is recomputed.
+# None: no rematerialisation, every activation is kept (fastest, most memory).
+REMAT = {
+    'none': None,
+    # The release's default (`efficiency.rematerialization`): matmul and attention outputs are
+    # kept, pointwise ops (norms, RoPE, GELU, softmax, residual adds) recomputed. The attention
+    # backward recomputes q k^T and the softmax, as a flash-attention backward does.
+    'dots_and_attention': _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable,
+        _policies.save_only_these_names(ATTENTION_OUT)),
+    # Weight-matmul outputs only: attention is recomputed whole.
+    'dots': _policies.dots_with_no_batch_dims_saveable,
+    # Each block's input only: the whole block is recomputed (least memory).
+    'full': _policies.nothing_saveable,
+}
+REMAT_POLICIES = tuple(REMAT)
 
 
 def _context_mesh() -> jax.sharding.AbstractMesh | None:

@@ -2,7 +2,7 @@ r"""The standard ViT family: one configurable Flax ViT for several official rele
 
 It is the backbone of MAE / dBOT / CrossMAE / data2vec 2.0 (what MIM-Refiner refines), CAE v2's
 student encoder and CLIP's visual transformer (CAE v2's frozen teacher). Images are NHWC here
-(the releases: NCHW); linear kernels are (in, out). `vit_convert.py` maps official checkpoints
+(the releases: NCHW); linear kernels are (in, out). `vit_weights.py` maps official checkpoints
 onto the parameter tree below and back.
 
 Families: `FAMILIES[name]` holds the architecture fields that set each release apart; the sizes
@@ -57,7 +57,7 @@ API:
       # idx (B, n_visible) row-major patch indices: tokens [class, visible] (1 + n_visible).
 D_out is out_dim when set (CLIP's proj) else embed_dim.
 
-Parameter tree (official names per family: `vit_convert.py`):
+Parameter tree (official names per family: `vit_weights.py`):
   patch_embed/{kernel (p, p, 3, D), bias (D,)}, cls_token (1, 1, D), pos_embed (1, n_pos, D),
   embed_norm/{scale, bias} (D,), norm/{scale, bias} (D,), proj/kernel (D, out_dim),
   blocks_{i}/{norm1, norm2}/{scale, bias} (D,), blocks_{i}/attn/qkv/{kernel (D, 3D), bias (3D,)}
@@ -81,7 +81,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from capi_jax.models import encoder_decoder
 from capi_jax.models import layers
 
 Array = jax.Array
@@ -229,7 +228,7 @@ class Attention(nn.Module):
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(b, n, 3, self.num_heads, dim // self.num_heads)
     out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], layout='tokens_major')
-    out = checkpoint_name(out, encoder_decoder.ATTENTION_OUT).reshape(b, n, dim)
+    out = checkpoint_name(out, layers.ATTENTION_OUT).reshape(b, n, dim)
     return dense(dim, name='proj')(out)
 
 
@@ -325,7 +324,7 @@ class ViT(nn.Module):
   def _check_fields(self) -> None:
     choices = dict(pos_embed=POS_EMBEDS, pos_resize=POS_RESIZES, qkv_bias=QKV_BIASES,
                    block=BLOCKS, activation=tuple(ACTIVATIONS),
-                   remat_policy=encoder_decoder.REMAT_POLICIES)
+                   remat_policy=layers.REMAT_POLICIES)
     for name, valid in choices.items():
       if getattr(self, name) not in valid:
         raise ValueError(f'ViT {name} must be one of {valid}, got {getattr(self, name)!r}.')
@@ -396,7 +395,7 @@ class ViT(nn.Module):
     if self.embed_norm:
       x = norm(name='embed_norm')(x)
 
-    block_cls = layers.gathered(Block, encoder_decoder.REMAT[self.remat_policy])
+    block_cls = layers.gathered(Block, layers.REMAT[self.remat_policy])
     rates = layers.torch_linspace(0, self.drop_path_rate, self.depth)
     outputs = {}
     for i in range(self.depth):

@@ -8,7 +8,7 @@ import ml_collections
 
 from capi_jax.data import transforms
 from capi_jax.methods.caev2 import teacher as teacher_lib
-from capi_jax.models import encoder_decoder
+from capi_jax.models import layers
 from capi_jax.models import vit
 
 _VIT_FIELDS = {f.name for f in dataclasses.fields(vit.ViT)} - {
@@ -134,7 +134,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   check(not config.get('init', {}).get('checkpoint'),
         f'init.checkpoint={config.get("init", {}).get("checkpoint")!r}: CAE v2 trains its '
         'student from scratch; the teacher comes from caev2.teacher.checkpoint.')
-  check(config.efficiency.remat_policy in encoder_decoder.REMAT_POLICIES,
+  check(config.efficiency.remat_policy in layers.REMAT_POLICIES,
         f'efficiency.remat_policy={config.efficiency.remat_policy!r} must be one of '
-        f'{encoder_decoder.REMAT_POLICIES}.')
+        f'{layers.REMAT_POLICIES}.')
   return found

@@ -1,27 +1,27 @@
 """Official CAE v2 student tensors <-> the method's params, both directions, bit for bit.
 
 The release's `ContextAutoencoderViT.state_dict()` (the `model` of its pretraining checkpoints)
-holds the encoder under `encoder.` (the ViT family 'caev2', `models/vit_convert.py`) and the
+holds the encoder under `encoder.` (the ViT family 'caev2', `models/vit_weights.py`) and the
 regressor and decoder under their own names (`mask_token`, `encoder_to_regresser*`,
 `regresser.regressor_blocks.*`, `decoder.*`), which `RegressorDecoder` mirrors, mapped by
-`capi_jax.convert.dotted_rule`. Two official tensors have no parameter here (`NOT_PARAMETERS`):
+`capi_jax.rules.dotted_rule`. Two official tensors have no parameter here (`NOT_PARAMETERS`):
 the frozen table `rd_pos_embed` (a constant, `regressor.sincos_table`) and `regresser.norm`,
 which CAE v2 never applies. Every other missing, unexpected or misshaped tensor is a
-`convert.CheckpointMismatchError` naming it with the expected and found shapes.
+`rules.CheckpointMismatchError` naming it with the expected and found shapes.
 """
 
 from collections.abc import Mapping
 import re
 from typing import Any
 
-from capi_jax import convert
 from capi_jax.models import vit
-from capi_jax.models import vit_convert
+from capi_jax.weights import rules
+from capi_jax.weights import vit as vit_weights
 
 Params = Any
 
 ENCODER_FAMILY = 'caev2'
-ENCODER_PREFIX = vit_convert.OFFICIAL_PREFIXES[ENCODER_FAMILY]
+ENCODER_PREFIX = vit_weights.OFFICIAL_PREFIXES[ENCODER_FAMILY]
 NOT_PARAMETERS = re.compile(r'^(rd_pos_embed|regresser\.norm\..*)$')
 
 
@@ -33,13 +33,13 @@ def regressor_to_flax(state_dict: Mapping[str, Any], expected: Params) -> Params
       `decoder.*` under their official names, without `NOT_PARAMETERS`.
     expected: the configured module's params tree (arrays or ShapeDtypeStructs).
   """
-  return convert.to_flax(state_dict, expected, convert.dotted_rule, 'CAE v2 regressor/decoder',
+  return rules.to_flax(state_dict, expected, rules.dotted_rule, 'CAE v2 regressor/decoder',
                          fix='check the regressor width, depth and the output width C')
 
 
-def regressor_to_official(params: Params) -> convert.StateDict:
+def regressor_to_official(params: Params) -> rules.StateDict:
   """`RegressorDecoder` params -> official names and layouts."""
-  return convert.to_official(params, convert.dotted_rule)
+  return rules.to_official(params, rules.dotted_rule)
 
 
 def student_to_flax(state_dict: Mapping[str, Any], encoder: vit.ViT,
@@ -54,14 +54,14 @@ def student_to_flax(state_dict: Mapping[str, Any], encoder: vit.ViT,
   encoder_sd = {k: v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIX)}
   rest = {k: v for k, v in state_dict.items()
           if not k.startswith(ENCODER_PREFIX) and not NOT_PARAMETERS.match(k)}
-  return {'encoder': vit_convert.official_to_params(encoder_sd, encoder, ENCODER_FAMILY,
+  return {'encoder': vit_weights.official_to_params(encoder_sd, encoder, ENCODER_FAMILY,
                                                     prefix=ENCODER_PREFIX),
           'regressor': regressor_to_flax(rest, regressor_expected)}
 
 
-def student_to_official(params: Mapping[str, Params]) -> convert.StateDict:
+def student_to_official(params: Mapping[str, Params]) -> rules.StateDict:
   """{'encoder', 'regressor'} params (or trees shaped like them, e.g. gradients) -> official
   names and layouts, without `NOT_PARAMETERS`."""
-  return {**vit_convert.params_to_official(params['encoder'], ENCODER_FAMILY,
+  return {**vit_weights.params_to_official(params['encoder'], ENCODER_FAMILY,
                                            prefix=ENCODER_PREFIX),
           **regressor_to_official(params['regressor'])}

@@ -17,7 +17,7 @@ Per step (`docs/reference/caev2_algorithm.md`; the release's `train_one_epoch`):
      positions, decoder norm and head on [class, visible, regressed], rows L2-normalised;
   4. loss = `caev2.loss_weight` x the mean of 1 - cos over all B x (1 + N) rows; its gradient
      reaches the encoder through the visible outputs and the regressor's keys and values.
-The engine then clips and steps (`core/step.py`).
+The engine then clips and steps (`engine/step.py`).
 """
 
 from typing import Any
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capi_jax.core import schedules
+from capi_jax.base import interface
+from capi_jax.base import schedules
 from capi_jax.data import transforms
-from capi_jax.methods import base
 from capi_jax.methods.caev2 import config_checks
 from capi_jax.methods.caev2 import flops
 from capi_jax.methods.caev2 import loss as caev2_loss
@@ -42,7 +42,7 @@ from capi_jax.models import vit
 PyTree = Any
 
 
-class CaeV2(base.Method):
+class CaeV2(interface.Method):
   """CAE v2: student encoder + regressor/decoder, frozen teacher (see the module docstring)."""
   name = 'caev2'
   loss_keys = ('loss',)
@@ -66,7 +66,7 @@ class CaeV2(base.Method):
     return config_checks.problems(config)
 
   # ------------------------------------------------------------------ state
-  def init(self, rng: jax.Array) -> base.Variables:
+  def init(self, rng: jax.Array) -> interface.Variables:
     k_encoder, k_regressor, k_teacher = jax.random.split(rng, 3)
     size, teacher_size = self.config.data.image_size, self.config.caev2.teacher.image_size
     n_patches = self.grid[0] * self.grid[1]
@@ -80,14 +80,14 @@ class CaeV2(base.Method):
     }
     # Replaced by the checkpoint (`from_pretrained`) when a run starts.
     teacher = self.teacher.init(k_teacher, jnp.zeros((1, teacher_size, teacher_size, 3)))
-    return base.Variables(params=params, frozen={'teacher': teacher['params']}, buffers={})
+    return interface.Variables(params=params, frozen={'teacher': teacher['params']}, buffers={})
 
   def pretrained_paths(self) -> dict[str, str]:
     checkpoint = self.config.caev2.teacher.checkpoint
     return {**super().pretrained_paths(), **({'teacher': checkpoint} if checkpoint else {})}
 
-  def from_pretrained(self, variables: base.Variables,
-                      pretrained: dict[str, base.Pretrained]) -> base.Variables:
+  def from_pretrained(self, variables: interface.Variables,
+                      pretrained: dict[str, interface.Pretrained]) -> interface.Variables:
     """The teacher from its checkpoint; the student starts from scratch, as in the release."""
     if set(pretrained) != {'teacher'}:
       raise ValueError(f'CAE v2 loads only its teacher (caev2.teacher.checkpoint), got '

@@ -9,7 +9,7 @@ As `tools/run_pretraining.py`, `furnace/optim_factory.py` and `furnace/engine_fo
     update and no optimiser state;
   - gradients clipped to a global L2 norm of `clip_grad` over all parameters, as
     `torch.nn.utils.clip_grad_norm_` (scale min(1, clip / (norm + 1e-6)));
-  - torch AdamW (`capi_jax.core.optim.adamw`), lr per iteration from
+  - torch AdamW (`capi_jax.base.optim.adamw`), lr per iteration from
     `schedules.warmup_cosine_fn(lr, min_lr, total_iters, warmup_iters)`: the warm-up starts at
     0, not at `--warmup_lr`. The release's weight-decay schedule is a cosine from
     `--weight_decay` to `--weight_decay_end` (None = the same), constant in every recipe; a
@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capi_jax.core import optim
-from capi_jax.core import schedules
+from capi_jax.base import optim
+from capi_jax.base import schedules
 
 PyTree = Any
 

@@ -2,14 +2,14 @@
 
 `config.caev2.teacher`:
   backbone       the architecture and the official file format: a family of
-                 `models/vit_convert.py` (the release: 'clip', OpenAI CLIP's visual tower with
+                 `models/vit_weights.py` (the release: 'clip', OpenAI CLIP's visual tower with
                  `ln_post` on every token and the projection) whose `model` section holds
                  `vit.ViT` fields, or 'capi' (CAPI's EncoderDecoder; `model` is CAPI's
                  `config.model` section).
   model          that architecture's config section.
   checkpoint     the weights (`Method.pretrained_paths` role 'teacher'): an official file of
                  the ViT family (CLIP's TorchScript `ViT-B-16.pt` or a state_dict, names under
-                 `vit_convert.OFFICIAL_PREFIXES[backbone]`), the output directory of
+                 `vit_weights.OFFICIAL_PREFIXES[backbone]`), the output directory of
                  `python -m capi_jax.convert`, or a capi_jax training run of any method whose
                  evaluation backbone is this architecture (e.g. the quickstart's CAPI run).
   image_size     the teacher view's side (`--second_input_size`).
@@ -32,15 +32,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from capi_jax import convert
-from capi_jax.methods import base
+from capi_jax.base import interface
 from capi_jax.models import encoder_decoder
 from capi_jax.models import vit
-from capi_jax.models import vit_convert
+from capi_jax.weights import rules
+from capi_jax.weights import vit as vit_weights
 
 PyTree = Any
 CAPI = 'capi'
-BACKBONES = (CAPI, *vit_convert.FAMILIES)
+BACKBONES = (CAPI, *vit_weights.FAMILIES)
 
 
 def _capi_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -85,17 +85,17 @@ def _flat(tree: PyTree) -> dict[str, np.ndarray]:
   return {'/'.join(k.key for k in path): np.asarray(v) for path, v in leaves}
 
 
-def _by_path(path: tuple[str, ...], ndim: int) -> convert.Rule:
+def _by_path(path: tuple[str, ...], ndim: int) -> rules.Rule:
   del ndim
-  return '/'.join(path), convert.identity, convert.identity
+  return '/'.join(path), rules.identity, rules.identity
 
 
-def load(pretrained: base.Pretrained, expected: PyTree, config: ml_collections.ConfigDict,
+def load(pretrained: interface.Pretrained, expected: PyTree, config: ml_collections.ConfigDict,
          module: nn.Module) -> PyTree:
   """The teacher's params from its checkpoint, in the dtypes of `expected`.
 
   Args:
-    pretrained: the 'teacher' checkpoint as `core.pretrained.load` read it.
+    pretrained: the 'teacher' checkpoint as `engine.pretrained.load` read it.
     expected: the teacher's params tree (arrays or ShapeDtypeStructs), as `init` makes it.
     config: the run's config (`config.caev2.teacher`).
     module: the teacher (`from_config(config)`).
@@ -108,14 +108,14 @@ def load(pretrained: base.Pretrained, expected: PyTree, config: ml_collections.C
   fix = (f'set caev2.teacher.backbone / caev2.teacher.model to the architecture of '
          f'{t.checkpoint}')
   if pretrained.state_dict is None:
-    params = convert.to_flax(_flat(pretrained.backbone), expected, _by_path,
+    params = rules.to_flax(_flat(pretrained.backbone), expected, _by_path,
                              f'teacher ({t.backbone})', fix=fix)
   elif t.backbone == CAPI:
     raise ValueError(f'caev2.teacher.checkpoint={t.checkpoint} is an official file; convert it '
                      'first (python -m capi_jax.convert --to=capi_jax) and pass the output '
                      'directory.')
   else:
-    params = vit_convert.official_to_params(pretrained.state_dict, module, t.backbone,
-                                            prefix=vit_convert.OFFICIAL_PREFIXES[t.backbone])
+    params = vit_weights.official_to_params(pretrained.state_dict, module, t.backbone,
+                                            prefix=vit_weights.OFFICIAL_PREFIXES[t.backbone])
   # CLIP's release stores its linear weights in float16; the cast to float32 is exact.
   return jax.tree.map(lambda p, e: np.asarray(p, e.dtype), params, expected)

@@ -24,7 +24,6 @@ from PIL import Image
 
 from capi_jax.data import masking
 from capi_jax.data import transforms
-from capi_jax.methods.mim_refiner import augment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +45,8 @@ class CaeV2Transform(grain.transforms.RandomMap):
     # torchvision draws the order of all four operations; hue (index 3) has no factor here.
     order = rng.permutation(4)
     factors = {op: rng.uniform(max(0.0, 1 - s), 1 + s)
-               for op in (augment.BRIGHTNESS, augment.CONTRAST, augment.SATURATION)}
-    return augment.color_jitter(image, order, factors)
+               for op in (transforms.BRIGHTNESS, transforms.CONTRAST, transforms.SATURATION)}
+    return transforms.color_jitter(image, order, factors)
 
   def random_map(self, element: Mapping[str, Any], rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:

@@ -1,17 +1,17 @@
 """CAPI's config checks: `model` (the EncoderDecoder), `data` (crops, masks), `optim` (the
 student's AdamW and schedules), `capi` (heads, clustering optimiser), `efficiency.remat_policy`.
-They never raise, whatever the values (see `core.config_checks.Problems`)."""
+They never raise, whatever the values (see `base.problems.Problems`)."""
 
 from typing import Any
 
 import ml_collections
 
-from capi_jax.core import config_checks
+from capi_jax.base import problems as problems_lib
 from capi_jax.data import masking
-from capi_jax.models import encoder_decoder
+from capi_jax.models import layers
 
 
-def _check_model(p: config_checks.Problems, m: ml_collections.ConfigDict) -> None:
+def _check_model(p: problems_lib.Problems, m: ml_collections.ConfigDict) -> None:
   p.number('model.patch_size', m.patch_size, 1, integer=True)
   p.number('model.norm_eps', m.norm_eps, 0, low_open=True)
   p.number('model.mlp_ratio', m.mlp_ratio, 0, low_open=True)
@@ -35,9 +35,9 @@ def _check_model(p: config_checks.Problems, m: ml_collections.ConfigDict) -> Non
   p.number('model.drop_path_groups', m.drop_path_groups, 1, integer=True)
 
 
-def _check_data(p: config_checks.Problems, d: ml_collections.ConfigDict, patch_size: Any) -> None:
+def _check_data(p: problems_lib.Problems, d: ml_collections.ConfigDict, patch_size: Any) -> None:
   size_ok = p.number('data.image_size', d.image_size, 1, integer=True)
-  if size_ok and config_checks.is_int(patch_size) and patch_size >= 1:
+  if size_ok and problems_lib.is_int(patch_size) and patch_size >= 1:
     size_ok = p.check(d.image_size % patch_size == 0, f'data.image_size={d.image_size} must be '
                       f'divisible by model.patch_size={patch_size}.')
   else:
@@ -60,9 +60,9 @@ def _check_data(p: config_checks.Problems, d: ml_collections.ConfigDict, patch_s
   p.boolean('data.masking_roll', d.masking_roll)
 
 
-def _check_optim(p: config_checks.Problems, o: ml_collections.ConfigDict,
+def _check_optim(p: problems_lib.Problems, o: ml_collections.ConfigDict,
                  drop_path_groups: Any) -> None:
-  if (config_checks.is_int(o.global_batch_size) and config_checks.is_int(drop_path_groups)
+  if (problems_lib.is_int(o.global_batch_size) and problems_lib.is_int(drop_path_groups)
       and drop_path_groups >= 1):
     p.check(o.global_batch_size % drop_path_groups == 0,
             f'optim.global_batch_size={o.global_batch_size} must be divisible by '
@@ -74,7 +74,7 @@ def _check_optim(p: config_checks.Problems, o: ml_collections.ConfigDict,
     p.number(f'optim.{name}', o[name], 0)
 
 
-def _check_capi(p: config_checks.Problems, c: ml_collections.ConfigDict, total_iters: Any) -> None:
+def _check_capi(p: problems_lib.Problems, c: ml_collections.ConfigDict, total_iters: Any) -> None:
   ck = c.clustering_kwargs
   for key, value in (('capi.student_temp', c.student_temp),
                      ('capi.clustering_kwargs.target_temp', ck.target_temp),
@@ -90,11 +90,11 @@ def _check_capi(p: config_checks.Problems, c: ml_collections.ConfigDict, total_i
 
 def problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every invalid value of the keys CAPI reads, as sentences; [] when usable."""
-  p = config_checks.Problems()
+  p = problems_lib.Problems()
   _check_model(p, config.model)
   _check_data(p, config.data, config.model.patch_size)
   _check_optim(p, config.optim, config.model.drop_path_groups)
   _check_capi(p, config.capi, config.optim.total_iters)
   p.choice('efficiency.remat_policy', config.efficiency.remat_policy,
-           encoder_decoder.REMAT_POLICIES)
+           layers.REMAT_POLICIES)
   return p.found

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capi_jax.core import optim
-from capi_jax.core import schedules
+from capi_jax.base import interface
+from capi_jax.base import optim
+from capi_jax.base import schedules
 from capi_jax.data import transforms
-from capi_jax.methods import base
 from capi_jax.methods.capi import config_checks
 from capi_jax.methods.capi import flops
 from capi_jax.methods.capi import heads
@@ -48,7 +48,7 @@ def ema_update(ema: PyTree, params: PyTree, momentum: jax.Array) -> PyTree:
       lambda e, p: (e * momentum + p * (1 - momentum)).astype(e.dtype), ema, params)
 
 
-class Capi(base.Method):
+class Capi(interface.Method):
   """CAPI: EncoderDecoder + L2NormLinear student head + online clustering head."""
   name = 'capi'
   loss_keys = ('capi_loss', 'clustering_loss')
@@ -66,7 +66,7 @@ class Capi(base.Method):
     return config_checks.problems(config)
 
   # ------------------------------------------------------------------ state
-  def init(self, rng: jax.Array) -> base.Variables:
+  def init(self, rng: jax.Array) -> interface.Variables:
     k_backbone, k_head, k_cluster = jax.random.split(rng, 3)
     images = jnp.zeros((1, *transforms.image_shape(self.config), 3), jnp.float32)
     features = jnp.zeros((1, self.model.embed_dim), jnp.float32)
@@ -77,7 +77,7 @@ class Capi(base.Method):
     }
     # The release copies the student into the EMA at init.
     ema = {k: jax.tree.map(jnp.copy, params[k]) for k in _STUDENT_PARTS}
-    return base.Variables(params=params, frozen={}, buffers={'ema': ema})
+    return interface.Variables(params=params, frozen={}, buffers={'ema': ema})
 
   def optimizer(self, params: PyTree) -> optax.GradientTransformation:
     student = {k: params[k] for k in _STUDENT_PARTS}

@@ -14,8 +14,8 @@ from typing import Any
 import ml_collections
 import optax
 
-from capi_jax.core import optim
-from capi_jax.core import schedules
+from capi_jax.base import optim
+from capi_jax.base import schedules
 
 PyTree = Any
 

@@ -18,56 +18,16 @@ H/14 and 2B/14 recipes use 98 for the local views.
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
-from PIL import ImageEnhance
 from PIL import ImageFilter
 from PIL import ImageOps
 
 from capi_jax.data import transforms
-
-# Colour jitter operations, indexed as torchvision's ColorJitter (and kappadata's permutation).
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
-
-
-def adjust_hue(image: Image.Image, factor: float) -> Image.Image:
-  """torchvision's PIL hue shift: the HSV hue byte + int(255 factor), wrapping mod 256."""
-  if not -0.5 <= factor <= 0.5:
-    raise ValueError(f'hue factor {factor} is not in [-0.5, 0.5].')
-  h, s, v = image.convert('HSV').split()
-  shifted = (np.asarray(h, np.int32) + int(factor * 255)) % 256
-  hsv = Image.merge('HSV', (Image.fromarray(shifted.astype(np.uint8), 'L'), s, v))
-  return hsv.convert(image.mode)
-
-
-def color_jitter(image: Image.Image, order: Sequence[int],
-                 factors: Mapping[int, float]) -> Image.Image:
-  """Applies the jitter operations in `order`; an operation without a factor is skipped.
-
-  Args:
-    image: RGB image.
-    order: a permutation of (BRIGHTNESS, CONTRAST, SATURATION, HUE).
-    factors: operation -> factor (brightness / contrast / saturation: 1 is the identity; hue:
-      a shift in [-0.5, 0.5]).
-  """
-  enhancers = {BRIGHTNESS: ImageEnhance.Brightness, CONTRAST: ImageEnhance.Contrast,
-               SATURATION: ImageEnhance.Color}
-  for op in order:
-    if op not in factors:
-      continue
-    image = (adjust_hue(image, factors[op]) if op == HUE
-             else enhancers[op](image).enhance(factors[op]))
-  return image
-
-
-def grayscale(image: Image.Image) -> Image.Image:
-  """torchvision's rgb_to_grayscale with 3 output channels on PIL: 'L' luma, repeated."""
-  return image.convert('L').convert('RGB')
-
 
 @dataclasses.dataclass(frozen=True)
 class MultiCrop(grain.transforms.RandomMap):
@@ -125,12 +85,13 @@ class MultiCrop(grain.transforms.RandomMap):
   def _jitter_factors(self, rng: np.random.Generator) -> dict[int, float]:
     """torchvision's ColorJitter ranges; strength 0 leaves the operation out, as there."""
     factors = {}
-    for op, strength in ((BRIGHTNESS, self.brightness), (CONTRAST, self.contrast),
-                         (SATURATION, self.saturation)):
+    for op, strength in ((transforms.BRIGHTNESS, self.brightness),
+                         (transforms.CONTRAST, self.contrast),
+                         (transforms.SATURATION, self.saturation)):
       if strength:
         factors[op] = rng.uniform(max(0.0, 1 - strength), 1 + strength)
     if self.hue:
-      factors[HUE] = rng.uniform(-self.hue, self.hue)
+      factors[transforms.HUE] = rng.uniform(-self.hue, self.hue)
     return factors
 
   def _view(self, image: Image.Image, rng: np.random.Generator, size: int,
@@ -144,11 +105,11 @@ class MultiCrop(grain.transforms.RandomMap):
     if rng.random() < self.flip_p:
       image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < self.jitter_p:
-      image = color_jitter(image, rng.permutation(4), self._jitter_factors(rng))
+      image = transforms.color_jitter(image, rng.permutation(4), self._jitter_factors(rng))
     if rng.random() < blur_p:
       image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_sigma)))
     if rng.random() < self.grayscale_p:
-      image = grayscale(image)
+      image = transforms.grayscale(image)
     if rng.random() < solarize_p:
       image = ImageOps.solarize(image, self.solarize_threshold)
     return transforms.normalize(image)

@@ -7,7 +7,7 @@ import ml_collections
 
 from capi_jax.methods.mim_refiner import augment
 from capi_jax.methods.mim_refiner import encoder
-from capi_jax.models import encoder_decoder
+from capi_jax.models import layers
 from capi_jax.models import vit
 
 _POSITIVE_INTS = ('proj_hidden_dim', 'pred_hidden_dim', 'output_dim', 'queue_size', 'topk')
@@ -118,7 +118,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   check(o.global_batch_size >= 2,
         f'optim.global_batch_size={o.global_batch_size} must be >= 2: the heads\' BatchNorm '
         'normalises over the batch.')
-  check(config.efficiency.remat_policy in encoder_decoder.REMAT_POLICIES,
+  check(config.efficiency.remat_policy in layers.REMAT_POLICIES,
         f'efficiency.remat_policy={config.efficiency.remat_policy!r} must be one of '
-        f'{encoder_decoder.REMAT_POLICIES}.')
+        f'{layers.REMAT_POLICIES}.')
   return found

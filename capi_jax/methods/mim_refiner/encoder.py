@@ -30,7 +30,7 @@ import ml_collections
 
 from capi_jax.models import encoder_decoder
 from capi_jax.models import vit
-from capi_jax.models import vit_convert
+from capi_jax.weights import vit as vit_weights
 
 Array = jax.Array
 
@@ -149,4 +149,4 @@ def refiner_name(path: str, model: nn.Module) -> str:
   if isinstance(model, encoder_decoder.EncoderDecoder):
     path = re.sub(r'^encoder/', '', path)
     path = 'cls_token' if path == 'registers' else path
-  return vit_convert.official_name(path, 'kappamodules')
+  return vit_weights.official_name(path, 'kappamodules')

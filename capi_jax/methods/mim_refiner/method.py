@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from capi_jax.core import optim as core_optim
-from capi_jax.core import schedules
-from capi_jax.methods import base
+from capi_jax.base import interface
+from capi_jax.base import optim as core_optim
+from capi_jax.base import schedules
 from capi_jax.methods.mim_refiner import augment
 from capi_jax.methods.mim_refiner import config_checks
 from capi_jax.methods.mim_refiner import encoder as encoder_lib
@@ -45,7 +45,7 @@ from capi_jax.methods.mim_refiner import heads as heads_lib
 from capi_jax.methods.mim_refiner import objective
 from capi_jax.methods.mim_refiner import optim
 from capi_jax.methods.mim_refiner import queue as queue_lib
-from capi_jax.models import vit_convert
+from capi_jax.weights import vit as vit_weights
 
 PyTree = Any
 Array = jax.Array
@@ -76,7 +76,7 @@ def _checked(expected: PyTree, found: PyTree, what: str, fix: str) -> PyTree:
   return jax.tree.map(lambda e, x: jnp.asarray(x, e.dtype), expected, found)
 
 
-class MimRefiner(base.Method):
+class MimRefiner(interface.Method):
   """MIM-Refiner: ID heads with a nearest-neighbour queue on a pretrained encoder."""
   name = 'mim_refiner'
   loss_keys = ('loss',)
@@ -101,7 +101,7 @@ class MimRefiner(base.Method):
     return config_checks.problems(config)
 
   # ------------------------------------------------------------------ state
-  def _encoder_params(self, variables: base.Variables) -> PyTree:
+  def _encoder_params(self, variables: interface.Variables) -> PyTree:
     return variables.params['encoder'] if self.stage == 3 else variables.frozen['encoder']
 
   def _from_official(self, state_dict: dict[str, Any]) -> PyTree:
@@ -112,7 +112,7 @@ class MimRefiner(base.Method):
                        '(`python -m capi_jax.convert --to=capi_jax`) and pass the output directory '
                        'as config.init.checkpoint.')
     prefix = 'encoder.' if any(k.startswith('encoder.') for k in state_dict) else ''
-    params = vit_convert.official_to_params(state_dict, self.encoder, family, prefix)
+    params = vit_weights.official_to_params(state_dict, self.encoder, family, prefix)
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
   def _head_in_dim(self, name: str) -> int:
@@ -121,7 +121,7 @@ class MimRefiner(base.Method):
       return self.encoder.out_dim
     return self.encoder.embed_dim
 
-  def init(self, rng: Array) -> base.Variables:
+  def init(self, rng: Array) -> interface.Variables:
     k_encoder, k_heads, k_queues = jax.random.split(rng, 3)
     size = self.config.data.image_size
     encoder = self.encoder.init(k_encoder, jnp.zeros((1, size, size, 3), jnp.float32))['params']
@@ -136,16 +136,16 @@ class MimRefiner(base.Method):
     return self._variables(encoder, head_params, head_buffers)
 
   def _variables(self, encoder: PyTree, head_params: PyTree, head_buffers: PyTree
-                 ) -> base.Variables:
+                 ) -> interface.Variables:
     if self.stage == 2:
-      return base.Variables({'heads': head_params}, {'encoder': encoder},
+      return interface.Variables({'heads': head_params}, {'encoder': encoder},
                             {'heads': head_buffers})
     # The release's EMA callback starts from the weights the run starts from.
-    return base.Variables({'encoder': encoder, 'heads': head_params}, {},
+    return interface.Variables({'encoder': encoder, 'heads': head_params}, {},
                           {'heads': head_buffers, 'ema': jax.tree.map(jnp.copy, encoder)})
 
-  def from_pretrained(self, variables: base.Variables, pretrained: dict[str, base.Pretrained]
-                      ) -> base.Variables:
+  def from_pretrained(self, variables: interface.Variables,
+                      pretrained: dict[str, interface.Pretrained]) -> interface.Variables:
     """Puts the pretrained encoder ('init') in; stage 3 from a MIM-Refiner run also takes its
     heads.
 
@@ -221,7 +221,8 @@ class MimRefiner(base.Method):
     return {'lr': self._lr_fn()}
 
   # ------------------------------------------------------------------ step
-  def _encode(self, encoder_params: PyTree, batch: base.Batch, rng: Array) -> dict[str, Array]:
+  def _encode(self, encoder_params: PyTree, batch: interface.Batch, rng: Array
+              ) -> dict[str, Array]:
     """{head: (n_views * batch, D)} pooled features, view-major, global views first."""
     encoded = []
     for i, key in enumerate(('global_views', 'local_views')):

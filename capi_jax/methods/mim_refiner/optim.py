@@ -6,7 +6,7 @@ As the official release sets it up (`optimizers/optimizer_wrapper.py`, `param_gr
   - the schedule, per update t with W warmup and T total updates: peak (t + 1) / (W + 1)
     during warmup (kappaschedules' linear increase without its end points), then
     end + (peak - end) (1 + cos(pi (t - W) / (T - W))) / 2 (cosine without its last point);
-  - a parameter's lr is lr_scale x schedule(t); AdamW (torch semantics, `core.optim.adamw`)
+  - a parameter's lr is lr_scale x schedule(t); AdamW (torch semantics, `base.optim.adamw`)
     with per-parameter weight decay;
   - weight decay 0 for names ending '.bias', for tensors of ndim <= 1 and, in the ViT, for
     `cls_tokens.tokens` and a learnable `pos_embed.embed`;
@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capi_jax.core import optim as core_optim
-from capi_jax.core import schedules
+from capi_jax.base import optim as core_optim
+from capi_jax.base import schedules
 
 PyTree = Any
 
@@ -130,7 +130,7 @@ def head_group(name: str, ndim: int, *, weight_decay: float) -> ParamGroup:
 def group_tree(params: PyTree, official_name: Callable[[str], str],
                rule: Callable[[str, int], ParamGroup]) -> PyTree:
   """`rule(official_name(path), ndim)` for every leaf: a tree of `ParamGroup`s shaped like
-  `params` (which may hold ShapeDtypeStructs). Paths are '/'-joined (`core.optim.path_name`)."""
+  `params` (which may hold ShapeDtypeStructs). Paths are '/'-joined (`base.optim.path_name`)."""
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: rule(official_name(core_optim.path_name(path)), len(leaf.shape)),
       params)

@@ -17,11 +17,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from capi_jax import check_reference
-from capi_jax import convert
-from capi_jax.check_reference import compare, Result, Skipped
+from capi_jax.base import interface
+from capi_jax.base import schedules
+from capi_jax.engine import state as state_lib
+from capi_jax.engine import step as step_lib
+from capi_jax.methods.capi import convert as capi_convert
 from capi_jax.methods.capi import heads
+from capi_jax.methods.capi import method as capi
 from capi_jax.models import encoder_decoder
+from capi_jax.reference import harness
+from capi_jax.reference.harness import compare, Result
 
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -116,7 +121,7 @@ class Context:
 
   @functools.cached_property
   def backbone(self):
-    return convert.backbone_to_flax(self.group('backbone'), self.config)
+    return capi_convert.backbone_to_flax(self.group('backbone'), self.config)
 
   def images(self, key: str) -> jax.Array:
     """NCHW fixture images -> NHWC."""
@@ -155,7 +160,7 @@ def _matches(arrays: Mapping[str, np.ndarray]) -> bool:
                            'student_head/')) for k in arrays)
 
 
-SUITE = check_reference.Suite('capi', _matches, lambda arrays: Context(arrays))
+SUITE = harness.Suite('capi', _matches, lambda arrays: Context(arrays))
 
 
 @SUITE.register('eval forward', requires=('fwd/images', 'fwd/global_repr', 'fwd/registers',
@@ -198,13 +203,13 @@ def _clustering_head(ctx: Context) -> list[Result]:
   sd = ctx.group('clustering')
   sd = {k: v for k, v in sd.items() if k in ('layer.weight', 'layer.bias')}
   num_clusters, dim = sd['layer.weight'].shape
-  params = convert.clustering_head_to_flax(sd, dim, num_clusters, use_bias='layer.bias' in sd)
+  params = capi_convert.clustering_head_to_flax(sd, dim, num_clusters, use_bias='layer.bias' in sd)
   kw = ctx.config.capi.clustering_kwargs
   loss_fn = functools.partial(heads.clustering_targets_and_loss, target_temp=kw.target_temp,
                               pred_temp=kw.pred_temp, n_sk_iter=kw.n_sk_iter)
   (loss, assignments), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       params, jnp.asarray(ctx.arrays['clustering/input']))
-  grads = convert.clustering_head_to_official(grads)
+  grads = capi_convert.clustering_head_to_official(grads)
   results = [
       compare('clustering/assignments', assignments, ctx.arrays['clustering/assignments'],
               FORWARD_TOL),
@@ -224,7 +229,7 @@ def _clustering_head(ctx: Context) -> list[Result]:
 def _student_head(ctx: Context) -> list[Result]:
   sd = {k: v for k, v in ctx.group('student_head').items() if k.startswith('last_layer.')}
   num_clusters, dim = sd['last_layer.weight_v'].shape
-  params = convert.student_head_to_flax(sd, dim, num_clusters)
+  params = capi_convert.student_head_to_flax(sd, dim, num_clusters)
   head = heads.L2NormLinear(num_clusters)
 
   def loss_fn(p, x, targets):
@@ -234,7 +239,7 @@ def _student_head(ctx: Context) -> list[Result]:
   (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       params, jnp.asarray(ctx.arrays['student_head/input']),
       jnp.asarray(ctx.arrays['student_head/targets']))
-  grads = convert.student_head_to_official(grads)
+  grads = capi_convert.student_head_to_official(grads)
   return [
       compare('student_head/logits', logits, ctx.arrays['student_head/logits'], FORWARD_TOL),
       compare('student_head/loss', loss, ctx.arrays['student_head/loss'], FORWARD_TOL),
@@ -246,10 +251,6 @@ def _student_head(ctx: Context) -> list[Result]:
 
 def reference_schedule(settings: Mapping[str, Any], length: int) -> np.ndarray:
   """The release's WarmupThenCosine indexed at 0 .. length-1 (final value from total_iters on)."""
-  try:
-    from capi_jax.core import schedules  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise Skipped(f'capi_jax.core.schedules is not importable: {e}') from e
   settings = dict(settings)
   total = int(settings.pop('total_iters'))
   values = schedules.warmup_cosine(total_iters=total, **settings)
@@ -288,20 +289,20 @@ def _step_parts(ctx: Context, prefix: str) -> dict[str, Any]:
     if not sd:
       continue
     if part.endswith('backbone'):
-      parts[part] = convert.backbone_to_flax(sd, ctx.config)
+      parts[part] = capi_convert.backbone_to_flax(sd, ctx.config)
     elif part.endswith('head') and part != 'teacher_head':
-      parts[part] = convert.student_head_to_flax(sd, dim, k)
+      parts[part] = capi_convert.student_head_to_flax(sd, dim, k)
     else:
-      parts[part] = convert.clustering_head_to_flax(sd, dim, k, use_bias)
+      parts[part] = capi_convert.clustering_head_to_flax(sd, dim, k, use_bias)
   return parts
 
 
 def _official(part: str, params: Any) -> dict[str, np.ndarray]:
   if part.endswith('backbone'):
-    return convert.backbone_to_official(params)
+    return capi_convert.backbone_to_official(params)
   if part == 'teacher_head':
-    return convert.clustering_head_to_official(params)
-  return convert.student_head_to_official(params)
+    return capi_convert.clustering_head_to_official(params)
+  return capi_convert.student_head_to_official(params)
 
 
 def _constant(value: float) -> ml_collections.ConfigDict:
@@ -339,20 +340,13 @@ def fixture_training_config(ctx: Context) -> ml_collections.ConfigDict:
     'step/1/images', 'step/1/capi_loss'))
 def _two_training_iterations(ctx: Context) -> list[Result]:
   """The engine's train step with CAPI's optimiser, from the fixture's weights on its batches."""
-  try:
-    from capi_jax.core import state as state_lib  # pylint: disable=g-import-not-at-top
-    from capi_jax.core import step as step_lib  # pylint: disable=g-import-not-at-top
-    from capi_jax.methods import base  # pylint: disable=g-import-not-at-top
-    from capi_jax.methods.capi import method as capi  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise Skipped(f'the training engine is not importable: {e}') from e
   method = capi.Capi(fixture_training_config(ctx))
   init = _step_parts(ctx, 'step/init')
   student = {'backbone': init['student/backbone'], 'head': init['student/head']}
   params = {**student, 'clustering_head': init['teacher_head']}
   optimizer = method.optimizer(params)
   # The release copies the student into the EMA at init.
-  variables = base.Variables(params, {}, {'ema': jax.tree.map(jnp.copy, student)})
+  variables = interface.Variables(params, {}, {'ema': jax.tree.map(jnp.copy, student)})
   state = state_lib.TrainState(
       step=jnp.zeros([], jnp.int32), rng=jax.random.PRNGKey(0), params=variables.params,
       frozen=variables.frozen, buffers=variables.buffers, opt_state=optimizer.init(params))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capi_jax.core import schedules
+from capi_jax.base import schedules
 
 PyTree = Any
 

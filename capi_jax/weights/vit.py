@@ -21,13 +21,13 @@ to its official names (`official_name`):
 Layouts: linear (out, in) <-> kernel (in, out); conv (out, in, kh, kw) <-> (kh, kw, in, out); the
 position table and class token are reshaped. No arithmetic and no dtype change: official ->
 capi_jax -> official is exact (CLIP's fp16 tensors stay fp16; cast them for a float32 model).
-Every missing or unexpected name and every wrong shape is a `convert.CheckpointMismatchError`
+Every missing or unexpected name and every wrong shape is a `rules.CheckpointMismatchError`
 naming the parameter with its expected and found shapes.
 
   model = vit.ViT(**vit.FAMILIES['clip'], ...)
-  params = vit_convert.official_to_params(convert.read_state_dict('ViT-B-16.pt'), model,
+  params = vit_weights.official_to_params(files.read_state_dict('ViT-B-16.pt'), model,
                                           'clip', prefix='visual.')
-  state_dict = vit_convert.params_to_official(params, 'clip', prefix='visual.')
+  state_dict = vit_weights.params_to_official(params, 'clip', prefix='visual.')
 """
 
 from collections.abc import Callable, Mapping
@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capi_jax import convert
 from capi_jax.models import vit
+from capi_jax.weights import rules
 
 Params = Any
 
@@ -110,17 +110,17 @@ def official_name(path: str, family: str) -> str:
   return name
 
 
-def _rule(family: str, prefix: str) -> Callable[[tuple[str, ...], int], convert.Rule]:
+def _rule(family: str, prefix: str) -> Callable[[tuple[str, ...], int], rules.Rule]:
   """(leaf path, ndim) -> (official name, to_official, to_flax) for `family`."""
   _check_family(family)
 
-  def rule(path: tuple[str, ...], ndim: int) -> convert.Rule:
+  def rule(path: tuple[str, ...], ndim: int) -> rules.Rule:
     name = official_name('/'.join(path), family)
-    layouts: tuple[_Layout, _Layout] = (convert.identity, convert.identity)
+    layouts: tuple[_Layout, _Layout] = (rules.identity, rules.identity)
     if path[-1] == 'kernel' and ndim == 4:
-      layouts = (convert.conv_to_official, convert.conv_to_flax)
+      layouts = (rules.conv_to_official, rules.conv_to_flax)
     elif path[-1] == 'kernel' and not (family == 'clip' and path == ('proj', 'kernel')):
-      layouts = (convert.linear_to_official, convert.linear_to_official)
+      layouts = (rules.linear_to_official, rules.linear_to_official)
     elif path == ('pos_embed',) and family in ('kappamodules', 'data2vec2'):
       layouts = (_grid_table_to_official, _grid_table_to_flax)
     elif path == ('pos_embed',) and family == 'clip':  # (1, 1+N, W) <-> (1+N, W)
@@ -143,7 +143,7 @@ def official_to_params(state_dict: Mapping[str, Any], model: vit.ViT, family: st
   """Official `family` state_dict -> `model`'s params (numpy, dtypes as stored).
 
   Args:
-    state_dict: official names and PyTorch layouts (e.g. `convert.read_state_dict(path)`).
+    state_dict: official names and PyTorch layouts (e.g. `files.read_state_dict(path)`).
     model: the ViT to fill (its fields must describe the checkpoint's architecture).
     family: one of FAMILIES (naming convention).
     prefix: only names starting with it are read (e.g. 'encoder.' for a CAE v2 checkpoint,
@@ -154,13 +154,13 @@ def official_to_params(state_dict: Mapping[str, Any], model: vit.ViT, family: st
   """
   selected = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
   if not selected:
-    raise convert.CheckpointMismatchError(
+    raise rules.CheckpointMismatchError(
         f'No parameter named {prefix}* in the checkpoint (found e.g. {sorted(state_dict)[:5]}).')
-  return convert.to_flax(
+  return rules.to_flax(
       selected, param_shapes(model), _rule(family, prefix), f'{family} ViT',
       fix='check the ViT fields (sizes, family options) against the checkpoint')
 
 
-def params_to_official(params: Params, family: str, prefix: str = '') -> convert.StateDict:
+def params_to_official(params: Params, family: str, prefix: str = '') -> rules.StateDict:
   """`vit.ViT` params -> official `family` names (each prefixed by `prefix`) and layouts."""
-  return convert.to_official(params, _rule(family, prefix))
+  return rules.to_official(params, _rule(family, prefix))

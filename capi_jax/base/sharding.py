@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from capi_jax.core import optim
+from capi_jax.base import optim
 
 PyTree = Any
 FSDP_AXIS = 'fsdp'

@@ -21,7 +21,7 @@ tensors, fp16 included):
   - teacher features, encoder output on the visible patches, labels, the full student forward
     and the loss;
   - every gradient (against the float64 re-run) and the gradient norm;
-  - two training iterations through the engine's own step (`core.step.make_train_step` with
+  - two training iterations through the engine's own step (`engine.step.make_train_step` with
     the method's optimiser) on the fixture's batches, masks and schedule position, parameters
     judged against `f64/student/final` (atol 1e-5; `norm1_k.bias`, whose gradient is zero,
     with atol = the sum of the steps' learning rates, as the README says).
@@ -40,18 +40,20 @@ import ml_collections
 import numpy as np
 import optax
 
-from capi_jax import check_reference
-from capi_jax.check_reference import compare, Result, Skipped
-from capi_jax.core import optim as core_optim
-from capi_jax.core import schedules
+from capi_jax.base import interface
+from capi_jax.base import optim as core_optim
+from capi_jax.base import schedules
 from capi_jax.data import masking
-from capi_jax.methods import base
+from capi_jax.engine import state as state_lib
+from capi_jax.engine import step as step_lib
 from capi_jax.methods.caev2 import convert as caev2_convert
 from capi_jax.methods.caev2 import loss as caev2_loss
 from capi_jax.methods.caev2 import method as caev2_method
 from capi_jax.methods.caev2 import optim as caev2_optim
 from capi_jax.methods.caev2 import regressor
 from capi_jax.models import vit
+from capi_jax.reference import harness
+from capi_jax.reference.harness import compare, Result, Skipped
 
 FORWARD_TOL = 2e-5  # README: activations `fwd/*` atol 2e-5.
 LOSS_TOL = 1e-6
@@ -235,14 +237,14 @@ class Context:
     return caev2_method.CaeV2(self.config)
 
   @functools.cached_property
-  def variables(self) -> base.Variables:
+  def variables(self) -> interface.Variables:
     """The official initial student and teacher as the method's variables: the student read
     by `caev2.convert`, the teacher by the method's own loader (official CLIP names, fp16)."""
     expected = jax.eval_shape(self.method.init, jax.random.key(0))
     params = caev2_convert.student_to_flax(self.group('student/init'), self.method.encoder,
                                            expected.params['regressor'])
-    teacher = base.Pretrained(state_dict=self.group(_TEACHER))
-    return self.method.from_pretrained(base.Variables(params, expected.frozen, {}),
+    teacher = interface.Pretrained(state_dict=self.group(_TEACHER))
+    return self.method.from_pretrained(interface.Variables(params, expected.frozen, {}),
                                        {'teacher': teacher})
 
   @functools.cached_property
@@ -339,7 +341,7 @@ def _matches(arrays: Mapping[str, np.ndarray]) -> bool:
   return any('regresser.' in k or k.endswith('/rd_pos_embed') for k in arrays)
 
 
-SUITE = check_reference.Suite('caev2', _matches, Context)
+SUITE = harness.Suite('caev2', _matches, Context)
 
 
 @SUITE.register('regressor position table', requires=('student/init/rd_pos_embed',
@@ -588,8 +590,6 @@ def _at_schedule_step(opt_state: optax.OptState, step: int) -> optax.OptState:
 def _two_training_iterations(ctx: Context) -> list[Result]:
   """The engine's train step with the method's optimiser, from the official initial weights on
   the fixture's batches, judged against the float64 re-run."""
-  from capi_jax.core import state as state_lib  # pylint: disable=g-import-not-at-top
-  from capi_jax.core import step as step_lib  # pylint: disable=g-import-not-at-top
   iterations = list(ctx.meta['schedule']['iterations'])
   if iterations != list(range(iterations[0], iterations[0] + len(iterations))):
     raise Skipped(f'the fixture\'s iterations {iterations} are not consecutive')
@@ -610,7 +610,7 @@ def _two_training_iterations(ctx: Context) -> list[Result]:
                 LOSS_TOL),
         # From the second step on, the gradients carry the float32 differences of the updated
         # parameters, so the README's gradient criterion applies. (The largest part here:
-        # `core.optim.adamw` takes optax's bias correction 1 - b2**t in float32, 1.3e-5 off at
+        # `base.optim.adamw` takes optax's bias correction 1 - b2**t in float32, 1.3e-5 off at
         # t = 1, so the first update is 6e-6 shorter than torch's; the norm is then ~4e-6
         # off, where an exact correction, -expm1(t log b2), gives ~1e-7.)
         compare(f'f64/step/{k}/grad_norm (engine)', metrics['grad_norm'],

@@ -30,19 +30,19 @@ import numpy as np
 
 import ml_collections
 
-from capi_jax import check_reference
-from capi_jax.check_reference import compare, Result, Skipped
-from capi_jax.core import schedules
-from capi_jax.core import state as state_lib
-from capi_jax.core import step as step_lib
-from capi_jax.methods import base
+from capi_jax.base import interface
+from capi_jax.base import schedules
+from capi_jax.engine import state as state_lib
+from capi_jax.engine import step as step_lib
 from capi_jax.methods.mim_refiner import heads
 from capi_jax.methods.mim_refiner import method as mim_method
 from capi_jax.methods.mim_refiner import objective
 from capi_jax.methods.mim_refiner import optim
 from capi_jax.methods.mim_refiner import queue
 from capi_jax.models import vit
-from capi_jax.models import vit_convert
+from capi_jax.reference import harness
+from capi_jax.reference.harness import compare, Result, Skipped
+from capi_jax.weights import vit as vit_weights
 
 FORWARD_TOL = 1e-5
 LOSS_TOL = 2e-6
@@ -224,7 +224,7 @@ def _matches(arrays: Mapping[str, np.ndarray]) -> bool:
   return 'head/idx' in arrays or any(k.startswith('stage3/init/heads.') for k in arrays)
 
 
-SUITE = check_reference.Suite('mim_refiner', _matches, Context)
+SUITE = harness.Suite('mim_refiner', _matches, Context)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -568,11 +568,11 @@ def refinement_config(ctx: Context, stage: str) -> ml_collections.ConfigDict:
                      global_solarize_p=(0.0,) * n_global))))
 
 
-def _initial_variables(ctx: Context, method: mim_method.MimRefiner) -> base.Variables:
+def _initial_variables(ctx: Context, method: mim_method.MimRefiner) -> interface.Variables:
   """The fixture's initial ContrastiveModel state, loaded through `from_pretrained` as the
   continuation of a MIM-Refiner run (encoder, heads, BatchNorm statistics, queues)."""
   prefix = 'stage3/init/encoder.'
-  encoder = vit_convert.official_to_params(
+  encoder = vit_weights.official_to_params(
       {k: v for k, v in ctx.arrays.items() if k.startswith(prefix)}, method.encoder,
       _encoder_family(ctx), prefix=prefix)
   head_params, head_buffers = {}, {}
@@ -581,10 +581,10 @@ def _initial_variables(ctx: Context, method: mim_method.MimRefiner) -> base.Vari
                                     method.encoder.embed_dim)
     head_params[h] = state.params
     head_buffers[h] = {'batch_stats': state.batch_stats, 'queue': state.queue._asdict()}
-  source = base.Variables({'encoder': encoder, 'heads': head_params}, {},
+  source = interface.Variables({'encoder': encoder, 'heads': head_params}, {},
                           {'heads': head_buffers})
-  return method.from_pretrained(method.init(jax.random.PRNGKey(0)),
-                                {'init': base.Pretrained(method=method.name, variables=source)})
+  pretrained = interface.Pretrained(method=method.name, variables=source)
+  return method.from_pretrained(method.init(jax.random.PRNGKey(0)), {'init': pretrained})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -596,7 +596,7 @@ class RefinementRun:
 
 
 def run_refinement(ctx: Context, stage: str) -> RefinementRun:
-  """`stage`'s updates through `MimRefiner` and `core.step.make_train_step` (the engine's
+  """`stage`'s updates through `MimRefiner` and `engine.step.make_train_step` (the engine's
   step with the method's optimiser), the recorded top-k picks injected."""
   method = mim_method.MimRefiner(refinement_config(ctx, stage))
   variables = _initial_variables(ctx, method)
@@ -617,7 +617,7 @@ def run_refinement(ctx: Context, stage: str) -> RefinementRun:
     t += 1
   family = _encoder_family(ctx)
   encoder = method.eval_params(state.variables, 'student')
-  final = vit_convert.params_to_official(jax.device_get(encoder), family, prefix='encoder.')
+  final = vit_weights.params_to_official(jax.device_get(encoder), family, prefix='encoder.')
   for h in ctx.refine_heads:
     buffers = jax.device_get(state.buffers['heads'][h])
     final.update({f'heads.{h}.{k}': v for k, v in heads.to_official(
@@ -625,7 +625,7 @@ def run_refinement(ctx: Context, stage: str) -> RefinementRun:
     final.update(queue.to_official(queue.Queue(**buffers['queue']), prefix=f'heads.{h}.queue.'))
   ema = {}
   if 'ema' in state.buffers:
-    ema = vit_convert.params_to_official(jax.device_get(state.buffers['ema']), family,
+    ema = vit_weights.params_to_official(jax.device_get(state.buffers['ema']), family,
                                          prefix='encoder.')
   return RefinementRun(losses, final, ema)
 

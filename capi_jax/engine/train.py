@@ -21,7 +21,7 @@ From one CPU to a pod, the same loop:
     at more than 2 consecutive checks (every `train.nan_check_period` steps), or a non-finite
     state at a checkpoint, an evaluation or the end. Only finite states become checkpoints and
     a non-finite model is never evaluated;
-  - evaluations (`capi_jax.evaluate`) of `evals.model` at the steps `evaluators.due` names
+  - evaluations (`engine.evaluation`) of `evals.model` at the steps `evaluators.due` names
     (each protocol's `period`), and of the EMA with every protocol at the end unless
     `evals.final` is False.
 """
@@ -42,26 +42,27 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from capi_jax.core import checkpointing
-from capi_jax.core import cli
-from capi_jax.core import config_checks
-from capi_jax.data import pipeline
 from capi_jax import evaluators
 from capi_jax import methods
-from capi_jax.methods import base
-from capi_jax.core import metrics_writer
-from capi_jax.core import pretrained
-from capi_jax.core import runs
-from capi_jax.core import sharding
-from capi_jax.core import state as state_lib
-from capi_jax.core import step as step_lib
+from capi_jax.base import errors
+from capi_jax.base import interface
+from capi_jax.base import sharding
+from capi_jax.data import pipeline
+from capi_jax.engine import checkpointing
+from capi_jax.engine import config_checks
+from capi_jax.engine import evaluation
+from capi_jax.engine import metrics_writer
+from capi_jax.engine import pretrained
+from capi_jax.engine import runs
+from capi_jax.engine import state as state_lib
+from capi_jax.engine import step as step_lib
 
 logger = logging.getLogger(__name__)
 # The reference aborts after more than this many consecutive NaN checks.
 CONSECUTIVE_NAN_LIMIT = 2
 
 
-class NonFiniteLossError(cli.UserError):
+class NonFiniteLossError(errors.UserError):
   """Training diverged: the loss was NaN/inf at more than CONSECUTIVE_NAN_LIMIT consecutive
   checks, or the state was not finite where it is checked (checkpoints, evaluations, the end)."""
 
@@ -166,18 +167,17 @@ def _log_memory(compiled) -> None:
                gib(mem.temp_size_in_bytes), gib(mem.generated_code_size_in_bytes))
 
 
-def run_evals(config: ml_collections.ConfigDict, method: base.Method,
+def run_evals(config: ml_collections.ConfigDict, method: interface.Method,
               state: state_lib.TrainState, step: int, workdir: pathlib.Path, which: str,
               mesh: jax.sharding.Mesh, writer: metrics_writer.MetricsWriter,
               protocols: tuple[str, ...] | None = None) -> dict[str, float]:
-  """Evaluates the student or EMA backbone with `capi_jax.evaluate`; logs and returns results.
+  """Evaluates the student or EMA backbone (`evaluation.run_evals`); logs and returns results.
 
-  `evaluate.run_evals` prints a table and writes WORKDIR/eval/<step>/; with
+  `evaluation.run_evals` prints a table and writes WORKDIR/eval/<step>/; with
   `config.evals.random_init_baseline` the table shows the random init's numbers beside.
   """
-  from capi_jax import evaluate  # pylint: disable=g-import-not-at-top  (heavy; only when used)
   params = method.eval_params(state.variables, which)
-  results = evaluate.run_evals(config, params, step, workdir, protocols=protocols, mesh=mesh)
+  results = evaluation.run_evals(config, params, step, workdir, protocols=protocols, mesh=mesh)
   writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()},
                            prefix='eval/')
   return results
@@ -217,7 +217,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
     cleanup.callback(ckpt.close)
     if ckpt.all_steps() and not config.train.auto_resume:
-      raise cli.UserError(f'{ckpt.directory} already holds checkpoints {ckpt.all_steps()} and '
+      raise errors.UserError(f'{ckpt.directory} already holds checkpoints {ckpt.all_steps()} and '
                           'config.train.auto_resume is False: use a new --workdir, or resume.')
     restored = ckpt.restore_latest(checkpointing.restore_target(layout.abstract, layout.shardings),
                                    data_iter)

@@ -1,7 +1,8 @@
 """The train state: one pytree per run, created abstractly and born sharded.
 
 `TrainState` holds the step counter, the base rng, and the method's variables
-(`capi_jax.methods.base.Variables`: trained `params`, constant `frozen`, post-update `buffers`)
+(`capi_jax.base.interface.Variables`: trained `params`, constant `frozen`, post-update
+`buffers`)
 with the optimiser state of `params`. `state_layout` derives, without materialising anything,
 the init function, the abstract state, its shardings and the optimiser: the one place that
 creation (`create_state`), the training loop's restore, evaluation and conversion all use.
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from capi_jax.core import sharding
-from capi_jax.methods import base
+from capi_jax.base import interface
+from capi_jax.base import sharding
 
 PyTree = Any
 
@@ -42,8 +43,8 @@ class TrainState:
   opt_state: optax.OptState
 
   @property
-  def variables(self) -> base.Variables:
-    return base.Variables(self.params, self.frozen, self.buffers)
+  def variables(self) -> interface.Variables:
+    return interface.Variables(self.params, self.frozen, self.buffers)
 
 
 class StateLayout(NamedTuple):
@@ -72,13 +73,14 @@ def _check_dtypes(config: ml_collections.ConfigDict) -> None:
         'in the master weights\' dtype.')
 
 
-def initial_variables(method: base.Method, rng: jax.Array) -> tuple[base.Variables, jax.Array]:
+def initial_variables(method: interface.Method, rng: jax.Array
+                      ) -> tuple[interface.Variables, jax.Array]:
   """(the variables a run with seed `rng` starts from, the base key of its steps)."""
   init_rng, step_rng = jax.random.split(rng)
   return method.init(init_rng), step_rng
 
 
-def init_fn(method: base.Method, optimizer: optax.GradientTransformation
+def init_fn(method: interface.Method, optimizer: optax.GradientTransformation
             ) -> Callable[[jax.Array], TrainState]:
   """rng -> a fresh TrainState of `method` (jit it with out_shardings to be born sharded)."""
 
@@ -92,7 +94,7 @@ def init_fn(method: base.Method, optimizer: optax.GradientTransformation
   return init
 
 
-def state_layout(config: ml_collections.ConfigDict, method: base.Method,
+def state_layout(config: ml_collections.ConfigDict, method: interface.Method,
                  mesh: jax.sharding.Mesh) -> StateLayout:
   """The run's init function, abstract state, shardings and optimiser (nothing materialised)."""
   _check_dtypes(config)
@@ -105,8 +107,8 @@ def state_layout(config: ml_collections.ConfigDict, method: base.Method,
   return StateLayout(init, abstract, shardings, optimizer)
 
 
-def create_state(config: ml_collections.ConfigDict, method: base.Method, mesh: jax.sharding.Mesh,
-                 rng: jax.Array) -> tuple[TrainState, StateLayout]:
+def create_state(config: ml_collections.ConfigDict, method: interface.Method,
+                 mesh: jax.sharding.Mesh, rng: jax.Array) -> tuple[TrainState, StateLayout]:
   """A fresh TrainState born sharded (never materialised whole on one device), and its layout."""
   layout = state_layout(config, method, mesh)
   return jax.jit(layout.init, out_shardings=layout.shardings)(rng), layout

@@ -2,9 +2,8 @@
 
 A method (CAPI, MIM-Refiner, CAE v2, ...) is a config section plus a subclass of `Method`,
 registered by name in `capi_jax.methods` (built in, or added with `methods.register`) and
-picked by `config.method`. The engine (`capi_jax.core`: state, step, sharding, checkpoints,
-loop; `capi_jax.evaluate`; `capi_jax.bench`) calls only what is declared here and never
-imports a method.
+picked by `config.method`. The engine (`capi_jax.engine`: state, step, checkpoints, loop,
+evaluation, benchmark, plans) calls only what is declared here and never imports a method.
 
 State. A method's variables come in three trees (`Variables`):
   - `params`: trained by the method's optimiser (gradients, optimiser state);
@@ -15,7 +14,7 @@ State. A method's variables come in three trees (`Variables`):
 Each is a dict of named parts (e.g. params = {'backbone', 'head', 'clustering_head'}); the
 names are the method's, used in checkpoints, sharding rules and logs.
 
-One step, for every method (`capi_jax.core.train_step`):
+One step, for every method (`capi_jax.engine.train_step`):
   grads, aux, metrics = method.loss_and_grads(variables, batch, rng)
   params <- optimizer.update(grads, ...)           (the method's optax transformation)
   buffers <- method.update_buffers(variables with the updated params, aux, step)
@@ -38,7 +37,7 @@ import jax
 import ml_collections
 import optax
 
-from capi_jax.core import schedules
+from capi_jax.base import schedules
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]

@@ -18,16 +18,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capi_jax.core import sharding
-from capi_jax.core import state as state_lib
-from capi_jax.methods import base
+from capi_jax.base import interface
+from capi_jax.base import sharding
+from capi_jax.engine import state as state_lib
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 StepFn = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, Metrics]]
 
 
-def train_step(state: state_lib.TrainState, batch: Batch, *, method: base.Method,
+def train_step(state: state_lib.TrainState, batch: Batch, *, method: interface.Method,
                optimizer: optax.GradientTransformation,
                mesh: jax.sharding.Mesh | None = None,
                ) -> tuple[state_lib.TrainState, Metrics]:
@@ -46,7 +46,7 @@ def train_step(state: state_lib.TrainState, batch: Batch, *, method: base.Method
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     buffers = method.update_buffers(
-        base.Variables(params, state.frozen, state.buffers), aux, state.step)
+        interface.Variables(params, state.frozen, state.buffers), aux, state.step)
 
   metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
   metrics.update({k: fn(state.step) for k, fn in method.schedules().items()})
@@ -54,13 +54,13 @@ def train_step(state: state_lib.TrainState, batch: Batch, *, method: base.Method
                        opt_state=opt_state), metrics
 
 
-def make_train_step(method: base.Method, optimizer: optax.GradientTransformation,
+def make_train_step(method: interface.Method, optimizer: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh | None = None) -> StepFn:
   """train_step with its static arguments bound: (state, batch) -> (state, metrics)."""
   return functools.partial(train_step, method=method, optimizer=optimizer, mesh=mesh)
 
 
-def jit_train_step(method: base.Method, layout: state_lib.StateLayout,
+def jit_train_step(method: interface.Method, layout: state_lib.StateLayout,
                    mesh: jax.sharding.Mesh) -> Any:
   """The jitted step: state donated, batch split over all devices, metrics replicated."""
   return jax.jit(

@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from capi_jax import methods
-from capi_jax.core import cli
+from capi_jax.base import errors
 from capi_jax.data import pipeline
 
 PyTree = Any
@@ -58,19 +58,19 @@ _SPACE_MARGIN = 1.1
 DAMAGED_SUFFIX = '_damaged'
 
 
-class IncompatibleCheckpointError(cli.UserError, ValueError):
+class IncompatibleCheckpointError(errors.UserError, ValueError):
   """A checkpoint was written with a different architecture than the config's."""
 
 
-class DamagedCheckpointError(cli.UserError):
+class DamagedCheckpointError(errors.UserError):
   """A checkpoint's files differ from when it was written, or cannot be read."""
 
 
-class CheckpointWriteError(cli.UserError):
+class CheckpointWriteError(errors.UserError):
   """A checkpoint could not be written (no disk space, a failed write)."""
 
 
-class CheckpointNotFoundError(cli.UserError, FileNotFoundError):
+class CheckpointNotFoundError(errors.UserError, FileNotFoundError):
   """A path names no checkpoint."""
 
 
@@ -198,7 +198,7 @@ def _read(step_dir: pathlib.Path, items: dict[str, Any]) -> dict[str, Any]:
   try:
     with _reader() as reader:
       return reader.restore(step_dir, args=ocp.args.Composite(**items))
-  except cli.UserError:
+  except errors.UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON, missing files)
     if (step_dir / CHECKSUMS).exists():
@@ -360,7 +360,7 @@ class Checkpointer:
     if len(tmp) != 1:
       raise RuntimeError(f'Expected one temporary folder of checkpoint {self._saving} in '
                          f'{self.directory}, found {[p.name for p in tmp]}: Orbax changed its '
-                         'layout; update capi_jax.core.checkpointing.')
+                         'layout; update capi_jax.engine.checkpointing.')
     write_checksums(tmp[0])
 
   def check_space(self, state: PyTree) -> None:

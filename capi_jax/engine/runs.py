@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from capi_jax.core import cli
+from capi_jax.base import errors
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ STALE_AFTER_S = 600.0
 _TAKEOVER_ATTEMPTS = 5
 
 
-class WorkdirBusyError(cli.UserError):
+class WorkdirBusyError(errors.UserError):
   """Another live run holds the workdir's lock."""
 
 
@@ -119,7 +119,7 @@ class WorkdirLock:
     except FileExistsError:
       return False
     except OSError as e:
-      raise cli.UserError(f'Cannot create the lock file {self.path} ({e}): the workdir must be '
+      raise errors.UserError(f'Cannot create the lock file {self.path} ({e}): the workdir must be '
                           'writable.') from e
     with os.fdopen(fd, 'w') as f:
       json.dump(dataclasses.asdict(self.holder), f)
@@ -208,7 +208,7 @@ def lock_workdir(workdir: pathlib.Path) -> WorkdirLock | None:
     lock = WorkdirLock(workdir)
     try:
       lock.acquire()
-    except cli.UserError as e:
+    except errors.UserError as e:
       error = e
   if jax.process_count() > 1:
     busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))

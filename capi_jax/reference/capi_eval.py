@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from capi_jax import check_reference
-from capi_jax.check_reference import compare, Result
 from capi_jax.evaluators import classif
 from capi_jax.evaluators import seg
 from capi_jax.evaluators import transforms
 from capi_jax.evaluators import viz
+from capi_jax.reference import harness
+from capi_jax.reference.harness import compare, Result
 
 FORWARD_TOL = 1e-5  # Forwards, standardisation, probe parameters after the run.
 EXACT = 0.0  # Labels, indices, votes: compared with absolute tolerance 0.
@@ -144,7 +144,7 @@ def _matches(arrays: Mapping[str, np.ndarray]) -> bool:
   return any(k.startswith(('seg/', 'cls/', 'viz/')) for k in arrays)
 
 
-SUITE = check_reference.Suite('capi_eval', _matches, lambda arrays: Context(arrays))
+SUITE = harness.Suite('capi_eval', _matches, lambda arrays: Context(arrays))
 
 
 def _same(quantity: str, ours: Any, ref: Any) -> Result:

@@ -1,8 +1,7 @@
 """What every command line shares: user errors end in one line, mistyped config keys are named.
 
-A `UserError` is a problem the user fixes (a config value, a path, a file, a busy workdir): its
-message says what is wrong and what to do, so `run` prints it alone, with no traceback, and
-exits non-zero. Anything else is a bug and keeps its traceback.
+`run` prints a `errors.UserError` alone, with no traceback, and exits non-zero; anything else
+is a bug and keeps its traceback.
 """
 
 from collections.abc import Callable
@@ -11,9 +10,7 @@ import sys
 
 from absl import app
 
-
-class UserError(Exception):
-  """A problem with the user's input or environment; the message names it and the fix."""
+from capi_jax.base import errors
 
 
 # The exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
@@ -53,7 +50,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   def checked(argv: list[str]) -> None:
     try:
       main(argv)
-    except UserError as e:
+    except errors.UserError as e:
       sys.exit(f'error: {e}')
     except KeyboardInterrupt:
       print('Interrupted.', file=sys.stderr)

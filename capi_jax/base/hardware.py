@@ -1,0 +1,31 @@
+"""What the hardware can do, from the vendors' published figures (no project imports).
+
+Dense bf16 peak FLOP/s per device (datasheets, no sparsity), for model FLOPs utilisation (MFU)
+and ideal step times.
+"""
+
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity), keyed by a substring of
+# `device.device_kind`; first match wins, so the more specific names come first.
+PEAK_BF16_FLOPS = (
+    ('H100 PCIe', 756e12),
+    ('H100 NVL', 835e12),
+    ('H100', 989e12),  # SXM, e.g. 'NVIDIA H100 80GB HBM3'.
+    ('H200', 989e12),
+    ('GH200', 989e12),
+    ('A100', 312e12),
+    ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12),  # v5e.
+    ('TPU v5e', 197e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5', 459e12),  # v5p reports 'TPU v5'.
+    ('TPU v6 lite', 918e12),  # v6e (Trillium).
+    ('TPU v6e', 918e12),
+)
+
+def table_peak_flops(device_kind: str, compute_dtype: str) -> float | None:
+  """Per-device datasheet peak for bf16 compute, or None (other dtypes, unknown devices)."""
+  if jnp.dtype(compute_dtype) != jnp.bfloat16:
+    return None
+  return next((peak for name, peak in PEAK_BF16_FLOPS if name in device_kind), None)

@@ -1,0 +1,260 @@
+"""Plans without the hardware: the real train step compiled ahead of time for a TPU slice.
+
+libtpu describes the topology (`jax.experimental.topologies`), the config's mesh is laid over
+its chips, and the engine's own state layout and jitted step (`state.state_layout`,
+`step.jit_train_step`) are lowered for abstract inputs and compiled by the TPU compiler: the
+executable a pod would run, without one. `plan` reports, per chip: memory (arguments,
+temporaries, outputs not aliased to donated arguments, their total against the chip's HBM),
+XLA's FLOP count for one step and the ideal step at the chip's bf16 peak, collective bytes per
+step by kind; `find_max_batch` searches the largest global batch that fits.
+"""
+
+from collections.abc import Callable, Sequence
+import collections
+import dataclasses
+import os
+import re
+import time
+from typing import Any
+
+import jax
+from jax.experimental import topologies
+import ml_collections
+
+from capi_jax import methods
+from capi_jax.base import hardware
+from capi_jax.base import interface
+from capi_jax.base import sharding
+from capi_jax.engine import benchmark
+from capi_jax.engine import state as state_lib
+from capi_jax.engine import step as step_lib
+
+GiB = 1024 ** 3
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """What the compiler needs to name a TPU generation, and what a plan compares against."""
+  topology_prefix: str  # libtpu's name of the generation in a topology string.
+  chip_config: str  # 'megacore': one JAX device per chip (v4, v5p fuse their two cores).
+  hbm_bytes: int
+
+# Per-chip HBM from Google Cloud's TPU system-architecture pages.
+CHIPS = {
+    'v4': Chip('v4', 'megacore', 32 * GiB),
+    'v5e': Chip('v5e', 'default', 16 * GiB),
+    'v5p': Chip('v5', 'megacore', 95 * GiB),
+    'v6e': Chip('v6e', 'default', 32 * GiB),
+}
+
+# HLO opcodes of collectives; async pairs are counted at their '-start'.
+_COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
+                'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
+
+def parse_topology(topology: str) -> tuple[str, Chip, tuple[int, ...]]:
+  """'v5e:4x4' -> ('v5e', its Chip, (4, 4)); errors name the accepted forms."""
+  chip_name, _, grid = topology.partition(':')
+  if chip_name not in CHIPS or not re.fullmatch(r'\d+(x\d+){1,2}', grid):
+    raise ValueError(f'--topology={topology!r}: expected CHIP:GRID with CHIP one of '
+                     f'{sorted(CHIPS)} and GRID like 4x4 or 2x2x4 (chips per slice).')
+  return chip_name, CHIPS[chip_name], tuple(int(n) for n in grid.split('x'))
+
+def topology_devices(topology: str) -> list[jax.Device]:
+  """Compile-only devices of one slice of `topology`, from libtpu (no TPU needed)."""
+  _, chip, grid = parse_topology(topology)
+  # Compile-only use holds no TPU: let other processes (a running job, parallel plans) load
+  # libtpu too instead of failing on its lock file.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  name = f'{chip.topology_prefix}:{"x".join(map(str, grid))}'
+  try:
+    description = topologies.get_topology_desc(
+        name, 'tpu', chip_config_name=chip.chip_config, chips_per_host_bounds=(2, 2, 1),
+        num_slices=1)
+  except Exception as e:  # libtpu missing or the grid unknown to it.
+    raise RuntimeError(
+        f'libtpu could not describe {topology!r} ({type(e).__name__}: {e}). Install it with '
+        "`pip install '.[tpu]'` (libtpu pinned to this jax) and check the grid.") from e
+  return list(description.devices)
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
+  """The engine's train step compiled for `devices` on abstract inputs (nothing allocated)."""
+  method = methods.from_config(config)
+  mesh = sharding.make_mesh(config, devices)
+  layout = state_lib.state_layout(config, method, mesh)
+  step = step_lib.jit_train_step(method, layout, mesh)
+  return step.lower(layout.abstract, abstract_batch(config, method)).compile()
+
+def abstract_batch(config: ml_collections.ConfigDict,
+                   method: interface.Method) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch's shapes and dtypes, read off one example of the method's transform."""
+  one = config.copy_and_resolve_references()
+  with one.unlocked():
+    one.optim.global_batch_size = 1
+  batch = config.optim.global_batch_size
+  return {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype)
+          for k, v in benchmark.synthetic_batch(one, method.train_transform(), 0).items()}
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string: 'f32[8,128]{1,0}', or a tuple '(bf16[4], f32[2,2])'."""
+  total = 0
+  for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', shape):
+    if dtype in _DTYPE_BYTES:
+      n = 1
+      for d in filter(None, dims.split(',')):
+        n *= int(d)
+      total += n * _DTYPE_BYTES[dtype]
+  return total
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Operand bytes per collective kind in one run of the compiled module, per device.
+
+  Collectives inside while loops count once per iteration (XLA's `known_trip_count`); a loop
+  without a known count is counted once. The TPU compiler's `all-reduce-scatter` computations
+  (an all-reduce sliced to shards) count as reduce-scatters.
+  """
+  computations: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'(ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if header and not line.startswith(' '):
+      current = header.group(2)
+      computations[current] = []
+      if header.group(1):
+        entry = current
+    elif current and line.startswith('  '):
+      computations[current].append(line)
+  if entry is None:
+    raise ValueError('No ENTRY computation in the HLO text.')
+  shapes = {}
+  for lines in computations.values():
+    for line in lines:
+      m = re.match(r'\s+(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ', line)
+      if m:
+        shapes[m.group(1)] = m.group(2)
+
+  totals: collections.Counter[str] = collections.Counter()
+
+  def visit(name: str, times: int) -> None:
+    for line in computations.get(name, []):
+      m = re.match(r'\s+(?:ROOT )?%[\w.\-]+ = (?:\(.*?\)|\S+) ([\w\-]+)\((.*?)\)', line)
+      if not m:
+        continue
+      opcode, operands = m.groups()
+      kind = opcode.removesuffix('-start')
+      if kind == 'all-reduce' and name.startswith('all-reduce-scatter'):
+        # The TPU compiler's fused reduce-scatter: an all-reduce whose result is sliced to
+        # each device's shard (the gradients of FSDP-sharded weights).
+        kind = 'reduce-scatter'
+      if kind in _COLLECTIVES and not opcode.endswith('-done'):
+        totals[kind] += times * sum(shape_bytes(shapes.get(o, ''))
+                                    for o in re.findall(r'%([\w.\-]+)', operands))
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+      for callee in re.findall(r'(?:body|calls|to_apply|branch_computations)=\{?%([\w.\-]+)',
+                               line):
+        visit(callee, times * (int(trips.group(1)) if trips and opcode == 'while' else 1))
+
+  visit(entry, 1)
+  return dict(totals)
+
+def plan(config: ml_collections.ConfigDict, topology: str,
+         devices: Sequence[jax.Device]) -> dict[str, Any]:
+  """Compiles the step for `devices` (one slice of `topology`) and reports what a chip needs."""
+  _, chip, _ = parse_topology(topology)
+  start = time.perf_counter()
+  compiled = compile_train_step(config, devices)
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  arguments = memory.argument_size_in_bytes
+  outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes
+  temporaries = memory.temp_size_in_bytes
+  total = arguments + outputs + temporaries
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  step_flops = float(cost.get('flops', 0.0))
+  kind = devices[0].device_kind
+  peak = hardware.table_peak_flops(kind, 'bfloat16')
+  batch = config.optim.global_batch_size
+  collectives = collective_bytes(compiled.as_text())
+  return {
+      'config': config.name, 'topology': topology, 'device_kind': kind, 'chips': len(devices),
+      'mesh': dict(zip(*sharding.mesh_shape(config.sharding.mesh, len(devices)))),
+      'global_batch_size': batch, 'images_per_chip': batch / len(devices),
+      'compute_dtype': config.efficiency.compute_dtype,
+      'remat_policy': config.efficiency.remat_policy,
+      'argument_bytes': arguments, 'temporary_bytes': temporaries, 'output_bytes': outputs,
+      'total_bytes': total, 'hbm_bytes': chip.hbm_bytes, 'fits': total <= chip.hbm_bytes,
+      'flops_per_chip': step_flops, 'peak_flops_per_chip': peak,
+      'ideal_step_s': step_flops / peak if peak else None,
+      'collective_bytes': collectives, 'collective_bytes_total': sum(collectives.values()),
+      'compile_s': compile_s,
+  }
+
+def with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:
+  """A copy of `config` with another global batch."""
+  other = config.copy_and_resolve_references()
+  with other.unlocked():
+    other.optim.global_batch_size = batch
+  return other
+
+def largest_fitting(fits: Callable[[int], bool], start: int) -> int:
+  """The largest n >= 1 with fits(n), for a `fits` true up to some limit and false above it.
+
+  From `start`: doubles while it fits (or halves while it does not) to bracket the limit, then
+  bisects. 0 when even n = 1 does not fit.
+  """
+  if fits(start):
+    lo = start
+    while fits(lo * 2):
+      lo *= 2
+    hi = lo * 2
+  else:
+    hi = start
+    while hi > 1 and not fits(hi // 2):
+      hi //= 2
+    if hi == 1:
+      return 0
+    lo = hi // 2
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo
+
+def find_max_batch(config: ml_collections.ConfigDict, topology: str,
+                   devices: Sequence[jax.Device]) -> tuple[int, list[dict[str, Any]]]:
+  """(largest global batch that fits, every plan compiled on the way, by batch); 0 when none.
+
+  Searches images per chip (global batches stay multiples of the chip count), starting from
+  the config's batch.
+  """
+  n = len(devices)
+  plans: dict[int, dict[str, Any]] = {}
+
+  def fits(per_chip: int) -> bool:
+    if per_chip not in plans:
+      plans[per_chip] = plan(with_batch(config, per_chip * n), topology, devices)
+    return plans[per_chip]['fits']
+
+  per_chip = largest_fitting(fits, max(config.optim.global_batch_size // n, 1))
+  return per_chip * n, [plans[k] for k in sorted(plans)]
+
+def report(result: dict[str, Any]) -> str:
+  """Human-readable lines for one plan."""
+  gib = lambda b: f'{b / GiB:.2f} GiB' if b >= GiB / 10 else f'{b / 2 ** 20:.1f} MiB'
+  collectives = ', '.join(f'{k} {gib(v)}' for k, v in sorted(result['collective_bytes'].items()))
+  ideal = result['ideal_step_s']
+  return '\n'.join([
+      f"{result['config']} on {result['topology']} ({result['chips']} x {result['device_kind']}, "
+      f"mesh {result['mesh']}), global batch {result['global_batch_size']} "
+      f"({result['images_per_chip']:g} per chip), {result['compute_dtype']}, "
+      f"remat {result['remat_policy']}; compiled in {result['compile_s']:.0f} s",
+      f"  per chip: arguments {gib(result['argument_bytes'])} + temporaries "
+      f"{gib(result['temporary_bytes'])} + outputs {gib(result['output_bytes'])} = "
+      f"{gib(result['total_bytes'])} of {gib(result['hbm_bytes'])} HBM: "
+      + ('fits' if result['fits'] else 'DOES NOT FIT'),
+      f"  {result['flops_per_chip']:.3g} FLOPs per chip per step; ideal step "
+      + (f'{ideal:.3f} s at {result["peak_flops_per_chip"] / 1e12:g} TFLOP/s bf16'
+         if ideal else 'unknown (no peak for this chip)'),
+      f"  collectives per chip per step: {gib(result['collective_bytes_total'])}"
+      + (f' ({collectives})' if collectives else ''),
+  ])
