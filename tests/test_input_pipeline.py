@@ -311,9 +311,9 @@ def test_normalize_on_device_matches_the_host():
   mean, std = np.array([0.48, 0.46, 0.41]), np.array([0.27, 0.26, 0.28])
   np.testing.assert_allclose(transforms.normalize_on_device(pixels, mean, std),
                              (pixels / 255 - mean) / std, rtol=0, atol=1e-6)
-  # Floats are already normalised (the parity fixtures): unchanged.
-  floats = transforms.normalize(pixels)
-  assert transforms.normalize_on_device(floats) is floats
+  # Anything but uint8 pixels is refused (floats are not silently taken as normalised).
+  with pytest.raises(ValueError, match='uint8'):
+    transforms.normalize_on_device(transforms.normalize(pixels))
   with pytest.raises(ValueError, match='uint8'):
     transforms.normalize_on_device(pixels.astype(np.int32))
 

@@ -86,22 +86,17 @@ def normalize_on_device(images: jax.Array, mean: np.ndarray = IMAGENET_MEAN,
                         std: np.ndarray = IMAGENET_STD) -> jax.Array:
   """In a jitted step: uint8 pixels (..., 3) -> float32 (..., 3) normalised with mean/std.
 
-  Float input is taken as already normalised and returned unchanged: the parity fixtures and
-  other callers that prepared float images themselves pass them straight through.
-
   Args:
-    images: uint8 RGB pixels, e.g. a training batch (batch, height, width, 3); or floats.
+    images: uint8 RGB pixels, e.g. a training batch (batch, height, width, 3).
     mean, std: per-channel statistics in [0, 1] units, shape (3,) (ImageNet's by default).
 
   Returns:
     float32 (..., 3): (pixel / 255 - mean) / std, equal to `normalize` on the host up to float32
-    rounding; float input as it came.
+    rounding.
   """
-  if jnp.issubdtype(images.dtype, jnp.floating):
-    return images
   if images.dtype != jnp.uint8:
-    raise ValueError(f'Images must be uint8 pixels or already normalised floats, got '
-                     f'{images.dtype}; emit np.uint8 arrays from the training transform.')
+    raise ValueError(f'Images must be uint8 pixels, got {images.dtype}; emit np.uint8 arrays '
+                     'from the training transform.')
   scale, offset = _scale_and_offset(mean, std)
   return images.astype(jnp.float32) * scale + offset
 

@@ -568,6 +568,19 @@ def refinement_config(ctx: Context, stage: str) -> ml_collections.ConfigDict:
                      global_solarize_p=(0.0,) * n_global))))
 
 
+# The batch key under which the engine step below receives the official run's top-k picks.
+_TOPK_CHOICE = 'topk_choice'
+
+
+class _RecordedChoices(mim_method.MimRefiner):
+  """MIM-Refiner taking the official run's recorded top-k picks, (n_heads, G * B) in the batch
+  under `_TOPK_CHOICE`, instead of drawing them."""
+
+  def topk_choice(self, batch, rng, head_index):
+    del rng
+    return batch[_TOPK_CHOICE][head_index]
+
+
 def _initial_variables(ctx: Context, method: mim_method.MimRefiner) -> interface.Variables:
   """The fixture's initial ContrastiveModel state, loaded through `from_pretrained` as the
   continuation of a MIM-Refiner run (encoder, heads, BatchNorm statistics, queues)."""
@@ -598,7 +611,7 @@ class RefinementRun:
 def run_refinement(ctx: Context, stage: str) -> RefinementRun:
   """`stage`'s updates through `MimRefiner` and `engine.step.make_train_step` (the engine's
   step with the method's optimiser), the recorded top-k picks injected."""
-  method = mim_method.MimRefiner(refinement_config(ctx, stage))
+  method = _RecordedChoices(refinement_config(ctx, stage))
   variables = _initial_variables(ctx, method)
   optimizer = method.optimizer(variables.params)
   state = state_lib.TrainState(
@@ -609,7 +622,7 @@ def run_refinement(ctx: Context, stage: str) -> RefinementRun:
   losses, t = [], 0
   while ctx.has(f'batch{t}/idx') and ctx.has(f'{stage}/step{t}/loss/total'):
     batch = _batch(ctx, t)
-    batch[mim_method.TOPK_CHOICE] = np.stack(
+    batch[_TOPK_CHOICE] = np.stack(
         [ctx.lookup(f'{stage}/step{t}/queue/{h}').choice for h in ctx.refine_heads])
     state, metrics = step_fn(state, batch)
     losses.append({'total': float(metrics['loss']),

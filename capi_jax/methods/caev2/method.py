@@ -138,14 +138,21 @@ class CaeV2(interface.Method):
         deterministic=not train, rngs={'drop_path': keys[1]} if train else {})
     return outputs
 
+  def normalize(self, images: jax.Array, teacher_images: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """uint8 pixels -> float32 inputs: the student's ImageNet-normalised (B, S, S, 3), the
+    teacher's normalised with `caev2.teacher.normalization` (B, S_t, S_t, 3)."""
+    teacher_stats = transforms.NORMALIZATIONS[self.config.caev2.teacher.normalization]
+    return (transforms.normalize_on_device(images),
+            transforms.normalize_on_device(teacher_images, *teacher_stats))
+
   def loss_and_grads(self, variables, batch, rng):
     """Gradients of the alignment loss for the encoder and the regressor/decoder.
 
     Args:
       variables: see the module docstring.
-      batch: images (B, S, S, 3), teacher_images (B, S_t, S_t, 3) (uint8 pixels, or floats
-        normalised already), visible_indices
-        (B, N - n_masked), masked_indices (B, n_masked).
+      batch: images (B, S, S, 3), teacher_images (B, S_t, S_t, 3) (uint8 pixels),
+        visible_indices (B, N - n_masked), masked_indices (B, n_masked).
       rng: this step's key (stochastic depth).
 
     Returns:
@@ -154,9 +161,7 @@ class CaeV2(interface.Method):
       their counts); grad_norm is before clipping.
     """
     visible, masked = batch['visible_indices'], batch['masked_indices']
-    images = transforms.normalize_on_device(batch['images'])
-    teacher_stats = transforms.NORMALIZATIONS[self.config.caev2.teacher.normalization]
-    teacher_images = transforms.normalize_on_device(batch['teacher_images'], *teacher_stats)
+    images, teacher_images = self.normalize(batch['images'], batch['teacher_images'])
     targets = caev2_loss.labels(
         self.teacher_features(variables.frozen['teacher'], teacher_images), visible, masked)
 

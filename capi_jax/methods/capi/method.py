@@ -92,13 +92,17 @@ class Capi(interface.Method):
             'momentum': schedules.from_config(o.momentum_schedule, o.total_iters)}
 
   # ------------------------------------------------------------------ step
+  def normalize(self, images: jax.Array) -> jax.Array:
+    """uint8 pixels (B, H, W, 3) -> float32 model inputs, ImageNet mean / std as the release."""
+    return transforms.normalize_on_device(images)
+
   def loss_and_grads(self, variables, batch, rng):
     """Gradients of the CAPI loss (backbone, head) and of the clustering loss (its head).
 
     Args:
       variables: see the module docstring; the EMA backbone is the teacher.
-      batch: images (B, H, W, 3) uint8 pixels (or floats already normalised, as the parity
-        fixtures give them), visible_indices (B, n_visible), predict_indices (B, n_predict).
+      batch: images (B, H, W, 3) uint8 pixels, visible_indices (B, n_visible),
+        predict_indices (B, n_predict).
       rng: this step's key (stochastic depth).
 
     Returns:
@@ -106,7 +110,7 @@ class Capi(interface.Method):
     """
     cfg = self.config.capi
     params, ema = variables.params, variables.buffers['ema']
-    images = transforms.normalize_on_device(batch['images'])
+    images = self.normalize(batch['images'])
     predict_indices = batch['predict_indices']
 
     teacher_patches = self.model.apply(

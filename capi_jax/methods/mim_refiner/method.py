@@ -52,7 +52,6 @@ Array = jax.Array
 
 # Batch key of the parity check's recorded top-k picks, (n_heads, n_global * batch) int in head
 # order; training draws them from the step's rng instead (the release draws them at random).
-TOPK_CHOICE = 'topk_choice'
 
 
 def tree_differences(expected: PyTree, found: PyTree, limit: int = 5) -> list[str]:
@@ -236,14 +235,20 @@ class MimRefiner(interface.Method):
     return encoder_lib.head_inputs(encoded, self.head_names, self.config.mim_refiner.pooling,
                                    encoder_lib.n_prefix(self.encoder))
 
+  def topk_choice(self, batch: interface.Batch, rng: Array, head_index: int) -> Array:
+    """(G * B,) which of its top k neighbours each anchor row takes as its positive, drawn
+    uniformly as the release's `torch.randint` (head `head_index` of `self.head_names`)."""
+    del head_index
+    b, n_global = batch['global_views'].shape[:2]
+    return queue_lib.random_choice(rng, n_global * b, self.config.mim_refiner.topk)
+
   def loss_and_grads(self, variables, batch, rng):
     """Gradients of the summed NNA losses of all heads.
 
     Args:
       variables: see the module docstring.
       batch: 'global_views' (B, G, S, S, 3), 'local_views' (B, L, s, s, 3), 'index' (B,) dataset
-        indices, 'label' (B,); optionally `TOPK_CHOICE` (n_heads, G * B): the recorded pick
-        among the top k of each anchor row (parity checks only; training draws it).
+        indices, 'label' (B,).
       rng: this step's key (top-k picks, stochastic depth).
 
     Returns:
@@ -263,9 +268,7 @@ class MimRefiner(interface.Method):
       features = self._encode(encoder_params, batch, path_rng)
       total, losses, outputs = 0.0, {}, {}
       for i, name in enumerate(self.head_names):
-        choice = (batch[TOPK_CHOICE][i] if TOPK_CHOICE in batch else
-                  queue_lib.random_choice(jax.random.fold_in(choice_rng, i), n_global * b,
-                                          cfg.topk))
+        choice = self.topk_choice(batch, jax.random.fold_in(choice_rng, i), i)
         losses[name], outputs[name] = objective.head_objective(
             self.head, params['heads'][name], head_buffers[name]['batch_stats'],
             queue_lib.Queue(**head_buffers[name]['queue']), features[name], idx, labels,
