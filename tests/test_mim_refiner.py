@@ -270,6 +270,28 @@ def test_only_the_predictions_carry_gradient():
   assert not np.any(grads[0]) and not np.any(grads[1]) and np.any(grads[2])
 
 
+def test_the_last_projector_bias_gets_no_gradient_and_keeps_the_output():
+  """The predictor (bias-free Linear, training-mode BatchNorm) cancels a shift of its input,
+  so that bias's gradient is exactly zero (computed, it is rounding noise Adam amplifies)."""
+  head = heads.IdHead(proj_hidden_dim=8, pred_hidden_dim=8, output_dim=4)
+  x = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
+  variables = head.init(jax.random.key(0), x)
+  params = jax.tree.map(lambda p: p + 0.3, variables['params'])  # non-trivial affine params
+
+  def apply(p):
+    return head.apply({'params': p, 'batch_stats': variables['batch_stats']}, x,
+                      mutable=['batch_stats'])[0]
+
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(apply(p)[1]))))(params)
+  assert not np.any(grads['projector']['layer2']['norm']['bias'])
+  assert np.all(grads['projector']['layer2']['norm']['scale'] != 0)
+  assert np.all(grads['predictor']['layer1']['norm']['bias'] != 0)
+  # The bias still shifts the projections (the anchors and enqueued rows).
+  shifted = jax.tree.map(lambda p: p, params)
+  shifted['projector']['layer2']['norm']['bias'] += 1
+  np.testing.assert_allclose(apply(shifted)[0], apply(params)[0] + 1, rtol=1e-6, atol=1e-6)
+
+
 def test_head_objective_is_the_same_with_rows_sharded_over_devices():
   devices = jax.devices()
   if len(devices) < 2:
@@ -512,12 +534,11 @@ def test_a_step_on_8_devices_is_the_global_batch_step_on_1():
   q = one.buffers['heads']['main']['queue']
   np.testing.assert_array_equal(q['idx'][:16], np.arange(16))  # both batches, in order
   assert int(q['ptr']) == 16
-  # Entries with an analytically zero gradient (key bias, final-norm bias, last projector
-  # BatchNorm bias) take Adam steps of up to the lr from rounding noise, which the reduction
-  # order decides (the fixture README), and the last one shifts the rows enqueued at the next
-  # step: compare those within the lrs' sum.
-  zero_gradient = re.compile(
-      r'(attn/qkv/bias|(encoder|ema)/norm/bias|projector/layer2/norm/bias|queue/x)$')
+  # Entries with an analytically zero gradient that is computed (key bias, final-norm bias)
+  # take Adam steps of up to the lr from rounding noise, which the reduction order decides
+  # (the fixture README): compare those within the lrs' sum. (The last projector BatchNorm
+  # bias gets no gradient at all: `heads.IdHead`.)
+  zero_gradient = re.compile(r'(attn/qkv/bias|(encoder|ema)/norm/bias)$')
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path((eight.params, eight.buffers))[0],
                           jax.tree.leaves((one.params, one.buffers))):
     name = core_optim.path_name(path)

@@ -43,6 +43,9 @@ class BatchNorm1d(nn.Module):
   """torch.nn.BatchNorm1d in training mode on (rows, features) inputs; see the module docstring."""
   eps: float = BN_EPS
   momentum: float = BN_MOMENTUM
+  # False: the output carries no gradient to `bias` (for a layer whose consumers are invariant
+  # to a per-feature shift, where that gradient is analytically zero; see `IdHead`).
+  bias_gradient: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -50,6 +53,8 @@ class BatchNorm1d(nn.Module):
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,))
     bias = self.param('bias', nn.initializers.zeros, (features,))
+    if not self.bias_gradient:
+      bias = jax.lax.stop_gradient(bias)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     mean = jnp.mean(x, axis=0)
@@ -69,25 +74,30 @@ class LinearNorm(nn.Module):
   """Linear (no bias, xavier-uniform) -> BatchNorm1d -> GELU (when `activation`)."""
   features: int
   activation: bool
+  norm_bias_gradient: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(rows, in) -> (rows, features) float32."""
     x = nn.Dense(self.features, use_bias=False, kernel_init=layers.xavier_uniform,
                  name='linear')(x)
-    x = BatchNorm1d(name='norm')(x)
+    x = BatchNorm1d(bias_gradient=self.norm_bias_gradient, name='norm')(x)
     return layers.gelu(x) if self.activation else x
 
 
 class Mlp(nn.Module):
   """`LinearNorm` layers of widths `features`; GELU after all but the last."""
   features: tuple[int, ...]
+  last_bias_gradient: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(rows, in) -> (rows, features[-1]) float32."""
+    last = len(self.features) - 1
     for i, width in enumerate(self.features):
-      x = LinearNorm(width, activation=i < len(self.features) - 1, name=f'layer{i}')(x)
+      x = LinearNorm(width, activation=i < last,
+                     norm_bias_gradient=self.last_bias_gradient or i < last,
+                     name=f'layer{i}')(x)
     return x
 
 
@@ -104,8 +114,14 @@ class IdHead(nn.Module):
   pred_hidden_layers: int = 0
 
   def setup(self):
+    # The projector's output reaches the loss only through the predictor (the anchors are
+    # detached), whose bias-free Linear and training-mode BatchNorm cancel any per-feature
+    # shift: the gradient of the projector's last BatchNorm bias is exactly zero. Computed, it
+    # is float32 rounding noise of the size of Adam's eps, which Adam turns into steps of up to
+    # the lr that shift the enqueued rows and so the next steps' losses (the official float32
+    # run does this; its float64 re-run does not). The output is the same.
     self.projector = Mlp((self.proj_hidden_dim,) * (1 + self.proj_hidden_layers)
-                         + (self.output_dim,))
+                         + (self.output_dim,), last_bias_gradient=False)
     self.predictor = Mlp((self.pred_hidden_dim,) * (1 + self.pred_hidden_layers)
                          + (self.output_dim,))
 
