@@ -7,9 +7,11 @@ is not a Grain DatasetIterator as bytes, so `get_state`/`set_state` speak JSON b
 import json
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from capi_jax.data import transforms
+from capi_jax.methods.capi import method as capi_method
 
 
 class WrappedLoader:
@@ -69,11 +71,21 @@ class Throttled(WrappedLoader):
     return batch
 
 
+class HostNormalisedCapi(capi_method.Capi):
+  """CAPI that also takes float images normalised on the host (`NanFrom`'s): registered in
+  place of the built-in 'capi' by the tests that inject NaNs (`methods.register`)."""
+
+  def normalize(self, images):
+    if jnp.issubdtype(images.dtype, jnp.floating):
+      return images
+    return super().normalize(images)
+
+
 class NanFrom(WrappedLoader):
   """A real training loader whose images turn NaN from batch `start` on (fault injection).
 
-  uint8 pixels cannot hold a NaN, so every batch's images are normalised here, on the host:
-  the method passes float images through unnormalised.
+  uint8 pixels cannot hold a NaN, so every batch's images are normalised here, on the host; the
+  test's method (`HostNormalisedCapi`) passes them through.
   """
 
   def __init__(self, loader, start: int):

@@ -558,6 +558,7 @@ def _train_main(argv: list[str]) -> None:
     return loader_wrappers.NanFrom(inner, start=fl.nan_from)
 
   pipeline.create_train_loader = loader
+  methods.register(loader_wrappers.HostNormalisedCapi)
   train.train_and_evaluate(config, argv[1])
 
 

@@ -4,6 +4,7 @@ Run as a script (`python tests/test_train.py WORKDIR TOTAL_ITERS`), this file tr
 config in WORKDIR: the subprocess that the pre-emption test signals.
 """
 
+from capi_jax import methods
 from capi_jax.data import pipeline
 from capi_jax.engine import checkpointing
 from capi_jax.engine import train
@@ -80,6 +81,8 @@ def test_nan_in_data_aborts_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
   real = pipeline.create_train_loader
   monkeypatch.setattr(pipeline, 'create_train_loader',
                       lambda *a, **k: loader_wrappers.NanFrom(real(*a, **k), start=5))
+  monkeypatch.setitem(methods._REGISTERED, 'capi',  # pylint: disable=protected-access
+                      loader_wrappers.HostNormalisedCapi)
   # Checkpoints every 4 steps, NaN check every step: the third bad check (step 7) aborts before
   # the non-finite state reaches the checkpoint of step 8.
   config = _micro(total_iters=20)
