@@ -150,7 +150,8 @@ def test_unknown_prefix_and_format_are_errors(ctx, official, tmp_path):
 
 
 def test_read_state_dict_torchscript_and_wrapped(tmp_path):
-  """OpenAI CLIP ships TorchScript archives; MIM-Refiner wraps its weights in 'state_dict'."""
+  """OpenAI CLIP ships TorchScript archives (read as data, never with torch.jit.load: see
+  tests/test_weight_files.py); MIM-Refiner wraps its weights in 'state_dict'."""
   torch = pytest.importorskip('torch')
   linear = torch.nn.Linear(3, 2)
   torch.jit.script(linear).save(str(tmp_path / 'scripted.pt'))
@@ -160,6 +161,7 @@ def test_read_state_dict_torchscript_and_wrapped(tmp_path):
     sd = files.read_state_dict(tmp_path / name)
     assert sorted(sd) == ['bias', 'weight'], name
     np.testing.assert_array_equal(sd['weight'], linear.weight.detach().numpy())
+    np.testing.assert_array_equal(sd['bias'], linear.bias.detach().numpy())
 
 
 def test_cli_official_to_capi_jax_and_back(ctx, official, tmp_path):

@@ -1,17 +1,22 @@
 """Official-format weight files and capi_jax parameter directories: reading and writing.
 
 Official files (`OFFICIAL_SUFFIXES`): `.npz` (no PyTorch needed), `.pth` / `.pt` / `.th` (PyTorch,
-the `capi_jax[torch]` extra), read into flat {name: numpy array} state dicts with dtypes kept
-(bfloat16 through ml_dtypes). Parameter directories (`save_params` / `restore_params`) are what
-`python -m capi_jax.convert --to=capi_jax` writes: an Orbax StandardCheckpointer checkpoint of
-named parameter trees under `OUT/params`.
+the `capi_jax[torch]` extra: `torch.load(weights_only=True)`), read into flat {name: numpy array}
+state dicts with dtypes kept (bfloat16 through ml_dtypes). TorchScript archives (OpenAI CLIP's
+`.pt`) are read here, without PyTorch and running nothing from the file (`torch.jit.load` would
+compile and run the archive's code: its `__setstate__` methods). Parameter directories
+(`save_params` / `restore_params`) are what `python -m capi_jax.convert --to=capi_jax` writes: an
+Orbax StandardCheckpointer checkpoint of named parameter trees under `OUT/params`.
 """
 
+import ast
+import collections
 from collections.abc import Mapping
+import math
 import os
 import pathlib
 import pickle
-from typing import Any
+from typing import IO, Any, NamedTuple
 import zipfile
 
 import jax
@@ -64,11 +69,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
   """Reads an official-format checkpoint into a flat {name: array} mapping.
 
   `.npz`; or `.pth` / `.pt` / `.th` (needs PyTorch): a state_dict, one wrapped in 'model' (an
-  official training checkpoint) or 'state_dict' (MIM-Refiner), or a TorchScript archive (OpenAI
-  CLIP), whose module's `state_dict()` is read.
+  official training checkpoint) or 'state_dict' (MIM-Refiner); or a TorchScript archive (OpenAI
+  CLIP; no PyTorch needed), whose module's parameters and buffers are read by name as
+  `torch.jit.load(path).state_dict()` names them, running nothing from the file.
 
   Raises:
-    UnreadableCheckpointError: the file is missing, truncated, or not a checkpoint.
+    UnreadableCheckpointError: the file is missing, truncated, not a checkpoint, or a
+      TorchScript archive whose tensors cannot be read without running its code.
   """
   path = pathlib.Path(path)
   if path.suffix not in OFFICIAL_SUFFIXES:
@@ -76,26 +83,263 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
                                     '.pth or .npz.')
   if not path.is_file():
     raise UnreadableCheckpointError(f'{path} does not exist or is not a file.')
-  torch = _import_torch() if path.suffix != '.npz' else None
   try:
-    if torch is None:
+    if path.suffix == '.npz':
       with np.load(path) as f:
         return {k: f[k] for k in f.files}
     if _is_torchscript(path):
-      sd = torch.jit.load(path, map_location='cpu').state_dict()
-    else:
-      sd = torch.load(path, map_location='cpu', weights_only=True)
+      return _read_torchscript(path)
+    torch = _import_torch()
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+  except UnreadableCheckpointError:
+    raise
   except (OSError, EOFError, ValueError, RuntimeError, zipfile.BadZipFile,
           pickle.UnpicklingError) as e:
-    raise UnreadableCheckpointError(
-        f'Cannot read {path} ({type(e).__name__}: {str(e).strip()[:200]}): it is truncated, '
-        f'damaged, or not a {path.suffix} checkpoint.') from e
+    raise _damaged(path, e) from e
   if not isinstance(sd, Mapping):
     raise UnreadableCheckpointError(f'{path} holds a {type(sd).__name__}, not a state_dict.')
   for wrapper in ('model', 'state_dict'):
     if wrapper in sd and isinstance(sd[wrapper], Mapping):
       sd = sd[wrapper]  # A training checkpoint (with optimizer states, constructor kwargs...).
   return {k: _torch_to_numpy(torch, v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+def _damaged(path: pathlib.Path, error: BaseException) -> UnreadableCheckpointError:
+  return UnreadableCheckpointError(
+      f'Cannot read {path} ({type(error).__name__}: {str(error).strip()[:200]}): it is '
+      f'truncated, damaged, or not a {path.suffix} checkpoint.')
+
+
+# ---------------------------------------------------------------------------- TorchScript archives
+# The zip `<root>/...` that `torch.jit.save` writes holds `data.pkl`, a pickle of the module tree:
+# each module an instance of a class `__torch__.<...>` given its attributes as a dict (or, for a
+# class with `__setstate__`, whatever its `__getstate__` returned), each tensor
+# `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` whose storage is the
+# persistent id ('storage', torch.<Type>Storage, key, location, numel) with its bytes in
+# `<root>/data/<key>`. The TorchScript source of class `__torch__.a.b.C` is `class C(Module):` in
+# `<root>/code/__torch__/a/b.py`; it lists the attributes that are parameters and buffers
+# (`__parameters__ = [...]`, `__buffers__ = [...]`). All of it is read as data: the pickle with an
+# allowlist of globals, the source with `ast` (parsed, never run), the lists with `literal_eval`.
+
+_STORAGE_DTYPES = {
+    'DoubleStorage': np.dtype(np.float64), 'FloatStorage': np.dtype(np.float32),
+    'HalfStorage': np.dtype(np.float16), 'BFloat16Storage': np.dtype(ml_dtypes.bfloat16),
+    'LongStorage': np.dtype(np.int64), 'IntStorage': np.dtype(np.int32),
+    'ShortStorage': np.dtype(np.int16), 'CharStorage': np.dtype(np.int8),
+    'ByteStorage': np.dtype(np.uint8), 'BoolStorage': np.dtype(np.bool_),
+}
+# The way out, in every refusal.
+_NEVER_RUN = ('capi_jax never runs code from a checkpoint file: load it in a PyTorch you trust '
+              'and save `module.state_dict()` with torch.save (or as .npz with the same names)')
+
+
+class _StorageType(NamedTuple):
+  """`torch.<name>` of a storage persistent id."""
+  name: str
+  dtype: np.dtype
+
+
+class _ScriptObject:
+  """An instance of a TorchScript class (`__torch__.*`) as inert data: its class and state."""
+  qualname = ''
+  state: Any = None  # Until the pickle's BUILD gives it one.
+
+  def __init__(self, *args):  # Called only by a REDUCE (cls(*args)); NEWOBJ skips it.
+    self.state = args
+
+  def __setstate__(self, state: Any) -> None:
+    self.state = state
+
+
+class _ClassInfo(NamedTuple):
+  """What the archive's source says of one class."""
+  is_module: bool
+  parameters: tuple[str, ...]
+  buffers: tuple[str, ...]
+  has_setstate: bool
+
+
+def _name_list(node: ast.expr, what: str) -> tuple[str, ...]:
+  """The literal list of names `node` (e.g. `["weight", "bias", ]`)."""
+  value = ast.literal_eval(node)
+  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    raise ValueError(f'{what} is not a list of names: {value!r}')
+  return tuple(value)
+
+def _class_infos(source: str) -> dict[str, _ClassInfo]:
+  """{class name: _ClassInfo} for the top-level classes of one TorchScript source file."""
+  infos = {}
+  for node in ast.parse(source).body:
+    if not isinstance(node, ast.ClassDef):
+      continue
+    lists = {'__parameters__': (), '__buffers__': ()}  # Old archives have no __buffers__.
+    for item in node.body:
+      if (isinstance(item, ast.Assign) and len(item.targets) == 1
+          and isinstance(item.targets[0], ast.Name) and item.targets[0].id in lists):
+        lists[item.targets[0].id] = _name_list(item.value, f'{node.name}.{item.targets[0].id}')
+    infos[node.name] = _ClassInfo(
+        is_module=[ast.unparse(b) for b in node.bases] == ['Module'],
+        parameters=lists['__parameters__'], buffers=lists['__buffers__'],
+        has_setstate=any(isinstance(item, ast.FunctionDef) and item.name == '__setstate__'
+                         for item in node.body))
+  return infos
+
+def _as_strided_copy(storage: np.ndarray, offset: int, shape: tuple[int, ...],
+                     stride: tuple[int, ...]) -> np.ndarray:
+  """A C-contiguous copy of `storage` (1-D) seen as torch's `as_strided(shape, stride, offset)`."""
+  if any(n == 0 for n in shape):
+    return np.zeros(shape, storage.dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+  if offset < 0 or min(stride, default=0) < 0 or last >= storage.size:
+    raise ValueError(f'a tensor of shape {shape}, stride {stride} at offset {offset} reaches '
+                     f'past its storage of {storage.size} elements')
+  view = np.lib.stride_tricks.as_strided(storage[offset:], shape,
+                                         [s * storage.itemsize for s in stride], writeable=False)
+  return np.array(view, order='C')
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+def _is_int_tuple(value: Any) -> bool:
+  return isinstance(value, tuple) and all(_is_int(v) for v in value)
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+  """Unpickles `<root>/data.pkl` into _ScriptObjects and numpy arrays, calling nothing but an
+  allowlist of data constructors; any other global is refused, naming it."""
+
+  def __init__(self, data_pkl: IO[bytes], archive: zipfile.ZipFile, root: str,
+               path: pathlib.Path):
+    super().__init__(data_pkl)
+    self._archive, self._root, self._path = archive, root, path
+    byteorder = f'{root}/byteorder'
+    self._big_endian = (byteorder in archive.namelist()
+                        and archive.read(byteorder).strip() == b'big')
+    self._storages: dict[str, np.ndarray] = {}
+    # Tensors are copied out of their storages, so a few bytes of pickle could ask for terabytes
+    # (a view repeated, or one with stride 0): the copies may take 4x the archive's data bytes.
+    self._bytes_left = 4 * sum(info.file_size for info in archive.infolist()
+                               if info.filename.startswith(f'{root}/data/'))
+    self._classes: dict[str, type[_ScriptObject]] = {}
+    self._globals = {
+        ('torch._utils', '_rebuild_tensor_v2'): self._rebuild_tensor,
+        ('collections', 'OrderedDict'): collections.OrderedDict,  # Tensors' backward hooks.
+        # Lists of TorchScript attributes (List[int], ...) and their type tags: plain data.
+        ('torch.jit._pickle', 'build_intlist'): list,
+        ('torch.jit._pickle', 'build_doublelist'): list,
+        ('torch.jit._pickle', 'build_boollist'): list,
+        ('torch.jit._pickle', 'build_tensorlist'): list,
+        ('torch.jit._pickle', 'restore_type_tag'): lambda value, type_tag: value,
+    }
+
+  def find_class(self, module: str, name: str) -> Any:
+    if module == '__torch__' or module.startswith('__torch__.'):
+      qualname = f'{module}.{name}'
+      if qualname not in self._classes:
+        self._classes[qualname] = type('ScriptObject', (_ScriptObject,), {'qualname': qualname})
+      return self._classes[qualname]
+    if module == 'torch' and name in _STORAGE_DTYPES:
+      return _StorageType(name, _STORAGE_DTYPES[name])
+    if (module, name) in self._globals:
+      return self._globals[(module, name)]
+    raise UnreadableCheckpointError(
+        f'{self._path} is a TorchScript archive whose data.pkl calls {module}.{name}, which is '
+        f'not one of the tensor and container constructors a weights file needs: refused '
+        f'(nothing was run). {_NEVER_RUN}.')
+
+  def persistent_load(self, pid: Any) -> np.ndarray:
+    """('storage', _StorageType, key, location, numel) -> the storage's elements (1-D)."""
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
+            and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+            and _is_int(pid[4]) and pid[4] >= 0):
+      raise ValueError(f'unknown persistent id {pid!r}')
+    _, storage_type, key, _, numel = pid
+    if key not in self._storages:
+      dtype = storage_type.dtype
+      nbytes = numel * dtype.itemsize
+      record = f'{self._root}/data/{key}'
+      if self._archive.getinfo(record).file_size < nbytes:
+        raise ValueError(f'{record} holds fewer than the {nbytes} bytes of its storage')
+      with self._archive.open(record) as f:
+        data = f.read(nbytes)
+      # Through unsigned integers of the same width: byte order applies to every type alike.
+      words = np.frombuffer(data, np.dtype(f'u{dtype.itemsize}').newbyteorder(
+          '>' if self._big_endian else '<'))
+      if not words.dtype.isnative:
+        words = words.astype(words.dtype.newbyteorder('='))
+      self._storages[key] = words.view(dtype)  # Read-only: tensors are copied out of it.
+    storage = self._storages[key]
+    if storage.dtype != pid[1].dtype:
+      raise ValueError(f'storage {key} is read as both {storage.dtype} and {pid[1].dtype}')
+    return storage
+
+  def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any, *_) -> np.ndarray:
+    if not (isinstance(storage, np.ndarray) and _is_int(offset) and _is_int_tuple(size)
+            and _is_int_tuple(stride) and len(size) == len(stride)):
+      raise ValueError('a tensor record is not (storage, offset, size, stride, ...)')
+    self._bytes_left -= math.prod(size) * storage.itemsize
+    if math.prod(size) > storage.size or self._bytes_left < 0:
+      raise ValueError(f'a tensor of shape {size} over a storage of {storage.size} elements, or '
+                       'views that repeat storages many times: not weights')
+    return _as_strided_copy(storage, offset, size, stride)
+
+
+def _read_torchscript(path: pathlib.Path) -> StateDict:
+  """The parameters and buffers of the TorchScript module in `path`, by state_dict name.
+
+  Raises:
+    UnreadableCheckpointError: damaged, or not readable without running the archive's code.
+  """
+  with zipfile.ZipFile(path) as archive:
+    names = set(archive.namelist())
+    root = archive.namelist()[0].split('/')[0]  # As PyTorch finds it: the first record's folder.
+    if f'{root}/data.pkl' not in names:
+      raise UnreadableCheckpointError(f'{path} looks like a TorchScript archive but has no '
+                                      f'{root}/data.pkl: it is damaged or not a checkpoint.')
+    sources: dict[str, dict[str, _ClassInfo]] = {}
+
+    def class_info(qualname: str) -> _ClassInfo:
+      module, name = qualname.rsplit('.', 1)
+      source = f'{root}/code/{module.replace(".", "/")}.py'
+      if source not in sources:
+        sources[source] = (_class_infos(archive.read(source).decode('utf-8'))
+                           if source in names else {})
+      if name not in sources[source]:
+        raise UnreadableCheckpointError(f'{path}: the TorchScript class {qualname} is not defined '
+                                        f'in {source}: the archive is damaged.')
+      return sources[source][name]
+
+    def module_state_dict(module: _ScriptObject, prefix: str) -> StateDict:
+      """Parameters, then buffers, then submodules': the order of `Module.state_dict()`."""
+      info = class_info(module.qualname)
+      if info.has_setstate or not isinstance(module.state, dict):
+        raise UnreadableCheckpointError(
+            f'{path}: the TorchScript module {repr(prefix[:-1]) if prefix else "at the root"} '
+            f'(class {module.qualname}) restores itself with its own __setstate__ code, which '
+            f'torch.jit.load would run: refused (nothing was run). {_NEVER_RUN}.')
+      sd = {}
+      for kind, names_of_kind in (('parameter', info.parameters), ('buffer', info.buffers)):
+        for attr, value in module.state.items():
+          if attr not in names_of_kind or value is None:  # None: e.g. Linear(bias=False).
+            continue
+          if not isinstance(value, np.ndarray):
+            raise ValueError(f'{kind} {prefix}{attr} holds a {type(value).__name__}')
+          sd[prefix + attr] = value
+      for attr, value in module.state.items():
+        if isinstance(value, _ScriptObject) and class_info(value.qualname).is_module:
+          sd.update(module_state_dict(value, f'{prefix}{attr}.'))
+      return sd
+
+    try:
+      with archive.open(f'{root}/data.pkl') as data_pkl:
+        tree = _ArchiveUnpickler(data_pkl, archive, root, path).load()
+      if not isinstance(tree, _ScriptObject) or not class_info(tree.qualname).is_module:
+        raise ValueError(f'data.pkl holds a {type(tree).__name__}, not a TorchScript module')
+      return module_state_dict(tree, '')
+    except UnreadableCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Any failure to parse an untrusted file (pickle, zip, source) means it cannot be read.
+      raise _damaged(path, e) from e
 
 def write_state_dict(sd: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> None:
   """Writes {official name: array} to `.npz`, or `.pth` / `.pt` (PyTorch)."""
