@@ -5,8 +5,8 @@ r"""Converts an image folder or a TFDS split into a resized ArrayRecord dataset.
 
 writes the TFDS dataset DIR/NAME/1.0.0/ (dataset_info.json, features.json, label.labels.txt,
 NAME-SPLIT.array_record-0000i-of-0000n, metadata.json) that training reads fast, without
-TensorFlow, with config.data.dataset='tfds:NAME' and config.data.data_dir=DIR (evaluations with
-config.evals.dataset='tfds:NAME').
+TensorFlow, with config.data.dataset='tfds:NAME' and config.data.data_dir=DIR (evaluation sets
+with dataset='tfds:NAME', e.g. config.evals.classif.train).
 
 Input: any `capi_jax.data.sources` string (`folder:PATH`, `tfds:NAME` with --input_data_dir,
 `fashion_mnist`), one or more splits. Images are decoded as training decodes them

@@ -13,7 +13,6 @@ import pytest
 from capi_jax.evaluators import backbone as backbone_lib
 from capi_jax.evaluators import classif
 from capi_jax.evaluators import datasets
-from configs import tiny
 
 
 @pytest.mark.parametrize('n, seed', [(1, 0), (7, 42), (1000, 42 + 3 + (2 << 24)), (4097, 5)])
@@ -84,8 +83,6 @@ def _forward(params, images):
 
 
 def _run(n_train: int) -> tuple[int, dict, dict]:
-  config = tiny.get_config()
-  config.data.num_workers = 0
   mesh = jax.make_mesh((8,), ('batch',), axis_types=(jax.sharding.AxisType.Auto,))
   params = jax.device_put({'w': jax.random.normal(jax.random.key(0), (48, 64)) * 0.3})
   backbone = backbone_lib.Backbone(_forward, params, mesh, 16)
@@ -94,9 +91,9 @@ def _run(n_train: int) -> tuple[int, dict, dict]:
                               val_proportion=64 / n_train, resolution=8, log_every=2)
   tracemalloc.start()
   try:
-    results, details = classif.run(config, backbone, datasets.ClassifSet('train', _Stream(n_train)),
+    results, details = classif.run(backbone, datasets.ClassifSet('train', _Stream(n_train)),
                                    [datasets.ClassifSet('test', _Stream(48))], settings,
-                                   log=lambda _: None)
+                                   num_workers=0, log=lambda _: None)
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()

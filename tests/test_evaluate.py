@@ -2,8 +2,10 @@
 datasets, the random-init baseline, and loading encoders (training runs, converted and official
 checkpoints)."""
 
+import dataclasses
 import json
 import pathlib
+from typing import ClassVar
 
 import jax
 import ml_collections
@@ -16,6 +18,7 @@ from capi_jax import evaluators
 from capi_jax.base import sharding
 from capi_jax.engine import evaluation
 from capi_jax.engine import train
+from capi_jax.evaluators import protocol
 from capi_jax.methods.capi import convert as capi_convert
 from capi_jax.weights import files
 from configs import tiny
@@ -85,20 +88,64 @@ def data(tmp_path_factory) -> pathlib.Path:
   return root
 
 
+def _evals_problems(config: ml_collections.ConfigDict) -> list[str]:
+  return evaluators.config_problems(config.evals, evaluation.model_shape(config))
+
+
 def test_shipped_configs_pass_and_bad_values_are_named():
-  assert evaluators.config_problems(tiny.get_config()) == []
-  assert evaluators.config_problems(vitl.get_config()) == []
+  assert _evals_problems(tiny.get_config()) == []
+  assert _evals_problems(vitl.get_config()) == []
   c = tiny.get_config()
   c.evals.protocols = ('seg', 'segmentation')
   c.evals.seg.knn_distances = ('cosine', 'l1')
   c.evals.seg.resolution = 30
   c.evals.seg.extra_key = 1
-  problems = evaluators.config_problems(c)
+  problems = _evals_problems(c)
   assert len(problems) == 4, problems
   for needle in ("'segmentation'", 'knn_distances', 'seg.resolution=30', "['extra_key']"):
     assert any(needle in p for p in problems), (needle, problems)
   c.evals.seg.knn_neighbours = None  # Any value: sentences, never an exception.
-  assert any('knn_neighbours=None' in p for p in evaluators.config_problems(c))
+  assert any('knn_neighbours=None' in p for p in _evals_problems(c))
+
+
+def test_checks_read_the_evaluated_model():
+  """Patch size and width come from the method's evaluation model, not from config.model."""
+  assert evaluation.model_shape(tiny.get_config()) == protocol.ModelShape(4, 96)
+  c = tiny.get_config()
+  c.evals.classif.resolution = 30
+  assert evaluators.config_problems(c.evals, None) == []  # Unknown model: only whole numbers.
+  found = evaluators.config_problems(c.evals, protocol.ModelShape(patch_size=4, embed_dim=96))
+  assert found == ['evals.classif.resolution=30 must be a positive multiple of '
+                   'model.patch_size=4.'], found
+  found = evaluators.config_problems(vitl.get_config().evals, protocol.ModelShape(14, 1000))
+  assert len(found) == 1 and 'model.embed_dim divisible by 64' in found[0], found
+
+
+def test_a_registered_protocol_plugs_in_without_touching_the_registry(tmp_path):
+  @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+  class Count(protocol.Protocol):
+    name: ClassVar[str] = 'count_test'
+    official: ClassVar[bool] = False
+    images: int
+
+    def check(self, p, key, model):
+      p.number(f'{key}.images', self.images, 1, integer=True)
+
+    def run(self, backbone, env, out_dir, log):
+      return {'images': float(self.images)}, {}
+
+  evaluators.register(Count)
+  c = tiny.get_config()
+  assert _evals_problems(c) == []  # Its section is needed only when it is listed.
+  c.evals.protocols = ('count_test',)
+  assert _evals_problems(c) == ["evals lacks ['count_test'] (see configs/vitl.py)."]
+  c.evals.count_test = ml_collections.ConfigDict(dict(period=0, images=0))
+  assert _evals_problems(c) == ['evals.count_test.images=0 must be an integer >= 1.']
+  c.evals.count_test.images = 3
+  assert _evals_problems(c) == []
+  flat = evaluation.flatten({'count_test': {'results': evaluators.from_config(
+      c.evals, 'count_test').run(None, protocol.Environment(), tmp_path, print)[0]}})
+  assert flat == {'extra/count_test/images': 3.0}
 
 
 def test_official_schedule():

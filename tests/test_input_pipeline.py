@@ -1,4 +1,5 @@
-"""Input pipeline: sources, bad data, determinism, exact resumption, eval batches, global arrays."""
+"""Input pipeline: sources, bad data, determinism, exact resumption, global arrays (evaluation
+batches: tests/test_eval_batches.py)."""
 
 import gzip
 import io
@@ -22,7 +23,6 @@ from configs import tiny
 def _config(dataset='fashion_mnist', batch=8, num_workers=0, image_size=32, patch_size=4):
   c = tiny.get_config()
   c.data.dataset = dataset
-  c.evals.dataset = dataset
   c.optim.global_batch_size = batch
   c.data.num_workers = num_workers
   c.data.prefetch_buffer_size = 2
@@ -214,10 +214,10 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
   batch = next(_loader(config, seed=0, process_index=0,
                                                   process_count=1))
   assert batch['images'].shape == (8, 32, 32, 3)
-  evals = list(pipeline.create_eval_dataset(config, 'test', batch_size=4))
-  assert [len(b['label']) for b in evals] == [4, 1]
+  test = sources.make_source('tfds:capi_test_images', 'test', data_dir=str(tmp_path))
   # Source order with SkipDecoding'd images decoded by us: labels follow the records.
-  assert sorted(np.concatenate([b['label'] for b in evals]).tolist()) == [0, 0, 1, 1, 2]
+  labels = [sources.decode(test[i])['label'] for i in range(len(test))]
+  assert sorted(labels) == [0, 0, 1, 1, 2]
 
 
 # --- bad data --------------------------------------------------------------------------------
@@ -246,13 +246,13 @@ def test_corrupt_files_are_skipped_and_reported(bad_folder, caplog):
   root, good, bad = bad_folder
   config = _config(f'folder:{root}', batch=4)
   before = sources.skipped_records()
+  source = sources.make_source(f'folder:{root}', 'train')
   with caplog.at_level(logging.WARNING):
-    batches = list(pipeline.create_eval_dataset(config, 'train', batch_size=4))
-  labels = np.concatenate([b['label'] for b in batches])
+    decoded = [sources.decode(source[i]) for i in range(len(source))]
+  labels = [d['label'] for d in decoded if d is not None]
   assert len(labels) == len(good)  # Every good file, odd modes and sizes included.
-  assert labels.tolist() == sorted(labels.tolist()) and set(labels.tolist()) == {0, 1}
-  assert all(np.isfinite(b['images']).all() and b['images'].shape[1:] == (32, 32, 3)
-             for b in batches)
+  assert labels == sorted(labels) and set(labels) == {0, 1}
+  assert all(d['image'].mode == 'RGB' for d in decoded if d is not None)
   assert sources.skipped_records() - before == len(bad)
   for name in bad:
     assert any(name in r.getMessage() and 'Skipping' in r.getMessage() for r in caplog.records)
@@ -329,18 +329,6 @@ def test_train_batch_masks_follow_the_config():
   assert (np.diff(batch['visible_indices'], axis=1) > 0).all()
   for visible, predict in zip(batch['visible_indices'], batch['predict_indices']):
     assert not set(visible.tolist()) & set(predict.tolist())
-
-
-def test_eval_dataset_subset_is_fixed_and_batched():
-  config = _config()
-  evals = pipeline.create_eval_dataset(config, 'test', max_images=50, batch_size=20)
-  first, second = list(evals), list(evals)  # Re-iterable, same order every time.
-  assert [len(b['label']) for b in first] == [20, 20, 10]
-  assert first[0]['images'].shape == (20, 32, 32, 3) and first[0]['label'].dtype == np.int32
-  _assert_same_batches(first, second)
-  labels = np.concatenate([b['label'] for b in first])
-  first_records = sources.make_source('fashion_mnist', 'test').labels[:50]
-  assert not np.array_equal(labels, first_records)  # A random subset, not the first records.
 
 
 # --- determinism and resumption ---------------------------------------------------------------

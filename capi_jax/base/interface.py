@@ -157,7 +157,11 @@ class Method(abc.ABC):
   @abc.abstractmethod
   def eval_model(self) -> nn.Module:
     """The backbone evaluations run: `apply({'params': p}, images (B, H, W, 3))` returns
-    (global_repr (B, D), registers (B, R, D), feature_map (B, H/p, W/p, D)); R may be 0."""
+    (global_repr (B, D), registers (B, R, D), feature_map (B, H/p, W/p, D)); R may be 0.
+
+    Its attributes `patch_size` (p) and `embed_dim` (D) let the evaluation settings be checked
+    before anything runs (resolutions in whole patches, attentive probes' heads of 64); a model
+    without them skips those checks."""
 
   @abc.abstractmethod
   def eval_params(self, variables: Variables, which: str) -> PyTree:

@@ -1,4 +1,4 @@
-"""Grain input pipeline: resumable training loaders, evaluation batches, global batches.
+"""Grain input pipeline: resumable training loaders, batching in worker processes, global batches.
 
 Training (`create_train_loader`), per host:
   source[process_index::process_count] -> shuffle (reshuffled every epoch) -> repeat forever
@@ -21,7 +21,8 @@ A position saved with another `data.num_workers` is adapted by `adapt_iterator_s
 
 Worker processes (`data.num_workers` > 0) ignore the signals a terminal or a scheduler sends to
 the whole process group (the main process decides when to stop: it checkpoints first) and end
-as soon as the main process is gone, even after a `kill -9` of it.
+as soon as the main process is gone, even after a `kill -9` of it. The evaluations read through
+the same `batched`, with every batch kept whole and in order (`whole_batches`).
 """
 
 import logging
@@ -40,7 +41,6 @@ import numpy as np
 
 from capi_jax.base import errors
 from capi_jax.data import sources
-from capi_jax.data import transforms
 
 logger = logging.getLogger(__name__)
 
@@ -76,28 +76,82 @@ def train_dataset(config: ml_collections.ConfigDict, transform: grain.transforms
   return ds.random_map(transform, seed=map_seed)
 
 
-def _batched(ds: grain.MapDataset, config: ml_collections.ConfigDict, batch_size: int,
-             drop_remainder: bool) -> grain.IterDataset:
-  """Reads `ds` with threads, batches it, and runs it in config.data.num_workers processes.
+def batched(ds: grain.MapDataset, batch_size: int, *, num_workers: int, read_ahead: int,
+            worker_buffer: int, drop_remainder: bool = True,
+            whole_batches: bool = False) -> grain.IterDataset:
+  """Reads `ds` with READ_THREADS threads, batches it, in `num_workers` processes (0: this one).
+
+  Grain gives worker i of n the elements i::n of `ds` and interleaves the workers' batches
+  (worker 0's first, worker 1's first, ...). By default each worker batches its own slice (the
+  training stream, see `adapt_iterator_state`). With `whole_batches`, the output is instead
+  `ds` cut into consecutive batches, in order, whatever the number of workers: batch j is made
+  whole by worker j % n (`_WholeBatches`); len(ds) must be a multiple of batch_size * n.
+  Workers ignore the signals sent to the process group and exit with the main process
+  (`_init_worker`).
+
+  Args:
+    ds: the elements (dicts of arrays; None elements are dropped).
+    batch_size: elements per batch.
+    num_workers: reader processes.
+    read_ahead: elements each process's reader threads work ahead of its batching.
+    worker_buffer: batches each worker makes ahead of the consumer.
+    drop_remainder: drop a last partial batch (per worker).
+    whole_batches: keep `ds`'s batches whole and in order (see above).
+  """
+  if whole_batches and num_workers > 1:
+    ds = _WholeBatches(ds, batch_size, num_workers)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                            prefetch_buffer_size=read_ahead))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  if num_workers <= 0:
+    return ds
+  # Grain's worker launcher reads its absl flags; outside an absl app (tests, notebooks,
+  # benchmarks) they are unparsed, so take their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=worker_buffer),
+                        worker_init_fn=_init_worker)
+
+
+class _WholeBatches(grain.MapDataset):
+  """`parent` reordered so that worker w of n, reading elements w::n, reads the parent's batches
+  w, w + n, w + 2n, ... each whole and in order (element i of this dataset is the (i // n)-th
+  element of worker i % n)."""
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, num_workers: int):
+    super().__init__(parent)
+    if len(parent) % (batch_size * num_workers):
+      raise ValueError(f'{len(parent)} elements do not make the same number of batches of '
+                       f'{batch_size} for each of {num_workers} workers.')
+    self._batch_size, self._num_workers = batch_size, num_workers
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    local, worker = divmod(index, self._num_workers)
+    batch, column = divmod(local, self._batch_size)
+    return self._parent[(batch * self._num_workers + worker) * self._batch_size + column]
+
+  def __str__(self) -> str:
+    return f'_WholeBatches(batch_size={self._batch_size}, num_workers={self._num_workers})'
+
+
+def _train_batches(ds: grain.MapDataset, config: ml_collections.ConfigDict,
+                   batch_size: int) -> grain.IterDataset:
+  """Training batches of `ds` in config.data.num_workers processes.
 
   config.data.prefetch_buffer_size counts batches in flight over all workers (a ViT-L host batch
   of 4096 float32 224x224 images is 2.5 GB, so it must not grow with the worker count). With no
   workers, this process's reader threads work that many batches ahead of the consumer.
   """
   workers, in_flight = config.data.num_workers, max(1, config.data.prefetch_buffer_size)
-  read_ahead = 2 * READ_THREADS if workers > 0 else in_flight * batch_size
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
-                                            prefetch_buffer_size=read_ahead))
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  if workers <= 0:
-    return ds
-  # Grain's worker launcher reads its absl flags; outside an absl app (tests, notebooks,
-  # benchmarks) they are unparsed, so take their defaults.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  return ds.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=workers, per_worker_buffer_size=-(-in_flight // workers)),
-                        worker_init_fn=_init_worker)
+  return batched(ds, batch_size, num_workers=workers,
+                 read_ahead=2 * READ_THREADS if workers > 0 else in_flight * batch_size,
+                 worker_buffer=-(-in_flight // max(workers, 1)))
 
 
 # How often a worker process checks that the main process is still alive.
@@ -141,7 +195,7 @@ def create_train_loader(config: ml_collections.ConfigDict, transform: grain.tran
                      f'{process_count} hosts.')
   ds = train_dataset(config, transform, seed=seed, process_index=process_index,
                      process_count=process_count)
-  return iter(_batched(ds, config, global_batch // process_count, drop_remainder=True))
+  return iter(_train_batches(ds, config, global_batch // process_count))
 
 
 def _slice_positions(state: Mapping[str, Any]) -> list[int] | None:
@@ -196,31 +250,6 @@ def adapt_iterator_state(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[s
     return {'next_index': positions[0]}
   return {**fresh, 'next_index_in_cycle': 0,
           'iterators_in_use_states': [{'next_index': p} for p in positions]}
-
-
-def create_eval_dataset(config: ml_collections.ConfigDict, split: str, max_images: int = 0,
-                        batch_size: int | None = None) -> grain.IterDataset:
-  """Evaluation batches `{'images': (b, S, S, 3) float32, 'label': (b,) int32}` of `split`.
-
-  Source `config.evals.dataset` (same strings as training; `config.data.data_dir` applies),
-  image size `config.data.image_size`, batch size `config.evals.batch_size` unless given. Order
-  is fixed; the last batch may be smaller; undecodable records are skipped. With
-  `max_images` > 0 and a larger split, a fixed random subset (seed 0) of that many images is
-  used, so class-sorted sources (folders) stay balanced. Every host reads the whole split.
-  Iterate it as often as needed.
-  """
-  source = sources.make_source(config.evals.dataset, split, config.data.data_dir,
-                                    config.data.image_size)
-  ds = grain.MapDataset.source(source)
-  if 0 < max_images < len(ds):
-    ds = ds.shuffle(seed=0)[:max_images]
-  image_size = config.data.image_size
-
-  def transform(element: Mapping[str, Any]) -> Batch:
-    return {'images': transforms.eval_image(element['image'], image_size), 'label': element['label']}
-
-  ds = ds.map(sources.decode).map(transform)
-  return _batched(ds, config, batch_size or config.evals.batch_size, drop_remainder=False)
 
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,

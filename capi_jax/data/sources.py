@@ -141,7 +141,8 @@ def _folder_split_dir(root: str, split: str) -> pathlib.Path:
   path = pathlib.Path(root)
   if not path.is_dir():
     raise DatasetNotFoundError(f'Image folder {root!r} does not exist; check the path in '
-                            '`folder:PATH` (config.data.dataset or config.evals.dataset).')
+                               "`folder:PATH` (config.data.dataset, or an evaluation set's "
+                               '`dataset`).')
   if (path / split).is_dir():
     return path / split
   if split == 'train':
@@ -212,7 +213,7 @@ class TfdsSource:
       hint = ''.join(f' ({l.strip()})' for l in str(e).splitlines() if l.startswith('Did you'))
       raise DatasetNotFoundError(
           f'TFDS knows no dataset named {name!r}{hint}: check the name in `tfds:NAME` '
-          '(config.data.dataset or config.evals.dataset).') from None
+          "(config.data.dataset, or an evaluation set's `dataset`).") from None
     except Exception as e:  # TFDS raises many types (registration, missing files, formats).
       reason = ' '.join(str(e).strip().splitlines()[:3])
       raise DatasetNotFoundError(

@@ -5,7 +5,8 @@ never (a negative learning rate trains "fine"). `validate(config)` raises one `C
 listing every problem found, each naming the key, its value and what would be valid.
 `problems` never raises, whatever the values (wrong types, wrong tuple lengths, zeros): the
 engine's keys are checked here, the method's by `Method.config_problems` and the evaluation
-settings (`evals.*`) by `capi_jax.evaluators.config_problems`, all with `base.problems`.
+settings (`evals.*`) by `capi_jax.evaluators.config_problems` (each protocol its own section,
+against the method's evaluation model), all with `base.problems`.
 """
 
 import re
@@ -18,6 +19,7 @@ from capi_jax import methods
 from capi_jax.base import errors
 from capi_jax.base import problems as problems_lib
 from capi_jax.base import sharding
+from capi_jax.engine import evaluation
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 _SHARDING_STRATEGIES = ('fsdp', 'replicate')
@@ -97,7 +99,8 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
   except Exception as e:  # pylint: disable=broad-except  (a method's checks must not raise)
     found = [f'config.method={config.method!r} could not check its keys ({type(e).__name__}: '
              f'{e}); fix its values, see the problems above.']
-  return p.found + found + evaluators.config_problems(config)
+  model = evaluation.model_shape(config) if not found else None
+  return p.found + found + evaluators.config_problems(config.evals, model)
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:

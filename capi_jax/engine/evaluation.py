@@ -1,7 +1,8 @@
 """Evaluating a backbone with the run's protocols: results, tables, the random-init baseline.
 
-`run_evals` runs `config.evals.protocols` (or the ones due at a training step) through the
-evaluator registry (`capi_jax.evaluators`) on a backbone's parameters, writes
+`run_evals` runs `config.evals.protocols` (or the ones due at a training step), each built by the
+evaluator registry (`capi_jax.evaluators`) from its section `config.evals.<name>`, on a
+backbone's parameters, writes
 WORKDIR/eval/<step>/results.json (+ pictures, training curves) on process 0 and prints a table,
 each number named by the protocol that produced it ('extra/...' for capi_jax's extras). With
 `evals.random_init_baseline` the table shows the random init's numbers beside (computed once per
@@ -24,9 +25,10 @@ import numpy as np
 from capi_jax import evaluators
 from capi_jax import methods
 from capi_jax.base import sharding
+from capi_jax.engine import curves
 from capi_jax.engine import state as state_lib
 from capi_jax.evaluators import backbone as backbone_lib
-from capi_jax.evaluators import extras
+from capi_jax.evaluators import protocol
 
 logger = logging.getLogger(__name__)
 PyTree = Any
@@ -40,6 +42,21 @@ def backbone_module(config: ml_collections.ConfigDict) -> nn.Module:
   with eval_config.unlocked():
     eval_config.efficiency.compute_dtype = config.evals.compute_dtype
   return methods.from_config(eval_config).eval_model()
+
+def model_shape(config: ml_collections.ConfigDict) -> protocol.ModelShape | None:
+  """The evaluated model's patch size and width, read from `backbone_module(config)` (its
+  `patch_size` and `embed_dim`); None when the method cannot build it from this config (its own
+  checks name the problem) or the model does not say."""
+  try:
+    module = backbone_module(config)
+    return protocol.ModelShape(int(module.patch_size), int(module.embed_dim))
+  except Exception:  # pylint: disable=broad-except  (config checks never raise)
+    return None
+
+def environment(config: ml_collections.ConfigDict) -> protocol.Environment:
+  """What every protocol gets from the run's config besides its own section."""
+  return protocol.Environment(data_dir=config.data.data_dir, num_workers=config.data.num_workers,
+                              seed=config.train.seed)
 
 def make_backbone(config: ml_collections.ConfigDict, params: PyTree,
                   mesh: jax.sharding.Mesh) -> backbone_lib.Backbone:
@@ -60,10 +77,12 @@ def evaluate_params(config: ml_collections.ConfigDict, params: PyTree, mesh: jax
     {protocol: {'results': {name: number}, 'details': {...}, 'seconds': s}}.
   """
   backbone = make_backbone(config, params, mesh)
+  env = environment(config)
   out = {}
   for name in protocols or config.evals.protocols:
     start = time.perf_counter()
-    results, details = evaluators.runner(name)(config, backbone, out_dir, _log)
+    results, details = evaluators.from_config(config.evals, name).run(backbone, env, out_dir,
+                                                                       _log)
     out[name] = {'results': results, 'details': details,
                  'seconds': time.perf_counter() - start}
   return out
@@ -72,7 +91,7 @@ def flatten(results: dict[str, Any]) -> dict[str, float]:
   """{protocol: {'results': ...}} -> {'<protocol>/<name>': number}, extras as 'extra/...'."""
   flat = {}
   for name, part in results.items():
-    prefix = name if name in evaluators.OFFICIAL else f'extra/{name}'
+    prefix = name if evaluators.get(name).official else f'extra/{name}'
     flat.update({f'{prefix}/{k}': float(v) for k, v in part['results'].items()})
   return flat
 
@@ -126,7 +145,7 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, params: PyTree, step: 
     tmp.replace(out_dir / 'results.json')
     if (workdir / 'metrics.jsonl').exists():
       try:
-        extras.save_training_curves(workdir / 'metrics.jsonl', out_dir / 'curves.png')
+        curves.save_training_curves(workdir / 'metrics.jsonl', out_dir / 'curves.png')
       except ValueError as e:  # A run that has not logged yet: no curves, not a failed eval.
         logger.info('No training curves: %s', e)
   return {'protocols': results, 'seconds': seconds}, out_dir

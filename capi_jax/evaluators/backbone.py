@@ -78,23 +78,25 @@ class Backbone:
     Args:
       batches: this process's rows of global batches (`datasets.stream`, `seg_data.batches`):
         dicts with 'images' (b, H, W, 3) float32, 'index' (b,) dataset positions (-1 for
-        padding) and any other per-image arrays (labels, masks), b = batch_size / processes.
+        padding), 'valid' (b,) (padding and undecodable images are not) and any other
+        per-image arrays (labels, masks), b = batch_size / processes.
       outputs: which of OUTPUTS to keep (feature maps are most of the bytes), and 'images' to
         keep the input images too.
 
     Returns:
-      {output: (n, ...) float32 for each kept output} plus the batches' other keys, padding
-      rows dropped, in the order of the global batches.
+      {output: (n, ...) float32 for each kept output} plus the batches' other keys, for the n
+      valid rows, in the order of the global batches.
     """
     out: dict[str, list[np.ndarray]] = {}
     gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def collect(batch: dict[str, np.ndarray], features: Features) -> None:
-      real = gather(batch['index']) >= 0
+      valid = gather(batch['valid'])
       parts = {name: value for name, value in zip(OUTPUTS, features) if name in outputs}
-      parts.update({k: v for k, v in batch.items() if k != 'images' or k in outputs})
+      parts.update({k: v for k, v in batch.items()
+                    if k != 'valid' and (k != 'images' or k in outputs)})
       for k, v in parts.items():
-        out.setdefault(k, []).append(gather(v)[real])
+        out.setdefault(k, []).append(gather(v)[valid])
 
     pending = None
     for batch in batches:

@@ -32,17 +32,18 @@ import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
 import functools
-import itertools
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from capi_jax.base import problems as problems_lib
 from capi_jax.evaluators import datasets
-from capi_jax.evaluators import transforms
+from capi_jax.evaluators import protocol
 
 PyTree = Any
 
@@ -416,16 +417,17 @@ def train_order(n_train: int, settings: Settings, n_batches: int) -> np.ndarray:
   return np.concatenate([next(batches) for _ in range(n_batches)]).astype(np.int32)
 
 
-def run(config, backbone, train_set, test_sets, settings: Settings, seed: int = 0,
-        log: Callable[[str], None] = print) -> tuple[dict[str, float], dict[str, Any]]:
+def run(backbone, train_set, test_sets, settings: Settings, *, num_workers: int = 0,
+        seed: int = 0, log: Callable[[str], None] = print
+        ) -> tuple[dict[str, float], dict[str, Any]]:
   """eval_model: trains every probe on `train_set`, selects on its held-out part, tests.
 
   Args:
-    config: the run config (`config.data.num_workers` / `prefetch_buffer_size` read the data).
     backbone: an `evaluators.backbone.Backbone`.
     train_set: a `datasets.ClassifSet` (its labels are the training targets).
     test_sets: `datasets.ClassifSet`s scored with the selected probes.
     settings: the protocol's settings.
+    num_workers: Grain reader processes.
     seed: probe initialisation and augmentation.
     log: progress lines.
 
@@ -455,11 +457,13 @@ def run(config, backbone, train_set, test_sets, settings: Settings, seed: int = 
                                     {k: v.shape[-1] for k, v in shapes.items()}), replicated)
   opt_state = jax.device_put(adam_init(params), replicated)
   train_idx, val_idx = held_out_split(len(train_set), settings.val_proportion)
-  # One spare global batch: an undecodable image is dropped, the next fills its place.
-  order = train_idx[train_order(len(train_idx), settings, settings.n_iters + 1)]
-  batches = datasets.stream(config, train_set, order, settings.batch_size,
-                            lambda im, rng: transforms.classif_train(im, res, rng), res, seed,
-                            training=True)
+  # One spare global batch: an undecodable image is dropped, the next fills its place. Whole
+  # rounds of reader processes: none reads a blank batch.
+  n_batches = -(-(settings.n_iters + 1) // max(num_workers, 1)) * max(num_workers, 1)
+  order = train_idx[train_order(len(train_idx), settings, n_batches)]
+  batches = datasets.stream(train_set, order, settings.batch_size,
+                            datasets.ClassifTransform(res, train=True), res,
+                            seed=seed, num_workers=num_workers, training=True)
   statics = dict(grid=grid, forward=backbone.forward, names=names)
   schedule = lr_schedule(settings.n_iters, settings.warmup_iters)
   losses = []
@@ -476,20 +480,18 @@ def run(config, backbone, train_set, test_sets, settings: Settings, seed: int = 
       log(f'classif: iteration {it + 1}/{settings.n_iters}, loss {losses[-1][1]:.4f}, '
           f'{rate:.0f} images/s')
   train_seconds = time.perf_counter() - start
-  if hasattr(batches, 'close'):
-    batches.close()
+  batches.close()
 
   def accuracy(dataset, positions: np.ndarray) -> np.ndarray:
     """(K,) top-1 of every probe on `positions` of `dataset` (eval transform)."""
-    positions = datasets.pad_positions(positions, settings.batch_size)
     class_map = None if dataset.class_map is None else jnp.asarray(dataset.class_map)
     correct, counted = 0, 0
-    for batch in itertools.islice(
-        datasets.stream(config, dataset, positions, settings.batch_size,
-                        lambda im, rng: transforms.classif_eval(im, res), res, seed),
-        len(positions) // settings.batch_size):
+    for batch in datasets.stream(dataset, positions, settings.batch_size,
+                                 datasets.ClassifTransform(res), res, seed=seed,
+                                 num_workers=num_workers):
+      targets = np.where(batch['valid'][:, None], batch['targets'], -1)  # Only images count.
       c, n = _eval_counts(params, backbone.params, backbone.global_array(batch['images']),
-                          backbone.global_array(batch['targets']), class_map, **statics)
+                          backbone.global_array(targets), class_map, **statics)
       correct, counted = correct + np.asarray(c), counted + int(n)
     if not counted:
       raise ValueError(f'{dataset.name}: no image has a label to score.')
@@ -511,17 +513,74 @@ def run(config, backbone, train_set, test_sets, settings: Settings, seed: int = 
   return results, details
 
 
-def run_from_config(config, backbone, out_dir, log: Callable[[str], None] = print
-                    ) -> tuple[dict[str, float], dict[str, Any]]:
-  """`run` with `config.evals.classif`'s datasets and settings (see configs/vitl.py)."""
-  c = config.evals.classif
-  settings = Settings(
-      representations=tuple(c.representations), learning_rates=tuple(c.learning_rates),
-      weight_decays=tuple(c.weight_decays), n_iters=c.n_iters, warmup_iters=c.warmup_iters,
-      batch_size=c.batch_size, ranks=c.ranks, val_proportion=c.val_proportion,
-      resolution=c.resolution, num_classes=c.num_classes, log_every=c.log_every)
-  data_dir = config.data.data_dir
-  train = datasets.classif_set('train', c.train, data_dir)
-  tests = [datasets.classif_set(name, spec, data_dir) for name, spec in c.tests.items()]
-  del out_dir  # Nothing but numbers.
-  return run(config, backbone, train, tests, settings, seed=config.train.seed, log=log)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Classif(protocol.Protocol):
+  """'classif': `run` on `train`, scored on every set of `tests` (configs/vitl.py documents the
+  keys; the numeric ones are `Settings`'s)."""
+  name: ClassVar[str] = 'classif'
+
+  train: Any  # Image set {dataset, split[, labels, class_map]} the probes are trained on.
+  tests: Any  # {test name: image set} scored with the selected probes.
+  num_classes: int
+  representations: Sequence[str]
+  learning_rates: Sequence[float]
+  weight_decays: Sequence[float]
+  n_iters: int
+  warmup_iters: int
+  batch_size: int
+  ranks: int
+  val_proportion: float
+  resolution: int
+  log_every: int
+
+  @property
+  def settings(self) -> Settings:
+    return Settings(
+        representations=tuple(self.representations),
+        learning_rates=tuple(self.learning_rates), weight_decays=tuple(self.weight_decays),
+        n_iters=self.n_iters, warmup_iters=self.warmup_iters, batch_size=self.batch_size,
+        ranks=self.ranks, val_proportion=self.val_proportion, resolution=self.resolution,
+        num_classes=self.num_classes, log_every=self.log_every)
+
+  def check(self, p: protocol.Problems, key: str, model: protocol.ModelShape | None) -> None:
+    datasets.check_set(p, f'{key}.train', self.train)
+    if isinstance(self.tests, ml_collections.ConfigDict) and len(self.tests):
+      for test_name, spec in self.tests.items():
+        datasets.check_set(p, f'{key}.tests.{test_name}', spec)
+    else:
+      p.found.append(f'{key}.tests must hold at least one named test set, e.g. '
+                     '{"imagenet_val": {dataset, split}}.')
+    reps = self.representations
+    p.check(isinstance(reps, Sequence) and not isinstance(reps, str) and len(reps) > 0
+            and all(r in KNOWN_REPRESENTATIONS for r in reps),
+            f'{key}.representations={reps!r} must be a non-empty tuple from '
+            f'{KNOWN_REPRESENTATIONS}.')
+    if model is not None and isinstance(reps, Sequence) and {'patch', 'objects'} & set(reps):
+      p.check(model.embed_dim % HEAD_DIM == 0,
+              f"{key}.representations asks for an attentive probe ('patch' or 'objects'), "
+              f'which needs model.embed_dim divisible by {HEAD_DIM} (heads of {HEAD_DIM}), got '
+              f'{model.embed_dim}; drop them.')
+    protocol.check_numbers(p, f'{key}.learning_rates', self.learning_rates, lambda v: v > 0,
+                           'positive numbers')
+    protocol.check_numbers(p, f'{key}.weight_decays', self.weight_decays, lambda v: v >= 0,
+                           'non-negative numbers')
+    p.number(f'{key}.n_iters', self.n_iters, 1, integer=True)
+    p.check(problems_lib.is_int(self.warmup_iters) and 0 <= self.warmup_iters <= self.n_iters,
+            f'{key}.warmup_iters={self.warmup_iters!r} must be in [0, n_iters].')
+    ranks_ok = p.number(f'{key}.ranks', self.ranks, 1, integer=True)
+    p.check(ranks_ok and problems_lib.is_int(self.batch_size) and self.batch_size > 0
+            and self.batch_size % self.ranks == 0,
+            f'{key}.batch_size={self.batch_size!r} must be a positive multiple of '
+            f'{key}.ranks={self.ranks!r} (the official 128 per rank x 8 ranks).')
+    p.check(protocol.is_number(self.val_proportion) and 0 < self.val_proportion < 1,
+            f'{key}.val_proportion={self.val_proportion!r} must be in (0, 1).')
+    protocol.check_resolution(p, f'{key}.resolution', self.resolution, model)
+    p.number(f'{key}.num_classes', self.num_classes, 0, integer=True)
+    p.number(f'{key}.log_every', self.log_every, 1, integer=True)
+
+  def run(self, backbone, env, out_dir, log):
+    train = datasets.classif_set('train', self.train, env.data_dir)
+    tests = [datasets.classif_set(name, spec, env.data_dir) for name, spec in self.tests.items()]
+    del out_dir  # Nothing but numbers.
+    return run(backbone, train, tests, self.settings, num_workers=env.num_workers,
+               seed=env.seed, log=log)

@@ -1,32 +1,28 @@
 """capi_jax's extras beside the official protocols; their numbers are never mixed with the
 official ones (results and tables name them 'extra/...').
 
-- 'knn': weighted cosine k-NN classification (DINO's: votes exp(cos / T) of the k nearest
-  training images) on the global representation and on the mean patch token, several k in one
-  neighbour search (`seg.knn_neighbours`, the training vectors split over the devices).
-- 'pixels_knn': the same k-NN on the raw normalised pixels, a baseline that needs no network.
+- 'knn' (`Knn`): weighted cosine k-NN classification (DINO's: votes exp(cos / T) of the k
+  nearest training images) on the global representation and on the mean patch token, several
+  k in one neighbour search (`seg.knn_neighbours`, the training vectors split over the
+  devices); with `pixels`, the same k-NN on the raw normalised pixels, a baseline that needs no
+  network.
 - The random-initialisation baseline (the run's own step-0 weights through every protocol) and
-  the training curves are drawn by `capi_jax.evaluate`; `save_training_curves` is here.
+  the training curves are drawn by the evaluation runner (`capi_jax.engine.evaluation`).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+import dataclasses
 import functools
-from typing import Any
-import json
-import math
-import pathlib
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from capi_jax.evaluators import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
-from capi_jax.evaluators import seg  # pylint: disable=g-import-not-at-top,wrong-import-position
-from capi_jax.evaluators import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
+from capi_jax.base import problems as problems_lib
+from capi_jax.evaluators import datasets
+from capi_jax.evaluators import protocol
+from capi_jax.evaluators import seg
 
 
 @functools.partial(jax.jit, static_argnames=('ks', 'num_classes'))
@@ -59,86 +55,58 @@ def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   return {f'k{k}': float(c / len(test_x)) for k, c in zip(ks, correct)}
 
 
-def read_metrics(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """metrics.jsonl -> {key: (steps, values)} for every numeric key."""
-  series: dict[str, list[tuple[int, float]]] = {}
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      step = record.get('step')
-      for key, value in record.items():
-        if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
-          series.setdefault(key, []).append((step, value))
-  return {k: (np.array([s for s, _ in v]), np.array([x for _, x in v], np.float64))
-          for k, v in series.items()}
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Knn(protocol.Protocol):
+  """The 'knn' extra: weighted k-NN on the global representation, the mean patch token, and
+  (`pixels`) the raw normalised pixels. Features are held in host memory."""
+  name: ClassVar[str] = 'knn'
+  official: ClassVar[bool] = False
 
+  train: Any  # Image set {dataset, split[, labels, class_map]} of the neighbours.
+  test: Any  # Image set classified.
+  max_train_images: int  # 0 = all (8 D bytes per image in host memory).
+  max_test_images: int
+  ks: Sequence[int]
+  temperature: float
+  pixels: bool
+  resolution: int
 
-def save_training_curves(metrics_path: str | pathlib.Path, path: str | pathlib.Path,
-                         keys: Sequence[str] | None = None) -> list[str]:
-  """One panel per metric of metrics.jsonl against the step; returns the keys plotted.
+  def check(self, p: protocol.Problems, key: str, model: protocol.ModelShape | None) -> None:
+    datasets.check_set(p, f'{key}.train', self.train)
+    datasets.check_set(p, f'{key}.test', self.test)
+    p.number(f'{key}.max_train_images', self.max_train_images, 0, integer=True)
+    p.number(f'{key}.max_test_images', self.max_test_images, 0, integer=True)
+    protocol.check_numbers(p, f'{key}.ks', self.ks, lambda v: problems_lib.is_int(v) and v > 0,
+                           'positive integers')
+    p.check(protocol.is_number(self.temperature) and self.temperature > 0,
+            f'{key}.temperature={self.temperature!r} must be > 0.')
+    p.boolean(f'{key}.pixels', self.pixels)
+    protocol.check_resolution(p, f'{key}.resolution', self.resolution, model)
 
-  Args:
-    metrics_path: the training run's metrics.jsonl.
-    path: PNG file to write.
-    keys: metrics to plot, default all numeric ones (in first-seen order).
-  """
-  series = read_metrics(metrics_path)
-  keys = [k for k in (keys or series) if k in series and len(series[k][0])]
-  if not keys:
-    raise ValueError(f'No numeric metric to plot in {metrics_path}.')
-  cols = min(3, len(keys))
-  rows = math.ceil(len(keys) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-  for ax, key in zip(axes.ravel(), keys):
-    steps, values = series[key]
-    ax.plot(steps, values, marker='.' if len(steps) < 30 else None, linewidth=1)
-    ax.set_title(key, fontsize=9)
-    ax.set_xlabel('step', fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    # Rates spanning decades (lr warmup, losses falling fast) read better on a log axis.
-    finite = values[np.isfinite(values)]
-    if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 100:
-      ax.set_yscale('log')
-  for ax in axes.ravel()[len(keys):]:
-    ax.set_axis_off()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return keys
+  def run(self, backbone, env, out_dir, log):
+    train = self._features(backbone, env, self.train, self.max_train_images)
+    test = self._features(backbone, env, self.test, self.max_test_images)
+    results = {}
+    for name in ('global', 'patch_mean') + (('pixels',) if self.pixels else ()):
+      scores = knn_classify(train[name], train['label'], test[name], test['label'], ks=self.ks,
+                            temperature=self.temperature, mesh=backbone.mesh)
+      results.update({f'{name}/{k}': v for k, v in scores.items()})
+    log(f'knn: {len(train["label"])} train, {len(test["label"])} test images')
+    del out_dir  # Nothing but numbers.
+    return results, {}
 
-
-def knn_from_config(config, backbone, out_dir, log: Callable[[str], None] = print
-                    ) -> tuple[dict[str, float], dict[str, Any]]:
-  """The 'knn' extra with `config.evals.knn`: on the global representation, the mean patch
-  token, and (`pixels`) the raw normalised pixels. Features are held in host memory."""
-  c = config.evals.knn
-  res, batch = c.resolution, backbone.batch_size
-  transform = lambda im, rng: transforms.classif_eval(im, res)
-
-  def features(spec, max_images: int) -> dict[str, np.ndarray]:
-    data = datasets.classif_set('knn', spec, config.data.data_dir)
+  def _features(self, backbone, env, spec, max_images: int) -> dict[str, np.ndarray]:
+    data = datasets.classif_set('knn', spec, env.data_dir)
     positions = np.arange(len(data))
     if 0 < max_images < len(data):  # A fixed random subset: class-sorted folders stay balanced.
       positions = np.sort(np.random.default_rng(0).choice(len(data), max_images, replace=False))
-    stream = datasets.stream(config, data, datasets.pad_positions(positions, batch), batch,
-                             transform, res, seed=0)
-    outputs = ('global_repr', 'feature_map') + (('images',) if c.pixels else ())
+    res = self.resolution
+    stream = datasets.stream(data, positions, backbone.batch_size, datasets.ClassifTransform(res),
+                             res, seed=0, num_workers=env.num_workers)
+    outputs = ('global_repr', 'feature_map') + (('images',) if self.pixels else ())
     out = backbone.extract(stream, outputs)
     found = {'global': out['global_repr'], 'patch_mean': out['feature_map'].mean((1, 2)),
              'label': out['labels']}
-    if c.pixels:
+    if self.pixels:
       found['pixels'] = out['images'].reshape(len(out['images']), -1)
     return found
-
-  train, test = features(c.train, c.max_train_images), features(c.test, c.max_test_images)
-  results = {}
-  for name in ('global', 'patch_mean') + (('pixels',) if c.pixels else ()):
-    scores = knn_classify(train[name], train['label'], test[name], test['label'], ks=c.ks,
-                          temperature=c.temperature, mesh=backbone.mesh)
-    results.update({f'{name}/{k}': v for k, v in scores.items()})
-  log(f'knn: {len(train["label"])} train, {len(test["label"])} test images')
-  del out_dir  # Nothing but numbers.
-  return results, {}

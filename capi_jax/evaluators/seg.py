@@ -31,12 +31,12 @@ Everything is numpy on the host except the distance and logistic-regression arit
 runs jitted on the devices of `mesh` (float32, 'highest' matmul precision).
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 import dataclasses
 import functools
 import itertools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from capi_jax.base import problems as problems_lib
+from capi_jax.evaluators import protocol
 from capi_jax.evaluators import seg_data
 
 # Official defaults (eval_segmentation.py, KNNClassifier, LogregClassifier).
@@ -610,37 +612,103 @@ def evaluate(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.nd
   return outcome
 
 
-def run(config, backbone, train_set, test_set, settings: Settings, resolution: int,
-        val_set=None) -> Outcome:
+def run(backbone, train_set, test_set, settings: Settings, resolution: int, val_set=None, *,
+        num_workers: int = 0) -> Outcome:
   """eval_model: features of `seg_data` sets through `backbone` at `resolution`, then `evaluate`.
 
   Every image is squashed to (resolution, resolution); feature maps and label maps are held in
   host memory (4 D bytes per patch, resolution^2 bytes per image), as the official code does.
+  `num_workers` Grain processes read the images.
   """
 
   def extract(dataset) -> tuple[np.ndarray, np.ndarray]:
-    out = backbone.extract(seg_data.batches(config, dataset, range(len(dataset)), resolution,
-                                            backbone.batch_size), outputs=('feature_map',))
+    out = backbone.extract(seg_data.batches(dataset, range(len(dataset)), resolution,
+                                            backbone.batch_size, num_workers=num_workers),
+                           outputs=('feature_map',))
     return out['feature_map'], out['labels']
 
   val = None if val_set is None else extract(val_set)
   return evaluate(extract(train_set), extract(test_set), settings, backbone.mesh, val)
 
 
-def run_from_config(config, backbone, out_dir, log: Callable[[str], None] = print
-                    ) -> tuple[dict[str, float], dict[str, Any]]:
-  """`run` with `config.evals.seg`'s dataset and settings (see configs/vitl.py)."""
-  c = config.evals.seg
-  settings = Settings(
-      ignore_labels=tuple(c.ignore_labels), classifiers=tuple(c.classifiers),
-      standardization=c.standardization or None, knn_neighbours=tuple(c.knn_neighbours),
-      knn_distances=tuple(c.knn_distances), knn_dtype=c.knn_dtype,
-      logreg_C=tuple(float(v) for v in c.logreg_C), logreg_max_iter=c.logreg_max_iter,
-      logreg_tol=c.logreg_tol, logreg_linesearch_max_iter=c.logreg_linesearch_max_iter,
-      logreg_memory=c.logreg_memory, world_size=c.world_size)
-  sets = {k: seg_data.make_seg_set(c.dataset, c[f'{k}_split']) for k in ('train', 'test')}
-  val = seg_data.make_seg_set(c.dataset, c.val_split) if c.val_split else None
-  log(f'seg: {len(sets["train"])} train, {len(sets["test"])} test images of {c.dataset}')
-  outcome = run(config, backbone, sets['train'], sets['test'], settings, c.resolution, val)
-  del out_dir  # Nothing but numbers.
-  return outcome.results, {'selected': outcome.selected}
+SEG_READERS = tuple(seg_data.READERS)
+_STANDARDIZATIONS = ('',) + SCALERS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Seg(protocol.Protocol):
+  """'seg': `run` on `dataset`'s splits (configs/vitl.py documents the keys; the numeric ones
+  are `Settings`'s, `standardization` '' for none)."""
+  name: ClassVar[str] = 'seg'
+
+  dataset: str  # '<reader>:<root>' (`seg_data.make_seg_set`).
+  train_split: str
+  val_split: str  # '': hold out a tenth of train, as the official code.
+  test_split: str
+  resolution: int
+  ignore_labels: Sequence[int]
+  classifiers: Sequence[str]
+  standardization: str
+  knn_neighbours: Sequence[int]
+  knn_distances: Sequence[str]
+  knn_dtype: str
+  logreg_C: Sequence[float]  # pylint: disable=invalid-name  (the official name)
+  logreg_max_iter: int
+  logreg_tol: float
+  logreg_linesearch_max_iter: int
+  logreg_memory: int
+  world_size: int
+
+  @property
+  def settings(self) -> Settings:
+    return Settings(
+        ignore_labels=tuple(self.ignore_labels), classifiers=tuple(self.classifiers),
+        standardization=self.standardization or None,
+        knn_neighbours=tuple(self.knn_neighbours), knn_distances=tuple(self.knn_distances),
+        knn_dtype=self.knn_dtype, logreg_C=tuple(float(v) for v in self.logreg_C),
+        logreg_max_iter=self.logreg_max_iter, logreg_tol=self.logreg_tol,
+        logreg_linesearch_max_iter=self.logreg_linesearch_max_iter,
+        logreg_memory=self.logreg_memory, world_size=self.world_size)
+
+  def check(self, p: protocol.Problems, key: str, model: protocol.ModelShape | None) -> None:
+    p.check(str(self.dataset).partition(':')[0] in SEG_READERS,
+            f'{key}.dataset={self.dataset!r} must be ade20k:ROOT, voc2012:ROOT, '
+            'cityscapes:ROOT, folder:ROOT or fashion_mnist_scenes[:DIR].')
+    for split_key in ('train_split', 'test_split'):
+      split = getattr(self, split_key)
+      p.check(isinstance(split, str) and split, f'{key}.{split_key}={split!r} must name a split.')
+    p.check(isinstance(self.val_split, str),
+            f"{key}.val_split={self.val_split!r} must be a split name or '' (hold out a tenth "
+            'of train, as the official code).')
+    protocol.check_resolution(p, f'{key}.resolution', self.resolution, model)
+    protocol.check_numbers(p, f'{key}.ignore_labels', self.ignore_labels,
+                           lambda v: problems_lib.is_int(v) and 0 <= v <= 255,
+                           'labels in [0, 255]')
+    protocol.check_names(p, f'{key}.classifiers', self.classifiers, tuple(_CLASSIFIERS))
+    p.check(self.standardization in _STANDARDIZATIONS,
+            f'{key}.standardization={self.standardization!r} must be one of '
+            f'{_STANDARDIZATIONS}.')
+    protocol.check_numbers(p, f'{key}.knn_neighbours', self.knn_neighbours,
+                           lambda v: problems_lib.is_int(v) and v > 0, 'positive integers')
+    protocol.check_names(p, f'{key}.knn_distances', self.knn_distances, KNN_DISTANCES)
+    p.check(self.knn_dtype in ('float32', 'bfloat16'),
+            f"{key}.knn_dtype={self.knn_dtype!r} must be 'float32' or 'bfloat16'.")
+    protocol.check_numbers(p, f'{key}.logreg_C', self.logreg_C, lambda v: v > 0,
+                           'positive numbers')
+    p.number(f'{key}.logreg_max_iter', self.logreg_max_iter, 1, integer=True)
+    p.check(protocol.is_number(self.logreg_tol) and self.logreg_tol >= 0,
+            f'{key}.logreg_tol={self.logreg_tol!r} must be >= 0.')
+    p.number(f'{key}.logreg_linesearch_max_iter', self.logreg_linesearch_max_iter, 1,
+             integer=True)
+    p.number(f'{key}.logreg_memory', self.logreg_memory, 1, integer=True)
+    p.number(f'{key}.world_size', self.world_size, 1, integer=True)
+
+  def run(self, backbone, env, out_dir, log):
+    sets = {k: seg_data.make_seg_set(self.dataset, getattr(self, f'{k}_split'))
+            for k in ('train', 'test')}
+    val = seg_data.make_seg_set(self.dataset, self.val_split) if self.val_split else None
+    log(f'seg: {len(sets["train"])} train, {len(sets["test"])} test images of {self.dataset}')
+    outcome = run(backbone, sets['train'], sets['test'], self.settings, self.resolution, val,
+                  num_workers=env.num_workers)
+    del out_dir  # Nothing but numbers.
+    return outcome.results, {'selected': outcome.selected}

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 import dataclasses
 import pathlib
 
-import grain
 import numpy as np
 from PIL import Image
 
@@ -222,7 +221,7 @@ def make_seg_set(spec: str, split: str) -> SegSet | ArraySegSet:
 @dataclasses.dataclass(frozen=True)
 class _Transformed:
   """Position -> {'images': official image transform, 'labels': official target transform,
-  'index'}; position -1 (padding) gives a blank row."""
+  'index', 'valid'}; position -1 (padding) gives a blank invalid row."""
   dataset: SegSet | ArraySegSet
   resolution: int
   with_masks: bool
@@ -230,20 +229,23 @@ class _Transformed:
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     r = self.resolution
     if position < 0:
-      out = {'images': np.zeros((r, r, 3), np.float32), 'index': np.int64(-1)}
+      out = {'images': np.zeros((r, r, 3), np.float32), 'index': np.int64(-1),
+             'valid': np.bool_(False)}
       return {**out, 'labels': np.zeros((r, r), np.uint8)} if self.with_masks else out
+    out = {'index': np.int64(position), 'valid': np.bool_(True)}
     if not self.with_masks:
-      return {'images': transforms.seg_image(self.dataset.image(position), r),
-              'index': np.int64(position)}
+      return {'images': transforms.seg_image(self.dataset.image(position), r), **out}
     image, mask = self.dataset[position]
     return {'images': transforms.seg_image(image, r), 'labels': transforms.seg_target(mask, r),
-            'index': np.int64(position)}
+            **out}
 
 
-def batches(config, dataset: SegSet | ArraySegSet, positions: Sequence[int], resolution: int,
-            global_batch: int, with_masks: bool = True):
-  """This process's rows of the global batches of `positions` (padded with -1): {'images'
-  (b, R, R, 3) float32, ['labels' (b, R, R) uint8], 'index' (b,)}, for `Backbone.extract`."""
-  rows = datasets.Rows(datasets.pad_positions(np.asarray(positions), global_batch), global_batch)
-  ds = grain.MapDataset.source(rows).map(_Transformed(dataset, resolution, with_masks))
-  return datasets.batched(ds, rows.per_host, config.data.num_workers)
+def batches(dataset: SegSet | ArraySegSet, positions: Sequence[int], resolution: int,
+            global_batch: int, *, num_workers: int, with_masks: bool = True
+            ) -> datasets.Batches:
+  """This process's rows of the global batches of `positions` (`datasets.batches`): {'images'
+  (b, R, R, 3) float32, ['labels' (b, R, R) uint8], 'index' (b,), 'valid' (b,)}, for
+  `Backbone.extract`."""
+  return datasets.batches(dataset.name, np.asarray(positions, np.int64), global_batch,
+                          _Transformed(dataset, resolution, with_masks),
+                          num_workers=num_workers)

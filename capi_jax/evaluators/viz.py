@@ -17,14 +17,16 @@ projections agree to ~1e-4).
 """
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import pathlib
-from typing import Any
+from typing import ClassVar
 
 import matplotlib
 import numpy as np
 from PIL import Image
 
 from capi_jax.data import transforms as image_ops
+from capi_jax.evaluators import protocol
 from capi_jax.evaluators import seg_data
 from capi_jax.evaluators import transforms
 
@@ -144,26 +146,47 @@ def save_pictures(image_fn: Callable[[int], np.ndarray], feature_maps: np.ndarra
   return written
 
 
-def run(config, backbone, dataset, resolution: int, out_dir: str | pathlib.Path,
-        num_images: int = NUM_IMAGES) -> list[pathlib.Path]:
+def run(backbone, dataset, resolution: int, out_dir: str | pathlib.Path,
+        num_images: int = NUM_IMAGES, *, num_workers: int = 0) -> list[pathlib.Path]:
   """eval_model: the pictures of every max(n // num_images, 1)-th image of a `seg_data` set."""
   indices = image_indices(len(dataset), num_images)
   features = backbone.extract(
-      seg_data.batches(config, dataset, indices, resolution, backbone.batch_size,
-                       with_masks=False), outputs=('feature_map',))['feature_map']
+      seg_data.batches(dataset, indices, resolution, backbone.batch_size,
+                       num_workers=num_workers, with_masks=False),
+      outputs=('feature_map',))['feature_map']
   image_fn = lambda i: transforms.seg_image(dataset.image(i), resolution)
   return save_pictures(image_fn, features, indices, out_dir)
 
 
-def run_from_config(config, backbone, out_dir, log: Callable[[str], None] = print
-                    ) -> tuple[dict[str, float], dict[str, Any]]:
-  """`run` at each of `config.evals.viz.resolutions`, into out_dir/viz_<resolution>/."""
-  c = config.evals.viz
-  dataset = seg_data.make_seg_set(c.dataset, c.split)
-  files = {}
-  for resolution in c.resolutions:
-    written = run(config, backbone, dataset, resolution,
-                  pathlib.Path(out_dir) / f'viz_{resolution}', c.num_images)
-    files[resolution] = len(written)
-    log(f'viz: {len(written)} pictures at {resolution} px in {out_dir}/viz_{resolution}')
-  return {}, {'pictures': files}
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Viz(protocol.Protocol):
+  """'viz': `run` at each resolution, into out_dir/viz_<resolution>/."""
+  name: ClassVar[str] = 'viz'
+
+  dataset: str  # A segmentation set ('<reader>:<root>'): its images are drawn.
+  split: str
+  resolutions: Sequence[int]
+  num_images: int
+
+  def check(self, p: protocol.Problems, key: str, model: protocol.ModelShape | None) -> None:
+    p.check(str(self.dataset).partition(':')[0] in seg_data.READERS,
+            f'{key}.dataset={self.dataset!r} must be a segmentation dataset (ade20k:ROOT, '
+            '..., fashion_mnist_scenes[:DIR]): its images are drawn.')
+    p.check(isinstance(self.split, str) and self.split,
+            f'{key}.split={self.split!r} must name a split.')
+    if isinstance(self.resolutions, Sequence) and len(self.resolutions):
+      for r in self.resolutions:
+        protocol.check_resolution(p, f'{key}.resolutions', r, model)
+    else:
+      p.found.append(f'{key}.resolutions={self.resolutions!r} must be a non-empty tuple.')
+    p.number(f'{key}.num_images', self.num_images, 1, integer=True)
+
+  def run(self, backbone, env, out_dir, log):
+    dataset = seg_data.make_seg_set(self.dataset, self.split)
+    files = {}
+    for resolution in self.resolutions:
+      written = run(backbone, dataset, resolution, pathlib.Path(out_dir) / f'viz_{resolution}',
+                    self.num_images, num_workers=env.num_workers)
+      files[resolution] = len(written)
+      log(f'viz: {len(written)} pictures at {resolution} px in {out_dir}/viz_{resolution}')
+    return {}, {'pictures': files}

@@ -129,6 +129,14 @@ class EvalEncoder(nn.Module):
   def has_registers(self) -> bool:
     return isinstance(self.backbone, encoder_decoder.EncoderDecoder)
 
+  @property
+  def patch_size(self) -> int:
+    return self.backbone.patch_size
+
+  @property
+  def embed_dim(self) -> int:
+    return self.backbone.embed_dim
+
 
 # ---------------------------------------------------------------------------- parameter names
 def fixed(path: str, model: nn.Module) -> bool:
