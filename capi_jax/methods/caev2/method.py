@@ -99,7 +99,7 @@ class CaeV2(interface.Method):
   def constant_leaves(self, params: PyTree) -> PyTree:
     """True for the leaves of `params` that are constants of the release (the encoder's fixed
     sin-cos table: a ViT parameter here, `requires_grad=False` there), False elsewhere."""
-    return {'encoder': {k: jax.tree.map(lambda _: k in self.encoder.fixed_params, v)
+    return {'encoder': {k: jax.tree.map(lambda _: k in self.encoder.frozen_params, v)
                         for k, v in params['encoder'].items()},
             'regressor': jax.tree.map(lambda _: False, params['regressor'])}
 

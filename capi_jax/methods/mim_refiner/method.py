@@ -193,7 +193,7 @@ class MimRefiner(interface.Method):
     cfg, o = self.config.mim_refiner, self.config.optim
 
     def rule(path: str, ndim: int) -> optim.ParamGroup:
-      if encoder_lib.fixed(path, self.encoder):
+      if encoder_lib.frozen(path, self.encoder):
         return optim.ParamGroup(trainable=False)
       return optim.encoder_group(
           encoder_lib.refiner_name(path, self.encoder), ndim,
