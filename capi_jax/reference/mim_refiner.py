@@ -352,7 +352,7 @@ def _part_a_float64(ctx: Context) -> list[Result]:
 def _schedule(peak: float, settings: Mapping[str, Any], epochs_key: str
               ) -> schedules.ScheduleFn:
   upe = int(settings['updates_per_epoch'])
-  return optim.warmup_cosine(
+  return schedules.wupcos_fn(
       peak, warmup_updates=int(settings['warmup_epochs']) * upe,
       total_updates=int(settings[epochs_key]) * upe,
       end_value=float(settings.get('end_value', DEFAULT_END_LR)))

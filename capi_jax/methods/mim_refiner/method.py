@@ -184,7 +184,7 @@ class MimRefiner(interface.Method):
   # ------------------------------------------------------------------ optimisation
   def _lr_fn(self) -> schedules.ScheduleFn:
     o = self.config.optim
-    return optim.warmup_cosine(optim.scaled_lr(o.base_lr, o.global_batch_size),
+    return schedules.wupcos_fn(optim.scaled_lr(o.base_lr, o.global_batch_size),
                                warmup_updates=o.warmup_iters, total_updates=o.total_iters,
                                end_value=o.end_lr)
 

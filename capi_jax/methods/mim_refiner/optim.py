@@ -1,11 +1,9 @@
-"""MIM-Refiner's optimisation: lr scaling, warmup-cosine per update, parameter groups, freezer.
+"""MIM-Refiner's optimisation: lr scaling, parameter groups, freezer, AdamW.
 
 As the official release sets it up (`optimizers/optimizer_wrapper.py`, `param_group_modifiers/`,
 `freezers/vit_block_freezer.py`, `zztemplates/schedules/wupcos_epoch.yaml`):
-  - lr = base_lr x batch_size / 256 (`linear_lr_scaler`), the peak of the schedule;
-  - the schedule, per update t with W warmup and T total updates: peak (t + 1) / (W + 1)
-    during warmup (kappaschedules' linear increase without its end points), then
-    end + (peak - end) (1 + cos(pi (t - W) / (T - W))) / 2 (cosine without its last point);
+  - lr = base_lr x batch_size / 256 (`linear_lr_scaler`), the peak of the schedule
+    (`base.schedules.wupcos_fn`, per update);
   - a parameter's lr is lr_scale x schedule(t); AdamW (torch semantics, `base.optim.adamw`)
     with per-parameter weight decay;
   - weight decay 0 for names ending '.bias', for tensors of ndim <= 1 and, in the ViT, for
@@ -26,11 +24,9 @@ without the submodel prefix, e.g. 'blocks.3.attn.qkv.weight', 'projector.0.1.bia
 
 from collections.abc import Callable
 import dataclasses
-import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from capi_jax.base import optim as core_optim
@@ -56,27 +52,6 @@ class ParamGroup:
 def scaled_lr(base_lr: float, batch_size: int) -> float:
   """The release's linear lr scaling: base_lr x batch_size / 256."""
   return base_lr * batch_size / LR_DIVISOR
-
-
-def warmup_cosine(peak: float, *, warmup_updates: int, total_updates: int,
-                  end_value: float = 1e-6) -> schedules.ScheduleFn:
-  """The `wupcos` schedule as a function of the (traced) update index; float32 scalar out.
-
-  Updates from `total_updates` on get `end_value`.
-  """
-  if not 0 <= warmup_updates < total_updates:
-    raise ValueError(f'warmup_updates={warmup_updates} must lie in [0, total_updates='
-                     f'{total_updates}).')
-
-  def schedule(step: jax.Array) -> jax.Array:
-    t = jnp.asarray(step, jnp.int32).astype(jnp.float32)
-    warm = peak * (t + 1) / (warmup_updates + 1)
-    progress = (t - warmup_updates) / (total_updates - warmup_updates)
-    cos = end_value + (peak - end_value) * (1 + jnp.cos(math.pi * progress)) / 2
-    value = jnp.where(t < warmup_updates, warm, cos)
-    return jnp.where(t >= total_updates, end_value, value).astype(jnp.float32)
-
-  return schedule
 
 
 def weight_decay_of(name: str, ndim: int, weight_decay: float) -> float:
