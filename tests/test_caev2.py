@@ -24,6 +24,7 @@ from scipy import special
 from capi_jax import check_reference
 from capi_jax import convert
 from capi_jax import methods
+from capi_jax.base import optim
 from capi_jax.data import masking
 from capi_jax.data import transforms
 from capi_jax.engine import benchmark
@@ -199,8 +200,8 @@ def test_weight_decay_groups_of_the_module():
   latents, _, visible, masked_idx = _inputs(encoder_width=16, batch=1)
   params = _random_params(_module(12), latents, visible, masked_idx)
   names = {n: float(np.max(v)) for n, v in caev2_convert.regressor_to_official(
-      jax.tree.map(lambda p, m: np.full(p.shape, m), params,
-                   caev2_optim.weight_decay_mults(params))).items()}
+      jax.tree.map(lambda p, g: np.full(p.shape, g.wd_mult), params,
+                   optim.group_tree(params, caev2_optim.decay_group))).items()}
   decayed = {n for n, m in names.items() if m}
   # The release decays every >= 2-D tensor that is not a bias: mask_token included.
   assert decayed == {n for n in names if n.endswith('weight') and (

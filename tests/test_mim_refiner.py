@@ -316,51 +316,43 @@ def test_head_objective_is_the_same_with_rows_sharded_over_devices():
 
 
 # ---------------------------------------------------------------------------- optimisation
-def test_warmup_cosine_per_update():
-  fn = optim.warmup_cosine(1e-3, warmup_updates=4, total_updates=10, end_value=1e-6)
-  values = np.asarray(jax.vmap(fn)(jnp.arange(12)), np.float64)
-  np.testing.assert_allclose(values[:4], 1e-3 * np.arange(1, 5) / 5, rtol=1e-6)
-  t = np.arange(4, 10)
-  np.testing.assert_allclose(values[4:10],
-                             1e-6 + (1e-3 - 1e-6) * (1 + np.cos(np.pi * (t - 4) / 6)) / 2,
-                             rtol=1e-5)
-  np.testing.assert_allclose(values[10:], 1e-6)
+def test_scaled_lr():
   assert optim.scaled_lr(4e-4, 512) == pytest.approx(8e-4)
-  with pytest.raises(ValueError, match='warmup_updates'):
-    optim.warmup_cosine(1.0, warmup_updates=5, total_updates=5)
 
 
 def test_parameter_group_rules():
   group = lambda name, ndim, **kw: optim.encoder_group(
       name, ndim, depth=6, weight_decay=0.05, layer_decay=0.5, **kw)
-  assert group('patch_embed.proj.weight', 4) == optim.ParamGroup(0.5**7, 0.05)
-  assert group('cls_tokens.tokens', 3) == optim.ParamGroup(0.5**7, 0.0)
-  assert group('blocks.0.attn.qkv.weight', 2) == optim.ParamGroup(0.5**6, 0.05)
-  assert group('blocks.5.mlp.fc1.bias', 1) == optim.ParamGroup(0.5, 0.0)
-  assert group('blocks.5.norm1.weight', 1) == optim.ParamGroup(0.5, 0.0)
-  assert group('norm.weight', 1) == optim.ParamGroup(1.0, 0.0)
+  assert group('patch_embed.proj.weight', 4) == core_optim.Group(0.5**7, 0.05)
+  assert group('cls_tokens.tokens', 3) == core_optim.Group(0.5**7, 0.0)
+  assert group('blocks.0.attn.qkv.weight', 2) == core_optim.Group(0.5**6, 0.05)
+  assert group('blocks.5.mlp.fc1.bias', 1) == core_optim.Group(0.5, 0.0)
+  assert group('blocks.5.norm1.weight', 1) == core_optim.Group(0.5, 0.0)
+  assert group('norm.weight', 1) == core_optim.Group(1.0, 0.0)
   with pytest.raises(ValueError, match='no rule for'):
     group('decoder.weight', 2)
-  frozen = lambda name: not group(name, 2, freeze_end_percent=0.5).trainable
+  frozen = lambda name: group(name, 2, freeze_end_percent=0.5).frozen
   assert frozen('patch_embed.proj.weight') and frozen('blocks.2.attn.proj.weight')
   assert not frozen('blocks.3.attn.proj.weight') and not frozen('norm.weight')
 
   head = heads.IdHead(proj_hidden_dim=6, pred_hidden_dim=5, output_dim=3)
   params = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((2, 4)))['params']
-  groups = optim.group_tree(params, heads.official_name,
-                            lambda n, d: optim.head_group(n, d, weight_decay=0.01))
-  assert groups['projector']['layer1']['linear']['kernel'] == optim.ParamGroup(1.0, 0.01)
-  assert groups['predictor']['layer0']['norm']['scale'] == optim.ParamGroup(1.0, 0.0)
+  groups = core_optim.group_tree(params, lambda path, ndim: optim.head_group(
+      heads.official_name(path), ndim, weight_decay=0.01))
+  assert groups['projector']['layer1']['linear']['kernel'] == core_optim.Group(1.0, 0.01)
+  assert groups['predictor']['layer0']['norm']['scale'] == core_optim.Group(1.0, 0.0)
 
 
 def test_adamw_first_step_and_frozen_leaves():
   params = {'w': jnp.array([[1.0, -2.0]]), 'b': jnp.array([0.5]), 'f': jnp.array([3.0, 4.0])}
-  groups = {'w': optim.ParamGroup(0.5, 0.1), 'b': optim.ParamGroup(1.0, 0.0),
-            'f': optim.ParamGroup(1.0, 0.1, trainable=False)}
-  tx = optim.adamw(groups, lambda step: jnp.float32(0.01), betas=(0.9, 0.95), eps=1e-8)
+  # wd_mult is the whole decay: the optimizer runs AdamW with weight_decay 1.
+  groups = {'w': core_optim.Group(0.5, 0.1), 'b': core_optim.Group(1.0, 0.0),
+            'f': core_optim.Group(1.0, 0.1, frozen=True)}
+  tx = optim.optimizer(groups, lambda step: jnp.float32(0.01), betas=(0.9, 0.95), eps=1e-8)
   state = tx.init(params)
   # No optimiser state for the frozen leaf: Adam's moments of w and b, and two step counters.
   assert sum(x.size for x in jax.tree.leaves(state)) == 2 * (2 + 1) + 2
+  assert set(state.inner_states) == set(core_optim.STATE_LABELS)
   grads = {'w': jnp.array([[0.3, -0.1]]), 'b': jnp.array([2.0]), 'f': jnp.array([1.0, 1.0])}
   updates, _ = tx.update(grads, state, params)
   # torch AdamW's first step moves p by -lr wd p - lr g / (|g| + eps).
@@ -608,16 +600,16 @@ def test_capi_encoder_encode_and_parameter_groups():
                                          m.enc_norm(x)), out.tokens, atol=1e-6)
   groups = method.encoder_groups(params)
   d = config.mim_refiner.layer_decay
-  assert not groups['decoder']['blocks_0']['residual1']['norm']['scale'].trainable
-  assert not groups['mask_token'].trainable
-  assert not groups['encoder']['blocks_0']['residual1']['fn']['rope']['freqs'].trainable
-  assert groups['registers'].lr_scale == pytest.approx(d ** 3)
-  assert groups['registers'].weight_decay == 0.0
-  assert groups['encoder']['blocks_1']['residual2']['fn']['fc1']['kernel'].lr_scale == (
+  assert groups['decoder']['blocks_0']['residual1']['norm']['scale'].frozen
+  assert groups['mask_token'].frozen
+  assert groups['encoder']['blocks_0']['residual1']['fn']['rope']['freqs'].frozen
+  assert groups['registers'].lr_mult == pytest.approx(d ** 3)
+  assert groups['registers'].wd_mult == 0.0
+  assert groups['encoder']['blocks_1']['residual2']['fn']['fc1']['kernel'].lr_mult == (
       pytest.approx(d))
   vit_groups = methods.from_config(_small_config()).encoder_groups(
       methods.from_config(_small_config()).init(jax.random.PRNGKey(0)).params['encoder'])
-  assert not vit_groups['pos_embed'].trainable  # the fixed sin-cos table
+  assert vit_groups['pos_embed'].frozen  # the fixed sin-cos table
 
 
 @pytest.mark.parametrize('module,arg', [(mae_l16, '2'), (mae_h14, '3'), (d2v2_l16, '3'),

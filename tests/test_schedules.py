@@ -1,4 +1,5 @@
-"""Schedules vs the official release's numbers (fixture `schedule/lr`, `schedule/momentum`)."""
+"""Schedules vs the official releases' numbers (CAPI fixture `schedule/lr`, `schedule/momentum`;
+MIM-Refiner's `wupcos` against its formula)."""
 
 import json
 
@@ -46,3 +47,16 @@ def test_edge_cases():
   assert float(no_warmup(0)) == 2.0 and float(no_warmup(10)) == 1.0
   with pytest.raises(ValueError, match='warmup_iters'):
     schedules.warmup_cosine(1.0, 0.0, total_iters=3, warmup_iters=5)
+
+
+def test_wupcos_per_update():
+  fn = schedules.wupcos_fn(1e-3, warmup_updates=4, total_updates=10, end_value=1e-6)
+  values = np.asarray(jax.vmap(fn)(jnp.arange(12)), np.float64)
+  np.testing.assert_allclose(values[:4], 1e-3 * np.arange(1, 5) / 5, rtol=1e-6)
+  t = np.arange(4, 10)
+  np.testing.assert_allclose(values[4:10],
+                             1e-6 + (1e-3 - 1e-6) * (1 + np.cos(np.pi * (t - 4) / 6)) / 2,
+                             rtol=1e-5)
+  np.testing.assert_allclose(values[10:], 1e-6)
+  with pytest.raises(ValueError, match='warmup_updates'):
+    schedules.wupcos_fn(1.0, warmup_updates=5, total_updates=5)

@@ -306,14 +306,14 @@ def test_visible_indices_select_tokens():
   assert subset.shape == (2, 4, 16)
 
 
-def test_fixed_tables_get_no_gradient_learned_ones_do():
+def test_frozen_tables_get_no_gradient_learned_ones_do():
   images = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
-  for pos_embed, fixed in (('sincos_row_col', ('pos_embed',)), ('learned', ())):
+  for pos_embed, frozen in (('sincos_row_col', ('pos_embed',)), ('learned', ())):
     model = tiny(pos_embed=pos_embed, depth=1)
-    assert model.fixed_params == fixed
+    assert model.frozen_params == frozen
     grads = jax.jit(jax.grad(lambda p, m=model: m.apply({'params': p}, images)[0].sum()))(
         random_params(model))
-    assert bool(jnp.any(grads['pos_embed'] != 0)) == (not fixed), pos_embed
+    assert bool(jnp.any(grads['pos_embed'] != 0)) == (not frozen), pos_embed
 
 
 def _groups(rows: np.ndarray, atol: float) -> list[np.ndarray]:

@@ -44,7 +44,7 @@ Batch = Mapping[str, jax.Array]
 
 
 class Variables(NamedTuple):
-  """A method's variables: trained `params`, constant `frozen`, post-update `buffers`."""
+  """A method's variables: trained `params`, never-trained `frozen`, post-update `buffers`."""
   params: PyTree
   frozen: PyTree
   buffers: PyTree
@@ -117,8 +117,9 @@ class Method(abc.ABC):
 
   @abc.abstractmethod
   def optimizer(self, params: PyTree) -> optax.GradientTransformation:
-    """The transformation applied to `params` (param groups, schedules, several optimisers,
-    frozen leaves); `params` may be ShapeDtypeStructs."""
+    """The transformation applied to `params` (`base.optim.adamw` with a `base.optim.Group` per
+    parameter, frozen ones included; schedules; several optimisers via `base.optim.partition`);
+    `params` may be ShapeDtypeStructs."""
 
   @abc.abstractmethod
   def schedules(self) -> dict[str, schedules.ScheduleFn]:

@@ -1,7 +1,7 @@
 """The train state: one pytree per run, created abstractly and born sharded.
 
 `TrainState` holds the step counter, the base rng, and the method's variables
-(`capi_jax.base.interface.Variables`: trained `params`, constant `frozen`, post-update
+(`capi_jax.base.interface.Variables`: trained `params`, never-trained `frozen`, post-update
 `buffers`)
 with the optimiser state of `params`. `state_layout` derives, without materialising anything,
 the init function, the abstract state, its shardings and the optimiser: the one place that
@@ -31,7 +31,7 @@ class TrainState:
     step: int32 scalar, iterations done (= the schedules' index for the next step).
     rng: uint32 (2,) base key; step keys are `fold_in(rng, step)`.
     params: the method's trained parameters (a dict of named parts).
-    frozen: the method's constant parameters (no gradient, no optimiser state).
+    frozen: the method's never-trained parameters (no gradient, no optimiser state).
     buffers: the method's post-update state (EMA copies, queues, BatchNorm statistics).
     opt_state: the optimiser state of `params`.
   """

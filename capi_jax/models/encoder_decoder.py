@@ -99,12 +99,12 @@ class RMSNorm(nn.Module):
 class Rope(nn.Module):
   """2-D rotary embedding with the release's (learnable, lr 0) frequency table `freqs`.
 
-  `trainable=False` stops the gradient at `freqs`: the release trains them at learning rate 0,
-  so their gradient (a reduction over every rotated q and k entry, ~10% of a block's backward
+  `freeze_freqs=True` stops the gradient at `freqs`: the release trains them at learning rate
+  0, so their gradient (a reduction over every rotated q and k entry, ~10% of a block's backward
   pass) can never change them.
   """
   head_dim: int
-  trainable: bool = True
+  freeze_freqs: bool = False
   param_dtype: DType = jnp.float32
 
   @nn.compact
@@ -116,7 +116,7 @@ class Rope(nn.Module):
     """
     freqs = self.param('freqs', lambda *_: jnp.asarray(rope_frequencies(self.head_dim),
                                                        self.param_dtype))
-    if not self.trainable:
+    if self.freeze_freqs:
       freqs = jax.lax.stop_gradient(freqs)
     angle = jnp.einsum('bnc,cd->bnd', coords.astype(jnp.float32), freqs.astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)[:, None]
@@ -151,7 +151,8 @@ class Attention(nn.Module):
     project = lambda name, t: layers.on_tokens(dense(name=name), t)
     # Heads-major (batch, heads, n, head_dim): attention's matmuls then batch over leading axes.
     split_heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim).transpose(0, 2, 1, 3)
-    rope = Rope(head_dim, self.train_rope_freqs, self.param_dtype, name='rope')
+    rope = Rope(head_dim, freeze_freqs=not self.train_rope_freqs, param_dtype=self.param_dtype,
+                name='rope')
     q_angles = rope(coords)
     k_angles = q_angles if context is None else rope(context_coords)
     context = x if context is None else context

@@ -33,8 +33,8 @@ Position tables (`pos_embed`, always a (1, n_pos, D) leaf; n_pos = N (+1 with
                     same with the column in the first half ('emb_h' is computed from the column
                     grid).
   'learned'         trained (CLIP); init truncated normal, std 0.02.
-Both sin-cos kinds are constants: excluded from gradients (stop_gradient) and listed in
-`ViT.fixed_params` so a method keeps them out of its optimiser (torch: a buffer or a
+Both sin-cos kinds are frozen: excluded from gradients (stop_gradient) and listed in
+`ViT.frozen_params` so a method keeps them out of its optimiser (torch: a buffer or a
 `requires_grad=False` parameter). The formula only initialises them: a loaded checkpoint brings
 its own table (MIM-Refiner's buffer holds MAE's column-first one when it refines MAE, whatever its
 fresh kappamodules buffer was).
@@ -312,8 +312,8 @@ class ViT(nn.Module):
   remat_policy: str = 'none'
 
   @property
-  def fixed_params(self) -> tuple[str, ...]:
-    """Top-level parameters that are constants (no gradient; keep them out of optimisers)."""
+  def frozen_params(self) -> tuple[str, ...]:
+    """Top-level parameters that are never trained (no gradient; keep them out of optimisers)."""
     return () if self.pos_embed == 'learned' else ('pos_embed',)
 
   @property

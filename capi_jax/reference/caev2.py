@@ -452,13 +452,13 @@ def _parameter_groups(ctx: Context) -> list[Result]:
   official = {name: group['weight_decay'] for group in opt['groups'] for name in group['params']}
   params = ctx.variables.params
   wd = ctx.meta['args']['weight_decay']
-  # Official names of our leaves, each carrying its weight decay (NaN: a constant).
-  marked = jax.tree.map(lambda p, m, constant: np.full(p.shape, np.nan if constant else m * wd),
-                        params, caev2_optim.weight_decay_mults(params),
-                        ctx.method.constant_leaves(params))
+  # Official names of our leaves, each carrying its weight decay (NaN: frozen).
+  marked = jax.tree.map(
+      lambda p, g: np.full(p.shape, np.nan if g.frozen else g.wd_mult * wd),
+      params, ctx.method.param_groups(params))
   ours = {name: float(np.max(v)) for name, v in caev2_convert.student_to_official(marked).items()}
-  constants = {n for n, v in ours.items() if np.isnan(v)}
-  wrong = [n for n, v in ours.items() if n not in constants and official.get(n) != v]
+  ours_frozen = {n for n, v in ours.items() if np.isnan(v)}
+  wrong = [n for n, v in ours.items() if n not in ours_frozen and official.get(n) != v]
   absent = [n for n in official if not caev2_convert.NOT_PARAMETERS.match(n) and n not in ours]
   frozen = set(ctx.meta['frozen_params']) & set(ours)
   lr_scales = {group['lr_scale'] for group in opt['groups']}
@@ -467,8 +467,8 @@ def _parameter_groups(ctx: Context) -> list[Result]:
              absolute=True),
       Result(f'official student tensors we lack: {absent}', len(absent), 0.0, 0.0,
              absolute=True),
-      Result(f'constants {sorted(constants)} vs frozen {sorted(frozen)}',
-             len(constants ^ frozen), 0.0, 0.0, absolute=True),
+      Result(f'frozen {sorted(ours_frozen)} vs official frozen {sorted(frozen)}',
+             len(ours_frozen ^ frozen), 0.0, 0.0, absolute=True),
       compare('lr_scale of every group (capi_jax: 1)', np.ones(len(lr_scales)),
               sorted(lr_scales), 0.0, absolute=True)]
 
@@ -488,8 +488,9 @@ def _adamw_from_official_gradients(ctx: Context) -> list[Result]:
   lr_fn = schedules.warmup_cosine_fn(peak, final, total, warmup)
   opt = ctx.meta['optimizer']
   tx = caev2_optim.optimizer(
-      params, lambda count: lr_fn(count + iterations[0]), weight_decay=ctx.meta['args'][
-          'weight_decay'], clip_grad=opt['clip_grad'], betas=tuple(opt['betas']), eps=opt['eps'])
+      core_optim.group_tree(params, caev2_optim.decay_group),
+      lambda count: lr_fn(count + iterations[0]), weight_decay=ctx.meta['args']['weight_decay'],
+      clip_grad=opt['clip_grad'], betas=tuple(opt['betas']), eps=opt['eps'])
 
   @jax.jit
   def step(params, state, grads):

@@ -352,7 +352,7 @@ def _part_a_float64(ctx: Context) -> list[Result]:
 def _schedule(peak: float, settings: Mapping[str, Any], epochs_key: str
               ) -> schedules.ScheduleFn:
   upe = int(settings['updates_per_epoch'])
-  return optim.warmup_cosine(
+  return schedules.wupcos_fn(
       peak, warmup_updates=int(settings['warmup_epochs']) * upe,
       total_updates=int(settings[epochs_key]) * upe,
       end_value=float(settings.get('end_value', DEFAULT_END_LR)))
@@ -384,7 +384,7 @@ def _freeze_end_percent(ctx: Context) -> float | None:
 
 
 def _group_rule(ctx: Context, submodel: str):
-  """(name, ndim) -> ParamGroup for a stage-3 submodel, settings from meta.refine."""
+  """(name, ndim) -> Group for a stage-3 submodel, settings from meta.refine."""
   refine = ctx.meta_section('refine')
   if submodel == 'encoder':
     return functools.partial(
@@ -404,11 +404,12 @@ def _param_groups(ctx: Context) -> list[Result]:
   for submodel, section in ctx.meta_section('param_groups_stage3').items():
     rule = _group_rule(ctx, submodel)
     ours = {n: rule(n, _ndim(ctx, submodel, n)) for n in section['params']}
-    for field, official in (('lr_scale', 'lr_scale'), ('weight_decay', 'weight_decay'),
-                            ('trainable', 'requires_grad')):
+    for official, value in (('lr_scale', lambda g: g.lr_mult),
+                            ('weight_decay', lambda g: g.wd_mult),
+                            ('requires_grad', lambda g: not g.frozen)):
       results.append(_worst(
           f'param_groups_stage3/{submodel}/{official}',
-          {n: float(getattr(g, field)) for n, g in ours.items()},
+          {n: float(value(g)) for n, g in ours.items()},
           {n: float(p[official]) for n, p in section['params'].items()}, 1e-12, 1.0))
   return results
 
@@ -444,12 +445,12 @@ def _learning_rates(ctx: Context) -> list[Result]:
         ours = [(rule(n, _ndim(ctx, submodel, n)), p['requires_grad'])
                 for n, p in section['params'].items()]
         ref = ctx.arrays[key]
-        if len(ref) != len(ours):  # The optimiser may list only trainable parameters.
+        if len(ref) != len(ours):  # The optimiser may list only parameters not frozen.
           ours = [o for o in ours if o[1]]
         if len(ref) != len(ours):
           raise Skipped(f'{key} has {len(ref)} entries; meta.param_groups_stage3.{submodel} '
                         f'names {len(section["params"])} parameters')
-        results.append(_relative(key, [g.lr_scale * lr for g, _ in ours], ref, SCHEDULE_TOL,
+        results.append(_relative(key, [g.lr_mult * lr for g, _ in ours], ref, SCHEDULE_TOL,
                                  peak))
       t += 1
   if not results:

@@ -8,7 +8,7 @@ Variables:
              release, or any capi_jax backbone)};
   buffers = {} (no EMA).
 Optimiser (`optim.py`): clip at `optim.clip_grad`, then torch AdamW with the release's two
-weight-decay groups; the encoder's fixed position table is not optimised.
+weight-decay groups; the encoder's fixed position table is a frozen group (not optimised).
 
 Per step (`docs/reference/caev2_algorithm.md`; the release's `train_one_epoch`):
   1. teacher forward on the teacher view, no gradient: [class, patches] features (B, 1+N, C);
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from capi_jax.base import interface
+from capi_jax.base import optim
 from capi_jax.base import schedules
 from capi_jax.data import transforms
 from capi_jax.methods.caev2 import config_checks
@@ -96,18 +97,22 @@ class CaeV2(interface.Method):
                                self.teacher)
     return variables._replace(frozen={**variables.frozen, 'teacher': teacher})
 
-  def constant_leaves(self, params: PyTree) -> PyTree:
-    """True for the leaves of `params` that are constants of the release (the encoder's fixed
-    sin-cos table: a ViT parameter here, `requires_grad=False` there), False elsewhere."""
-    return {'encoder': {k: jax.tree.map(lambda _: k in self.encoder.fixed_params, v)
-                        for k, v in params['encoder'].items()},
-            'regressor': jax.tree.map(lambda _: False, params['regressor'])}
+  def param_groups(self, params: PyTree) -> PyTree:
+    """A `Group` per parameter: the release's two weight-decay groups; the encoder's frozen
+    tables (`ViT.frozen_params`: the fixed sin-cos table, torch's `requires_grad=False`)
+    frozen."""
+    def rule(path: str, ndim: int) -> optim.Group:
+      part, name = path.split('/')[:2]
+      if part == 'encoder' and name in self.encoder.frozen_params:
+        return optim.Group(frozen=True)
+      return caev2_optim.decay_group(path, ndim)
+    return optim.group_tree(params, rule)
 
   def optimizer(self, params: PyTree) -> optax.GradientTransformation:
     o = self.config.optim
     return caev2_optim.optimizer(
-        params, self.schedules()['lr'], weight_decay=o.weight_decay, clip_grad=o.clip_grad,
-        betas=tuple(o.betas), eps=o.eps, constants=self.constant_leaves(params))
+        self.param_groups(params), self.schedules()['lr'], weight_decay=o.weight_decay,
+        clip_grad=o.clip_grad, betas=tuple(o.betas), eps=o.eps)
 
   def schedules(self) -> dict[str, schedules.ScheduleFn]:
     o = self.config.optim

@@ -42,12 +42,6 @@ PyTree = Any
 _STUDENT_PARTS = ('backbone', 'head')
 
 
-def ema_update(ema: PyTree, params: PyTree, momentum: jax.Array) -> PyTree:
-  """ema <- momentum * ema + (1 - momentum) * params (the release's foreach mul_/add_)."""
-  return jax.tree.map(
-      lambda e, p: (e * momentum + p * (1 - momentum)).astype(e.dtype), ema, params)
-
-
 class Capi(interface.Method):
   """CAPI: EncoderDecoder + L2NormLinear student head + online clustering head."""
   name = 'capi'
@@ -145,7 +139,7 @@ class Capi(interface.Method):
     del aux
     momentum = self.schedules()['momentum'](step)
     student = {k: variables.params[k] for k in _STUDENT_PARTS}
-    return {'ema': ema_update(variables.buffers['ema'], student, momentum)}
+    return {'ema': optim.ema_update(variables.buffers['ema'], student, momentum)}
 
   # ------------------------------------------------------------------ data
   def train_transform(self):

@@ -20,14 +20,18 @@ from capi_jax.base import schedules
 PyTree = Any
 
 
-def group_multipliers(
+def param_group(
     name: str,
     *,
     patch_embed_lr_mult: float,
     rope_lr_mult: float,
     layernorm_wd_mult: float,
-) -> tuple[float, float]:
-  """(lr multiplier, wd multiplier) of the parameter at '/'-joined path `name`."""
+) -> optim.Group:
+  """The group of the parameter at '/'-joined path `name`.
+
+  RoPE frequencies at `rope_lr_mult` 0 stay a trained group (lr 0, with Adam state), as in the
+  release, so that the optimiser state has the same structure whatever the multiplier.
+  """
   parts = name.split('/')
   leaf, modules = parts[-1], [p.lower() for p in parts[:-1]]
   lr_mult, wd_mult = 1.0, 1.0
@@ -39,13 +43,12 @@ def group_multipliers(
     lr_mult *= patch_embed_lr_mult
   if leaf == 'freqs' or any('rope' in m for m in modules):
     lr_mult *= rope_lr_mult
-  return lr_mult, wd_mult
+  return optim.Group(lr_mult=lr_mult, wd_mult=wd_mult)
 
 
-def param_group_trees(params: PyTree, optim_cfg: ml_collections.ConfigDict
-                      ) -> tuple[PyTree, PyTree]:
-  """Per-leaf (lr multiplier, wd multiplier) trees for the student's parameters."""
-  return optim.multiplier_trees(params, lambda name: group_multipliers(
+def param_groups(params: PyTree, optim_cfg: ml_collections.ConfigDict) -> PyTree:
+  """A `Group` per student parameter (`config.optim`'s multipliers)."""
+  return optim.group_tree(params, lambda name, ndim: param_group(
       name, patch_embed_lr_mult=optim_cfg.patch_embed_lr_mult,
       rope_lr_mult=optim_cfg.rope_lr_mult, layernorm_wd_mult=optim_cfg.layernorm_wd_mult))
 
@@ -53,11 +56,11 @@ def param_group_trees(params: PyTree, optim_cfg: ml_collections.ConfigDict
 def student_optimizer(config: ml_collections.ConfigDict, student_params: PyTree
                       ) -> optax.GradientTransformation:
   """The student's AdamW (`config.optim`), groups derived from the parameter paths."""
-  lr_mults, wd_mults = param_group_trees(student_params, config.optim)
   return optim.adamw(
       schedules.from_config(config.optim.lr_schedule, config.optim.total_iters),
       betas=tuple(config.optim.betas), eps=config.optim.eps,
-      weight_decay=config.optim.weight_decay, lr_mults=lr_mults, wd_mults=wd_mults)
+      weight_decay=config.optim.weight_decay,
+      groups=param_groups(student_params, config.optim))
 
 
 def clustering_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -4,9 +4,9 @@
   'capi'                 CAPI's EncoderDecoder (`config.model` as in configs/vitl.py). Its
                          prefix tokens are the registers. Its predictor (decoder, mask token) and
                          RoPE frequencies (lr 0 in the CAPI release) stay in the tree, so the tree
-                         is a CAPI backbone's, but they are never trained.
+                         is a CAPI backbone's, but they are frozen (never trained).
   a `vit.FAMILIES` name  `vit.ViT` with that family's fields (`config.model` holds ViT fields);
-                         one class token. Fixed sin-cos position tables are never trained.
+                         one class token. Fixed sin-cos position tables are frozen.
 Heads read either the final output (head 'main': `Encoded.tokens`, normed where the backbone
 has a final norm) or the raw residual stream after block N (head 'cls<N>', 0-indexed), as the
 release's head names say (`stage2_processor.py`), pooled by `pool`:
@@ -139,12 +139,12 @@ class EvalEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------- parameter names
-def fixed(path: str, model: nn.Module) -> bool:
+def frozen(path: str, model: nn.Module) -> bool:
   """Whether the parameter at '/'-joined `path` is never trained (see the module docstring)."""
   top = path.split('/')[0]
   if isinstance(model, encoder_decoder.EncoderDecoder):
     return top in ('decoder', 'mask_token') or path.endswith('/rope/freqs')
-  return top in model.fixed_params
+  return top in model.frozen_params
 
 
 def refiner_name(path: str, model: nn.Module) -> str:

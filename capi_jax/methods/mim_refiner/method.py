@@ -17,7 +17,7 @@ One step (the release's `ContrastiveTrainer` with its `ContrastiveModel`):
      over all rows of that head), a queue lookup for the global views' anchors (one of the top
      k drawn at random per row), the NNA loss (`objective.head_objective`);
   3. the gradient of the sum of the head losses; one AdamW over encoder (stage 3, layer-wise
-     lr decay, optional block freezer) and heads (`optim.adamw`);
+     lr decay, optional block freezer) and heads (`optim.optimizer`);
   4. `update_buffers`: each head's new BatchNorm statistics, global view 0's anchors enqueued,
      the EMA of the updated encoder (stage 3).
 Written on global arrays: under `jax.jit` with the batch split over devices, BatchNorm
@@ -183,29 +183,29 @@ class MimRefiner(interface.Method):
   # ------------------------------------------------------------------ optimisation
   def _lr_fn(self) -> schedules.ScheduleFn:
     o = self.config.optim
-    return optim.warmup_cosine(optim.scaled_lr(o.base_lr, o.global_batch_size),
+    return schedules.wupcos_fn(optim.scaled_lr(o.base_lr, o.global_batch_size),
                                warmup_updates=o.warmup_iters, total_updates=o.total_iters,
                                end_value=o.end_lr)
 
   def encoder_groups(self, encoder_params: PyTree) -> PyTree:
-    """A `ParamGroup` per encoder parameter: layer-wise lr decay, weight decay, freezer."""
+    """A `Group` per encoder parameter: layer-wise lr decay, weight decay, freezer."""
     cfg, o = self.config.mim_refiner, self.config.optim
 
-    def rule(path: str, ndim: int) -> optim.ParamGroup:
-      if encoder_lib.fixed(path, self.encoder):
-        return optim.ParamGroup(trainable=False)
+    def rule(path: str, ndim: int) -> core_optim.Group:
+      if encoder_lib.frozen(path, self.encoder):
+        return core_optim.Group(frozen=True)
       return optim.encoder_group(
           encoder_lib.refiner_name(path, self.encoder), ndim,
           depth=encoder_lib.depth(self.encoder), weight_decay=o.weight_decay,
           layer_decay=cfg.layer_decay, freeze_end_percent=cfg.freeze_end_percent)
 
-    return optim.group_tree(encoder_params, lambda path: path, rule)
+    return core_optim.group_tree(encoder_params, rule)
 
   def param_groups(self, params: PyTree) -> PyTree:
-    """A `ParamGroup` per trained parameter (heads: the release's generic rule)."""
-    head_rule = lambda name, ndim: optim.head_group(
-        name, ndim, weight_decay=self.config.optim.head_weight_decay)
-    groups = {'heads': {h: optim.group_tree(p, heads_lib.official_name, head_rule)
+    """A `Group` per trained parameter (heads: the release's generic rule)."""
+    head_rule = lambda path, ndim: optim.head_group(
+        heads_lib.official_name(path), ndim, weight_decay=self.config.optim.head_weight_decay)
+    groups = {'heads': {h: core_optim.group_tree(p, head_rule)
                         for h, p in params['heads'].items()}}
     if 'encoder' in params:
       groups['encoder'] = self.encoder_groups(params['encoder'])
@@ -213,8 +213,8 @@ class MimRefiner(interface.Method):
 
   def optimizer(self, params: PyTree) -> optax.GradientTransformation:
     o = self.config.optim
-    return optim.adamw(self.param_groups(params), self._lr_fn(), betas=tuple(o.betas),
-                       eps=o.eps)
+    return optim.optimizer(self.param_groups(params), self._lr_fn(), betas=tuple(o.betas),
+                           eps=o.eps)
 
   def schedules(self) -> dict[str, schedules.ScheduleFn]:
     return {'lr': self._lr_fn()}
@@ -299,13 +299,10 @@ class MimRefiner(interface.Method):
       heads[name] = {'batch_stats': new['batch_stats'], 'queue': q._asdict()}
     if self.stage == 2:
       return {'heads': heads}
-    m = self.config.mim_refiner.ema
-    is_group = lambda x: isinstance(x, optim.ParamGroup)
-    # Never-trained parameters (fixed position tables, ...) are copied, not averaged.
-    ema = jax.tree.map(
-        lambda g, e, p: (e * m + p * (1 - m)).astype(e.dtype) if g.trainable else p,
-        self.encoder_groups(variables.params['encoder']), variables.buffers['ema'],
-        variables.params['encoder'], is_leaf=is_group)
+    # Frozen parameters (fixed position tables, ...) are copied, not averaged.
+    ema = core_optim.ema_update(
+        variables.buffers['ema'], variables.params['encoder'], self.config.mim_refiner.ema,
+        self.encoder_groups(variables.params['encoder']))
     return {'heads': heads, 'ema': ema}
 
   # ------------------------------------------------------------------ data

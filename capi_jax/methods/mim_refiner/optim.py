@@ -1,11 +1,9 @@
-"""MIM-Refiner's optimisation: lr scaling, warmup-cosine per update, parameter groups, freezer.
+"""MIM-Refiner's optimisation: lr scaling, parameter groups, block freezer, AdamW.
 
 As the official release sets it up (`optimizers/optimizer_wrapper.py`, `param_group_modifiers/`,
 `freezers/vit_block_freezer.py`, `zztemplates/schedules/wupcos_epoch.yaml`):
-  - lr = base_lr x batch_size / 256 (`linear_lr_scaler`), the peak of the schedule;
-  - the schedule, per update t with W warmup and T total updates: peak (t + 1) / (W + 1)
-    during warmup (kappaschedules' linear increase without its end points), then
-    end + (peak - end) (1 + cos(pi (t - W) / (T - W))) / 2 (cosine without its last point);
+  - lr = base_lr x batch_size / 256 (`linear_lr_scaler`), the peak of the schedule
+    (`base.schedules.wupcos_fn`, per update);
   - a parameter's lr is lr_scale x schedule(t); AdamW (torch semantics, `base.optim.adamw`)
     with per-parameter weight decay;
   - weight decay 0 for names ending '.bias', for tensors of ndim <= 1 and, in the ViT, for
@@ -17,23 +15,20 @@ As the official release sets it up (`optimizers/optimizer_wrapper.py`, `param_gr
 The encoder and every head have their own optimiser in the release, all stepped after one
 backward of the summed loss. AdamW is element-wise and the releases give every submodel the same
 lr and schedule, differing only in weight decay, which is per parameter here; so one `adamw`
-over all submodels' `ParamGroup`s takes the same steps.
+over all submodels' `Group`s takes the same steps.
 
-Groups are decided from the parameter's official name (`ContrastiveModel` submodel names
-without the submodel prefix, e.g. 'blocks.3.attn.qkv.weight', 'projector.0.1.bias') and ndim;
-`group_tree` applies such a rule to a params tree through a path -> official name function.
+A `Group` here carries the release's lr scale as `lr_mult` and the parameter's whole weight
+decay as `wd_mult` (`optimizer` runs AdamW with weight_decay 1: the release sets a decay per
+submodel, not one to scale). Groups are decided from the parameter's official name
+(`ContrastiveModel` submodel names without the submodel prefix, e.g.
+'blocks.3.attn.qkv.weight', 'projector.0.1.bias') and ndim.
 """
 
-from collections.abc import Callable
-import dataclasses
-import math
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
-from capi_jax.base import optim as core_optim
+from capi_jax.base import optim
 from capi_jax.base import schedules
 
 PyTree = Any
@@ -45,38 +40,9 @@ _VIT_NO_WEIGHT_DECAY = ('cls_tokens.tokens', 'pos_embed.embed')
 _STEM_PREFIXES = ('patch_embed', 'cls_token', 'pos_embed', 'embed_norm')
 
 
-@dataclasses.dataclass(frozen=True)
-class ParamGroup:
-  """One parameter's optimiser settings: lr = lr_scale x schedule, decoupled weight decay."""
-  lr_scale: float = 1.0
-  weight_decay: float = 0.0
-  trainable: bool = True
-
-
 def scaled_lr(base_lr: float, batch_size: int) -> float:
   """The release's linear lr scaling: base_lr x batch_size / 256."""
   return base_lr * batch_size / LR_DIVISOR
-
-
-def warmup_cosine(peak: float, *, warmup_updates: int, total_updates: int,
-                  end_value: float = 1e-6) -> schedules.ScheduleFn:
-  """The `wupcos` schedule as a function of the (traced) update index; float32 scalar out.
-
-  Updates from `total_updates` on get `end_value`.
-  """
-  if not 0 <= warmup_updates < total_updates:
-    raise ValueError(f'warmup_updates={warmup_updates} must lie in [0, total_updates='
-                     f'{total_updates}).')
-
-  def schedule(step: jax.Array) -> jax.Array:
-    t = jnp.asarray(step, jnp.int32).astype(jnp.float32)
-    warm = peak * (t + 1) / (warmup_updates + 1)
-    progress = (t - warmup_updates) / (total_updates - warmup_updates)
-    cos = end_value + (peak - end_value) * (1 + jnp.cos(math.pi * progress)) / 2
-    value = jnp.where(t < warmup_updates, warm, cos)
-    return jnp.where(t >= total_updates, end_value, value).astype(jnp.float32)
-
-  return schedule
 
 
 def weight_decay_of(name: str, ndim: int, weight_decay: float) -> float:
@@ -113,50 +79,30 @@ def frozen_by_block_freezer(name: str, depth: int, end_percent: float) -> bool:
 
 def encoder_group(name: str, ndim: int, *, depth: int, weight_decay: float,
                   layer_decay: float | None = None,
-                  freeze_end_percent: float | None = None) -> ParamGroup:
+                  freeze_end_percent: float | None = None) -> optim.Group:
   """The encoder parameter's group (layer decay / freezer only when given)."""
-  return ParamGroup(
-      lr_scale=1.0 if layer_decay is None else layer_decay_scale(name, depth, layer_decay),
-      weight_decay=weight_decay_of(name, ndim, weight_decay),
-      trainable=(freeze_end_percent is None
-                 or not frozen_by_block_freezer(name, depth, freeze_end_percent)))
+  return optim.Group(
+      lr_mult=1.0 if layer_decay is None else layer_decay_scale(name, depth, layer_decay),
+      wd_mult=weight_decay_of(name, ndim, weight_decay),
+      frozen=(freeze_end_percent is not None
+              and frozen_by_block_freezer(name, depth, freeze_end_percent)))
 
 
-def head_group(name: str, ndim: int, *, weight_decay: float) -> ParamGroup:
+def head_group(name: str, ndim: int, *, weight_decay: float) -> optim.Group:
   """An ID head parameter's group: lr scale 1, weight decay by the generic rule."""
-  return ParamGroup(weight_decay=weight_decay_of(name, ndim, weight_decay))
+  return optim.Group(wd_mult=weight_decay_of(name, ndim, weight_decay))
 
 
-def group_tree(params: PyTree, official_name: Callable[[str], str],
-               rule: Callable[[str, int], ParamGroup]) -> PyTree:
-  """`rule(official_name(path), ndim)` for every leaf: a tree of `ParamGroup`s shaped like
-  `params` (which may hold ShapeDtypeStructs). Paths are '/'-joined (`base.optim.path_name`)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: rule(official_name(core_optim.path_name(path)), len(leaf.shape)),
-      params)
-
-
-def adamw(groups: PyTree, lr_fn: schedules.ScheduleFn, *, betas: tuple[float, float],
-          eps: float) -> optax.GradientTransformation:
-  """torch AdamW with each parameter's `ParamGroup`; frozen leaves get a zero update and no
-  optimiser state.
+def optimizer(groups: PyTree, lr_fn: schedules.ScheduleFn, *, betas: tuple[float, float],
+              eps: float) -> optax.GradientTransformation:
+  """torch AdamW with each parameter's `Group` (its `wd_mult` the whole decay); frozen leaves
+  get a zero update and no optimiser state.
 
   Args:
-    groups: a `ParamGroup` per parameter, the params' structure (`group_tree`).
+    groups: a `Group` per parameter, the params' structure.
     lr_fn: the schedule (its peak is the scaled lr).
     betas: Adam's (beta1, beta2).
     eps: Adam's eps.
   """
-  is_group = lambda x: isinstance(x, ParamGroup)
-  labels = jax.tree.map(lambda g: 'trainable' if g.trainable else 'frozen', groups,
-                        is_leaf=is_group)
-
-  def trainable(field: str) -> PyTree:
-    # optax.multi_transform hands the inner transformation trees with MaskedNode in place of
-    # the other label's leaves; the multiplier trees must match that structure.
-    return jax.tree.map(lambda g: getattr(g, field) if g.trainable else optax.MaskedNode(),
-                        groups, is_leaf=is_group)
-
-  inner = core_optim.adamw(lr_fn, betas=betas, eps=eps, weight_decay=1.0,
-                           lr_mults=trainable('lr_scale'), wd_mults=trainable('weight_decay'))
-  return optax.multi_transform({'trainable': inner, 'frozen': optax.set_to_zero()}, labels)
+  return optim.adamw(lr_fn, betas=betas, eps=eps, weight_decay=1.0, groups=groups,
+                     state_labels=optim.STATE_LABELS)
