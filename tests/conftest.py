@@ -19,3 +19,8 @@ FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'capi_reference' / 'capi_
 def fixture_path() -> pathlib.Path:
   """The official PyTorch release's numbers for a small random model (see fixtures/capi_reference/README.md)."""
   return FIXTURE
+
+
+# gs:// tests (marked `gcs`): run in one child pytest inside a loopback-only network namespace
+# beside fake-gcs-server; see gcs_netns.py.
+from gcs_netns import *  # noqa: E402,F401,F403  pylint: disable=wildcard-import,g-import-not-at-top
