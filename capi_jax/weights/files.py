@@ -4,22 +4,24 @@ Official files (`OFFICIAL_SUFFIXES`): `.npz` (no PyTorch needed), `.pth` / `.pt`
 the `capi_jax[torch]` extra), read into flat {name: numpy array} state dicts with dtypes kept
 (bfloat16 through ml_dtypes). Parameter directories (`save_params` / `restore_params`) are what
 `python -m capi_jax.convert --to=capi_jax` writes: an Orbax StandardCheckpointer checkpoint of
-named parameter trees under `OUT/params`.
+named parameter trees under `OUT/params`. Any of these may be local or gs:// (official files are
+read from a local copy and written locally, then uploaded).
 """
 
 from collections.abc import Mapping
 import os
-import pathlib
 import pickle
 from typing import Any
 import zipfile
 
+from etils import epath
 import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
 from capi_jax.base import errors
+from capi_jax.base import storage
 
 Params = Any
 StateDict = dict[str, np.ndarray]
@@ -53,7 +55,7 @@ def _numpy_to_torch(torch, array: np.ndarray):
     return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
   return torch.from_numpy(array)
 
-def _is_torchscript(path: pathlib.Path) -> bool:
+def _is_torchscript(path: str | os.PathLike[str]) -> bool:
   """A TorchScript archive (e.g. OpenAI's CLIP `.pt`): a zip with `<root>/constants.pkl`."""
   if not zipfile.is_zipfile(path):
     return False
@@ -70,13 +72,20 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
   Raises:
     UnreadableCheckpointError: the file is missing, truncated, or not a checkpoint.
   """
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if path.suffix not in OFFICIAL_SUFFIXES:
     raise UnreadableCheckpointError(f'Unknown checkpoint format {path.suffix!r} for {path}: use '
                                     '.pth or .npz.')
   if not path.is_file():
     raise UnreadableCheckpointError(f'{path} does not exist or is not a file.')
   torch = _import_torch() if path.suffix != '.npz' else None
+  with storage.local_copy(path) as local:
+    return _read_local_state_dict(local, path, torch)
+
+def _read_local_state_dict(path: str | os.PathLike[str], name: Any, torch: Any) -> StateDict:
+  """`read_state_dict` of local file `path` (`name`: the file as the user named it)."""
+  path = os.fspath(path)
+  suffix = os.path.splitext(path)[1]
   try:
     if torch is None:
       with np.load(path) as f:
@@ -88,10 +97,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
   except (OSError, EOFError, ValueError, RuntimeError, zipfile.BadZipFile,
           pickle.UnpicklingError) as e:
     raise UnreadableCheckpointError(
-        f'Cannot read {path} ({type(e).__name__}: {str(e).strip()[:200]}): it is truncated, '
-        f'damaged, or not a {path.suffix} checkpoint.') from e
+        f'Cannot read {name} ({type(e).__name__}: {str(e).strip()[:200]}): it is truncated, '
+        f'damaged, or not a {suffix} checkpoint.') from e
   if not isinstance(sd, Mapping):
-    raise UnreadableCheckpointError(f'{path} holds a {type(sd).__name__}, not a state_dict.')
+    raise UnreadableCheckpointError(f'{name} holds a {type(sd).__name__}, not a state_dict.')
   for wrapper in ('model', 'state_dict'):
     if wrapper in sd and isinstance(sd[wrapper], Mapping):
       sd = sd[wrapper]  # A training checkpoint (with optimizer states, constructor kwargs...).
@@ -99,18 +108,19 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
 
 def write_state_dict(sd: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> None:
   """Writes {official name: array} to `.npz`, or `.pth` / `.pt` (PyTorch)."""
-  path = pathlib.Path(path)
-  if path.suffix == '.npz':
-    np.savez(path, **sd)
-  elif path.suffix in ('.pth', '.pt'):
-    torch = _import_torch()
-    torch.save({k: _numpy_to_torch(torch, v) for k, v in sd.items()}, path)
-  else:
+  path = storage.path(path)
+  if path.suffix not in ('.npz', '.pth', '.pt'):
     raise ValueError(f'Unknown checkpoint format {path.suffix!r} for {path}: use .pth or .npz.')
+  torch = _import_torch() if path.suffix != '.npz' else None
+  with storage.staged_file(path) as local:
+    if torch is None:
+      np.savez(os.fspath(local), **sd)
+    else:
+      torch.save({k: _numpy_to_torch(torch, v) for k, v in sd.items()}, os.fspath(local))
 
-def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) -> pathlib.Path:
+def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) -> epath.Path:
   """Saves capi_jax parameter trees with Orbax's StandardCheckpointer to `directory/params`."""
-  target = pathlib.Path(directory).resolve() / 'params'
+  target = storage.path(directory) / 'params'
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(target, jax.tree_util.tree_map(np.asarray, dict(parts)))
   return target
@@ -118,5 +128,5 @@ def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) 
 def restore_params(path: str | os.PathLike[str]) -> dict[str, Params]:
   """Restores what `save_params` wrote (numpy arrays, as saved)."""
   with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(pathlib.Path(path).resolve())
+    restored = checkpointer.restore(storage.path(path))
   return jax.tree_util.tree_map(np.asarray, restored)
