@@ -12,6 +12,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
+import gcs_netns  # pylint: disable=g-import-not-at-top
+
 FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'capi_reference' / 'capi_ref_small.npz'
 
 
@@ -21,6 +23,7 @@ def fixture_path() -> pathlib.Path:
   return FIXTURE
 
 
-# gs:// tests (marked `gcs`): run in one child pytest inside a loopback-only network namespace
-# beside fake-gcs-server; see gcs_netns.py.
-from gcs_netns import *  # noqa: E402,F401,F403  pylint: disable=wildcard-import,g-import-not-at-top
+def pytest_configure(config: pytest.Config) -> None:
+  # gs:// tests (marked `gcs`) run in one child pytest inside a loopback-only network namespace
+  # beside fake-gcs-server: see gcs_netns.py.
+  config.pluginmanager.register(gcs_netns, 'gcs_netns')

@@ -6,10 +6,11 @@ run in the main pytest process:
   outer process (the normal suite, normal network): at the first `gcs` test, ONE child
     `unshare -n python -m pytest <every gcs test collected>` runs them all; each outer `gcs`
     test then reports its child's outcome (passed / skipped / failed with the child's
-    traceback). Other tests are untouched: nothing else is forced into the namespace.
+    traceback, and the child's duration). Nothing of a `gcs` test runs in the outer process,
+    not even its fixtures. Other tests are untouched: nothing else is forced into the namespace.
   child process (`CAPI_GCS_NETNS=1`, inside the namespace): checks that loopback is the only
-    interface, points every Google client at the emulator (variables of
-    capi_jax.base.storage's docstring), starts fake-gcs-server on 127.0.0.1 once (fixture
+    interface, points every Google client at the emulator (the variables `_Inside.setup` sets,
+    each with its reason), starts fake-gcs-server on 127.0.0.1 once (fixture
     `gcs_emulator`) and hands each test a fresh `gcs_path` (gs://bucket/<test>-<random>).
 
 Anything that tries to leave loopback fails its test loudly:
@@ -81,6 +82,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 class _ChildResult:
   outcome: str        # 'passed' | 'failed' | 'skipped'
   longrepr: str = ''
+  seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # Per phase, in the child.
 
 
 def _emulator_binary() -> pathlib.Path | None:
@@ -124,7 +126,7 @@ def _run_child(config: pytest.Config, nodeids: list[str]) -> tuple[dict[str, _Ch
                        stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
       except subprocess.TimeoutExpired:
         out.write(f'\n[gcs_netns] the child pytest ran past {timeout_s:.0f} s and was killed\n')
-    phases: dict[str, list[dict[str, str]]] = {}
+    phases: dict[str, list[dict[str, Any]]] = {}
     if report.exists():
       for line in report.read_text().splitlines():
         r = json.loads(line)
@@ -133,42 +135,69 @@ def _run_child(config: pytest.Config, nodeids: list[str]) -> tuple[dict[str, _Ch
     return results, log.read_text()[-6000:]
 
 
-def _merge(phases: list[dict[str, str]]) -> _ChildResult:
+def _merge(phases: list[dict[str, Any]]) -> _ChildResult:
   """One test's outcome from its reported phases: any failure fails it, else a skip skips it."""
+  seconds = {p['when']: p.get('duration', 0.0) for p in phases}
   for outcome in ('failed', 'skipped'):
     reprs = [f"[{p['when']}] {p['longrepr']}" for p in phases if p['outcome'] == outcome]
     if reprs:
-      return _ChildResult(outcome, '\n'.join(reprs))
-  return _ChildResult('passed')
+      return _ChildResult(outcome, '\n'.join(reprs), seconds)
+  return _ChildResult('passed', '', seconds)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-  """Outer process: a `gcs` test reports what the child reported for it (body not run here)."""
-  if _inside() or pyfuncitem.get_closest_marker(MARK) is None:
-    return None
-  config = pyfuncitem.config
+def _outer_result(item: pytest.Item) -> _ChildResult:
+  """What the child pytest reported for `item` (running the child at the first `gcs` item)."""
+  config = item.config
   cache = config.stash.setdefault(_CHILD_KEY, {})
   if 'results' not in cache:
     reason = _why_not_runnable()
     if reason is not None:
       cache['results'], cache['tail'], cache['skip'] = {}, '', reason
     else:
-      nodeids = [i.nodeid for i in pyfuncitem.session.items if i.get_closest_marker(MARK)]
+      nodeids = [i.nodeid for i in item.session.items if i.get_closest_marker(MARK)]
       cache['results'], cache['tail'] = _run_child(config, nodeids)
       cache['skip'] = None
   if cache['skip']:
     if os.environ.get('CI') == 'true' or os.environ.get(REQUIRED_ENV) == '1':
-      pytest.fail(f'gs:// tests cannot run here: {cache["skip"]}', pytrace=False)
-    pytest.skip(cache['skip'])
-  result = cache['results'].get(pyfuncitem.nodeid)
+      return _ChildResult('failed', f'gs:// tests cannot run here: {cache["skip"]}')
+    return _ChildResult('skipped', cache['skip'])
+  result = cache['results'].get(item.nodeid)
   if result is None:
-    pytest.fail(f'The gs:// child pytest reported nothing for {pyfuncitem.nodeid}. Its output '
-                f'ends with:\n{cache["tail"]}', pytrace=False)
-  if result.outcome == 'skipped':
-    pytest.skip(f'(in the namespace) {result.longrepr}')
+    return _ChildResult('failed', f'The gs:// child pytest reported nothing for {item.nodeid}. '
+                        f'Its output ends with:\n{cache["tail"]}')
   if result.outcome == 'failed':
-    pytest.fail(f'(in the loopback-only namespace)\n{result.longrepr}', pytrace=False)
+    return _ChildResult('failed', f'(in the loopback-only namespace)\n{result.longrepr}',
+                        result.seconds)
+  if result.outcome == 'skipped':
+    return _ChildResult('skipped', f'(in the namespace) {result.longrepr}', result.seconds)
+  return result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+  """Outer process: a `gcs` test reports what the child reported for it. Nothing of it runs
+  here, its fixtures included (their setup could reach for the network)."""
+  if _inside() or item.get_closest_marker(MARK) is None:
+    return None
+  ihook = item.ihook
+  ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+  result = _outer_result(item)
+  longrepr: Any = result.longrepr or None
+  if result.outcome == 'skipped':
+    path, line, _ = item.location
+    longrepr = (path, (line or 0) + 1, f'Skipped: {result.longrepr}')
+  keywords = {k: 1 for k in item.keywords}
+  now = time.time()
+  for when, outcome, detail in (('setup', 'passed', None), ('call', result.outcome, longrepr),
+                                ('teardown', 'passed', None)):
+    seconds = result.seconds.get(when, 0.0)  # The child's, for --durations.
+    report = pytest.TestReport(item.nodeid, item.location, keywords, outcome, detail, when,
+                               duration=seconds, start=now, stop=now + seconds)
+    ihook.pytest_runtest_logreport(report=report)
+  # What the default protocol's teardown does: the previous items' module / session fixtures
+  # that `nextitem` does not share end here, so the next item's setup finds a clean stack.
+  item.session._setupstate.teardown_exact(nextitem)  # pylint: disable=protected-access
+  ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
   return True
 
 
@@ -397,8 +426,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
   path = os.environ.get(REPORT_ENV)
   if not _inside() or not path:
     return
-  if report.when != 'call' and report.outcome == 'passed':
-    return
   longrepr = ''
   if report.outcome == 'skipped' and isinstance(report.longrepr, tuple):
     longrepr = report.longrepr[2]
@@ -406,4 +433,5 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     longrepr = str(report.longrepr)
   with open(path, 'a') as f:
     f.write(json.dumps({'nodeid': report.nodeid, 'when': report.when,
-                        'outcome': report.outcome, 'longrepr': longrepr}) + '\n')
+                        'outcome': report.outcome, 'longrepr': longrepr,
+                        'duration': report.duration}) + '\n')
