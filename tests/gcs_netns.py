@@ -65,8 +65,7 @@ def _inside() -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-  config.addinivalue_line('markers', f'{MARK}: a gs:// test, run in a loopback-only network '
-                          'namespace beside fake-gcs-server (tests/gcs_netns.py)')
+  # The marker is registered in pyproject.toml.
   if _inside():
     _Inside.setup(config)
 
