@@ -101,7 +101,8 @@ def test_delete_if_version_deletes_the_current_version(gcs_path):
   assert storage.delete_if_version(p, 1)  # Gone already: nothing to do.
 
 
-def test_appends_keep_everything(root):
+def test_appends_keep_everything(root, monkeypatch):
+  monkeypatch.setattr(storage, '_MAX_COMPONENTS', 3)  # GCS: rewritten whole every 3 appends.
   storage.makedirs(root)
   p = root / 'metrics.jsonl'
   log = storage.AppendOnlyFile(p)

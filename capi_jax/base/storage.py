@@ -55,6 +55,7 @@ GCS_PREFIX = 'gs://'
 PathLike = str | os.PathLike[str]
 Path = epath.Path
 _COPY_BUFFER = 8 * 2**20
+_MAX_COMPONENTS = 1000  # Appends (composes) before an appended GCS object is rewritten whole.
 
 
 class UnsupportedPathError(errors.UserError, ValueError):
@@ -243,7 +244,9 @@ class AppendOnlyFile:
   the new bytes as a temporary object next to the file, composes [file, new bytes] into the file
   on the server (conditional on the file's generation: a second writer fails loudly instead of
   interleaving) and deletes the temporary object: three requests, whatever the file's size.
-  GCS allows about one update per second of one object: callers batch their appends.
+  GCS allows about one update per second of one object: callers batch their appends. A composed
+  object counts its components (documented up to 1024): after `_MAX_COMPONENTS` appends it is
+  rewritten whole once (one download and upload), which resets the count.
   """
 
   def __init__(self, p: PathLike):
@@ -251,6 +254,7 @@ class AppendOnlyFile:
     self._file = None
     self._generation: int | None = None  # GCS: the file's generation and size as last written.
     self._size = 0
+    self._components = 0  # GCS: the server's component count, or appends counted here.
     if not is_gcs(self.path):
       self._file = open(self.path, 'ab')
 
@@ -272,9 +276,10 @@ class AppendOnlyFile:
           raise RuntimeError(f'{self.path} appeared while this process created it: is another '
                              'process writing it?') from None
         blob.reload()
-        self._generation, self._size = blob.generation, blob.size
+        self._generation, self._size, self._components = blob.generation, blob.size, 1
         return
       self._generation, self._size = blob.generation, blob.size
+      self._components = blob.component_count or 1
     # Not named like the file: readers that pick files by name (TensorBoard reads any
     # '*tfevents*') never see a piece.
     piece = _blob(self.path.parent / f'.append-{uuid.uuid4().hex[:12]}.tmp')
@@ -290,11 +295,16 @@ class AppendOnlyFile:
             blob.download_as_bytes(start=self._size) != data):
           raise RuntimeError(f'{self.path} was changed by another writer.') from None
       self._generation, self._size = blob.generation, self._size + len(data)
+      self._components = max(blob.component_count or 0, self._components + 1)
     finally:
       try:
         piece.delete()
       except exceptions.NotFound:
         pass
+    if self._components >= _MAX_COMPONENTS:
+      whole = blob.download_as_bytes(if_generation_match=self._generation)
+      blob.upload_from_string(whole, if_generation_match=self._generation)
+      self._generation, self._components = blob.generation, 1
 
   def close(self) -> None:
     if self._file is not None:
