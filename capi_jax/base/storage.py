@@ -115,22 +115,30 @@ def _fs():
 
 
 # ------------------------------------------------------------------------------ whole files
-def write_atomic(p: PathLike, data: bytes | str) -> None:
-  """Writes `data` to file `p` so that readers see the old or the new content, never a part."""
-  data = _as_bytes(data)
-  if is_gcs(p):
-    path(p).write_bytes(data)  # One object upload: atomic on GCS.
-    return
+@contextlib.contextmanager
+def _written_aside(p: PathLike, data: bytes) -> Iterator[str]:
+  """A new local file next to `p` holding `data`, on disk (fsync); removed when the block ends,
+  whatever happens (a full disk included), unless the block moved it."""
   aside = f'{os.fspath(p)}.{uuid.uuid4().hex[:8]}.tmp'
   try:
     with open(aside, 'wb') as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(aside, os.fspath(p))
+    yield aside
   finally:
     if os.path.exists(aside):
       os.remove(aside)
+
+
+def write_atomic(p: PathLike, data: bytes | str) -> None:
+  """Writes `data` to file `p` so that readers see the old or the new content, never a part."""
+  data = _as_bytes(data)
+  if is_gcs(p):
+    path(p).write_bytes(data)  # One object upload: atomic on GCS.
+    return
+  with _written_aside(p, data) as aside:
+    os.replace(aside, os.fspath(p))
 
 
 def create_exclusive(p: PathLike, data: bytes | str) -> bool:
@@ -152,12 +160,7 @@ def create_exclusive(p: PathLike, data: bytes | str) -> bool:
       current = read_versioned(p)
       return current is not None and current.data == data
     return True
-  aside = f'{os.fspath(p)}.{uuid.uuid4().hex[:8]}.tmp'
-  try:
-    with open(aside, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
+  with _written_aside(p, data) as aside:
     try:
       os.link(aside, os.fspath(p))  # Atomic, and fails if `p` exists.
       return True
@@ -165,9 +168,6 @@ def create_exclusive(p: PathLike, data: bytes | str) -> bool:
       return False
     except OSError:  # A file system without hard links (some network mounts).
       pass
-  finally:
-    if os.path.exists(aside):
-      os.remove(aside)
   try:
     fd = os.open(os.fspath(p), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   except FileExistsError:
