@@ -82,8 +82,10 @@ def _micro_config():
 def _command(module: str, workdir: str, cwd: pathlib.Path, cache: pathlib.Path,
              *flags: str) -> subprocess.Popen:
   """`python -m capi_jax.<module> --config=configs/tiny.py --workdir=WORKDIR ...`, run in `cwd`
-  (an empty folder: a relative path written by mistake would land there)."""
-  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu',
+  (an empty folder: a relative path written by mistake would land there), its temporary files
+  in cwd/tmp (a killed run leaves its local TensorBoard folder there)."""
+  (cwd / 'tmp').mkdir(exist_ok=True)
+  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu', 'TMPDIR': str(cwd / 'tmp'),
          'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
          'JAX_COMPILATION_CACHE_DIR': str(cache),
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}

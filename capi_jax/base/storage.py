@@ -179,7 +179,7 @@ def create_exclusive(p: PathLike, data: bytes | str) -> bool:
   return True
 
 
-# ------------------------------------------------------------------------------ compare-and-swap (GCS)
+# --------------------------------------------------------------------------- compare-and-swap (GCS)
 @dataclasses.dataclass(frozen=True)
 class Versioned:
   """A GCS object's content with its generation and the server's time of that generation."""
