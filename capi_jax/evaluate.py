@@ -26,7 +26,7 @@ if __name__ == '__main__':  # First, before jax is imported: this may restart th
 
 from collections.abc import Sequence
 import logging
-import pathlib
+import os
 from typing import Any
 
 from absl import app
@@ -39,6 +39,7 @@ import numpy as np
 
 from capi_jax.base import cli
 from capi_jax.base import sharding
+from capi_jax.base import storage
 from capi_jax.engine import checkpointing
 from capi_jax.engine import evaluation
 from capi_jax.engine import pretrained
@@ -48,13 +49,14 @@ from capi_jax.weights import files
 PyTree = Any
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpoint: str,
-                init: str, which: str, mesh: jax.sharding.Mesh) -> tuple[PyTree, int | str]:
+def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
+                checkpoint: str, init: str, which: str, mesh: jax.sharding.Mesh
+                ) -> tuple[PyTree, int | str]:
   """(backbone params, output folder name) for the command line's choice of encoder."""
   if init == 'random':
     return evaluation.random_init_params(config, mesh), evaluation.RANDOM_INIT
-  if checkpoint and pathlib.Path(checkpoint).suffix in files.OFFICIAL_SUFFIXES:
-    path = pathlib.Path(checkpoint)
+  if checkpoint and storage.path(checkpoint).suffix in files.OFFICIAL_SUFFIXES:
+    path = storage.path(checkpoint)
     if not path.is_file():
       raise FileNotFoundError(f'--checkpoint={checkpoint}: no such official checkpoint file.')
     source = 'student' if which == 'student' else 'student_ema'
@@ -78,7 +80,7 @@ def main(argv: Sequence[str]) -> None:
   config = fl.config
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
-    params, step = load_params(config, pathlib.Path(fl.workdir), fl.checkpoint, fl.init,
+    params, step = load_params(config, storage.path(fl.workdir), fl.checkpoint, fl.init,
                                fl.model, mesh)
     evaluation.run_evals(config, params, step, fl.workdir, mesh=mesh)
 

@@ -25,6 +25,10 @@ stays PNG; pixel-array inputs such as Fashion-MNIST become PNG).
 Atomic: TFDS writes into DIR/NAME/incomplete.XXXXXX_1.0.0/ and renames it to 1.0.0 only after
 every split is written, so a killed conversion leaves nothing that TFDS or the trainer opens
 (delete the incomplete.* folder). An existing DIR/NAME/1.0.0 is never overwritten.
+
+DIR may be gs://: TFDS's ArrayRecord writer writes local files only, so the dataset is prepared
+in a local temporary folder (room for the whole output is needed there) and uploaded when
+complete, `dataset_info.json` last: TFDS counts a version folder only once that file is in it.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +39,6 @@ import io
 import logging
 import multiprocessing
 import os
-import pathlib
 import re
 import tempfile
 import time
@@ -44,6 +47,7 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from capi_jax.base import storage
 from capi_jax.data import sources
 from capi_jax.data import transforms
 
@@ -210,7 +214,7 @@ def prepare(input_dataset: str, splits: Sequence[str], output_dir: str, name: st
   if encoding.resize < 0 or not 1 <= encoding.quality <= 100:
     raise ValueError(f'--resize={encoding.resize} must be >= 0 (0 keeps the original images) and '
                      f'--quality={encoding.quality} in 1..100.')
-  path = pathlib.Path(output_dir) / name / VERSION
+  path = storage.path(output_dir) / name / VERSION
   if path.exists():
     raise FileExistsError(f'{path} already exists; delete it to convert again, or choose another '
                           '--name or --output.')
@@ -221,12 +225,17 @@ def prepare(input_dataset: str, splits: Sequence[str], output_dir: str, name: st
                    for split in splits}
   for split, source in split_sources.items():
     logger.info('Converting %s as %s split %r', source.description, name, split)
-  builder = _builder(name, output_dir, input_dataset, split_sources, encoding, workers)
   # TFDS makes a downloads/ folder even with nothing to download: keep it out of output_dir.
-  with tempfile.TemporaryDirectory() as download_dir:
+  with tempfile.TemporaryDirectory(prefix='capi_jax_prepare_') as scratch:
+    build_dir = os.path.join(scratch, 'data') if storage.is_gcs(path) else os.fspath(output_dir)
+    builder = _builder(name, build_dir, input_dataset, split_sources, encoding, workers)
     builder.download_and_prepare(
-        download_dir=download_dir,
+        download_dir=os.path.join(scratch, 'downloads'),
         download_config=tfds.download.DownloadConfig(num_shards=shards or None))
+    if storage.is_gcs(path):
+      logger.info('Uploading the dataset to %s', path)
+      storage.upload_tree(os.path.join(build_dir, name, VERSION), path,
+                          last=('dataset_info.json',))
   return {'path': str(path),
           'num_examples': {s: builder.info.splits[s].num_examples for s in split_sources},
           'skipped': dict(builder.info.metadata['skipped'])}

@@ -12,6 +12,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
+import gcs_netns  # pylint: disable=g-import-not-at-top
+
 FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'capi_reference' / 'capi_ref_small.npz'
 
 
@@ -19,3 +21,9 @@ FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'capi_reference' / 'capi_
 def fixture_path() -> pathlib.Path:
   """The official PyTorch release's numbers for a small random model (see fixtures/capi_reference/README.md)."""
   return FIXTURE
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  # gs:// tests (marked `gcs`) run in one child pytest inside a loopback-only network namespace
+  # beside fake-gcs-server: see gcs_netns.py.
+  config.pluginmanager.register(gcs_netns, 'gcs_netns')

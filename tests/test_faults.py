@@ -34,6 +34,7 @@ from capi_jax import methods
 from capi_jax.base import cli
 from capi_jax.base import errors
 from capi_jax.base import sharding
+from capi_jax.base import storage
 from capi_jax.data import pipeline
 from capi_jax.data import sources
 from capi_jax.engine import checkpointing
@@ -110,36 +111,51 @@ def _target(config):
 
 
 # ------------------------------------------------------------------ 1. one run per workdir
-def test_workdir_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path, caplog):
-  first = runs.WorkdirLock(tmp_path)
+@pytest.fixture(params=[pytest.param('local', id='local'),
+                        pytest.param('gcs', id='gcs', marks=pytest.mark.gcs)])
+def lock_root(request, tmp_path):
+  """A workdir on local disk, or on gs:// (fake-gcs-server, see gcs_netns.py)."""
+  return storage.path(tmp_path) if request.param == 'local' else request.getfixturevalue(
+      'gcs_path')
+
+
+def test_workdir_lock_refuses_a_live_holder_and_takes_over_stale_ones(lock_root, caplog,
+                                                                      monkeypatch):
+  first = runs.WorkdirLock(lock_root)
   first.acquire()
   with pytest.raises(runs.WorkdirBusyError, match=f'in use by another run: pid {os.getpid()} '):
-    runs.WorkdirLock(tmp_path).acquire()
+    runs.WorkdirLock(lock_root).acquire()
   first.release()
-  assert not (tmp_path / runs.LOCK_NAME).exists()
+  assert not (lock_root / runs.LOCK_NAME).exists()
 
   # Same host, holder gone (kill -9): taken over at once.
   dead = subprocess.Popen(['true'])
   dead.wait()
-  lock_file = tmp_path / runs.LOCK_NAME
+  lock_file = lock_root / runs.LOCK_NAME
   lock_file.write_text(json.dumps({'host': runs.Holder.me().host, 'pid': dead.pid,
                                    'started': 'x', 'token': 'old', 'command': 'c'}))
-  with caplog.at_level(logging.WARNING), runs.WorkdirLock(tmp_path):
+  with caplog.at_level(logging.WARNING), runs.WorkdirLock(lock_root):
     assert f'process {dead.pid} on this host is gone' in caplog.text
 
-  # Another host: live while its heartbeat is fresh, stale after STALE_AFTER_S.
+  # Another host: live while its heartbeat is fresh, stale after STALE_AFTER_S (locally the
+  # file's mtime; on GCS the object's update time, the server's clock).
   lock_file.write_text(json.dumps({'host': 'elsewhere', 'pid': 1, 'started': 'x',
                                    'token': 'other', 'command': 'c'}))
   with pytest.raises(runs.WorkdirBusyError, match='pid 1 on host elsewhere'):
-    runs.WorkdirLock(tmp_path).acquire()
-  old = time.time() - runs.STALE_AFTER_S - 60
-  os.utime(lock_file, (old, old))
-  with runs.WorkdirLock(tmp_path):
-    pass
+    runs.WorkdirLock(lock_root).acquire()
+  if storage.is_gcs(lock_root):
+    monkeypatch.setattr(runs, 'STALE_AFTER_S', 1.0)
+    time.sleep(1.5)
+  else:
+    old = time.time() - runs.STALE_AFTER_S - 60
+    os.utime(lock_file, (old, old))
+  with caplog.at_level(logging.WARNING), runs.WorkdirLock(lock_root):
+    assert 'no heartbeat for' in caplog.text
 
 
-def test_simultaneous_starts_get_one_lock(tmp_path):
-  locks = [runs.WorkdirLock(tmp_path) for _ in range(8)]
+def race_for_the_lock(workdir, starts: int = 8) -> list[runs.WorkdirLock]:
+  """`starts` simultaneous starts on `workdir`; the locks they got."""
+  locks = [runs.WorkdirLock(workdir) for _ in range(starts)]
   won, start = [], threading.Barrier(len(locks))
 
   def try_lock(lock):
@@ -155,6 +171,11 @@ def test_simultaneous_starts_get_one_lock(tmp_path):
     t.start()
   for t in threads:
     t.join()
+  return won
+
+
+def test_simultaneous_starts_get_one_lock(tmp_path):
+  won = race_for_the_lock(tmp_path)
   assert len(won) == 1
   won[0].release()
 
@@ -194,7 +215,7 @@ def test_records_appear_whole_and_a_cut_record_is_skipped(tmp_path, caplog):
 def test_a_record_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
   def full_disk(*args, **kwargs):
     raise OSError(28, 'No space left on device')
-  monkeypatch.setattr(runs.json, 'dump', full_disk)
+  monkeypatch.setattr(storage.os, 'fsync', full_disk)
   with pytest.raises(OSError, match='No space left'):
     runs.write_record(tmp_path, _config(), None)
   assert not list((tmp_path / 'runs').iterdir())
@@ -446,7 +467,7 @@ def test_a_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
   ckpt.save(1, state, data_iter)
   ckpt.wait()
   usage = shutil.disk_usage(tmp_path)
-  monkeypatch.setattr(checkpointing.shutil, 'disk_usage',
+  monkeypatch.setattr(storage.shutil, 'disk_usage',
                       lambda _: usage._replace(free=100_000))
   with pytest.raises(checkpointing.CheckpointWriteError,
                      match=r'Not enough disk space .*: 0\.1 MiB free, about 0\.[23] MiB '

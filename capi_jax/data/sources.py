@@ -15,6 +15,8 @@
   classes (label = index in sorted order, like torchvision's ImageFolder; files are found
   recursively below them); a folder with no sub-folders is one unlabelled set (label -1).
 - `synthetic`: random pixels (1M records, deterministic per index), for benchmarks.
+Every DIR / PATH / data_dir may be gs:// (a TFDS ArrayRecord dataset there is read with random
+access; a folder there costs one request per image: prepare it with `capi_jax.prepare_data`).
 
 Problems with a dataset (missing files, an unknown name, damaged data) raise
 `DatasetNotFoundError` / `DatasetError`, user errors whose message names the fix.
@@ -29,15 +31,16 @@ import gzip
 import io
 import logging
 import os
-import pathlib
 import struct
 import threading
 from typing import Any
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
 from capi_jax.base import errors
+from capi_jax.base import storage
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +91,9 @@ class FashionMnistSource:
             'name': f'fashion_mnist[{index}]'}
 
 
-def _find_idx(root: str, stem: str) -> pathlib.Path:
+def _find_idx(root: str, stem: str) -> epath.Path:
   for name in (f'{stem}.gz', stem):
-    if (path := pathlib.Path(root) / name).is_file():
+    if (path := storage.path(root) / name).is_file():
       return path
   raise DatasetNotFoundError(
       f'Fashion-MNIST file {stem}[.gz] not found in {root!r}. Install Debian\'s '
@@ -98,12 +101,12 @@ def _find_idx(root: str, stem: str) -> pathlib.Path:
       'holding the four IDX files as `fashion_mnist:DIR`.')
 
 
-def _read_idx(path: pathlib.Path, ndim: int) -> np.ndarray:
+def _read_idx(path: epath.Path, ndim: int) -> np.ndarray:
   """Reads an unsigned-byte IDX file (the MNIST format): (n, ...) uint8."""
-  opener = gzip.open if path.suffix == '.gz' else open
   try:
-    with opener(path, 'rb') as f:
-      data = f.read()
+    data = path.read_bytes()
+    if path.suffix == '.gz':
+      data = gzip.decompress(data)
     zero, dtype_code, dims = struct.unpack('>HBB', data[:4])
     shape = struct.unpack(f'>{dims}I', data[4:4 + 4 * dims])
     if zero != 0 or dtype_code != 0x08 or dims != ndim:
@@ -131,14 +134,18 @@ class FolderSource:
   def __getitem__(self, index: int) -> Record:
     path = self.paths[index]
     try:
-      data = pathlib.Path(path).read_bytes()
+      if storage.is_gcs(path):
+        data = storage.path(path).read_bytes()
+      else:
+        with open(path, 'rb') as f:
+          data = f.read()
     except OSError as e:  # A vanished or unreadable file is a bad record, not a crash.
       data = e
     return {'image': data, 'label': self.labels[index], 'name': path}
 
 
-def _folder_split_dir(root: str, split: str) -> pathlib.Path:
-  path = pathlib.Path(root)
+def _folder_split_dir(root: str, split: str) -> epath.Path:
+  path = storage.path(root)
   if not path.is_dir():
     raise DatasetNotFoundError(f'Image folder {root!r} does not exist; check the path in '
                                "`folder:PATH` (config.data.dataset, or an evaluation set's "
@@ -152,10 +159,20 @@ def _folder_split_dir(root: str, split: str) -> pathlib.Path:
       f'images in {path / split}/ (optionally in class sub-folders), or choose an existing split.')
 
 
-def _scan_images(split_dir: pathlib.Path) -> tuple[list[str], list[int], list[str]]:
+def _walk_order(relative: str) -> tuple[tuple[int, str], ...]:
+  """Sort key of a '/'-separated path: sorted `os.walk` order (a folder's files before its
+  sub-folders, each by name), so that a folder and its gs:// copy give the same order."""
+  *folders, name = relative.split('/')
+  return tuple((1, f) for f in folders) + ((0, name),)
+
+
+def _scan_images(split_dir: epath.Path) -> tuple[list[str], list[int], list[str]]:
   """(paths, labels, class_names), sorted so that every host sees the same order."""
 
-  def images_below(directory: pathlib.Path) -> list[str]:
+  def images_below(directory: epath.Path) -> list[str]:
+    if storage.is_gcs(directory):  # One paged listing, in the order os.walk gives below.
+      names = sorted(storage.list_files(directory), key=_walk_order)
+      return [os.fspath(directory / n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     found = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
       dirnames.sort()

@@ -7,13 +7,16 @@ Layout: `WORKDIR/checkpoints/<step>/{state, data_iter, config, checksums.json}`.
     an uninterrupted one would (also after a change of `data.num_workers`, see
     `pipeline.adapt_iterator_state`);
   - `config`: the architecture-relevant part of the config (`architecture`), checked on restore;
-  - `checksums.json`: size and SHA-256 of every file, written by process 0 once every process
-    has written its part and before Orbax renames the checkpoint into place, so it appears
-    atomically with the checkpoint; verified before every restore.
-Saves are asynchronous (the device-to-host copy blocks, the writes do not) and atomic: Orbax
-writes into a temporary directory and renames it when complete, so `latest_step` never sees a
-checkpoint cut short by a kill; leftovers are removed on the next start. A save that would not
-fit on the disk is refused before it starts, and a failed write is reported when it fails.
+  - `checksums.json`: size and SHA-256 of every file (on GCS: size and the server's CRC32C of
+    each object, read from one listing instead of downloading the checkpoint again), written by
+    process 0 once every process has written its part and before Orbax commits the checkpoint,
+    so it appears with the checkpoint; verified before every restore.
+Saves are asynchronous (the device-to-host copy blocks, the writes do not) and atomic, so
+`latest_step` never sees a checkpoint cut short by a kill: locally Orbax writes into a temporary
+directory and renames it when complete; on GCS (where a rename copies every object) it writes
+`<step>/` in place and commits it by writing `<step>/commit_success.txt` last. Leftovers are
+removed on the next start. A save that would not fit on the local disk is refused before it
+starts (GCS has no such limit), and a failed write is reported when it fails.
 
 Resuming (`Checkpointer.restore_latest`) takes the newest checkpoint that is intact: a damaged
 one (a file truncated, deleted or changed since it was written; without checksums, one Orbax
@@ -30,10 +33,9 @@ import hashlib
 import json
 import logging
 import os
-import pathlib
-import shutil
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -43,6 +45,7 @@ import orbax.checkpoint as ocp
 
 from capi_jax import methods
 from capi_jax.base import errors
+from capi_jax.base import storage
 from capi_jax.data import pipeline
 
 PyTree = Any
@@ -52,7 +55,8 @@ _STATE, _DATA, _CONFIG = 'state', 'data_iter', 'config'
 CHECKSUMS = 'checksums.json'
 # Orbax's own bookkeeping at the top of a step folder, rewritten when it commits the checkpoint
 # (after the checksums are taken): not covered by them.
-_ORBAX_COMMIT_FILES = frozenset({'_CHECKPOINT_METADATA', 'commit_success.txt'})
+_COMMIT_MARKER = 'commit_success.txt'  # Orbax's, on GCS: the step folder is complete.
+_ORBAX_COMMIT_FILES = frozenset({'_CHECKPOINT_METADATA', _COMMIT_MARKER})
 # Free disk space wanted beyond the size of one checkpoint, for the file systems' own overhead.
 _SPACE_MARGIN = 1.1
 DAMAGED_SUFFIX = '_damaged'
@@ -94,37 +98,36 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = '
 
 
 # ---------------------------------------------------------------------------- integrity
-def _sha256(path: pathlib.Path) -> str:
-  with open(path, 'rb') as f:
+def _sha256(path: epath.Path) -> str:
+  with path.open('rb') as f:
     return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
-def _checked_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
-  """Every file of a step folder that the checksums cover, relative to it, sorted."""
-  files = []
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      relative = (pathlib.Path(root) / name).relative_to(step_dir)
-      if str(relative) not in _ORBAX_COMMIT_FILES and str(relative) != CHECKSUMS:
-        files.append(relative)
-  return sorted(files)
+def _checked_files(step_dir: epath.Path) -> dict[str, storage.FileInfo]:
+  """Every file of a step folder that the checksums cover: {relative path: FileInfo}, sorted."""
+  return {name: info for name, info in storage.list_files(step_dir).items()
+          if name not in _ORBAX_COMMIT_FILES and name != CHECKSUMS}
 
 
-def write_checksums(step_dir: pathlib.Path) -> None:
-  """Writes `step_dir/checksums.json`: {'files': {relative path: {'bytes', 'sha256'}}}."""
-  files = {str(f): {'bytes': (step_dir / f).stat().st_size, 'sha256': _sha256(step_dir / f)}
-           for f in _checked_files(step_dir)}
-  tmp = step_dir / f'{CHECKSUMS}.tmp'
-  tmp.write_text(json.dumps({'files': files}, indent=1))
-  tmp.replace(step_dir / CHECKSUMS)
+def write_checksums(step_dir: str | os.PathLike[str]) -> None:
+  """Writes `step_dir/checksums.json`: {'files': {relative path: {'bytes', 'sha256'}}}; on GCS
+  {'bytes', 'crc32c'}: the server's checksum of each object, from the listing."""
+  step_dir = storage.path(step_dir)
+  files = {}
+  for name, info in _checked_files(step_dir).items():
+    digest = ({'crc32c': info.crc32c} if storage.is_gcs(step_dir) else
+              {'sha256': _sha256(step_dir / name)})
+    files[name] = {'bytes': info.size, **digest}
+  storage.write_atomic(step_dir / CHECKSUMS, json.dumps({'files': files}, indent=1))
 
 
-def damage(step_dir: pathlib.Path) -> str | None:
+def damage(step_dir: str | os.PathLike[str]) -> str | None:
   """What differs in `step_dir` from when it was written; None if nothing does.
 
   A checkpoint without checksums (written before they existed) cannot be verified: it counts as
   intact here and is only judged by whether it restores.
   """
+  step_dir = storage.path(step_dir)
   path = step_dir / CHECKSUMS
   if not path.exists():
     logger.warning('%s has no %s: restoring it unverified.', step_dir, CHECKSUMS)
@@ -133,15 +136,19 @@ def damage(step_dir: pathlib.Path) -> str | None:
     recorded = json.loads(path.read_text())['files']
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f'its {CHECKSUMS} is unreadable ({e})'
+  present = storage.list_files(step_dir)
   for name, expected in sorted(recorded.items()):
-    file = step_dir / name
-    if not file.is_file():
+    if name not in present:
       return f'{name} is missing'
-    size = file.stat().st_size
+    size = present[name].size
     if size != expected['bytes']:
       return f'{name} has {size} bytes, {expected["bytes"]} when written'
-    if _sha256(file) != expected['sha256']:
-      return f'{name} has changed since it was written (SHA-256 mismatch)'
+    if 'sha256' in expected:
+      changed = _sha256(step_dir / name) != expected['sha256']
+    else:  # Taken on GCS; here the server's CRC32C (or, for a local copy, one computed).
+      changed = (present[name].crc32c or storage.crc32c(step_dir / name)) != expected['crc32c']
+    if changed:
+      return f'{name} has changed since it was written (checksum mismatch)'
   return None
 
 
@@ -152,7 +159,7 @@ def _on_process_0(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
-def _damage_agreed(step_dir: pathlib.Path) -> str | None:
+def _damage_agreed(step_dir: epath.Path) -> str | None:
   """`damage(step_dir)` as process 0 sees it (only it reads the files), on every process."""
   found = damage(step_dir) if jax.process_index() == 0 else None
   if _on_process_0(found is not None) and found is None:
@@ -189,7 +196,7 @@ def _first_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0]}'
 
 
-def _read(step_dir: pathlib.Path, items: dict[str, Any]) -> dict[str, Any]:
+def _read(step_dir: epath.Path, items: dict[str, Any]) -> dict[str, Any]:
   """Orbax's restore of `items` from `step_dir`.
 
   A failure counts as damage only for a checkpoint without checksums: files verified as
@@ -206,7 +213,7 @@ def _read(step_dir: pathlib.Path, items: dict[str, Any]) -> dict[str, Any]:
     raise DamagedCheckpointError(f'{step_dir} cannot be read: {_first_line(e)}.') from e
 
 
-def check_architecture(step_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def check_architecture(step_dir: epath.Path, config: ml_collections.ConfigDict) -> None:
   """Raises IncompatibleCheckpointError if `step_dir` holds another architecture than `config`."""
   saved = _read(step_dir, {_CONFIG: ocp.args.JsonRestore()})[_CONFIG]
   diffs = _differences(saved, architecture(config))
@@ -217,7 +224,7 @@ def check_architecture(step_dir: pathlib.Path, config: ml_collections.ConfigDict
         'keeps the config of every start in WORKDIR/runs/).')
 
 
-def restore_step_dir(step_dir: str | pathlib.Path, config: ml_collections.ConfigDict,
+def restore_step_dir(step_dir: str | os.PathLike[str], config: ml_collections.ConfigDict,
                      abstract_state: PyTree, data_iter: Any | None = None) -> PyTree:
   """The TrainState saved in `step_dir` (a step folder under any name), verified first.
 
@@ -233,7 +240,7 @@ def restore_step_dir(step_dir: str | pathlib.Path, config: ml_collections.Config
       cannot be read.
     IncompatibleCheckpointError: the checkpoint has another architecture.
   """
-  step_dir = pathlib.Path(step_dir).absolute()
+  step_dir = storage.path(step_dir)
   problem = _damage_agreed(step_dir)
   if problem:
     raise DamagedCheckpointError(f'{step_dir} is damaged: {problem}.')
@@ -260,19 +267,24 @@ class CheckpointPath:
       name (the restored state's `step` holds it) and for params.
   """
   kind: str
-  path: pathlib.Path
+  path: epath.Path
   step: int | None
 
 
-def _is_step_dir(path: pathlib.Path) -> bool:
-  return (path / _STATE).is_dir()
+def _is_step_dir(path: epath.Path) -> bool:
+  """A complete step folder (on GCS one that Orbax committed, or a copy with checksums: an
+  interrupted save leaves `<step>/state/` there without either)."""
+  if not (path / _STATE).is_dir():
+    return False
+  return (not storage.is_gcs(path) or (path / _COMMIT_MARKER).exists()
+          or (path / CHECKSUMS).exists())
 
 
-def _is_params_dir(path: pathlib.Path) -> bool:
+def _is_params_dir(path: epath.Path) -> bool:
   return (path / '_METADATA').is_file() and not _is_step_dir(path)
 
 
-def _steps_in(directory: pathlib.Path) -> list[int]:
+def _steps_in(directory: epath.Path) -> list[int]:
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _is_step_dir(p))
@@ -288,7 +300,7 @@ def find_checkpoint(path: str | os.PathLike[str]) -> CheckpointPath:
   Raises:
     CheckpointNotFoundError: `path` is not a directory, or holds none of these.
   """
-  path = pathlib.Path(path).absolute()
+  path = storage.path(path)
   usage = ('pass a workdir, its checkpoints folder, one step folder (WORKDIR/checkpoints/<step>, '
            'or a copy of one), or the output folder of `python -m capi_jax.convert '
            '--to=capi_jax`')
@@ -312,8 +324,8 @@ def _tree_bytes(tree: PyTree) -> int:
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _dir_bytes(directory: pathlib.Path) -> int:
-  return sum(f.stat().st_size for f in directory.rglob('*') if f.is_file())
+def _dir_bytes(directory: epath.Path) -> int:
+  return sum(info.size for info in storage.list_files(directory).values())
 
 
 def _bytes(n: float) -> str:
@@ -323,13 +335,14 @@ def _bytes(n: float) -> str:
 class Checkpointer:
   """Periodic, async, atomic, checksummed checkpoints of (TrainState, Grain iterator)."""
 
-  def __init__(self, directory: str | pathlib.Path, config: ml_collections.ConfigDict):
+  def __init__(self, directory: str | os.PathLike[str], config: ml_collections.ConfigDict):
     ckpt_cfg = config.train.checkpointing
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = storage.path(directory)
     self._config = config
     self._architecture = architecture(config)
     self._async = ckpt_cfg.async_save
     self._saving: int | None = None
+    self._space_note_logged = False
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.max_to_keep,
         # Always Orbax's async path (a synchronous save waits for it): only it runs
@@ -355,7 +368,11 @@ class Checkpointer:
 
   def _write_checksums(self) -> None:
     """Orbax's post-finalisation hook: on process 0, after every process wrote its part of
-    checkpoint `self._saving` and before its temporary folder is renamed into place."""
+    checkpoint `self._saving` and before Orbax commits it (locally: renames its temporary
+    folder into place; on GCS: writes `<step>/commit_success.txt` into the step folder)."""
+    if storage.is_gcs(self.directory):
+      write_checksums(self.directory / str(self._saving))
+      return
     tmp = sorted(self.directory.glob(f'{self._saving}.orbax-checkpoint-tmp*'))
     if len(tmp) != 1:
       raise RuntimeError(f'Expected one temporary folder of checkpoint {self._saving} in '
@@ -367,10 +384,16 @@ class Checkpointer:
     """Raises CheckpointWriteError if a checkpoint of `state` would not fit on the disk.
 
     The size is the newest checkpoint's on disk, else the state's; process 0 decides for all.
+    Not checked on GCS (no space limit; logged once).
     """
+    if storage.is_gcs(self.directory):
+      if not self._space_note_logged:
+        logger.info('Checkpoints go to GCS (%s): no free-space check.', self.directory)
+        self._space_note_logged = True
+      return
     steps = self.all_steps()
     need = (_dir_bytes(self.directory / str(steps[-1])) if steps else _tree_bytes(state))
-    free = shutil.disk_usage(self.directory).free
+    free = storage.free_bytes(self.directory)
     if _on_process_0(free < need * _SPACE_MARGIN):
       resume = (f'resumes from step {steps[-1]}' if steps else 'starts from scratch')
       raise CheckpointWriteError(
@@ -406,15 +429,19 @@ class Checkpointer:
       raise IncompatibleCheckpointError(
           f'{e} Or train this config in a new --workdir.') from None
 
-  def _set_aside(self, step: int) -> pathlib.Path:
-    """Moves checkpoint `step` out of the way into `<directory>_damaged/` (process 0)."""
+  def _set_aside(self, step: int) -> epath.Path:
+    """Moves checkpoint `step` out of the way into `<directory>_damaged/` (process 0).
+
+    On GCS the move copies each object; the commit marker goes first, so that Orbax stops
+    listing the step at once (a move cut short leaves an uncommitted step folder, which Orbax
+    removes at the next start).
+    """
     aside = self.directory.with_name(self.directory.name + DAMAGED_SUFFIX) / str(step)
     n = 1
     while aside.exists():
       aside, n = aside.with_name(f'{step}.{n}'), n + 1
     if jax.process_index() == 0:
-      aside.parent.mkdir(parents=True, exist_ok=True)
-      os.rename(self.directory / str(step), aside)
+      storage.move_tree(self.directory / str(step), aside, first=(_COMMIT_MARKER,))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'capi_jax set aside checkpoint {step}')
     self.manager.reload()

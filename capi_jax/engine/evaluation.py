@@ -10,13 +10,16 @@ workdir and settings). The training loop and `python -m capi_jax.evaluate` both 
 """
 
 from collections.abc import Sequence
+import contextlib
 import copy
 import json
 import logging
-import pathlib
+import os
+import tempfile
 import time
 from typing import Any
 
+from etils import epath
 import flax.linen as nn
 import jax
 import ml_collections
@@ -25,6 +28,7 @@ import numpy as np
 from capi_jax import evaluators
 from capi_jax import methods
 from capi_jax.base import sharding
+from capi_jax.base import storage
 from capi_jax.engine import curves
 from capi_jax.engine import state as state_lib
 from capi_jax.evaluators import backbone as backbone_lib
@@ -69,7 +73,7 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 def evaluate_params(config: ml_collections.ConfigDict, params: PyTree, mesh: jax.sharding.Mesh,
-                    out_dir: pathlib.Path, protocols: Sequence[str] | None = None
+                    out_dir: epath.Path, protocols: Sequence[str] | None = None
                     ) -> dict[str, Any]:
   """Runs `protocols` (default: all of config.evals.protocols) on one backbone.
 
@@ -128,34 +132,50 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                 'data_dir': config.data.data_dir}))
 
 def _evaluate_and_save(config: ml_collections.ConfigDict, params: PyTree, step: int | str,
-                       workdir: pathlib.Path, mesh: jax.sharding.Mesh,
-                       protocols: Sequence[str] | None) -> tuple[dict[str, Any], pathlib.Path]:
-  """(results, output folder); process 0 writes results.json and curves.png."""
+                       workdir: epath.Path, mesh: jax.sharding.Mesh,
+                       protocols: Sequence[str] | None) -> tuple[dict[str, Any], epath.Path]:
+  """(results, output folder); process 0 writes results.json and curves.png.
+
+  The protocols (pictures) and the curves write local files: for a gs:// workdir they write into
+  a local folder that is uploaded when the evaluation is done, results.json last.
+  """
   start = time.perf_counter()
   out_dir = workdir / 'eval' / str(step)
-  results = evaluate_params(config, params, mesh, out_dir, protocols)
-  seconds = time.perf_counter() - start
-  if jax.process_index() == 0:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Written aside then renamed: a killed evaluation never leaves a truncated results.json
-    # (which random_init_results would otherwise try to reuse).
-    tmp = out_dir / 'results.json.tmp'
-    tmp.write_text(json.dumps({'step': step, 'settings': _settings(config), 'seconds': seconds,
-                               'protocols': results}, indent=2, default=_json_default))
-    tmp.replace(out_dir / 'results.json')
-    if (workdir / 'metrics.jsonl').exists():
-      try:
-        curves.save_training_curves(workdir / 'metrics.jsonl', out_dir / 'curves.png')
-      except ValueError as e:  # A run that has not logged yet: no curves, not a failed eval.
-        logger.info('No training curves: %s', e)
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      local = stack.enter_context(storage.staged_dir(out_dir, last=('results.json',)))
+    elif storage.is_gcs(out_dir):  # Only process 0's files are uploaded.
+      local = storage.path(stack.enter_context(tempfile.TemporaryDirectory()))
+    else:
+      local = out_dir
+    results = evaluate_params(config, params, mesh, local, protocols)
+    seconds = time.perf_counter() - start
+    if jax.process_index() == 0:
+      # Written whole or not at all: a killed evaluation never leaves a truncated results.json
+      # (which random_init_results would otherwise try to reuse).
+      storage.write_atomic(local / 'results.json', json.dumps(
+          {'step': step, 'settings': _settings(config), 'seconds': seconds,
+           'protocols': results}, indent=2, default=_json_default))
+      _save_training_curves(workdir / 'metrics.jsonl', local / 'curves.png')
   return {'protocols': results, 'seconds': seconds}, out_dir
+
+def _save_training_curves(metrics: epath.Path, png: epath.Path) -> None:
+  """`curves.save_training_curves` of the run's metrics.jsonl (wherever it is), if it has one."""
+  if not metrics.exists():
+    return
+  with storage.local_copy(metrics) as local:
+    try:
+      curves.save_training_curves(local, png)
+    except ValueError as e:  # A run that has not logged yet: no curves, not a failed eval.
+      logger.info('No training curves: %s', e)
+
 
 def _json_default(value: Any) -> Any:
   if isinstance(value, (np.generic, np.ndarray)):
     return value.tolist()
   raise TypeError(f'{type(value).__name__} is not JSON serialisable')
 
-def random_init_results(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def random_init_results(config: ml_collections.ConfigDict, workdir: epath.Path,
                         mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """The random init's results on every protocol, computed once per run and settings.
 
@@ -172,7 +192,7 @@ def random_init_results(config: ml_collections.ConfigDict, workdir: pathlib.Path
   return results['protocols']
 
 def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str,
-              workdir: str | pathlib.Path, *, protocols: Sequence[str] | None = None,
+              workdir: str | os.PathLike[str], *, protocols: Sequence[str] | None = None,
               mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
   """Evaluates a backbone, writes WORKDIR/eval/<step>/, prints a table.
 
@@ -189,7 +209,7 @@ def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str
     Flat {'classif/cls_test_acc': 0.81, 'seg/labels_knn_mIoU': ..., 'extra/knn/global/k10': ...}.
   """
   mesh = mesh or sharding.make_mesh(config)
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   results, out_dir = _evaluate_and_save(config, params, step, workdir, mesh, protocols)
   baseline = None
   if config.evals.random_init_baseline and step != RANDOM_INIT:

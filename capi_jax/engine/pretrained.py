@@ -18,9 +18,10 @@ use it.
 structure, shapes and dtypes.
 """
 
-import pathlib
+import os
 from typing import Any, NamedTuple
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 from capi_jax import methods
 from capi_jax.base import interface
 from capi_jax.base import sharding
+from capi_jax.base import storage
 from capi_jax.engine import checkpointing
 from capi_jax.engine import runs
 from capi_jax.engine import state as state_lib
@@ -45,7 +47,7 @@ class RestoredRun(NamedTuple):
   step: int
 
 
-def run_config(step_dir: pathlib.Path) -> ml_collections.ConfigDict:
+def run_config(step_dir: epath.Path) -> ml_collections.ConfigDict:
   """The config of the run that wrote the step folder `step_dir` (WORKDIR/checkpoints/<step>)."""
   config = runs.latest_config(step_dir.parent.parent)
   if config is None:
@@ -56,7 +58,7 @@ def run_config(step_dir: pathlib.Path) -> ml_collections.ConfigDict:
   return config
 
 
-def restore_run(step_dir: pathlib.Path, config: ml_collections.ConfigDict | None = None,
+def restore_run(step_dir: str | os.PathLike[str], config: ml_collections.ConfigDict | None = None,
                 mesh: jax.sharding.Mesh | None = None) -> RestoredRun:
   """The training checkpoint in `step_dir`, verified, placed on `mesh` or on one device.
 
@@ -66,6 +68,7 @@ def restore_run(step_dir: pathlib.Path, config: ml_collections.ConfigDict | None
     mesh: where to place the state, by `config.sharding`'s rules; None: the first device
       (variables returned as numpy trees).
   """
+  step_dir = storage.path(step_dir)
   config = run_config(step_dir) if config is None else config
   method = methods.from_config(config)
   if mesh is None:
@@ -81,7 +84,7 @@ def restore_run(step_dir: pathlib.Path, config: ml_collections.ConfigDict | None
   return RestoredRun(config, method, variables, int(jax.device_get(state.step)))
 
 
-def restore_backbone(path: pathlib.Path) -> PyTree:
+def restore_backbone(path: str | os.PathLike[str]) -> PyTree:
   """The 'backbone' of a `capi_jax.convert` output (a params folder).
 
   Raises:
@@ -97,7 +100,7 @@ def restore_backbone(path: pathlib.Path) -> PyTree:
 
 def load(path: str) -> interface.Pretrained:
   """The weights at `path` (see the module docstring), as numpy trees."""
-  p = pathlib.Path(path)
+  p = storage.path(path)
   if p.is_file() and p.suffix in files.OFFICIAL_SUFFIXES:
     return interface.Pretrained(state_dict=files.read_state_dict(p))
   if not p.is_dir():

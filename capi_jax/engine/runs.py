@@ -1,13 +1,17 @@
 """One run per workdir, and a record of every start that is never overwritten.
 
-Lock: `WORKDIR/lock.json`, created atomically (`O_CREAT | O_EXCL`, atomic on local file systems
-and NFSv3+), holds the holder's host, pid, start time, command line and a random token. While
-the run lives, a daemon thread refreshes the file's mtime every `HEARTBEAT_S`. A second start on
-the same workdir refuses with a message naming the holder, unless the lock is stale:
+Lock: `WORKDIR/lock.json`, created atomically if absent (`storage.create_exclusive`: a hard link,
+atomic on local file systems and NFSv3+; on GCS a generation precondition), holds the holder's
+host, pid, start time, command line and a random token. While the run lives, a daemon thread
+renews its heartbeat every `HEARTBEAT_S` (locally the file's mtime; on GCS the object is
+rewritten, if still this run's generation, and its update time is the server's). A second start
+on the same workdir refuses with a message naming the holder, unless the lock is stale:
   - same host and the holder's pid is gone (a crash, `kill -9`): taken over at once;
   - any host, no heartbeat for `STALE_AFTER_S` (a crashed host; also a reused pid on the same
     host): taken over too.
-Both take-overs are logged. The holder removes the file when it ends. In a multi-process run
+Both take-overs are logged; of several starts taking over one stale lock at once, one wins
+(locally an atomic rename aside, on GCS a replace conditional on the generation judged stale).
+The holder removes the file when it ends. In a multi-process run
 only process 0 takes the lock and the others follow its outcome, so the processes of one run
 never lock each other out.
 
@@ -21,7 +25,6 @@ import datetime
 import json
 import logging
 import os
-import pathlib
 import socket
 import sys
 import threading
@@ -29,12 +32,14 @@ import time
 from typing import Any
 import uuid
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from capi_jax.base import errors
+from capi_jax.base import storage
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +87,16 @@ class Holder:
     return f'pid {self.pid} on host {self.host}, started {self.started} ({self.command})'
 
 
-def _read_holder(path: pathlib.Path) -> Holder | None:
-  """The lock file's holder; None if the file is unreadable (being written, or damaged)."""
+def _parse_holder(data: bytes | str) -> Holder | None:
+  """The holder a lock file names; None if it is unreadable (being written, or damaged)."""
   try:
-    return Holder(**json.loads(path.read_text()))
-  except (OSError, ValueError, TypeError):
+    return Holder(**json.loads(data))
+  except (ValueError, TypeError):
     return None
 
 
-def _stale_reason(path: pathlib.Path, holder: Holder | None) -> str | None:
-  """Why the lock at `path` may be taken over, or None while its holder may be alive."""
-  try:
-    silent_s = time.time() - path.stat().st_mtime
-  except FileNotFoundError:
-    return 'it was just released'
+def _stale_reason(holder: Holder | None, silent_s: float) -> str | None:
+  """Why a lock silent for `silent_s` may be taken over, or None while its holder may live."""
   if holder is not None and holder.host == socket.gethostname() and not _pid_alive(holder.pid):
     return f'its process {holder.pid} on this host is gone'
   if silent_s > STALE_AFTER_S:
@@ -103,32 +104,32 @@ def _stale_reason(path: pathlib.Path, holder: Holder | None) -> str | None:
   return None
 
 
-class WorkdirLock:
-  """The advisory lock of one workdir (see the module docstring); a context manager."""
+class _LocalLockFile:
+  """The lock file on a local or network file system: created exclusively (atomic on local file
+  systems and NFSv3+), its mtime the heartbeat, taken over by an atomic rename aside."""
 
-  def __init__(self, workdir: str | pathlib.Path):
-    self.path = pathlib.Path(workdir).absolute() / LOCK_NAME
-    self.holder = Holder.me()
-    self._stop = threading.Event()
-    self._heartbeat: threading.Thread | None = None
+  def __init__(self, path: epath.Path, holder: Holder):
+    self.path, self.holder = path, holder
+    self._data = json.dumps(dataclasses.asdict(holder))
 
-  def _create(self) -> bool:
-    """Creates the lock file holding `self.holder`; False if it exists."""
+  def create(self) -> bool:
     try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      return False
+      return storage.create_exclusive(self.path, self._data)
     except OSError as e:
-      raise errors.UserError(f'Cannot create the lock file {self.path} ({e}): the workdir must be '
-                          'writable.') from e
-    with os.fdopen(fd, 'w') as f:
-      json.dump(dataclasses.asdict(self.holder), f)
-      f.flush()
-      os.fsync(f.fileno())
-    return True
+      raise errors.UserError(f'Cannot create the lock file {self.path} ({e}): the workdir must '
+                             'be writable.') from e
 
-  def _take_over(self, judged: Holder | None) -> bool:
-    """Removes the stale lock judged from `judged`; False if another start replaced it first.
+  def read(self) -> tuple[Holder | None, float] | None:
+    """(holder, seconds since its last heartbeat); None if there is no lock file."""
+    try:
+      holder = _parse_holder(self.path.read_text())
+      return holder, time.time() - os.stat(self.path).st_mtime
+    except FileNotFoundError:
+      return None
+
+  def take_over(self, judged: Holder | None) -> bool:
+    """Replaces the stale lock judged from `judged` by this run's; False if another start
+    replaced it first.
 
     The lock is renamed aside (atomic) and checked: if what was renamed is not the judged lock
     but a fresh one written meanwhile, it is linked back (link fails if yet another exists).
@@ -137,26 +138,102 @@ class WorkdirLock:
     try:
       os.rename(self.path, aside)
     except FileNotFoundError:
-      return True
-    if _read_holder(aside) != judged:
-      try:
-        os.link(aside, self.path)
-      except FileExistsError:
-        pass
+      return self.create()
+    try:
+      if _parse_holder(aside.read_text()) != judged:
+        try:
+          os.link(aside, self.path)
+        except FileExistsError:
+          pass
+        return False
+    finally:
       aside.unlink()
+    return self.create()
+
+  def beat(self) -> bool:
+    """Refreshes the heartbeat; False if the lock is no longer this run's."""
+    try:
+      if _parse_holder(self.path.read_text()) != self.holder:
+        return False
+      os.utime(self.path)
+    except OSError:
       return False
-    aside.unlink()
     return True
+
+  def release(self) -> None:
+    try:
+      if _parse_holder(self.path.read_text()) == self.holder:
+        self.path.unlink()
+    except FileNotFoundError:
+      pass
+
+
+class _GcsLockFile:
+  """The lock object on GCS: created with `ifGenerationMatch=0`, rewritten as the heartbeat (its
+  server-side update time) and taken over only if its generation is still the one judged stale,
+  so that of several simultaneous take-overs exactly one wins; removed only if still this run's
+  generation (a precondition fake-gcs-server does not enforce; GCS does)."""
+
+  def __init__(self, path: epath.Path, holder: Holder):
+    self.path, self.holder = path, holder
+    self._data = json.dumps(dataclasses.asdict(holder)).encode()
+    self._seen: int | None = None  # The generation `read` returned.
+    self._mine: int | None = None  # This run's generation of the lock.
+
+  def create(self) -> bool:
+    if not storage.create_exclusive(self.path, self._data):
+      return False
+    current = storage.read_versioned(self.path)
+    if current is None or current.data != self._data:
+      return False  # Taken over already (this run had stalled): it is not this run's.
+    self._mine = current.version
+    return True
+
+  def read(self) -> tuple[Holder | None, float] | None:
+    current = storage.read_versioned(self.path)
+    if current is None:
+      return None
+    self._seen = current.version
+    return _parse_holder(current.data), time.time() - current.updated
+
+  def take_over(self, judged: Holder | None) -> bool:
+    del judged  # The generation read with it identifies it.
+    self._mine = storage.replace_if_version(self.path, self._data, self._seen)
+    return self._mine is not None
+
+  def beat(self) -> bool:
+    self._mine = storage.replace_if_version(self.path, self._data, self._mine)
+    return self._mine is not None
+
+  def release(self) -> None:
+    if self._mine is not None:
+      storage.delete_if_version(self.path, self._mine)
+      self._mine = None
+
+
+class WorkdirLock:
+  """The advisory lock of one workdir (see the module docstring); a context manager."""
+
+  def __init__(self, workdir: str | os.PathLike[str]):
+    self.path = storage.path(workdir) / LOCK_NAME
+    self.holder = Holder.me()
+    kind = _GcsLockFile if storage.is_gcs(self.path) else _LocalLockFile
+    self._file = kind(self.path, self.holder)
+    self._stop = threading.Event()
+    self._heartbeat: threading.Thread | None = None
 
   def acquire(self) -> None:
     """Takes the lock, or raises WorkdirBusyError naming its live holder."""
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(self.path.parent)
     for _ in range(_TAKEOVER_ATTEMPTS):
-      if self._create():
+      if self._file.create():
         self._start_heartbeat()
         return
-      holder = _read_holder(self.path)
-      reason = _stale_reason(self.path, holder)
+      seen = self._file.read()
+      if seen is None:  # Released meanwhile.
+        continue
+      holder, silent_s = seen
+      reason = _stale_reason(holder, silent_s)
       if reason is None:
         who = holder.describe() if holder else 'a run that is starting right now'
         raise WorkdirBusyError(
@@ -164,19 +241,22 @@ class WorkdirLock:
             'it, or pass another --workdir. (If that run is gone without a trace, e.g. its host '
             f'crashed, its lock counts as stale {STALE_AFTER_S / 60:.0f} min after its last '
             f'heartbeat; deleting {self.path} takes over at once.)')
-      if self._take_over(holder):
+      if self._file.take_over(holder):
         logger.warning('Took over the stale lock of %s (%s): %s.', self.path.parent,
                        holder.describe() if holder else 'unreadable lock file', reason)
+        self._start_heartbeat()
+        return
     raise WorkdirBusyError(f'Could not lock {self.path.parent}: other starts keep taking it.')
 
   def _start_heartbeat(self) -> None:
     def beat():
       while not self._stop.wait(HEARTBEAT_S):
         try:
-          if _read_holder(self.path) != self.holder:
-            raise FileNotFoundError(self.path)
-          os.utime(self.path)
-        except OSError:
+          ours = self._file.beat()
+        except Exception as e:  # pylint: disable=broad-except  (a network error: try again)
+          logger.warning('Heartbeat of the lock %s failed (%s); retrying.', self.path, e)
+          continue
+        if not ours:
           logger.error('The lock %s is no longer this run\'s: another run may be writing to '
                        'this workdir.', self.path)
           return
@@ -190,8 +270,7 @@ class WorkdirLock:
     if self._heartbeat is not None:
       self._heartbeat.join()
       self._heartbeat = None
-    if _read_holder(self.path) == self.holder:
-      self.path.unlink()
+    self._file.release()
 
   def __enter__(self) -> 'WorkdirLock':
     self.acquire()
@@ -201,7 +280,7 @@ class WorkdirLock:
     self.release()
 
 
-def lock_workdir(workdir: pathlib.Path) -> WorkdirLock | None:
+def lock_workdir(workdir: str | os.PathLike[str]) -> WorkdirLock | None:
   """Process 0 takes the workdir's lock (returned); the others get None, or the same error."""
   lock, error = None, None
   if jax.process_index() == 0:
@@ -219,9 +298,9 @@ def lock_workdir(workdir: pathlib.Path) -> WorkdirLock | None:
   return lock
 
 
-def latest_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
+def latest_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict | None:
   """The config of the newest start recorded in WORKDIR/runs/ (None if there is none)."""
-  for record in sorted((pathlib.Path(workdir) / RUNS_DIR).glob('*.json'), reverse=True):
+  for record in sorted((storage.path(workdir) / RUNS_DIR).glob('*.json'), reverse=True):
     try:
       return ml_collections.ConfigDict(json.loads(record.read_text())['config'])
     except (OSError, ValueError, KeyError) as e:  # Cut short by an older version's crash.
@@ -229,13 +308,13 @@ def latest_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
   return None
 
 
-def write_record(workdir: pathlib.Path, config: ml_collections.ConfigDict,
-                     resumed_from: int | None) -> pathlib.Path | None:
+def write_record(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
+                 resumed_from: int | None) -> epath.Path | None:
   """Writes this start's record into WORKDIR/runs/ (process 0 only); returns its path.
 
   The file name is unique to this start and created exclusively, so no record is ever replaced;
-  the record appears whole or not at all (written aside, then hard-linked into place), so a run
-  killed while writing it leaves no partial JSON behind.
+  the record appears whole or not at all (`storage.create_exclusive`), so a run killed while
+  writing it leaves no partial JSON behind.
   """
   if jax.process_index() != 0:
     return None
@@ -246,26 +325,10 @@ def write_record(workdir: pathlib.Path, config: ml_collections.ConfigDict,
       'platform': jax.devices()[0].platform, 'jax_version': jax.__version__,
       'config': json.loads(config.to_json_best_effort()),
   }
-  runs = workdir / RUNS_DIR
-  runs.mkdir(parents=True, exist_ok=True)
-  aside = runs / f'.{uuid.uuid4().hex}.tmp'
-  try:  # The file aside goes away whatever happens, a full disk included.
-    with open(aside, 'w') as f:
-      json.dump(record, f, indent=2)
-      f.write('\n')
-      f.flush()
-      os.fsync(f.fileno())
-    while True:  # One process may start twice within a clock tick (tests, notebooks).
-      stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
-      path = runs / f'{stamp}_{record["host"]}_{record["pid"]}.json'
-      try:
-        os.link(aside, path)  # Atomic, and fails if the name exists.
-        return path
-      except FileExistsError:
-        continue
-      except OSError:  # A filesystem without hard links (some network mounts): rename instead.
-        if not path.exists():
-          os.replace(aside, path)
-          return path
-  finally:
-    aside.unlink(missing_ok=True)
+  runs = storage.makedirs(storage.path(workdir) / RUNS_DIR)
+  text = json.dumps(record, indent=2) + '\n'
+  while True:  # One process may start twice within a clock tick (tests, notebooks).
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
+    path = runs / f'{stamp}_{record["host"]}_{record["pid"]}.json'
+    if storage.create_exclusive(path, text):
+      return path

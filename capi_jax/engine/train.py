@@ -29,7 +29,6 @@ From one CPU to a pod, the same loop:
 import contextlib
 import logging
 import os
-import pathlib
 import signal
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -47,6 +47,7 @@ from capi_jax import methods
 from capi_jax.base import errors
 from capi_jax.base import interface
 from capi_jax.base import sharding
+from capi_jax.base import storage
 from capi_jax.data import pipeline
 from capi_jax.engine import checkpointing
 from capi_jax.engine import config_checks
@@ -168,7 +169,7 @@ def _log_memory(compiled) -> None:
 
 
 def run_evals(config: ml_collections.ConfigDict, method: interface.Method,
-              state: state_lib.TrainState, step: int, workdir: pathlib.Path, which: str,
+              state: state_lib.TrainState, step: int, workdir: epath.Path, which: str,
               mesh: jax.sharding.Mesh, writer: metrics_writer.MetricsWriter,
               protocols: tuple[str, ...] | None = None) -> dict[str, float]:
   """Evaluates the student or EMA backbone (`evaluation.run_evals`); logs and returns results.
@@ -177,6 +178,7 @@ def run_evals(config: ml_collections.ConfigDict, method: interface.Method,
   `config.evals.random_init_baseline` the table shows the random init's numbers beside.
   """
   params = method.eval_params(state.variables, which)
+  writer.flush()  # The training curves drawn with the results read metrics.jsonl.
   results = evaluation.run_evals(config, params, step, workdir, protocols=protocols, mesh=mesh)
   writer.write_tensorboard(step, {f'{which}/{k}': v for k, v in results.items()},
                            prefix='eval/')
@@ -188,8 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
   initialize_distributed()
   config_checks.validate(config)
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = storage.makedirs(workdir)  # gs:// stays gs:// (never a local ./gs:/ folder).
   lock = runs.lock_workdir(workdir)
   try:
     is_main = jax.process_index() == 0
@@ -204,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sharding.Mesh,
            is_main: bool) -> state_lib.TrainState:
   method = methods.from_config(config)
   rng = jax.random.PRNGKey(config.train.seed)
@@ -288,6 +289,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
       if stopping or done % cfg.checkpointing.period == 0:
         # Only finite states become checkpoints, so the latest one is always good.
         _require_finite(state, ckpt, done, 'checkpoint')
+        writer.flush()  # The rows of the steps this checkpoint covers are stored before it.
         ckpt.save(done, state, data_iter)
       if stopping:
         ckpt.wait()
@@ -303,6 +305,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
 
     if metrics is not None:
       _require_finite(state, ckpt, total, 'end of training')
+      writer.flush()
       ckpt.save(total, state, data_iter)
     ckpt.wait()
     if config.evals.final:

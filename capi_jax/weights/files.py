@@ -6,7 +6,9 @@ state dicts with dtypes kept (bfloat16 through ml_dtypes). TorchScript archives 
 `.pt`) are read here, without PyTorch and running nothing from the file (`torch.jit.load` would
 compile and run the archive's code: its `__setstate__` methods). Parameter directories
 (`save_params` / `restore_params`) are what `python -m capi_jax.convert --to=capi_jax` writes: an
-Orbax StandardCheckpointer checkpoint of named parameter trees under `OUT/params`.
+Orbax StandardCheckpointer checkpoint of named parameter trees under `OUT/params`. Any of these
+may be local or gs:// (official files are read from a local copy and written locally, then
+uploaded).
 """
 
 import ast
@@ -14,17 +16,18 @@ import collections
 from collections.abc import Mapping
 import math
 import os
-import pathlib
 import pickle
 from typing import IO, Any, NamedTuple
 import zipfile
 
+from etils import epath
 import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
 from capi_jax.base import errors
+from capi_jax.base import storage
 
 Params = Any
 StateDict = dict[str, np.ndarray]
@@ -58,7 +61,7 @@ def _numpy_to_torch(torch, array: np.ndarray):
     return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
   return torch.from_numpy(array)
 
-def _is_torchscript(path: pathlib.Path) -> bool:
+def _is_torchscript(path: str | os.PathLike[str]) -> bool:
   """A TorchScript archive (e.g. OpenAI's CLIP `.pt`): a zip with `<root>/constants.pkl`."""
   if not zipfile.is_zipfile(path):
     return False
@@ -77,12 +80,18 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
     UnreadableCheckpointError: the file is missing, truncated, not a checkpoint, or a
       TorchScript archive whose tensors cannot be read without running its code.
   """
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if path.suffix not in OFFICIAL_SUFFIXES:
     raise UnreadableCheckpointError(f'Unknown checkpoint format {path.suffix!r} for {path}: use '
                                     '.pth or .npz.')
   if not path.is_file():
     raise UnreadableCheckpointError(f'{path} does not exist or is not a file.')
+  with storage.local_copy(path) as local:
+    return _read_local_state_dict(storage.path(local), path)
+
+
+def _read_local_state_dict(path: epath.Path, name: epath.Path) -> StateDict:
+  """`read_state_dict` of the local file `path` (`name`: the file as the user named it)."""
   try:
     if path.suffix == '.npz':
       with np.load(path) as f:
@@ -95,15 +104,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
     raise
   except (OSError, EOFError, ValueError, RuntimeError, zipfile.BadZipFile,
           pickle.UnpicklingError) as e:
-    raise _damaged(path, e) from e
+    raise _damaged(name, e) from e
   if not isinstance(sd, Mapping):
-    raise UnreadableCheckpointError(f'{path} holds a {type(sd).__name__}, not a state_dict.')
+    raise UnreadableCheckpointError(f'{name} holds a {type(sd).__name__}, not a state_dict.')
   for wrapper in ('model', 'state_dict'):
     if wrapper in sd and isinstance(sd[wrapper], Mapping):
       sd = sd[wrapper]  # A training checkpoint (with optimizer states, constructor kwargs...).
   return {k: _torch_to_numpy(torch, v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
-def _damaged(path: pathlib.Path, error: BaseException) -> UnreadableCheckpointError:
+
+def _damaged(path: epath.Path, error: BaseException) -> UnreadableCheckpointError:
   return UnreadableCheckpointError(
       f'Cannot read {path} ({type(error).__name__}: {str(error).strip()[:200]}): it is '
       f'truncated, damaged, or not a {path.suffix} checkpoint.')
@@ -208,7 +218,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
   allowlist of data constructors; any other global is refused, naming it."""
 
   def __init__(self, data_pkl: IO[bytes], archive: zipfile.ZipFile, root: str,
-               path: pathlib.Path):
+               path: epath.Path):
     super().__init__(data_pkl)
     self._archive, self._root, self._path = archive, root, path
     byteorder = f'{root}/byteorder'
@@ -283,7 +293,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
     return _as_strided_copy(storage, offset, size, stride)
 
 
-def _read_torchscript(path: pathlib.Path) -> StateDict:
+def _read_torchscript(path: epath.Path) -> StateDict:
   """The parameters and buffers of the TorchScript module in `path`, by state_dict name.
 
   Raises:
@@ -343,18 +353,19 @@ def _read_torchscript(path: pathlib.Path) -> StateDict:
 
 def write_state_dict(sd: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> None:
   """Writes {official name: array} to `.npz`, or `.pth` / `.pt` (PyTorch)."""
-  path = pathlib.Path(path)
-  if path.suffix == '.npz':
-    np.savez(path, **sd)
-  elif path.suffix in ('.pth', '.pt'):
-    torch = _import_torch()
-    torch.save({k: _numpy_to_torch(torch, v) for k, v in sd.items()}, path)
-  else:
+  path = storage.path(path)
+  if path.suffix not in ('.npz', '.pth', '.pt'):
     raise ValueError(f'Unknown checkpoint format {path.suffix!r} for {path}: use .pth or .npz.')
+  torch = _import_torch() if path.suffix != '.npz' else None
+  with storage.staged_file(path) as local:
+    if torch is None:
+      np.savez(os.fspath(local), **sd)
+    else:
+      torch.save({k: _numpy_to_torch(torch, v) for k, v in sd.items()}, os.fspath(local))
 
-def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) -> pathlib.Path:
+def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) -> epath.Path:
   """Saves capi_jax parameter trees with Orbax's StandardCheckpointer to `directory/params`."""
-  target = pathlib.Path(directory).resolve() / 'params'
+  target = storage.path(directory) / 'params'
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(target, jax.tree_util.tree_map(np.asarray, dict(parts)))
   return target
@@ -362,5 +373,5 @@ def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) 
 def restore_params(path: str | os.PathLike[str]) -> dict[str, Params]:
   """Restores what `save_params` wrote (numpy arrays, as saved)."""
   with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(pathlib.Path(path).resolve())
+    restored = checkpointer.restore(storage.path(path))
   return jax.tree_util.tree_map(np.asarray, restored)
