@@ -18,12 +18,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from capi_jax.models import layers
+from capi_jax.models import stack
 
 Array = jax.Array
 DType = Any
@@ -108,12 +108,9 @@ class Rope(nn.Module):
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, coords: Array) -> tuple[Array, Array]:
-    """coords (batch, n, 2) -> (cos, sin) of the rotation angles, each (batch, 1, n, head_dim);
-    batch may be 1 (coordinates shared by every image).
-
-    float32, shaped to broadcast over the heads of (batch, heads, n, head_dim) tokens.
-    """
+  def __call__(self, coords: Array) -> Callable[[Array], Array]:
+    """coords (batch, n, 2) -> the rotation of (batch, heads, n, head_dim) tokens at them (the
+    rotary hook of `layers.Attention`); batch may be 1 (coordinates shared by every image)."""
     freqs = self.param('freqs', lambda *_: jnp.asarray(rope_frequencies(self.head_dim),
                                                        self.param_dtype))
     if self.freeze_freqs:
@@ -122,46 +119,25 @@ class Rope(nn.Module):
                        precision=jax.lax.Precision.HIGHEST)[:, None]
     # Materialised once: XLA would otherwise fuse cos/sin into every consumer (q, k, forward
     # and backward) and evaluate them once per head and per use.
-    return jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
+    return functools.partial(apply_rope, cos=cos, sin=sin)
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-  """x (batch, heads, n, head_dim) rotated by `Rope`'s (cos, sin); same shape and dtype as x."""
+  """x (batch, heads, n, head_dim) rotated by angles with cos and sin (batch or 1, 1, n,
+  head_dim) float32; same shape and dtype as x."""
   x32 = x.astype(jnp.float32)
   return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
-class Attention(nn.Module):
-  """Bias-free multi-head (cross-)attention with RoPE on q and k (see `Rope` for
-  `train_rope_freqs`)."""
-  num_heads: int
-  train_rope_freqs: bool = True
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, coords: Array, context: Array | None = None,
-               context_coords: Array | None = None) -> Array:
-    """x: (batch, n_q, dim), coords (batch or 1, n_q, 2); context (batch, n_k, dim) or None
-    (self), context_coords (batch or 1, n_k, 2)."""
-    b, n_q, dim = x.shape
-    head_dim = dim // self.num_heads
-    dense = functools.partial(nn.Dense, dim, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype, kernel_init=layers.xavier_uniform)
-    project = lambda name, t: layers.on_tokens(dense(name=name), t)
-    # Heads-major (batch, heads, n, head_dim): attention's matmuls then batch over leading axes.
-    split_heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim).transpose(0, 2, 1, 3)
-    rope = Rope(head_dim, freeze_freqs=not self.train_rope_freqs, param_dtype=self.param_dtype,
-                name='rope')
-    q_angles = rope(coords)
-    k_angles = q_angles if context is None else rope(context_coords)
-    context = x if context is None else context
-    q = apply_rope(split_heads(project('q_proj', x)), *q_angles)
-    k = apply_rope(split_heads(project('k_proj', context)), *k_angles)
-    v = split_heads(project('v_proj', context))
-    out = checkpoint_name(layers.attention(q, k, v), layers.ATTENTION_OUT)
-    out = out.transpose(0, 2, 1, 3).reshape(b, n_q, dim)
-    return project('proj', out)
+def make_attention(num_heads: int, train_rope_freqs: bool = True, dtype: DType = jnp.float32,
+                   param_dtype: DType = jnp.float32, name: str | None = None) -> layers.Attention:
+  """CAPI's (cross-)attention: bias-free q_proj / k_proj / v_proj / proj, RoPE on q and k (see
+  `Rope` for `train_rope_freqs`); called as (x, coords, context, context_coords)."""
+  return layers.Attention(
+      num_heads, projections=('q_proj', 'k_proj', 'v_proj'), qkv_bias='none', out_bias=False,
+      rotary=functools.partial(Rope, freeze_freqs=not train_rope_freqs, param_dtype=param_dtype),
+      flat_tokens=True, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _select(groups: Array, keep: Array) -> Array:
@@ -228,8 +204,8 @@ class Block(nn.Module):
     residual = functools.partial(Residual, drop_rate=self.drop_path_rate,
                                  deterministic=self.deterministic,
                                  drop_path_groups=self.drop_path_groups)
-    attn = functools.partial(Attention, self.num_heads, self.train_rope_freqs, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    attn = functools.partial(make_attention, self.num_heads, self.train_rope_freqs, self.dtype,
+                             self.param_dtype)
     x = residual(norm, attn, name='residual1')(x, coords, context, context_coords)
     mlp = functools.partial(layers.Mlp, self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype)
     return residual(norm, mlp, name='residual2')(x)
@@ -265,17 +241,17 @@ class Transformer(nn.Module):
     Returns:
       {layer: (batch, n, dim)} for every requested layer.
     """
-    block_cls = layers.gathered(Block, layers.REMAT[self.remat_policy])
+    fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps,
+                  drop_path_rate=self.drop_path_rate, deterministic=deterministic,
+                  drop_path_groups=self.drop_path_groups, train_rope_freqs=self.train_rope_freqs,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
     # Initialisation must create every block even if this call only needs the first ones.
     n_run = self.depth if self.is_initializing() else max(return_layers)
     outputs = {0: x} if 0 in return_layers else {}
-    for i in range(n_run):
-      block = block_cls(self.num_heads, self.mlp_ratio, self.norm_eps, self.drop_path_rate,
-                        deterministic, self.drop_path_groups, self.train_rope_freqs,
-                        self.dtype, self.param_dtype, name=f'blocks_{i}')
-      x = block(x, coords, context, context_coords)
-      if i + 1 in return_layers:
-        outputs[i + 1] = x
+    _, kept = stack.block_stack(
+        Block, fields, x, coords, context, context_coords, depth=self.depth,
+        remat_policy=self.remat_policy, n_run=n_run, keep={i - 1 for i in return_layers if i})
+    outputs.update((i + 1, out) for i, out in sorted(kept.items()))
     return outputs
 
 
@@ -342,17 +318,19 @@ class EncoderDecoder(nn.Module):
     return h // self.patch_size, w // self.patch_size
 
   def _encode(self, images: Array, visible_indices: Array | None, return_layers: set[int],
-              deterministic: bool) -> tuple[dict[int, Array], Array, np.ndarray]:
+              deterministic: bool, normed: bool = True
+              ) -> tuple[dict[int, Array], Array, np.ndarray]:
     """Patch-embeds, keeps the visible tokens, prepends registers, runs the encoder.
 
     Args:
       images: (batch, H, W, 3).
       visible_indices: (batch, n_visible) row-major token indices, or None for all tokens.
-      return_layers: encoder layers to return (normed).
+      return_layers: encoder layers to return; 0 is the input, i the output of block i - 1.
       deterministic: no stochastic depth.
+      normed: the layers after the encoder's final norm (else the raw residual stream).
 
     Returns:
-      ({layer: (batch, R + n_visible, D) normed}, encoder coords (batch, R + n_visible, 2), or
+      ({layer: (batch, R + n_visible, D)}, encoder coords (batch, R + n_visible, 2), or
       (1, R + n_tokens, 2) without visible_indices (the same for every image), all patch coords
       (n_tokens, 2)).
     """
@@ -379,7 +357,9 @@ class EncoderDecoder(nn.Module):
     tokens = jnp.concatenate([registers, x], axis=1)
     enc_coords = jnp.concatenate([reg_coords, coords], axis=1)
     outputs = self.encoder(tokens, enc_coords, tuple(sorted(return_layers)), deterministic)
-    return {k: self.enc_norm(v) for k, v in outputs.items()}, enc_coords, coords_all
+    if normed:
+      outputs = {k: self.enc_norm(v) for k, v in outputs.items()}
+    return outputs, enc_coords, coords_all
 
   def _predict(self, context: Array, context_coords: Array, query_coords: Array, dec_layer: int,
                deterministic: bool) -> Array:
@@ -438,26 +418,10 @@ class EncoderDecoder(nn.Module):
     if bad:
       raise ValueError(f'blocks {bad} out of range: this encoder has blocks '
                        f'0..{self.encoder_depth - 1}.')
-    grid_h, grid_w = self._grid(images)
-    b = images.shape[0]
-    x = self.patch_embed(images.astype(self.dtype)).reshape(b, grid_h * grid_w, self.embed_dim)
-    coords = jnp.broadcast_to(patch_coordinates(grid_h, grid_w), (b, grid_h * grid_w, 2))
-    if visible_indices is not None:
-      x = jnp.take_along_axis(x, visible_indices[:, :, None], axis=1)
-      coords = jnp.take_along_axis(coords, visible_indices[:, :, None], axis=1)
-    reg_coords = jnp.broadcast_to(
-        register_coordinates(self.register_coordinates, self.n_registers),
-        (b, self.n_registers, 2))
-    if self.scale_reg_to_visible:
-      lo, hi = coords.min(axis=1, keepdims=True), coords.max(axis=1, keepdims=True)
-      reg_coords = lo + reg_coords * (hi - lo)
-    registers = jnp.broadcast_to(self.registers.astype(self.dtype),
-                                 (b, self.n_registers, self.embed_dim))
     final = self.encoder_depth
-    # Transformer layer i + 1 is the output of block i.
-    outputs = self.encoder(jnp.concatenate([registers, x], axis=1),
-                           jnp.concatenate([reg_coords, coords], axis=1),
-                           tuple(sorted({final, *(i + 1 for i in blocks)})), not train)
+    # Encoder layer i + 1 is the output of block i.
+    outputs, _, _ = self._encode(images, visible_indices, {final, *(i + 1 for i in blocks)},
+                                 not train, normed=False)
     return layers.Encoded(self.enc_norm(outputs[final]), {i: outputs[i + 1] for i in blocks})
 
   def pretrain(self, images: Array, visible_indices: Array, predict_indices: Array,

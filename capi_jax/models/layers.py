@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,6 +23,8 @@ Array = jax.Array
 DType = Any
 
 
+# Bias kinds of `Attention`'s q, k, v projections.
+QKV_BIASES = ('full', 'q_v', 'none')
 # The name under which attention outputs (either `layers.attention` layout) are saved by remat
 # policies.
 ATTENTION_OUT = 'attention_out'
@@ -85,7 +88,7 @@ def gathered(block_cls: type[nn.Module], remat_policy: Callable[..., bool] | Non
     transform: no extra scope).
   """
 
-  class Gathered(nn.map_variables(block_cls, 'params', trans_in_fn=gather_weights, init=True)):
+  class Gathered(nn.map_variables(block_cls, 'params', trans_in_fn=gather_weights, mutable=True)):
 
     def __call__(self, x: Array, *args: Any) -> Array:
       return shard_batch(super().__call__(shard_batch(x), *args))
@@ -200,6 +203,139 @@ def on_tokens(fn: Callable[[Array], Array], x: Array) -> Array:
   """
   out = fn(x.reshape(-1, x.shape[-1]))
   return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def layer_norm(eps: float, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+               name: str | None = None) -> nn.LayerNorm:
+  """torch.nn.LayerNorm: the biased variance of the centred values (flax's fast
+  E[x^2] - E[x]^2 loses digits); parameters `scale`, `bias`."""
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
+                      name=name)
+
+
+def drop_path(x: Array, rate: float | Array, deterministic: bool,
+              make_rng: Callable[[str], Array]) -> Array:
+  """timm's DropPath on a residual branch: each sample kept with probability 1 - rate, scaled by
+  1 / (1 - rate).
+
+  Args:
+    x: (batch, ...) the branch output.
+    rate: the drop probability in [0, 1). A Python 0 draws nothing (no rng needed); a traced
+      rate always draws (rate 0 then keeps every sample, scaled by exactly 1).
+    deterministic: no dropping (evaluation).
+    make_rng: the calling module's `make_rng`; asked for a 'drop_path' key when drawing.
+
+  Returns:
+    x with the dropped samples zeroed, in x's dtype. The scale is computed in float32 and
+    rounded once to x's dtype, as torch's `div_(keep_prob)` does.
+  """
+  if deterministic or (isinstance(rate, int | float) and rate == 0):
+    return x
+  keep = 1.0 - rate
+  kept = jax.random.bernoulli(make_rng('drop_path'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x * (kept / keep).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention as every backbone here has it: self or cross, fused or separate
+  projections, optional rotary embedding. Scores are computed by `attention` only.
+
+  Widths: dim is the query input's width, heads have dim // num_heads channels and the inner
+  width is num_heads * head_dim (CAE v2's regressor lets it fall short of dim); `proj` maps the
+  inner width back to dim.
+
+  Attributes:
+    num_heads: number of heads.
+    projections: names of the input projections. One name: a fused Dense (dim, 3 * inner), rows
+      [q; k; v] (the standard ViT's `qkv`; self-attention only). Three names: separate Dense
+      layers for q, k and v (CAPI's `q_proj`, `k_proj`, `v_proj`; CAE v2's `q`, `k`, `v`).
+    qkv_bias: 'full' (biases in the projection layers), 'q_v' (BEiT's `q_bias` and `v_bias`
+      parameters and no key bias, which would cancel in the softmax) or 'none'.
+    out_bias: whether `proj` has a bias.
+    rotary: None, or a factory `rotary(head_dim, name='rope')` of a module that maps positions
+      (batch or 1, n, P) to a function rotating (batch, heads, n, head_dim) tokens (CAPI's
+      2-D RoPE). With it, heads are split heads-major (the rotation broadcasts over heads);
+      without, tokens-major (a reshape, no transposes).
+    flat_tokens: projections run on 2-D tokens (`on_tokens`; faster weight gradients on XLA:CPU).
+  """
+  num_heads: int
+  projections: tuple[str, ...] = ('qkv',)
+  qkv_bias: str = 'full'
+  out_bias: bool = True
+  rotary: Callable[..., nn.Module] | None = None
+  flat_tokens: bool = False
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def _dense(self, name: str, t: Array, width: int, use_bias: bool) -> Array:
+    layer = nn.Dense(width, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=xavier_uniform, name=name)
+    return on_tokens(layer, t) if self.flat_tokens else layer(t)
+
+  def _bias_params(self, inner: int) -> tuple[Array, Array]:
+    q_bias = self.param('q_bias', nn.initializers.zeros, (inner,), self.param_dtype)
+    v_bias = self.param('v_bias', nn.initializers.zeros, (inner,), self.param_dtype)
+    return q_bias, v_bias
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array | None = None, context: Array | None = None,
+               context_positions: Array | None = None, value: Array | None = None) -> Array:
+    """Attention of x's tokens on the context's (on x's own without a context).
+
+    Args:
+      x: (batch, n_q, dim) the query input.
+      positions: (batch or 1, n_q, P) positions of x's tokens for the rotary embedding.
+      context: (batch, n_k, dim) the key input, and the value input unless `value` is given;
+        None: self-attention.
+      context_positions: (batch or 1, n_k, P) positions of the context's tokens.
+      value: (batch, n_k, dim) the value input where it differs from the key input.
+
+    Returns:
+      (batch, n_q, dim).
+    """
+    b, n_q, dim = x.shape
+    head_dim = dim // self.num_heads
+    inner = head_dim * self.num_heads
+    if self.qkv_bias not in QKV_BIASES:
+      raise ValueError(f'qkv_bias must be one of {QKV_BIASES}, got {self.qkv_bias!r}.')
+    if len(self.projections) == 1:
+      if context is not None or value is not None or self.rotary is not None:
+        raise ValueError('A fused qkv projection serves self-attention without rotary only.')
+      qkv = self._dense(self.projections[0], x, 3 * inner, self.qkv_bias == 'full')
+      if self.qkv_bias == 'q_v':
+        q_bias, v_bias = self._bias_params(inner)
+        qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+      qkv = qkv.reshape(b, n_q, 3, self.num_heads, head_dim)
+      q, k, v, layout = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], 'tokens_major'
+    else:
+      q_name, k_name, v_name = self.projections
+      full = self.qkv_bias == 'full'
+      q_bias, v_bias = self._bias_params(inner) if self.qkv_bias == 'q_v' else (None, None)
+      add = lambda t, bias: t if bias is None else t + bias.astype(self.dtype)
+      kv_in = x if context is None else context
+      v_in = kv_in if value is None else value
+      if self.rotary is None:
+        # Tokens-major (batch, n, heads, head_dim): heads are a reshape of the projections.
+        q = add(self._dense(q_name, x, inner, full), q_bias)
+        k = self._dense(k_name, kv_in, inner, full)
+        v = add(self._dense(v_name, v_in, inner, full), v_bias)
+        heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim)
+        q, k, v, layout = heads(q), heads(k), heads(v), 'tokens_major'
+      else:
+        # Heads-major (batch, heads, n, head_dim): the rotation tables broadcast over heads
+        # and attention's matmuls batch over the leading axes.
+        rope = self.rotary(head_dim, name='rope')
+        rotate_q = rope(positions)
+        rotate_k = rotate_q if context is None else rope(context_positions)
+        heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim).transpose(0, 2, 1, 3)
+        q = rotate_q(heads(add(self._dense(q_name, x, inner, full), q_bias)))
+        k = rotate_k(heads(self._dense(k_name, kv_in, inner, full)))
+        v = heads(add(self._dense(v_name, v_in, inner, full), v_bias))
+        layout = 'heads_major'
+    out = checkpoint_name(attention(q, k, v, layout=layout), ATTENTION_OUT)
+    if layout == 'heads_major':
+      out = out.transpose(0, 2, 1, 3)
+    return self._dense('proj', out.reshape(b, n_q, inner), dim, self.out_bias)
 
 
 class Mlp(nn.Module):

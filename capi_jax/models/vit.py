@@ -76,19 +76,18 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from capi_jax.models import layers
+from capi_jax.models import stack
 
 Array = jax.Array
 DType = Any
 
 POS_EMBEDS = ('learned', 'sincos_row_col', 'sincos_col_row')
 POS_RESIZES = ('bicubic', 'bilinear')
-QKV_BIASES = ('full', 'q_v', 'none')
 BLOCKS = ('prenorm', 'postnorm')
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     'gelu': layers.gelu, 'quick_gelu': layers.quick_gelu}
@@ -115,12 +114,6 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 # torch's trunc_normal_(std=0.02, a=-0.02, b=0.02): CAE v2's patch kernel and class token.
 _trunc_normal_1std = nn.initializers.truncated_normal(0.02, lower=-1.0, upper=1.0)
-
-
-def _layer_norm(eps: float, dtype: DType, param_dtype: DType) -> Callable[..., nn.Module]:
-  """torch's LayerNorm: two-pass variance (flax's fast E[x^2] - E[x]^2 loses digits)."""
-  return functools.partial(nn.LayerNorm, epsilon=eps, use_fast_variance=False, dtype=dtype,
-                           param_dtype=param_dtype)
 
 
 # ---------------------------------------------------------------------------- position tables
@@ -207,31 +200,6 @@ def resize_pos_table(table: Array, size: tuple[int, int], method: str) -> Array:
 
 
 # ---------------------------------------------------------------------------- layers
-class Attention(nn.Module):
-  """Multi-head self-attention with a fused `qkv` projection (rows [q; k; v], heads major)."""
-  num_heads: int
-  qkv_bias: str = 'full'
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """x: (batch, n, dim) -> (batch, n, dim)."""
-    b, n, dim = x.shape
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=layers.xavier_uniform)
-    qkv = dense(3 * dim, use_bias=self.qkv_bias == 'full', name='qkv')(x)
-    if self.qkv_bias == 'q_v':
-      # BEiT's bias [q_bias, 0, v_bias]: a key bias would cancel in the softmax.
-      q_bias = self.param('q_bias', nn.initializers.zeros, (dim,), self.param_dtype)
-      v_bias = self.param('v_bias', nn.initializers.zeros, (dim,), self.param_dtype)
-      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    qkv = qkv.reshape(b, n, 3, self.num_heads, dim // self.num_heads)
-    out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], layout='tokens_major')
-    out = checkpoint_name(out, layers.ATTENTION_OUT).reshape(b, n, dim)
-    return dense(dim, name='proj')(out)
-
-
 class Block(nn.Module):
   """Transformer block: pre-norm `x + f(norm(x))` or post-norm `norm(x + f(x))`.
 
@@ -257,18 +225,14 @@ class Block(nn.Module):
       gamma = self.param(gamma_name, nn.initializers.constant(self.layer_scale_init),
                          (y.shape[-1],), self.param_dtype)
       y = y * gamma.astype(y.dtype)
-    if self.deterministic or self.drop_path_rate == 0.0:
-      return y
-    keep = 1.0 - self.drop_path_rate
-    shape = (y.shape[0],) + (1,) * (y.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng('drop_path'), keep, shape)
-    return y * (mask / keep).astype(y.dtype)
+    return layers.drop_path(y, self.drop_path_rate, self.deterministic, self.make_rng)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: (batch, n, dim) -> (batch, n, dim)."""
-    norm = _layer_norm(self.norm_eps, self.dtype, self.param_dtype)
-    attn = Attention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, name='attn')
+    norm = functools.partial(layers.layer_norm, self.norm_eps, self.dtype, self.param_dtype)
+    attn = layers.Attention(self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name='attn')
     mlp = layers.Mlp(self.mlp_ratio, use_bias=True, activation=ACTIVATIONS[self.activation],
                      dtype=self.dtype, param_dtype=self.param_dtype, name='mlp')
     norm1, norm2 = norm(name='norm1'), norm(name='norm2')
@@ -322,7 +286,7 @@ class ViT(nn.Module):
     return self.image_size // self.patch_size
 
   def _check_fields(self) -> None:
-    choices = dict(pos_embed=POS_EMBEDS, pos_resize=POS_RESIZES, qkv_bias=QKV_BIASES,
+    choices = dict(pos_embed=POS_EMBEDS, pos_resize=POS_RESIZES, qkv_bias=layers.QKV_BIASES,
                    block=BLOCKS, activation=tuple(ACTIVATIONS),
                    remat_policy=layers.REMAT_POLICIES)
     for name, valid in choices.items():
@@ -371,7 +335,7 @@ class ViT(nn.Module):
       raise ValueError(f'blocks {bad} out of range: this ViT has blocks 0..{self.depth - 1}.')
     grid_h, grid_w = self._patch_grid(images)
     b, dim = images.shape[0], self.embed_dim
-    norm = _layer_norm(self.norm_eps, self.dtype, self.param_dtype)
+    norm = functools.partial(layers.layer_norm, self.norm_eps, self.dtype, self.param_dtype)
 
     x = nn.Conv(dim, (self.patch_size, self.patch_size), strides=self.patch_size,
                 padding='VALID', use_bias=self.patch_bias, dtype=self.dtype,
@@ -395,15 +359,14 @@ class ViT(nn.Module):
     if self.embed_norm:
       x = norm(name='embed_norm')(x)
 
-    block_cls = layers.gathered(Block, layers.REMAT[self.remat_policy])
-    rates = layers.torch_linspace(0, self.drop_path_rate, self.depth)
-    outputs = {}
-    for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_ratio, self.qkv_bias, self.layer_scale_init,
-                    self.activation, self.norm_eps, self.block == 'postnorm', float(rates[i]),
-                    not train, self.dtype, self.param_dtype, name=f'blocks_{i}')(x)
-      if i in blocks:
-        outputs[i] = x
+    fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                  layer_scale_init=self.layer_scale_init, activation=self.activation,
+                  norm_eps=self.norm_eps, postnorm=self.block == 'postnorm',
+                  deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype)
+    rates = [float(r) for r in layers.torch_linspace(0, self.drop_path_rate, self.depth)]
+    x, outputs = stack.block_stack(Block, fields, x, depth=self.depth,
+                                   remat_policy=self.remat_policy,
+                                   layer_fields={'drop_path_rate': rates}, keep=set(blocks))
     if self.final_norm:
       x = norm(name='norm')(x)
     if self.out_dim:

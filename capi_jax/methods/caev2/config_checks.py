@@ -29,7 +29,7 @@ def _vit_problems(section: str, m: ml_collections.ConfigDict) -> list[str]:
   if found:
     return found
   choices = {'pos_embed': vit.POS_EMBEDS, 'pos_resize': vit.POS_RESIZES,
-             'qkv_bias': vit.QKV_BIASES, 'block': vit.BLOCKS, 'activation': tuple(vit.ACTIVATIONS)}
+             'qkv_bias': layers.QKV_BIASES, 'block': vit.BLOCKS, 'activation': tuple(vit.ACTIVATIONS)}
   for key, valid in choices.items():
     if key in m and m[key] not in valid:
       found.append(f'{section}.{key}={m[key]!r} must be one of {valid}.')

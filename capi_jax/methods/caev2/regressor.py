@@ -25,7 +25,6 @@ The official `rd_pos_embed` is a constant here (`sincos_table`), and `regresser.
 CAE v2 never applies, does not exist.
 """
 
-from collections.abc import Callable
 import functools
 from typing import Any
 
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capi_jax.models import layers
+from capi_jax.models import stack
 
 Array = jax.Array
 DType = Any
@@ -96,87 +96,40 @@ def normalize_rows(x: Array) -> Array:
   return jnp.where(nonzero, x / jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
 
 
-def drop_path(x: Array, rate: float, rng: Array) -> Array:
-  """timm's DropPath: each sample's branch kept with probability 1 - rate, scaled by its inverse.
-
-  Args:
-    x: (batch, ...) a residual branch.
-    rate: the drop probability (0 <= rate < 1).
-    rng: the key deciding which samples drop.
-  """
-  keep = 1.0 - rate
-  kept = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return x * (kept.astype(x.dtype) / jnp.asarray(keep, x.dtype))
-
-
-def _layer_norm(eps: float, dtype: DType, param_dtype: DType, name: str) -> nn.LayerNorm:
-  # torch's LayerNorm: biased variance from the centred values (not E[x^2] - E[x]^2).
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
-                      name=name)
-
-
-class CrossAttention(nn.Module):
-  """Multi-head attention of queries on separate key and value inputs.
-
-  q = x Wq + q_bias, k = k_in Wk (no bias), v = v_in Wv + v_bias, each head of width
-  dim // num_heads (the release's all_head_dim = head_dim * num_heads may be < dim); then proj.
-  """
-  num_heads: int
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, k_in: Array, v_in: Array) -> Array:
-    """x: (batch, n_q, dim); k_in, v_in: (batch, n_k, dim) -> (batch, n_q, dim)."""
-    b, n_q, dim = x.shape
-    n_k = k_in.shape[1]
-    head_dim = dim // self.num_heads
-    inner = head_dim * self.num_heads
-    dense = functools.partial(nn.Dense, inner, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype, kernel_init=layers.xavier_uniform)
-    q_bias = self.param('q_bias', nn.initializers.zeros, (inner,), self.param_dtype)
-    v_bias = self.param('v_bias', nn.initializers.zeros, (inner,), self.param_dtype)
-    q = dense(name='q')(x) + q_bias.astype(self.dtype)
-    k = dense(name='k')(k_in)
-    v = dense(name='v')(v_in) + v_bias.astype(self.dtype)
-    heads = lambda t, n: t.reshape(b, n, self.num_heads, head_dim)
-    out = layers.attention(heads(q, n_q), heads(k, n_k), heads(v, n_k), layout='tokens_major')
-    out = out.reshape(b, n_q, inner)
-    return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=layers.xavier_uniform, name='proj')(out)
-
-
 class RegressorBlock(nn.Module):
   """One regressor block: cross-attention of the queries on [visible, queries], post-norm.
 
   x = LN_2(x_q + g1 * CrossAttn(LN_q(x_q + pos_q), LN_k(x_kv + pos_kv), LN_v(x_kv)));
-  out = x + g2 * MLP(x), each gamma-scaled branch under stochastic depth.
+  out = x + g2 * MLP(x), x_kv = [visible, x_q], each gamma-scaled branch under stochastic depth.
+  The attention has separate q / k / v projections with BEiT's q_bias and v_bias.
   """
   num_heads: int
   mlp_ratio: int = 4
   layer_scale_init: float = 0.1
   drop_path_rate: float = 0.0
+  deterministic: bool = True
   norm_eps: float = 1e-6
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x_q: Array, x_kv: Array, pos_q: Array, pos_kv: Array,
-               deterministic: bool) -> Array:
-    """x_q, pos_q: (batch, n_q, dim); x_kv, pos_kv: (batch, n_kv, dim) -> (batch, n_q, dim)."""
+  def __call__(self, x_q: Array, visible: Array, pos_q: Array, pos_kv: Array) -> Array:
+    """x_q, pos_q: (batch, n_q, dim); visible (batch, n_v, dim), pos_kv (batch, n_v + n_q, dim)
+    -> (batch, n_q, dim)."""
     dim = x_q.shape[-1]
-    norm = functools.partial(_layer_norm, self.norm_eps, self.dtype, self.param_dtype)
+    x_kv = jnp.concatenate([visible, x_q], axis=1)
+    norm = functools.partial(layers.layer_norm, self.norm_eps, self.dtype, self.param_dtype)
     gamma = lambda name: self.param(name, nn.initializers.constant(self.layer_scale_init), (dim,),
                                     self.param_dtype).astype(self.dtype)
-
-    def residual(branch: Array) -> Array:
-      if deterministic or self.drop_path_rate == 0.0:
-        return branch
-      return drop_path(branch, self.drop_path_rate, self.make_rng('drop_path'))
-
-    attn = CrossAttention(self.num_heads, self.dtype, self.param_dtype, name='cross_attn')(
-        norm('norm1_q')(x_q + pos_q), norm('norm1_k')(x_kv + pos_kv), norm('norm1_v')(x_kv))
-    x = norm('norm2_cross')(x_q + residual(gamma('gamma_1_cross') * attn))
+    residual = lambda branch: layers.drop_path(branch, self.drop_path_rate, self.deterministic,
+                                               self.make_rng)
+    cross_attn = layers.Attention(self.num_heads, projections=('q', 'k', 'v'), qkv_bias='q_v',
+                                  dtype=self.dtype, param_dtype=self.param_dtype,
+                                  name='cross_attn')
+    attn = cross_attn(norm(name='norm1_q')(x_q + pos_q),
+                      context=norm(name='norm1_k')(x_kv + pos_kv),
+                      value=norm(name='norm1_v')(x_kv))
+    x = norm(name='norm2_cross')(x_q + residual(gamma('gamma_1_cross') * attn))
     mlp = layers.Mlp(self.mlp_ratio, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='mlp_cross')(x)
     return x + residual(gamma('gamma_2_cross') * mlp)
@@ -185,11 +138,12 @@ class RegressorBlock(nn.Module):
 class LatentRegressor(nn.Module):
   """`depth` RegressorBlocks; drop path rates linspace(0, drop_path_rate, depth) as the release.
 
-  `make_block(drop_path_rate=..., name=...)` builds one block (a partial RegressorBlock).
+  `block_fields` are the RegressorBlock fields shared by every block.
   """
   depth: int
   drop_path_rate: float
-  make_block: Callable[..., RegressorBlock]
+  block_fields: dict[str, Any]
+  remat_policy: str = 'none'
 
   @nn.compact
   def __call__(self, queries: Array, visible: Array, pos_masked: Array, pos_visible: Array,
@@ -205,13 +159,13 @@ class LatentRegressor(nn.Module):
     Returns:
       (batch, n_masked, dim), with no final norm (CAE v2 skips `regresser.norm`).
     """
-    rates = layers.torch_linspace(0.0, self.drop_path_rate, self.depth)
+    rates = [float(r) for r in layers.torch_linspace(0.0, self.drop_path_rate, self.depth)]
     pos_kv = jnp.concatenate([pos_visible, pos_masked], axis=1)
-    for j in range(self.depth):
-      block = self.make_block(drop_path_rate=float(rates[j]), name=f'regressor_blocks_{j}')
-      queries = block(queries, jnp.concatenate([visible, queries], axis=1), pos_masked, pos_kv,
-                      deterministic)
-    return queries
+    regressed, _ = stack.block_stack(
+        RegressorBlock, {**self.block_fields, 'deterministic': deterministic}, queries, visible,
+        pos_masked, pos_kv, depth=self.depth, name='regressor_blocks',
+        remat_policy=self.remat_policy, layer_fields={'drop_path_rate': rates})
+    return regressed
 
 
 class Decoder(nn.Module):
@@ -229,7 +183,7 @@ class Decoder(nn.Module):
       head outputs (batch, 1 + n_v + n_m, out_dim) in the order [class, visible, masked], and
       latent_predict (batch, n_m, D_r): the normed regressed latents.
     """
-    norm = _layer_norm(self.norm_eps, self.dtype, self.param_dtype, 'norm')
+    norm = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, 'norm')
     latent_predict = norm(regressed)
     tokens = jnp.concatenate([norm(cls), norm(visible), latent_predict], axis=1)
     head = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -287,21 +241,21 @@ class RegressorDecoder(nn.Module):
     """
     b = latents.shape[0]
     n_masked = masked_indices.shape[1]
-    norm = functools.partial(_layer_norm, self.norm_eps, self.dtype, self.param_dtype)
+    norm = functools.partial(layers.layer_norm, self.norm_eps, self.dtype, self.param_dtype)
     latents = latents.astype(self.dtype)
     if latents.shape[-1] != self.embed_dim:
       latents = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                          kernel_init=layers.xavier_uniform, name='encoder_to_regresser')(latents)
-      latents = norm('encoder_to_regresser_norm')(latents)
+      latents = norm(name='encoder_to_regresser_norm')(latents)
       self.sow('intermediates', 'encoder_to_regresser_out', latents)
     cls, visible = latents[:, :1], latents[:, 1:]
     table = jnp.asarray(sincos_table(self.grid, self.embed_dim), self.dtype)
     mask_token = self.param('mask_token', _token_init, (1, 1, self.embed_dim), self.param_dtype)
     queries = jnp.broadcast_to(mask_token.astype(self.dtype), (b, n_masked, self.embed_dim))
-    make_block = functools.partial(
-        RegressorBlock, self.num_heads, self.mlp_ratio, self.layer_scale_init,
-        norm_eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-    regressed = LatentRegressor(self.depth, self.drop_path_rate, make_block, name='regresser')(
+    block_fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                        layer_scale_init=self.layer_scale_init, norm_eps=self.norm_eps,
+                        dtype=self.dtype, param_dtype=self.param_dtype)
+    regressed = LatentRegressor(self.depth, self.drop_path_rate, block_fields, name='regresser')(
         queries, visible, table[masked_indices], table[visible_indices], deterministic)
     self.sow('intermediates', 'regressor_out', regressed)
     outputs, latent_predict = Decoder(self.out_dim, self.norm_eps, self.dtype, self.param_dtype,
