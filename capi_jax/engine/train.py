@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the pretraining loop.
 
 From one CPU to a pod, the same loop:
-  - multi-process runs call `jax.distributed.initialize()` (set by `launch/`), each host reads
+  - multi-process runs call `jax.distributed.initialize` (`engine.distributed`), each host reads
     its slice of the data and assembles global arrays;
   - the TrainState is created abstractly, born sharded (or restored sharded from the latest
     checkpoint in WORKDIR/checkpoints), the step is compiled ahead of time and its memory use
@@ -50,6 +50,7 @@ from capi_jax.base import sharding
 from capi_jax.data import pipeline
 from capi_jax.engine import checkpointing
 from capi_jax.engine import config_checks
+from capi_jax.engine import distributed
 from capi_jax.engine import evaluation
 from capi_jax.engine import metrics_writer
 from capi_jax.engine import pretrained
@@ -65,26 +66,6 @@ CONSECUTIVE_NAN_LIMIT = 2
 class NonFiniteLossError(errors.UserError):
   """Training diverged: the loss was NaN/inf at more than CONSECUTIVE_NAN_LIMIT consecutive
   checks, or the state was not finite where it is checked (checkpoints, evaluations, the end)."""
-
-
-def initialize_distributed() -> None:
-  """`jax.distributed.initialize()` when launched as one of several processes.
-
-  Explicit settings (launch/local_multiprocess.py, or any launcher): JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES, JAX_PROCESS_ID. Otherwise, under SLURM with more than one task, or with
-  CAPI_JAX_DISTRIBUTED=1 (launch/tpu_pod.sh: Cloud TPU pods), JAX detects the cluster itself.
-  Single-process runs skip it.
-  """
-  if jax.distributed.is_initialized():
-    return
-  env = os.environ
-  if 'JAX_COORDINATOR_ADDRESS' in env:
-    jax.distributed.initialize(
-        coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(env['JAX_NUM_PROCESSES']),
-        process_id=int(env['JAX_PROCESS_ID']))
-  elif int(env.get('SLURM_NTASKS', '1')) > 1 or env.get('CAPI_JAX_DISTRIBUTED') == '1':
-    jax.distributed.initialize()
 
 
 class _StopFlag:
@@ -186,7 +167,7 @@ def run_evals(config: ml_collections.ConfigDict, method: interface.Method,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
                        ) -> state_lib.TrainState:
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
-  initialize_distributed()
+  distributed.initialize()
   config_checks.validate(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
