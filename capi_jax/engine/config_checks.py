@@ -42,6 +42,22 @@ def _check_sharding(p: problems_lib.Problems, s: ml_collections.ConfigDict,
       sharding.mesh_shape(mesh, device_count)
     except ValueError as e:
       p.found.append(f'sharding.mesh: {e}')
+  dcn = s.get('dcn_mesh') or ()
+  if p.check(isinstance(dcn, (tuple, list)) and all(
+      isinstance(a, (tuple, list)) and len(a) == 2 and isinstance(a[0], str)
+      and problems_lib.is_int(a[1]) and a[1] >= 1 for a in dcn),
+             f'sharding.dcn_mesh={dcn!r} must be (mesh axis name, number of slices >= 1) pairs, '
+             "e.g. (('data', 2),).") and mesh_ok:
+    sizes = [a[1] for a in mesh]
+    if device_count:
+      try:
+        sizes = list(sharding.mesh_shape(mesh, device_count)[1])
+      except ValueError:
+        pass  # Reported above.
+    try:  # A size still -1 (no device count yet) is checked when the mesh is made.
+      sharding.dcn_shape(dcn, [a[0] for a in mesh], [max(n, 0) for n in sizes])
+    except ValueError as e:
+      p.found.append(f'sharding.dcn_mesh: {e}')
   rules = s.param_rules
   if p.check(isinstance(rules, (tuple, list))
              and all(isinstance(r, (tuple, list)) and len(r) == 2 for r in rules),
