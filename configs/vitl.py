@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.nan_check_period = 20
   c.train.log_loss_every = 20
   c.train.auto_resume = True
+  # (START, STOP): a jax.profiler trace of steps START..STOP-1 into WORKDIR/profile (README).
+  c.train.profile_steps = ()
   c.train.checkpointing = ml_collections.ConfigDict()
   c.train.checkpointing.period = 3750
   c.train.checkpointing.max_to_keep = 3

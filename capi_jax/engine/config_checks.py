@@ -95,6 +95,11 @@ def _engine_problems(p: problems_lib.Problems, config: ml_collections.ConfigDict
   p.number('train.log_loss_every', t.log_loss_every, 1, integer=True)
   p.number('train.nan_check_period', t.nan_check_period, 1, integer=True)
   p.boolean('train.auto_resume', t.auto_resume)
+  steps = t.get('profile_steps', ())
+  p.check(steps == () or (isinstance(steps, (tuple, list)) and len(steps) == 2
+                          and all(problems_lib.is_int(n) for n in steps) and 0 <= steps[0] < steps[1]),
+          f'train.profile_steps={steps!r} must be () (no profile) or (START, STOP) with '
+          '0 <= START < STOP: steps START..STOP-1 are traced, e.g. (10, 12).')
   p.number('train.checkpointing.period', t.checkpointing.period, 1, integer=True)
   p.number('train.checkpointing.max_to_keep', t.checkpointing.max_to_keep, 1, integer=True)
   p.boolean('train.checkpointing.async_save', t.checkpointing.async_save)
