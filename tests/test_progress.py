@@ -1,6 +1,8 @@
 """Live numbers in every logging step (step time, throughput, MFU, input wait, ETA) and profiles."""
 
+import contextlib
 import json
+import shutil
 
 import jax
 import pytest
@@ -87,3 +89,24 @@ def test_bad_profile_steps_are_refused():
     config = micro_config()
     config.train.profile_steps = bad
     assert any('train.profile_steps' in p for p in config_checks.problems(config, 1)), bad
+
+
+def test_profile_is_written_locally_then_delivered(tmp_path):
+  """The staging hook (storage.staged_dir for gs:// workdirs): trace locally, deliver at stop."""
+  remote = tmp_path / 'remote' / 'profile'
+
+  @contextlib.contextmanager
+  def staging(directory):
+    local = tmp_path / 'stage'
+    local.mkdir()
+    yield local
+    shutil.copytree(local, directory)
+
+  stats = progress.LiveStats(total_steps=1, global_batch=1, flops_per_step=1.0, device_count=1,
+                             peak_flops_per_device=None)
+  profiler = progress.StepProfiler(remote, (0, 1), True, stats, staging)
+  double = jax.jit(lambda x: x * 2)
+  profiler.before_step(0)
+  assert not remote.exists()
+  profiler.after_step(0, double(1.0))
+  assert not profiler.active and len(list(remote.glob('plugins/profile/*/*.xplane.pb'))) == 1

@@ -22,7 +22,7 @@ plugin (`tensorboard --logdir WORKDIR/profile`, with `tensorboard-plugin-profile
 with `StepTraceAnnotation('train', step_num=...)`.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import logging
 import os
@@ -97,26 +97,39 @@ class LiveStats:
     return values
 
 
+@contextlib.contextmanager
+def local_dir(directory: str | os.PathLike[str]) -> Iterator[str | os.PathLike[str]]:
+  """The default staging of a profile: the folder itself, created."""
+  os.makedirs(directory, exist_ok=True)
+  yield directory
+
+
 class StepProfiler:
   """A jax.profiler trace of steps [start, stop), on process 0 (see the module docstring).
 
-  Starting and writing the trace are left out of `stats`' step times.
+  `staging(directory)` is a context manager giving the local folder the profiler writes into
+  while the trace runs, e.g. a temporary one uploaded to a gs:// `directory` when it closes
+  (jax.profiler writes local files only). Starting and writing the trace are left out of
+  `stats`' step times.
   """
 
   def __init__(self, directory: str | os.PathLike[str], steps: Sequence[int], enabled: bool,
-               stats: LiveStats):
+               stats: LiveStats,
+               staging: Callable[[Any], contextlib.AbstractContextManager[Any]] = local_dir):
     self.directory = directory
     self.start, self.stop = (int(steps[0]), int(steps[1])) if steps else (-1, -1)
     self.enabled = enabled and bool(steps)
     self.stats = stats
+    self.staging = staging
+    self._stage = contextlib.ExitStack()
     self.active = False
 
   def before_step(self, step: int) -> None:
     """Starts the trace when `step` is the first to profile."""
     if self.enabled and step == self.start:
       with self.stats.excluded():
-        os.makedirs(self.directory, exist_ok=True)
-        jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+        local = self._stage.enter_context(self.staging(self.directory))
+        jax.profiler.start_trace(str(local), create_perfetto_trace=True)
       self.active = True
       logger.info('Profiling steps %d to %d into %s.', self.start, self.stop - 1, self.directory)
 
@@ -132,6 +145,7 @@ class StepProfiler:
       self.active = False
       with self.stats.excluded():
         jax.profiler.stop_trace()
+        self._stage.close()
       logger.info('Profile written to %s: open it with TensorBoard (tensorboard --logdir %s, '
                   'profile tab) or perfetto_trace.json.gz at ui.perfetto.dev.', self.directory,
                   self.directory)
