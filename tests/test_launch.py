@@ -127,6 +127,9 @@ def test_slurm_script_uses_every_gpu_of_every_node(tmp_path, options, nodes, tas
     assert sorted(on_node, key=int) == [str(g) for g in range(gpus_per_node)], reports
   assert all(r['local_device_count'] == gpus_per_node // tasks_per_node for r in reports)
   assert all(r['device_count'] == nodes * gpus_per_node for r in reports)
+  # sharding.dcn_mesh over processes: each 'data' row is one process's devices.
+  assert reports[0]['mesh_rows'] == [[p] * (gpus_per_node // tasks_per_node)
+                                     for p in range(processes)]
   assert reports[0]['argv'][:2] == ['-m', 'capi_jax.main']
   assert '--config.optim.total_iters=3' in reports[0]['argv']
 
