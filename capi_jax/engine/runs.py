@@ -14,7 +14,8 @@ never lock each other out.
 Run records: `WORKDIR/runs/<UTC start to the microsecond>_<host>_<pid>.json`, one per start
 that got as far as training: the full config, the command line, the step it resumed from, and
 what reproducing it needs (`provenance`: git commit and dirty flag, library versions, XLA_FLAGS /
-LIBTPU_INIT_ARGS and the like, device kind and count, mesh shape, process count). A rerun with another config (refused or not) never touches an earlier record.
+LIBTPU_INIT_ARGS and the like, device kind and count, mesh shape, process count). A rerun with
+another config (refused or not) never touches an earlier record.
 """
 
 import dataclasses

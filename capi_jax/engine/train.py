@@ -285,7 +285,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
         _require_finite(state, ckpt, done, 'checkpoint')
         ckpt.save(done, state, data_iter)
       if stopping:
-        profiler.finish()
         ckpt.wait()
         logger.warning('Stopped by signal at step %d; checkpoint saved, rerun to resume.', done)
         if stop.signal == signal.SIGINT:
