@@ -21,6 +21,14 @@ one. The report gives, per chip:
 `--find_max_batch` compiles at doubled / halved global batches (multiples of the chip count)
 until it brackets the largest batch that fits, then bisects to one image per chip.
 
+Several slices (multi-slice over the data centre network): `--num_slices=2` with the mesh axis
+that crosses slices named in `sharding.dcn_mesh`, e.g.
+  python -m capi_jax.aot --config=configs/vitl.py --topology=v5e:16x16 --num_slices=2 \
+      --config.sharding.mesh="(('data', 2), ('fsdp', -1))" \
+      --config.sharding.dcn_mesh="(('data', 2),)" --config.optim.global_batch_size=16384
+compiles one slice's program (FSDP inside the slice, data parallel across); collectives are then
+inside each slice, and the bytes a chip sends to other slices per step are reported apart.
+
 Prints a readable report, then one JSON line with every number.
 """
 
@@ -44,7 +52,7 @@ def main(argv: Sequence[str]) -> None:
   config, topology = fl.config, fl.topology
   # Compile-only TPU devices come from libtpu; the host runs nothing, so JAX stays on the CPU.
   jax.config.update('jax_platforms', 'cpu')
-  devices = plans.topology_devices(topology)
+  devices = plans.topology_devices(topology, fl.num_slices)
   config_checks.validate(config, len(devices))
   if not fl.find_max_batch:
     result = plans.plan(config, topology, devices)
@@ -65,6 +73,8 @@ def _run_cli() -> None:
   config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
   flags.DEFINE_string('topology', None, 'CHIP:GRID, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v6e:16x16.')
   flags.DEFINE_bool('find_max_batch', False, 'Search the largest global batch that fits in HBM.')
+  flags.DEFINE_integer('num_slices', 1, 'Slices of --topology, joined over the data centre '
+                       'network (set --config.sharding.dcn_mesh to match).', lower_bound=1)
   flags.mark_flags_as_required(['config', 'topology'])
   cli.run(main)
 

@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.nan_check_period = 20
   c.train.log_loss_every = 20
   c.train.auto_resume = True
+  # (START, STOP): a jax.profiler trace of steps START..STOP-1 into WORKDIR/profile (README).
+  c.train.profile_steps = ()
   c.train.checkpointing = ml_collections.ConfigDict()
   c.train.checkpointing.period = 3750
   c.train.checkpointing.max_to_keep = 3
@@ -130,6 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Mesh axes and sizes; -1 takes the remaining devices. The batch is split over all axes;
   # 'data' replicates the parameters (over 'data', state memory does not shrink).
   c.sharding.mesh = (('data', 1), ('fsdp', -1))
+  # Several TPU slices (or GPU nodes): (axis, slices it spans) for the axes that cross the data
+  # centre network, e.g. (('data', 2),) with mesh (('data', 2), ('fsdp', -1)) on 2 slices.
+  c.sharding.dcn_mesh = ()
   # (regex on the '/'-joined parameter path, strategy): 'fsdp' shards the largest divisible
   # dimension over the fsdp axis, 'replicate' keeps a full copy. First match wins.
   c.sharding.param_rules = (('.*', 'fsdp'),)

@@ -4,7 +4,7 @@ r"""Runs one command as N local JAX processes (a one-machine stand-in for a mult
       python -m capi_jax.main --config=configs/tiny.py --workdir=/tmp/capi_tiny_2proc
 
 Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (read by
-`capi_jax.engine.train.initialize_distributed`) and, on CPU, `devices_per_process` fake devices.
+`capi_jax.engine.distributed`) and, on CPU, `devices_per_process` fake devices.
 SIGTERM / SIGINT / SIGUSR1 are forwarded to every process; the exit status is the first
 non-zero one of the processes (0 if all succeed). Used by tests/test_multiprocess.py.
 """

@@ -14,7 +14,8 @@ from configs import tiny
 _HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
 # A module with an all-gather at the top, a TPU fused reduce-scatter (an all-reduce sliced to
-# shards), and a reduce-scatter and an async all-reduce inside a while loop that runs 3 times.
+# shards), and a reduce-scatter and an async all-reduce inside a while loop that runs 3 times,
+# and a cross-slice (megascale) all-reduce of a gradient shard: a host-transfer send / recv.
 _HLO = """\
 HloModule step
 
@@ -38,6 +39,9 @@ ENTRY %main (a: bf16[4,16]) -> f32[8,16] {
   %ag = bf16[16,16]{1,0} all-gather(%a), dimensions={0}
   %ars = f32[2,16]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
   %w = (s32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %send = (f32[2,16]{1,0:T(2,128)}, u32[], token[]) send(%ars, %after-all), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv = (f32[2,16]{1,0:T(2,128)}, u32[], token[]) recv(%after-all), channel_id=1, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %send-done = token[] send-done(%send), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime"}
   ROOT %r = f32[8,16]{1,0} get-tuple-element(%w), index=1
 }
 """
@@ -63,6 +67,7 @@ def test_collective_bytes_counts_operands_and_loop_trips():
       'all-gather': 4 * 16 * 2,  # The bf16 shard that is gathered, once.
       'reduce-scatter': 8 * 16 * 4 + 3 * 8 * 16 * 4,  # The fused one, then three loop trips.
       'all-reduce': 3 * 8 * 16 * 4,  # Async pair counted once per trip, at its start.
+      'dcn all-reduce': 2 * 16 * 4,  # The shard sent to the other slice (recv not counted).
   }
 
 
@@ -79,9 +84,12 @@ def test_largest_fitting_finds_the_limit(limit, start, expected):
   assert len(tried) <= 2 * max(limit, start).bit_length() + 2  # Logarithmic, not linear.
 
 
-@pytest.mark.skipif(not _HAS_LIBTPU, reason="libtpu is not installed (pip install '.[tpu]'); "
-                    'it describes TPU topologies for ahead-of-time compilation on this host.')
-def test_tiny_config_compiles_for_a_v5e_slice():
+_NEEDS_LIBTPU = pytest.mark.skipif(
+    not _HAS_LIBTPU, reason="libtpu is not installed (pip install '.[tpu]'); it describes TPU "
+    'topologies for ahead-of-time compilation on this host.')
+
+
+def _small_tpu_config(global_batch: int):
   config = tiny.get_config()
   with config.unlocked():
     config.data.dataset = 'synthetic'
@@ -90,7 +98,13 @@ def test_tiny_config_compiles_for_a_v5e_slice():
     config.model.update(embed_dim=512, num_heads=4, encoder_depth=1, decoder_depth=1,
                         n_registers=4)
     config.capi.num_clusters = 16
-    config.optim.global_batch_size = 8
+    config.optim.global_batch_size = global_batch
+  return config
+
+
+@_NEEDS_LIBTPU
+def test_tiny_config_compiles_for_a_v5e_slice():
+  config = _small_tpu_config(8)
   devices = plans.topology_devices('v5e:2x2')
   assert len(devices) == 4 and devices[0].device_kind == 'TPU v5 lite'
   result = plans.plan(config, 'v5e:2x2', devices)
@@ -104,3 +118,30 @@ def test_tiny_config_compiles_for_a_v5e_slice():
   state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
   assert result['argument_bytes'] < 0.3 * state_bytes, (result['argument_bytes'], state_bytes)
   assert result['collective_bytes'].get('all-gather', 0) > 0
+  assert result['slices'] == 1 and result['dcn_bytes_total'] == 0
+
+
+@_NEEDS_LIBTPU
+def test_two_slices_fsdp_inside_data_parallel_across():
+  config = _small_tpu_config(16)
+  with config.unlocked():
+    config.sharding.mesh = (('data', 2), ('fsdp', -1))
+  devices = plans.topology_devices('v5e:2x2', num_slices=2)
+  assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+  with pytest.raises(ValueError, match='span 2 TPU slices'):
+    sharding.make_mesh(config, devices)
+  with config.unlocked():
+    config.sharding.dcn_mesh = (('data', 2),)
+  mesh = sharding.make_mesh(config, devices)
+  # 'fsdp' runs along one slice's chips, 'data' across the slices.
+  assert all(len({d.slice_index for d in row}) == 1 for row in mesh.devices)
+  assert [row[0].slice_index for row in mesh.devices] == [0, 1]
+  result = plans.plan(config, 'v5e:2x2', devices)
+  assert result['slices'] == 2 and result['mesh'] == {'data': 2, 'fsdp': 4}
+  # The FSDP gathers and gradient reduce-scatters stay inside a slice; what crosses slices is
+  # the all-reduce of each chip's gradient shard (a quarter of the float32 parameters).
+  assert result['collective_bytes']['all-gather'] > 0
+  assert result['collective_bytes']['reduce-scatter'] > 0
+  params = methods.from_config(config).init(jax.random.PRNGKey(0)).params
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  assert result['dcn_bytes']['all-reduce'] == pytest.approx(param_bytes / 4, rel=0.05)

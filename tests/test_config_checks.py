@@ -26,6 +26,9 @@ def test_shipped_configs_are_valid(name):
     ('model.n_registers', 6, "'edge' register coordinates need model.n_registers divisible by 4"),
     ('efficiency.remat_policy', 'everything', "efficiency.remat_policy='everything'"),
     ('data.masking_generator', 'Random', "data.masking_generator='Random'"),
+    ('sharding.dcn_mesh', (('data', 2),), "dcn_mesh: mesh axis 'data' of size 1 cannot span 2"),
+    ('sharding.dcn_mesh', (('model', 2),), "dcn_mesh: names ['model'], not axes of the mesh"),
+    ('sharding.dcn_mesh', (('data', 0),), 'sharding.dcn_mesh=((\'data\', 0),) must be'),
 ])
 def test_bad_value_is_named(key, value, expected):
   config = importlib.import_module('configs.tiny').get_config()

@@ -41,6 +41,7 @@ from capi_jax.engine import checkpointing
 from capi_jax.engine import config_checks
 from capi_jax.engine import metrics_writer
 from capi_jax.engine import pretrained
+from capi_jax.engine import progress
 from capi_jax.engine import runs
 from capi_jax.engine import state as state_lib
 from capi_jax.engine import train
@@ -87,7 +88,7 @@ def _steps(workdir: pathlib.Path) -> list[int]:
 
 def _rows(workdir: pathlib.Path) -> list[dict[str, float]]:
   lines = (workdir / 'metrics.jsonl').read_text().splitlines()
-  return [{k: v for k, v in json.loads(l).items() if k != 'images_per_s'} for l in lines]
+  return [{k: v for k, v in json.loads(l).items() if k not in progress.TIMING_KEYS} for l in lines]
 
 
 @pytest.fixture(scope='module')

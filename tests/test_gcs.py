@@ -139,7 +139,9 @@ def scenario(gcs_emulator, tmp_path_factory):
   start = time.perf_counter()
   seconds = lambda: round(time.perf_counter() - start, 1)
   timeline = {}
-  straight_run = _command('main', straight, cwd, cache, *_flags(MICRO))
+  # The straight run also profiles two steps (jax.profiler writes locally; uploaded at stop).
+  straight_run = _command('main', straight, cwd, cache,
+                          *_flags({**MICRO, 'train.profile_steps': '(2,4)'}))
   first = _command('main', killed, cwd, cache, *_flags(MICRO))
   _wait_for(lambda: (killed / runs.LOCK_NAME).exists(), first, 'the lock')
   # Frozen (its pid alive, its lock fresh) while a second start tries the same workdir.
@@ -168,6 +170,10 @@ def scenario(gcs_emulator, tmp_path_factory):
               still_running=still_running, killed_with=killed_with, second=second,
               second_out=second_out, resumed=resumed, resumed_out=resumed_out,
               evaluate=evaluate, evaluate_out=evaluate_out)
+
+
+def test_a_profile_of_two_steps_lands_in_the_bucket(scenario):
+  assert list((scenario['straight'] / 'profile').glob('plugins/profile/*/*.xplane.pb'))
 
 
 def test_killed_then_resumed_equals_uninterrupted(scenario):

@@ -11,6 +11,7 @@ training process that `launch/local_multiprocess.py` starts.
 """
 
 from capi_jax.data import pipeline
+from capi_jax.engine import progress
 from capi_jax.engine import train
 import json
 import os
@@ -34,7 +35,7 @@ def _env(devices: int) -> dict[str, str]:
 
 def _losses(workdir: pathlib.Path) -> list[dict[str, float]]:
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  return [{k: v for k, v in l.items() if k != 'images_per_s'} for l in lines]
+  return [{k: v for k, v in l.items() if k not in progress.TIMING_KEYS} for l in lines]
 
 
 def test_two_processes_equal_one_process(tmp_path):

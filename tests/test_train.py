@@ -7,6 +7,7 @@ config in WORKDIR: the subprocess that the pre-emption test signals.
 from capi_jax import methods
 from capi_jax.data import pipeline
 from capi_jax.engine import checkpointing
+from capi_jax.engine import progress
 from capi_jax.engine import train
 import json
 import os
@@ -37,7 +38,7 @@ def _micro(total_iters: int):
 def _metrics(workdir: pathlib.Path) -> list[dict[str, float]]:
   lines = (workdir / 'metrics.jsonl').read_text().splitlines()
   # Throughput depends on the machine's load; everything else must match exactly.
-  return [{k: v for k, v in json.loads(l).items() if k != 'images_per_s'} for l in lines]
+  return [{k: v for k, v in json.loads(l).items() if k not in progress.TIMING_KEYS} for l in lines]
 
 
 def _run_script(workdir: pathlib.Path, total: int) -> subprocess.Popen:

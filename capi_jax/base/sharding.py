@@ -1,7 +1,12 @@
 """Device mesh, regex parameter-sharding rules and batch sharding: FSDP (ZeRO-3).
 
 The mesh comes from `config.sharding.mesh`, e.g. (('data', 1), ('fsdp', -1)): named axes and
-their sizes, -1 taking the devices left. Parameters (and everything shaped like them: EMA,
+their sizes, -1 taking the devices left. Runs over several TPU slices (or GPU nodes, one
+process each) say which axes cross the slow network between them in `config.sharding.dcn_mesh`,
+e.g. (('data', 2),) for 2 slices: 'data' is then split over the slices (data parallel over
+DCN: one gradient all-reduce per step) and 'fsdp' stays inside each slice (its per-block
+gathers and reduce-scatters on the fast ICI links), as `mesh_utils.create_hybrid_device_mesh`
+lays them out. Parameters (and everything shaped like them: EMA,
 optimiser moments) are stored as placed by `config.sharding.param_rules`, a sequence of
 (regex on the '/'-joined path, strategy), first match wins:
   'fsdp'       shard the largest dimension divisible by the 'fsdp' axis size over it;
@@ -23,6 +28,7 @@ import re
 from typing import Any
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -51,14 +57,56 @@ def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int
   return names, tuple(sizes)
 
 
+def granules(devices: Sequence[jax.Device]) -> tuple[str, int]:
+  """(what a DCN granule is, how many `devices` span): TPU slices, else processes (a GPU node
+  runs one process in the default SLURM launch; GPUs report slice_index 0 on every node)."""
+  if devices[0].platform == 'tpu':
+    # Compile-only devices of a single slice have no slice_index.
+    return 'slice', len({getattr(d, 'slice_index', 0) for d in devices})
+  return 'process', len({d.process_index for d in devices})
+
+
+def dcn_shape(dcn_axes: Sequence[tuple[str, int]], names: Sequence[str],
+              sizes: Sequence[int]) -> tuple[int, ...]:
+  """Per mesh axis, how many granules it spans (1 for axes `dcn_axes` does not name)."""
+  dcn = {name: int(size) for name, size in dcn_axes}
+  unknown = set(dcn) - set(names)
+  if unknown:
+    raise ValueError(f'names {sorted(unknown)}, not axes of the mesh {list(names)}.')
+  shape = tuple(dcn.get(name, 1) for name in names)
+  for name, size, across in zip(names, sizes, shape):
+    if size % across:
+      raise ValueError(f'mesh axis {name!r} of size {size} cannot span {across} slices evenly.')
+  return shape
+
+
 def make_mesh(config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The mesh of `config.sharding.mesh` over `devices` (default: all devices of all processes)."""
+  """The mesh of `config.sharding.mesh` over `devices` (default: all devices of all processes),
+  hybrid over slices per `config.sharding.dcn_mesh`."""
   devices = list(jax.devices() if devices is None else devices)
   names, sizes = mesh_shape(config.sharding.mesh, len(devices))
   # Auto axes: GSPMD propagates shardings through the model, which is written for global arrays.
   axis_types = (jax.sharding.AxisType.Auto,) * len(names)
-  return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
+  try:
+    across = dcn_shape(config.sharding.get('dcn_mesh') or (), names, sizes)
+  except ValueError as e:
+    raise ValueError(f'sharding.dcn_mesh: {e}') from e
+  kind, count = granules(devices)
+  if math.prod(across) == 1:
+    if kind == 'slice' and count > 1:
+      raise ValueError(
+          f'The {len(devices)} devices span {count} TPU slices: say which mesh axis crosses them, '
+          f"e.g. --config.sharding.mesh=\"(('data', {count}), ('fsdp', -1))\" "
+          f"--config.sharding.dcn_mesh=\"(('data', {count}),)\".")
+    return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
+  if math.prod(across) != count:
+    raise ValueError(f'sharding.dcn_mesh spans {math.prod(across)} {kind}s, but the '
+                     f'{len(devices)} devices are on {count}.')
+  per_granule = tuple(size // n for size, n in zip(sizes, across))
+  grid = mesh_utils.create_hybrid_device_mesh(per_granule, across, devices,
+                                              process_is_granule=kind == 'process')
+  return Mesh(grid, names, axis_types=axis_types)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -44,6 +44,22 @@ def _check_sharding(p: problems_lib.Problems, s: ml_collections.ConfigDict,
       sharding.mesh_shape(mesh, device_count)
     except ValueError as e:
       p.found.append(f'sharding.mesh: {e}')
+  dcn = s.get('dcn_mesh') or ()
+  if p.check(isinstance(dcn, (tuple, list)) and all(
+      isinstance(a, (tuple, list)) and len(a) == 2 and isinstance(a[0], str)
+      and problems_lib.is_int(a[1]) and a[1] >= 1 for a in dcn),
+             f'sharding.dcn_mesh={dcn!r} must be (mesh axis name, number of slices >= 1) pairs, '
+             "e.g. (('data', 2),).") and mesh_ok:
+    sizes = [a[1] for a in mesh]
+    if device_count:
+      try:
+        sizes = list(sharding.mesh_shape(mesh, device_count)[1])
+      except ValueError:
+        pass  # Reported above.
+    try:  # A size still -1 (no device count yet) is checked when the mesh is made.
+      sharding.dcn_shape(dcn, [a[0] for a in mesh], [max(n, 0) for n in sizes])
+    except ValueError as e:
+      p.found.append(f'sharding.dcn_mesh: {e}')
   rules = s.param_rules
   if p.check(isinstance(rules, (tuple, list))
              and all(isinstance(r, (tuple, list)) and len(r) == 2 for r in rules),
@@ -81,6 +97,11 @@ def _engine_problems(p: problems_lib.Problems, config: ml_collections.ConfigDict
   p.number('train.log_loss_every', t.log_loss_every, 1, integer=True)
   p.number('train.nan_check_period', t.nan_check_period, 1, integer=True)
   p.boolean('train.auto_resume', t.auto_resume)
+  steps = t.get('profile_steps', ())
+  p.check(steps == () or (isinstance(steps, (tuple, list)) and len(steps) == 2
+                          and all(problems_lib.is_int(n) for n in steps) and 0 <= steps[0] < steps[1]),
+          f'train.profile_steps={steps!r} must be () (no profile) or (START, STOP) with '
+          '0 <= START < STOP: steps START..STOP-1 are traced, e.g. (10, 12).')
   p.number('train.checkpointing.period', t.checkpointing.period, 1, integer=True)
   p.number('train.checkpointing.max_to_keep', t.checkpointing.max_to_keep, 1, integer=True)
   p.boolean('train.checkpointing.async_save', t.checkpointing.async_save)

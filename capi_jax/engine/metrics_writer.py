@@ -95,6 +95,19 @@ class _TensorBoard:
       shutil.rmtree(self._local, ignore_errors=True)
 
 
+def log_line(step: int, values: dict[str, Any], total_steps: int | None = None) -> str:
+  """'[step 499/2000] loss=0.123, ..., eta=0:05:12': one line per logging step, also the
+  progress report of runs whose stderr is not a terminal (no progress bar there)."""
+  def one(key: str, value: Any) -> str:
+    if key == 'eta_s' and isinstance(value, float):
+      seconds = int(round(value))
+      return f'eta={seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+    return f'{key}={value:.6g}' if isinstance(value, float) else f'{key}={value}'
+
+  where = f'{step}/{total_steps}' if total_steps else f'{step}'
+  return f'[step {where}] ' + ', '.join(one(k, v) for k, v in values.items())
+
+
 class MetricsWriter:
   """One JSON object per line in metrics.jsonl, one log line, one TensorBoard scalar per key.
 
@@ -105,9 +118,11 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike[str], *, enabled: bool = True,
-               start_step: int = 0):
-    """A writer for a run (segment) that begins at `start_step` (steps already done)."""
+               start_step: int = 0, total_steps: int | None = None):
+    """A writer for a run (segment) that begins at `start_step` (steps already done) of
+    `total_steps` (shown in each line)."""
     self.enabled = enabled
+    self.total_steps = total_steps
     self.workdir = storage.path(workdir)
     self._flush_every_s = GCS_FLUSH_S if storage.is_gcs(self.workdir) else 0.0
     self._last_flush = time.monotonic()
@@ -130,8 +145,7 @@ class MetricsWriter:
     values = {k: _to_python(v) for k, v in metrics.items()}
     self._pending.append(json.dumps({'step': int(step), **values}) + '\n')
     # tqdm.write keeps a progress bar (if any) intact below the line.
-    tqdm.tqdm.write(f'[step {step}] ' + ', '.join(
-        f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in values.items()))
+    tqdm.tqdm.write(log_line(step, values, self.total_steps))
     self.write_tensorboard(step, values)
 
   def write_tensorboard(self, step: int, metrics: dict[str, Any], prefix: str = '') -> None:

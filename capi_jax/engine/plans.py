@@ -7,6 +7,11 @@ executable a pod would run, without one. `plan` reports, per chip: memory (argum
 temporaries, outputs not aliased to donated arguments, their total against the chip's HBM),
 XLA's FLOP count for one step and the ideal step at the chip's bf16 peak, collective bytes per
 step by kind; `find_max_batch` searches the largest global batch that fits.
+
+Several slices (`num_slices`, with `config.sharding.dcn_mesh`): the compiled HLO is one slice's
+program. Its collectives stay inside the slice (ICI); what crosses slices over the data centre
+network (DCN) is not a collective op but host-transfer `send`s handled by the
+`xla_megascale_runtime`, reported apart as `dcn_bytes` (the bytes a chip sends per step).
 """
 
 from collections.abc import Callable, Sequence
@@ -48,6 +53,9 @@ CHIPS = {
 
 # HLO opcodes of collectives; async pairs are counted at their '-start'.
 _COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+# Cross-slice transfers: `send`s to this host-transfer handler, their kind in the attribute.
+_MEGASCALE = 'xla_megascale_runtime'
+DCN_PREFIX = 'dcn '
 
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
                 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
@@ -60,8 +68,8 @@ def parse_topology(topology: str) -> tuple[str, Chip, tuple[int, ...]]:
                      f'{sorted(CHIPS)} and GRID like 4x4 or 2x2x4 (chips per slice).')
   return chip_name, CHIPS[chip_name], tuple(int(n) for n in grid.split('x'))
 
-def topology_devices(topology: str) -> list[jax.Device]:
-  """Compile-only devices of one slice of `topology`, from libtpu (no TPU needed)."""
+def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
+  """Compile-only devices of `num_slices` slices of `topology`, from libtpu (no TPU needed)."""
   _, chip, grid = parse_topology(topology)
   # Compile-only use holds no TPU: let other processes (a running job, parallel plans) load
   # libtpu too instead of failing on its lock file.
@@ -70,7 +78,7 @@ def topology_devices(topology: str) -> list[jax.Device]:
   try:
     description = topologies.get_topology_desc(
         name, 'tpu', chip_config_name=chip.chip_config, chips_per_host_bounds=(2, 2, 1),
-        num_slices=1)
+        num_slices=num_slices)
   except Exception as e:  # libtpu missing or the grid unknown to it.
     raise RuntimeError(
         f'libtpu could not describe {topology!r} ({type(e).__name__}: {e}). Install it with '
@@ -111,7 +119,8 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 
   Collectives inside while loops count once per iteration (XLA's `known_trip_count`); a loop
   without a known count is counted once. The TPU compiler's `all-reduce-scatter` computations
-  (an all-reduce sliced to shards) count as reduce-scatters.
+  (an all-reduce sliced to shards) count as reduce-scatters. Cross-slice sends (megascale) count
+  under 'dcn ' + their transfer type, e.g. 'dcn all-reduce'.
   """
   computations: dict[str, list[str]] = {}
   entry, current = None, None
@@ -146,7 +155,10 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         # The TPU compiler's fused reduce-scatter: an all-reduce whose result is sliced to
         # each device's shard (the gradients of FSDP-sharded weights).
         kind = 'reduce-scatter'
-      if kind in _COLLECTIVES and not opcode.endswith('-done'):
+      if opcode == 'send' and _MEGASCALE in line:
+        transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+        kind = DCN_PREFIX + (transfer.group(1).lower().replace('_', '-') if transfer else 'send')
+      if (kind in _COLLECTIVES or kind.startswith(DCN_PREFIX)) and not opcode.endswith('-done'):
         totals[kind] += times * sum(shape_bytes(shapes.get(o, ''))
                                     for o in re.findall(r'%([\w.\-]+)', operands))
       trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
@@ -175,9 +187,12 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   kind = devices[0].device_kind
   peak = hardware.table_peak_flops(kind, 'bfloat16')
   batch = config.optim.global_batch_size
-  collectives = collective_bytes(compiled.as_text())
+  every = collective_bytes(compiled.as_text())
+  collectives = {k: v for k, v in every.items() if not k.startswith(DCN_PREFIX)}
+  dcn = {k.removeprefix(DCN_PREFIX): v for k, v in every.items() if k.startswith(DCN_PREFIX)}
   return {
       'config': config.name, 'topology': topology, 'device_kind': kind, 'chips': len(devices),
+      'slices': sharding.granules(devices)[1],
       'mesh': dict(zip(*sharding.mesh_shape(config.sharding.mesh, len(devices)))),
       'global_batch_size': batch, 'images_per_chip': batch / len(devices),
       'compute_dtype': config.efficiency.compute_dtype,
@@ -187,6 +202,7 @@ def plan(config: ml_collections.ConfigDict, topology: str,
       'flops_per_chip': step_flops, 'peak_flops_per_chip': peak,
       'ideal_step_s': step_flops / peak if peak else None,
       'collective_bytes': collectives, 'collective_bytes_total': sum(collectives.values()),
+      'dcn_bytes': dcn, 'dcn_bytes_total': sum(dcn.values()),
       'compile_s': compile_s,
   }
 
@@ -242,9 +258,12 @@ def report(result: dict[str, Any]) -> str:
   """Human-readable lines for one plan."""
   gib = lambda b: f'{b / GiB:.2f} GiB' if b >= GiB / 10 else f'{b / 2 ** 20:.1f} MiB'
   collectives = ', '.join(f'{k} {gib(v)}' for k, v in sorted(result['collective_bytes'].items()))
+  dcn = ', '.join(f'{k} {gib(v)}' for k, v in sorted(result['dcn_bytes'].items()))
   ideal = result['ideal_step_s']
   return '\n'.join([
-      f"{result['config']} on {result['topology']} ({result['chips']} x {result['device_kind']}, "
+      f"{result['config']} on {result['topology']}"
+      + (f" x {result['slices']} slices" if result['slices'] > 1 else '')
+      + f" ({result['chips']} x {result['device_kind']}, "
       f"mesh {result['mesh']}), global batch {result['global_batch_size']} "
       f"({result['images_per_chip']:g} per chip), {result['compute_dtype']}, "
       f"remat {result['remat_policy']}; compiled in {result['compile_s']:.0f} s",
@@ -256,5 +275,7 @@ def report(result: dict[str, Any]) -> str:
       + (f'{ideal:.3f} s at {result["peak_flops_per_chip"] / 1e12:g} TFLOP/s bf16'
          if ideal else 'unknown (no peak for this chip)'),
       f"  collectives per chip per step: {gib(result['collective_bytes_total'])}"
-      + (f' ({collectives})' if collectives else ''),
-  ])
+      + (f' ({collectives})' if collectives else '')
+      + (' inside each slice (ICI)' if result['slices'] > 1 else ''),
+  ] + ([f"  across slices (DCN) per chip per step: {gib(result['dcn_bytes_total'])} sent"
+        + (f' ({dcn})' if dcn else '')] if result['slices'] > 1 else []))

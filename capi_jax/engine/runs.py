@@ -16,8 +16,10 @@ only process 0 takes the lock and the others follow its outcome, so the processe
 never lock each other out.
 
 Run records: `WORKDIR/runs/<UTC start to the microsecond>_<host>_<pid>.json`, one per start
-that got as far as training: the full config, the command line, the devices, and the step it
-resumed from. A rerun with another config (refused or not) never touches an earlier record.
+that got as far as training: the full config, the command line, the step it resumed from, and
+what reproducing it needs (`provenance`: git commit and dirty flag, library versions, XLA_FLAGS /
+LIBTPU_INIT_ARGS and the like, device kind and count, mesh shape, process count). A rerun with
+another config (refused or not) never touches an earlier record.
 """
 
 import dataclasses
@@ -40,6 +42,7 @@ import numpy as np
 
 from capi_jax.base import errors
 from capi_jax.base import storage
+from capi_jax.engine import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +312,8 @@ def latest_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict 
 
 
 def write_record(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict,
-                 resumed_from: int | None) -> epath.Path | None:
+                 resumed_from: int | None, mesh: jax.sharding.Mesh | None = None
+                 ) -> epath.Path | None:
   """Writes this start's record into WORKDIR/runs/ (process 0 only); returns its path.
 
   The file name is unique to this start and created exclusively, so no record is ever replaced;
@@ -324,6 +328,7 @@ def write_record(workdir: str | os.PathLike[str], config: ml_collections.ConfigD
       'process_count': jax.process_count(), 'device_count': jax.device_count(),
       'platform': jax.devices()[0].platform, 'jax_version': jax.__version__,
       'config': json.loads(config.to_json_best_effort()),
+      **provenance.describe(mesh),  # git, library versions, XLA_FLAGS..., device kind, mesh.
   }
   runs = storage.makedirs(storage.path(workdir) / RUNS_DIR)
   text = json.dumps(record, indent=2) + '\n'

@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the pretraining loop.
 
 From one CPU to a pod, the same loop:
-  - multi-process runs call `jax.distributed.initialize()` (set by `launch/`), each host reads
+  - multi-process runs call `jax.distributed.initialize` (`engine.distributed`), each host reads
     its slice of the data and assembles global arrays;
   - the TrainState is created abstractly, born sharded (or restored sharded from the latest
     checkpoint in WORKDIR/checkpoints), the step is compiled ahead of time and its memory use
@@ -21,6 +21,9 @@ From one CPU to a pod, the same loop:
     at more than 2 consecutive checks (every `train.nan_check_period` steps), or a non-finite
     state at a checkpoint, an evaluation or the end. Only finite states become checkpoints and
     a non-finite model is never evaluated;
+  - every logging step reports step time, images/s, TFLOP/s per device, MFU (where the device's
+    peak is known), the share of time spent waiting for input and the ETA (`engine.progress`);
+    `train.profile_steps` = (START, STOP) traces those steps into WORKDIR/profile;
   - evaluations (`engine.evaluation`) of `evals.model` at the steps `evaluators.due` names
     (each protocol's `period`), and of the EMA with every protocol at the end unless
     `evals.final` is False.
@@ -31,7 +34,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 import jax
@@ -45,15 +47,18 @@ import tqdm
 from capi_jax import evaluators
 from capi_jax import methods
 from capi_jax.base import errors
+from capi_jax.base import hardware
 from capi_jax.base import interface
 from capi_jax.base import sharding
 from capi_jax.base import storage
 from capi_jax.data import pipeline
 from capi_jax.engine import checkpointing
 from capi_jax.engine import config_checks
+from capi_jax.engine import distributed
 from capi_jax.engine import evaluation
 from capi_jax.engine import metrics_writer
 from capi_jax.engine import pretrained
+from capi_jax.engine import progress
 from capi_jax.engine import runs
 from capi_jax.engine import state as state_lib
 from capi_jax.engine import step as step_lib
@@ -66,26 +71,6 @@ CONSECUTIVE_NAN_LIMIT = 2
 class NonFiniteLossError(errors.UserError):
   """Training diverged: the loss was NaN/inf at more than CONSECUTIVE_NAN_LIMIT consecutive
   checks, or the state was not finite where it is checked (checkpoints, evaluations, the end)."""
-
-
-def initialize_distributed() -> None:
-  """`jax.distributed.initialize()` when launched as one of several processes.
-
-  Explicit settings (launch/local_multiprocess.py, or any launcher): JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES, JAX_PROCESS_ID. Otherwise, under SLURM with more than one task, or with
-  CAPI_JAX_DISTRIBUTED=1 (launch/tpu_pod.sh: Cloud TPU pods), JAX detects the cluster itself.
-  Single-process runs skip it.
-  """
-  if jax.distributed.is_initialized():
-    return
-  env = os.environ
-  if 'JAX_COORDINATOR_ADDRESS' in env:
-    jax.distributed.initialize(
-        coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(env['JAX_NUM_PROCESSES']),
-        process_id=int(env['JAX_PROCESS_ID']))
-  elif int(env.get('SLURM_NTASKS', '1')) > 1 or env.get('CAPI_JAX_DISTRIBUTED') == '1':
-    jax.distributed.initialize()
 
 
 class _StopFlag:
@@ -188,7 +173,7 @@ def run_evals(config: ml_collections.ConfigDict, method: interface.Method,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
                        ) -> state_lib.TrainState:
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
-  initialize_distributed()
+  distributed.initialize()
   config_checks.validate(config)
   workdir = storage.makedirs(workdir)  # gs:// stays gs:// (never a local ./gs:/ folder).
   lock = runs.lock_workdir(workdir)
@@ -232,11 +217,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
         state = jax.device_put(state.replace(**variables._asdict()), layout.shardings)
         logger.info('Started from %s.', method.pretrained_paths())
     ckpt.check_space(state)
-    runs.write_record(workdir, config, resumed_from=None if restored is None else latest)
+    runs.write_record(workdir, config, resumed_from=None if restored is None else latest,
+                      mesh=mesh)
 
     total = config.optim.total_iters
     start = int(jax.device_get(state.step))
-    writer = metrics_writer.MetricsWriter(workdir, enabled=is_main, start_step=start)
+    writer = metrics_writer.MetricsWriter(workdir, enabled=is_main, start_step=start,
+                                          total_steps=total)
     cleanup.callback(writer.close)
     stop = _StopFlag()
     cleanup.callback(stop.restore, stop.install())
@@ -246,29 +233,37 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
     step_fn = step_lib.jit_train_step(method, layout, mesh)
     compiled = None
     cfg = config.train
-    global_batch = config.optim.global_batch_size
+    stats = progress.LiveStats(
+        total_steps=total, global_batch=config.optim.global_batch_size,
+        flops_per_step=method.flops_per_step()['total'], device_count=jax.device_count(),
+        peak_flops_per_device=hardware.table_peak_flops(jax.devices()[0].device_kind,
+                                                        config.efficiency.compute_dtype))
+    profiler = progress.StepProfiler(workdir / 'profile', cfg.get('profile_steps') or (),
+                                     is_main, stats)
+    cleanup.callback(profiler.finish)
     bad_checks = 0
-    last_log_time, last_log_step = time.perf_counter(), start
     metrics = None
-    progress = cleanup.enter_context(tqdm.tqdm(
+    bar = cleanup.enter_context(tqdm.tqdm(
         total=total, initial=start, disable=not (is_main and sys.stderr.isatty()), desc='train',
         unit='step', dynamic_ncols=True))
     for step in range(start, total):
-      batch = next_batch()
+      with stats.waiting_for_data():
+        batch = next_batch()
       if compiled is None:
         compiled = step_fn.lower(state, batch).compile()
         _log_memory(compiled)
-        last_log_time = time.perf_counter()
-      with jax.transfer_guard('disallow'):
+        stats.restart(step)
+      profiler.before_step(step)
+      with jax.transfer_guard('disallow'), jax.profiler.StepTraceAnnotation('train',
+                                                                            step_num=step):
         state, metrics = compiled(state, batch)
-      progress.update(1)
+      profiler.after_step(step, state)
+      bar.update(1)
       done = step + 1
 
       if step % cfg.log_loss_every == 0 or done == total:
         host = jax.device_get(metrics)
-        now = time.perf_counter()
-        host['images_per_s'] = (step + 1 - last_log_step) * global_batch / (now - last_log_time)
-        last_log_time, last_log_step = now, step + 1
+        host.update(stats.interval(done))
         writer.write(step, host)
         ckpt.raise_if_save_failed()
 
@@ -301,7 +296,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
       due = evaluators.due(config, done)
       if due and done != total:
         _require_finite(state, ckpt, done, 'evaluation')
-        run_evals(config, method, state, done, workdir, config.evals.model, mesh, writer, due)
+        with stats.excluded():
+          run_evals(config, method, state, done, workdir, config.evals.model, mesh, writer, due)
 
     if metrics is not None:
       _require_finite(state, ckpt, total, 'end of training')
