@@ -24,11 +24,15 @@ import time
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
+import scipy.io
 
 from capi_jax import prepare_data
+from capi_jax.base import problems as problems_lib
 from capi_jax.base import sharding
 from capi_jax.base import storage
 from capi_jax.data import sources
@@ -36,6 +40,8 @@ from capi_jax.engine import checkpointing
 from capi_jax.engine import metrics_writer
 from capi_jax.engine import pretrained
 from capi_jax.engine import runs
+from capi_jax.evaluators import datasets
+from capi_jax.evaluators import seg_data
 from capi_jax.weights import files
 from configs import tiny
 from test_faults import race_for_the_lock
@@ -393,6 +399,58 @@ def test_prepared_data_and_image_folders_on_gcs(gcs_path, tmp_path):
   for i in range(len(local)):
     assert (remote[i]['label'], remote[i]['image']) == (local[i]['label'], local[i]['image'])
     assert remote[i]['name'] == f'{gcs_path}/images/' + os.path.relpath(local[i]['name'], folder)
+
+
+def test_segmentation_and_evaluation_sets_on_gcs(gcs_path, tmp_path):
+  # Each layout written locally, uploaded, and read from the bucket: the same pairs, in the same
+  # order, with the same pixels (SBD's .mat masks and Cityscapes' id mapping included).
+  rng = np.random.default_rng(0)
+  def save(relative, array):
+    (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(tmp_path / relative)
+  for split, names in (('training', 'ba'), ('validation', 'c')):
+    for name in names:
+      save(f'ADEChallengeData2016/images/{split}/{name}.jpg', rng.integers(0, 255, (12, 16, 3),
+                                                                           np.uint8))
+      save(f'ADEChallengeData2016/annotations/{split}/{name}.png', np.full((12, 16), ord(name),
+                                                                           np.uint8))
+  voc, sbd = 'VOCdevkit/VOC2012', 'benchmark_RELEASE/dataset'
+  for path, text in ((f'{voc}/ImageSets/Segmentation/train.txt', 'v1\n'),
+                     (f'{sbd}/train.txt', 's1\n'), (f'{sbd}/val.txt', '')):
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text(text)
+  save(f'{voc}/JPEGImages/v1.jpg', rng.integers(0, 255, (8, 8, 3), np.uint8))
+  save(f'{voc}/SegmentationClass/v1.png', np.full((8, 8), 3, np.uint8))
+  save(f'{sbd}/img/s1.jpg', rng.integers(0, 255, (8, 8, 3), np.uint8))
+  (tmp_path / sbd / 'cls').mkdir()
+  scipy.io.savemat(tmp_path / sbd / 'cls' / 's1.mat',
+                   {'GTcls': {'Segmentation': np.full((8, 8), 7, np.uint8)}})
+  city = 'val/lindau/lindau_000000_000019'
+  save(f'leftImg8bit/{city}_leftImg8bit.png', rng.integers(0, 255, (8, 8, 3), np.uint8))
+  save(f'gtFine/{city}_gtFine_labelIds.png', np.full((8, 8), 26, np.uint8))
+  (tmp_path / 'labels.json').write_text('[1, [2, 3]]')
+  storage.upload_tree(tmp_path, gcs_path / 'data')
+  for spec, split in (('ade20k', 'training'), ('ade20k', 'validation'), ('folder', 'training'),
+                      ('voc2012', 'trainaug'), ('cityscapes', 'val')):
+    inner = 'ADEChallengeData2016' if spec == 'folder' else ''
+    local = seg_data.make_seg_set(f'{spec}:{tmp_path / inner}', split)
+    remote = seg_data.make_seg_set(f'{spec}:{gcs_path}/data/{inner}'.rstrip('/'), split)
+    assert len(remote) == len(local) > 0
+    assert all(p.startswith(f'{gcs_path}/data/') for p in remote.image_paths + remote.mask_paths)
+    for i in range(len(local)):
+      for ours, theirs in zip(remote[i], local[i]):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  storage.remove_tree(gcs_path / 'data' / 'ADEChallengeData2016' / 'annotations' / 'validation')
+  with pytest.raises(FileNotFoundError, match='1 images have no mask'):
+    seg_data.make_seg_set(f'ade20k:{gcs_path}/data', 'validation')
+  # Classification label files (`labels`, `class_map`) on GCS.
+  np.testing.assert_array_equal(datasets.read_targets(f'{gcs_path}/data/labels.json', 2),
+                                [[1, -1], [2, 3]])
+  problems = problems_lib.Problems()
+  for labels in (f'{gcs_path}/data/labels.json', f'{gcs_path}/data/none.json'):
+    datasets.check_set(problems, 'test', ml_collections.ConfigDict(
+        {'dataset': 'synthetic', 'split': 'train', 'labels': labels, 'class_map': ''}))
+  assert len(problems.found) == 1 and 'none.json' in problems.found[0]
 
 
 def test_weight_files_and_params_on_gcs(gcs_path):

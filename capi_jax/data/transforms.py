@@ -1,9 +1,14 @@
 """Image transforms shared by the methods' training transforms and the evaluations.
 
 torchvision semantics where the releases use torchvision: `sample_crop_box` is
-RandomResizedCrop.get_params, `random_resized_crop` crops then resizes (bicubic), `eval_image`
+RandomResizedCrop.get_params, `resized_crop` / `random_resized_crop` crop then resize, `eval_image`
 is Resize(int) + CenterCrop, `color_jitter` / `grayscale` are ColorJitter / Grayscale on PIL.
 Images are PIL in, NHWC numpy out.
+
+Every resize goes through `resize`: torchvision resizes a PIL image with one `Image.resize` call,
+whose pixels depend on the Pillow version (Pillow 13 changed the order of its two passes; see
+`resize`). `resize` gives the pixels of the Pillow versions the releases ran (<= 12) on any
+Pillow, checked bit-exact against torchvision in tests/test_transforms.py.
 
 Training images travel to the accelerator as uint8 pixels (a quarter of float32's bytes, and no
 host time spent normalising); the method normalises them inside its jitted step with
@@ -101,14 +106,63 @@ def normalize_on_device(images: jax.Array, mean: np.ndarray = IMAGENET_MEAN,
   return images.astype(jnp.float32) * scale + offset
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+# Modes that PIL resizes premultiplied (Image.resize converts them and back around the passes).
+_PREMULTIPLIED = {'LA': 'La', 'RGBA': 'RGBa'}
+
+
+def resize(image: Image.Image, size: tuple[int, int],
+           resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+  """`image.resize(size, resample)` as Pillow <= 12 computes it, on every Pillow version.
+
+  That is torchvision's Resize / resized_crop on a PIL image in the releases' environments
+  (CAPI pins torchvision 0.20.1 and Pillow 10.4 / 11.0). PIL resamples separably: a horizontal
+  pass, then a vertical one, each with its own support (scaled by its own axis' reduction), and
+  the image between them is rounded and clipped to the mode's pixels (uint8 for RGB). Pillow 13
+  runs the vertical pass first when the height loses more than twice as many pixels as the width
+  (any height reduction while the width grows); the clipped intermediate then differs, by up to
+  25 / 255 per bicubic pixel (0.44 after ImageNet normalisation), 1 / 255 bilinear. Two calls,
+  the horizontal pass alone then the vertical pass alone, are the <= 12 order on every version.
+
+  Args:
+    image: any mode PIL resizes (NEAREST and modes '1' / 'P' are one pass: no order to fix).
+    size: (width, height), PIL's order.
+    resample: PIL's filter.
+
+  Returns:
+    a new image of `size`.
+  """
+  width, height = size
+  if (width, height) == image.size or resample == Image.Resampling.NEAREST or image.mode in (
+      '1', 'P'):
+    return image.resize(size, resample)
+  if image.mode in _PREMULTIPLIED:  # as Image.resize does, around both passes (not each)
+    premultiplied = image.convert(_PREMULTIPLIED[image.mode])
+    return resize(premultiplied, size, resample).convert(image.mode)
+  if width != image.width:
+    image = image.resize((width, image.height), resample)  # horizontal pass only
+  if height != image.height:
+    image = image.resize((width, height), resample)  # vertical pass only
+  return image
+
+
+def resize_shorter_side(image: Image.Image, size: int,
+                        resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
   """torchvision's Resize(size) (bicubic): the shorter side becomes `size`, aspect kept."""
   width, height = image.size
   if width <= height:
-    new_size = (size, max(int(size * height / width), size))
+    new_size = (size, int(size * height / width))
   else:
-    new_size = (max(int(size * width / height), size), size)
-  return image.resize(new_size, Image.Resampling.BICUBIC)
+    new_size = (int(size * width / height), size)
+  return resize(image, new_size, resample)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+  """torchvision's CenterCrop(size) of an image at least `size` on both sides."""
+  if min(image.size) < size:
+    raise ValueError(f'A {image.width}x{image.height} image has no central {size}x{size} crop.')
+  top = int(round((image.height - size) / 2.0))
+  left = int(round((image.width - size) / 2.0))
+  return image.crop((left, top, left + size, top + size))
 
 
 def eval_image(image: Image.Image, image_size: int) -> np.ndarray:
@@ -118,19 +172,22 @@ def eval_image(image: Image.Image, image_size: int) -> np.ndarray:
   (torchvision's Resize(int) + CenterCrop rounding), normalise.
   """
   image = resize_shorter_side(image, int(image_size * 256 / 224))
-  top = int(round((image.height - image_size) / 2.0))
-  left = int(round((image.width - image_size) / 2.0))
-  return normalize(image.crop((left, top, left + image_size, top + image_size)))
+  return normalize(center_crop(image, image_size))
+
+
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int,
+                 resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+  """torchvision's resized_crop: the (top, left, height, width) box, resized to size x size."""
+  top, left, h, w = box
+  # crop, then resize: torchvision's order (resizing with a box would read pixels outside it).
+  return resize(image.crop((left, top, left + w, top + h)), (size, size), resample)
 
 
 def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float],
                         rng: np.random.Generator, ratio: tuple[float, float] = CROP_RATIO
                         ) -> Image.Image:
   """torchvision's RandomResizedCrop(size, scale, ratio, bicubic) on a PIL image."""
-  top, left, h, w = sample_crop_box(image.height, image.width, scale, ratio, rng)
-  # crop, then resize: torchvision's order (resizing with a box would read pixels outside it).
-  return image.crop((left, top, left + w, top + h)).resize((size, size),
-                                                            Image.Resampling.BICUBIC)
+  return resized_crop(image, sample_crop_box(image.height, image.width, scale, ratio, rng), size)
 
 
 def random_flip(image: Image.Image, rng: np.random.Generator) -> Image.Image:

@@ -25,7 +25,6 @@ is read exactly once, in order, whatever the numbers of processes, hosts and ima
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
 import grain
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from capi_jax.base import problems as problems_lib
+from capi_jax.base import storage
 from capi_jax.data import pipeline
 from capi_jax.data import sources
 from capi_jax.evaluators import protocol
@@ -83,13 +83,13 @@ def check_set(p: problems_lib.Problems, key: str, spec: Any) -> None:
           'split.')
   for file_key in ('labels', 'class_map'):
     path = spec.get(file_key, '')
-    p.check(not path or pathlib.Path(path).is_file(),
+    p.check(not path or storage.path(path).is_file(),
             f'{key}.{file_key}={path!r} is not a file (a JSON list, or "" for none).')
 
 
 def read_targets(path: str, n: int) -> np.ndarray:
   """A JSON list of n labels or label lists -> (n, A) int32 padded with -1."""
-  entries = json.loads(pathlib.Path(path).read_text())
+  entries = json.loads(storage.path(path).read_text())
   if len(entries) != n:
     raise ValueError(f'{path} has {len(entries)} label entries for a dataset of {n} images: give '
                      'one entry (an int or a list of ints) per image, in the dataset order.')
@@ -105,7 +105,7 @@ def classif_set(name: str, spec: ml_collections.ConfigDict, data_dir: str = '') 
   source = sources.make_source(spec.dataset, spec.split, data_dir)
   labels, class_map = spec.get('labels', ''), spec.get('class_map', '')
   targets = read_targets(labels, len(source)) if labels else None
-  mapping = np.asarray(json.loads(pathlib.Path(class_map).read_text()), np.int32) if class_map \
+  mapping = np.asarray(json.loads(storage.path(class_map).read_text()), np.int32) if class_map \
       else None
   return ClassifSet(name, source, targets, mapping)
 

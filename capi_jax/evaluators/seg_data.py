@@ -18,15 +18,21 @@ r"""Segmentation datasets from their released folder layouts: (image, mask) pair
 - `fashion_mnist_scenes[:DIR]`: scenes composed offline from Fashion-MNIST items (`compose_scenes`),
   splits 'train' and 'test'; label 0 is background, items carry their class + 1.
 Masks are returned as PIL images; the protocol applies the official target transform.
+Every ROOT may be local or gs:// (`base.storage`): each folder is listed once (one paged listing on
+GCS, not a request per file), files are read whole.
 """
 
 from collections.abc import Sequence
 import dataclasses
-import pathlib
+import io
+import os
+import typing
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
+from capi_jax.base import storage
 from capi_jax.data import sources
 from capi_jax.evaluators import datasets
 from capi_jax.evaluators import transforms
@@ -51,24 +57,29 @@ class SegSet:
     return len(self.image_paths)
 
   def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image]:
-    image = Image.open(self.image_paths[index]).convert('RGB')
-    return image, _open_mask(self.mask_paths[index])
+    return self.image(index), _open_mask(self.mask_paths[index])
 
   def image(self, index: int) -> Image.Image:
-    return Image.open(self.image_paths[index]).convert('RGB')
+    return Image.open(_readable(self.image_paths[index])).convert('RGB')
+
+
+def _readable(path: str) -> str | typing.BinaryIO:
+  """What PIL and scipy open: a local path as is, a gs:// object's bytes."""
+  return io.BytesIO(storage.path(path).read_bytes()) if storage.is_gcs(path) else path
 
 
 def _open_mask(path: str) -> Image.Image:
   if path.endswith('.mat'):
     import scipy.io  # pylint: disable=g-import-not-at-top
-    return Image.fromarray(scipy.io.loadmat(path)['GTcls'][0]['Segmentation'][0].astype(np.uint8))
+    mat = scipy.io.loadmat(_readable(path))
+    return Image.fromarray(mat['GTcls'][0]['Segmentation'][0].astype(np.uint8))
   if path.endswith('_gtFine_labelIds.png'):
-    ids = np.asarray(Image.open(path))
+    ids = np.asarray(Image.open(_readable(path)))
     table = np.full(256, 255, np.uint8)
     for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
       table[label_id] = train_id
     return Image.fromarray(table[ids])
-  return Image.open(path)
+  return Image.open(_readable(path))
 
 
 class ArraySegSet:
@@ -87,35 +98,44 @@ class ArraySegSet:
     return self.image(index), Image.fromarray(self.masks[index])
 
 
-def _require_dir(path: pathlib.Path, what: str) -> pathlib.Path:
-  if not path.is_dir():
-    raise FileNotFoundError(f'{what}: {path} is not a folder. Check the dataset root and the '
-                            'split name (see capi_jax/evaluators/seg_data.py for the layouts).')
-  return path
+def _files(directory: epath.Path, what: str) -> list[str]:
+  """The files below `directory` ('/'-separated, relative, sorted); an error if it is no folder."""
+  names = list(storage.list_files(directory))
+  if not names:
+    raise FileNotFoundError(f'{what}: {directory} is not a folder or holds no file. Check the '
+                            'dataset root and the split name (see '
+                            'capi_jax/evaluators/seg_data.py for the layouts).')
+  return names
 
 
-def _paired(image_dir: pathlib.Path, mask_dir: pathlib.Path, name: str,
+def _without_file(paths: Sequence[epath.Path], top: epath.Path) -> list[epath.Path]:
+  """The `paths` (below `top`) that are no file, from one listing of `top`."""
+  present = set(storage.list_files(top))
+  return [p for p in paths if os.fspath(p)[len(os.fspath(top)) + 1:] not in present]
+
+
+def _paired(image_dir: epath.Path, mask_dir: epath.Path, name: str,
             mask_suffix: str = '.png') -> SegSet:
-  """Every image of image_dir (sorted) with mask_dir/<stem><mask_suffix>."""
-  images = sorted(p for p in _require_dir(image_dir, name).iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES)
+  """Every image directly in image_dir (sorted) with mask_dir/<stem><mask_suffix>."""
+  images = [image_dir / f for f in _files(image_dir, name)
+            if '/' not in f and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
   if not images:
     raise FileNotFoundError(f'{name}: no {"/".join(IMAGE_SUFFIXES)} image in {image_dir}.')
   masks = [mask_dir / (p.stem + mask_suffix) for p in images]
-  missing = [m for m in masks if not m.exists()]
+  missing = _without_file(masks, mask_dir)
   if missing:
     raise FileNotFoundError(f'{name}: {len(missing)} images have no mask, e.g. {missing[0]}.')
-  return SegSet(name, [p.as_posix() for p in images], [m.as_posix() for m in masks])
+  return SegSet(name, [os.fspath(p) for p in images], [os.fspath(m) for m in masks])
 
 
 def ade20k(root: str, split: str) -> SegSet:
-  base = pathlib.Path(root)
+  base = storage.path(root)
   if (base / 'ADEChallengeData2016').is_dir():
     base = base / 'ADEChallengeData2016'
   return _paired(base / 'images' / split, base / 'annotations' / split, f'ade20k:{split}')
 
 
-def _find(root: pathlib.Path, relative: str) -> pathlib.Path:
+def _find(root: epath.Path, relative: str) -> epath.Path:
   for candidate in (root / relative, root / 'original' / relative, root / 'aug' / relative):
     if candidate.is_dir():
       return candidate
@@ -124,7 +144,7 @@ def _find(root: pathlib.Path, relative: str) -> pathlib.Path:
 
 
 def voc2012(root: str, split: str) -> SegSet:
-  base = pathlib.Path(root)
+  base = storage.path(root)
   voc = _find(base, 'VOCdevkit/VOC2012')
   ids = lambda path: path.read_text().split()
   voc_split = lambda s: [(voc / 'JPEGImages' / f'{i}.jpg', voc / 'SegmentationClass' / f'{i}.png')
@@ -137,28 +157,30 @@ def voc2012(root: str, split: str) -> SegSet:
                                   for s in ('train', 'val') for i in ids(sbd / f'{s}.txt')]
   else:
     raise ValueError(f"VOC2012 has splits 'train', 'val' and 'trainaug', not {split!r}.")
-  return SegSet(f'voc2012:{split}', [i.as_posix() for i, _ in pairs],
-                [m.as_posix() for _, m in pairs])
+  return SegSet(f'voc2012:{split}', [os.fspath(i) for i, _ in pairs],
+                [os.fspath(m) for _, m in pairs])
 
 
 def cityscapes(root: str, split: str) -> SegSet:
-  base = pathlib.Path(root)
-  image_root = _require_dir(base / 'leftImg8bit' / split, f'cityscapes:{split}')
-  images = sorted(image_root.glob('*/*_leftImg8bit.png'))
+  base = storage.path(root)
+  image_root, mask_root = base / 'leftImg8bit' / split, base / 'gtFine' / split
+  found = [f.split('/') for f in _files(image_root, f'cityscapes:{split}')]
+  images = [image_root / city / name for city, name in sorted(  # by city, then name
+      f for f in found if len(f) == 2 and f[1].endswith('_leftImg8bit.png'))]
   if not images:
     raise FileNotFoundError(f'cityscapes:{split}: no */*_leftImg8bit.png under {image_root}.')
-  masks = [base / 'gtFine' / split / p.parent.name /
+  masks = [mask_root / p.parent.name /
            p.name.replace('_leftImg8bit.png', '_gtFine_labelIds.png') for p in images]
-  missing = [m for m in masks if not m.exists()]
+  missing = _without_file(masks, mask_root)
   if missing:
     raise FileNotFoundError(f'cityscapes:{split}: {len(missing)} images have no gtFine labelIds '
                             f'mask, e.g. {missing[0]}.')
-  return SegSet(f'cityscapes:{split}', [p.as_posix() for p in images],
-                [m.as_posix() for m in masks])
+  return SegSet(f'cityscapes:{split}', [os.fspath(p) for p in images],
+                [os.fspath(m) for m in masks])
 
 
 def folder(root: str, split: str) -> SegSet:
-  base = pathlib.Path(root)
+  base = storage.path(root)
   return _paired(base / 'images' / split, base / 'annotations' / split, f'folder:{split}')
 
 

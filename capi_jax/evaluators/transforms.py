@@ -1,8 +1,10 @@
 """The official evaluation transforms (CAPI's eval_*.py torchvision pipelines) on PIL images.
 
-torchvision resizes PIL images with PIL itself, so these are the same pixels, not an
-approximation; outputs are channels-last float32 normalised with `data.transforms.normalize`
-(the official ToTensor + Normalize up to float32 rounding, ~1e-7).
+torchvision resizes PIL images with PIL itself; `data.transforms.resize` runs PIL's passes in the
+order of the Pillow versions the release pinned (10.4 / 11.0; Pillow 13 changed it), so these are
+the official pixels bit for bit on any Pillow (tests/test_transforms.py, against torchvision
+0.20.1). Outputs are channels-last float32 normalised with `data.transforms.normalize` (the
+official ToTensor + Normalize up to float32 rounding, ~1e-7).
 - `classif_train`: RandomResizedCrop(size, scale (0.08, 1), ratio (3/4, 4/3), bicubic), horizontal
   flip with probability 0.5 (`eval_classification.py` train transform).
 - `classif_eval`: shorter side to size * 256 / 224 (bicubic), central size x size crop (Resize(256)
@@ -33,7 +35,7 @@ def classif_eval(image: Image.Image, size: int) -> np.ndarray:
 
 def seg_image(image: Image.Image, size: int) -> np.ndarray:
   """Resize((size, size)) bicubic, normalised: float32 (size, size, 3)."""
-  return image_ops.normalize(image.convert('RGB').resize((size, size), Image.Resampling.BICUBIC))
+  return image_ops.normalize(image_ops.resize(image.convert('RGB'), (size, size)))
 
 
 def seg_target(mask: Image.Image, size: int) -> np.ndarray:
