@@ -55,11 +55,11 @@ class CaeV2Transform(grain.transforms.RandomMap):
       image = self._jitter(image, rng)
     if self.do_hflip:
       image = transforms.random_flip(image, rng)
-    top, left, h, w = transforms.sample_crop_box(image.height, image.width, self.crop_scale,
-                                                 transforms.CROP_RATIO, rng)
-    crop = image.crop((left, top, left + w, top + h))
-    student = crop.resize((self.image_size,) * 2, Image.Resampling.BICUBIC)
-    teacher = crop.resize((self.teacher_image_size,) * 2, Image.Resampling.BICUBIC)
+    box = transforms.sample_crop_box(image.height, image.width, self.crop_scale,
+                                     transforms.CROP_RATIO, rng)
+    # One crop at both sizes (the release's two-resolution RandomResizedCrop).
+    student = transforms.resized_crop(image, box, self.image_size)
+    teacher = transforms.resized_crop(image, box, self.teacher_image_size)
     masked = self.mask_generator(self.num_mask_patches, rng).ravel()
     return {
         'images': np.asarray(student, np.uint8),

@@ -97,11 +97,8 @@ class MultiCrop(grain.transforms.RandomMap):
   def _view(self, image: Image.Image, rng: np.random.Generator, size: int,
            scale: tuple[float, float], blur_p: float, solarize_p: float) -> np.ndarray:
     """One augmented view, float32 (size, size, 3), normalised."""
-    top, left, h, w = transforms.sample_crop_box(image.height, image.width, scale,
-                                                 transforms.CROP_RATIO, rng)
-    # crop, then resize: torchvision's order (resizing with a box would read pixels outside it).
-    image = image.crop((left, top, left + w, top + h)).resize((size, size),
-                                                              Image.Resampling.BICUBIC)
+    box = transforms.sample_crop_box(image.height, image.width, scale, transforms.CROP_RATIO, rng)
+    image = transforms.resized_crop(image, box, size)
     if rng.random() < self.flip_p:
       image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < self.jitter_p:
