@@ -24,6 +24,7 @@ import optax
 
 from capi_jax.base import optim
 from capi_jax.base import schedules
+from capi_jax.models import stack
 
 PyTree = Any
 
@@ -32,10 +33,12 @@ _CLIP_EPS = 1e-6
 
 
 def weight_decay_mults(params: PyTree) -> PyTree:
-  """1.0 for the leaves the release decays (>= 2 dims and not named 'bias'), 0.0 otherwise."""
+  """1.0 for the leaves the release decays (>= 2 dims per block and not named 'bias'), 0.0
+  otherwise."""
   def mult(path, leaf) -> float:
-    name = optim.path_name(path).split('/')[-1]
-    return 1.0 if len(leaf.shape) >= 2 and name != 'bias' else 0.0
+    path = optim.path_name(path)
+    ndim = stack.block_ndim(path, len(leaf.shape))
+    return 1.0 if ndim >= 2 and path.split('/')[-1] != 'bias' else 0.0
   return jax.tree_util.tree_map_with_path(mult, params)
 
 
