@@ -125,6 +125,11 @@ def get_config() -> ml_collections.ConfigDict:
   # per chip: dots_and_attention 9.72 GiB per chip (2.23e13 FLOPs per step), full 6.55 GiB
   # (2.48e13); dots_and_attention still fits at 104 per chip (14.93 GiB). docs/pod_plans.md.
   c.efficiency.remat_policy = 'dots_and_attention'
+  # The blocks of each stack as one scan over stacked parameters (checkpoints hold them with a
+  # leading layer axis; `models/stack.py`), not a Python loop: XLA compiles one block per stack
+  # instead of every one. False keeps the per-block loop (parity, debugging); checkpoints move
+  # between the two layouts on restore and through `convert`.
+  c.efficiency.scan_layers = True
 
   # FSDP (capi_jax/base/sharding.py): parameters, EMA and optimiser state are stored sharded
   # over the 'fsdp' axis; each transformer block gathers its own weights where it runs.

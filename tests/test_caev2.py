@@ -36,6 +36,7 @@ from capi_jax.methods.caev2 import loss as caev2_loss
 from capi_jax.methods.caev2 import optim as caev2_optim
 from capi_jax.methods.caev2 import regressor
 from capi_jax.methods.caev2 import teacher as teacher_lib
+from capi_jax.models import stack
 from capi_jax.models import vit
 from capi_jax.reference import caev2 as parity
 from capi_jax.reference import harness
@@ -329,6 +330,28 @@ def test_parity_suite_runs_on_a_fixture_with_equal_widths():
   arrays['fwd/labels'] = arrays['fwd/labels'] + 1e-3  # a wrong number is caught
   labels_only = [c for c in parity.SUITE.comparisons if c.name == 'labels']
   assert not harness.run(arrays, comparisons=labels_only).ok
+
+
+@pytest.mark.parametrize('policy', ['none', 'full'])
+def test_scanned_regressor_computes_what_the_loop_computes(policy):
+  """Stacked `regressor_blocks` (keys and values [visible, queries] rebuilt per block), the
+  same outputs and gradients; the official names through the per-block layout."""
+  loop = _module(12, remat_policy=policy)
+  scanned = loop.clone(scan_layers=True)
+  latents, _, visible, masked_idx = _inputs(encoder_width=16, batch=3)
+  params = _random_params(loop, latents, visible, masked_idx)
+  stacked = stack.to_scan_layout(params)
+  assert stacked['regresser']['regressor_blocks']['cross_attn']['q_bias'].shape == (2, 12)
+  run = lambda m: lambda p: m.apply({'params': p}, latents, visible, masked_idx)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  jax.tree.map(close, run(scanned)(stacked), run(loop)(params))
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(run(m)(p)[0]))
+  jax.tree.map(close, stack.to_loop_layout(jax.grad(loss(scanned))(stacked)),
+               jax.grad(loss(loop))(params))
+  official = caev2_convert.regressor_to_official(params)
+  assert caev2_convert.regressor_to_official(stacked).keys() == official.keys()
+  jax.tree.map(np.testing.assert_array_equal,
+               caev2_convert.regressor_to_flax(official, jax.eval_shape(lambda: stacked)), stacked)
 
 
 # ---------------------------------------------------------------------------- stochastic depth

@@ -1,4 +1,5 @@
-"""Checkpoints: round trip with the Grain iterator, atomicity, the config compatibility check."""
+"""Checkpoints: round trip with the Grain iterator, atomicity, the config compatibility check, the
+block-stack layouts."""
 
 import shutil
 
@@ -8,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from capi_jax.base import interface
 from capi_jax.base import sharding
 from capi_jax.engine import checkpointing
+from capi_jax.engine import pretrained
+from capi_jax.models import stack
 from test_train_step import micro_config
 
 
@@ -89,3 +93,44 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
   assert 'capi.num_clusters: checkpoint 16 vs config 32' in message
   assert 'drop_path_rate' not in message and 'new --workdir' in message
   ckpt.close()
+
+
+@pytest.mark.parametrize('save_scanned', [False, True])
+def test_checkpoint_moves_between_block_layouts(tmp_path, save_scanned):
+  """efficiency.scan_layers changed between runs: the checkpoint is read in its own layout
+  (per-block `blocks_i` or stacked `blocks`), converted, and placed like the target."""
+  config = micro_config()
+  mesh = sharding.make_mesh(config)
+  block = lambda v: {'w': jnp.full((8, 4), v), 'b': jnp.full((4,), v)}
+  loop = {'params': {'encoder': {'blocks_0': block(1.0), 'blocks_1': block(2.0)}},
+          'opt_state': ({'mu': {'encoder': {'blocks_0': block(3.0), 'blocks_1': block(4.0)}}},),
+          'step': jnp.int32(7)}
+  place = lambda tree: jax.device_put(tree, sharding.tree_shardings(mesh, tree, (('.*', 'fsdp'),)))
+  loop, scanned = place(loop), place(stack.to_scan_layout(loop))
+  saved, wanted = (scanned, loop) if save_scanned else (loop, scanned)
+  ckpt = checkpointing.Checkpointer(tmp_path, config)
+  ckpt.save(1, saved, _iterator())
+  ckpt.wait()
+  restored = ckpt.restore(1, _target(wanted), None)
+  assert jax.tree.structure(restored) == jax.tree.structure(wanted)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(wanted))
+  jax.tree.map(lambda r, w: r.sharding.is_equivalent_to(w.sharding, r.ndim) or pytest.fail(
+      f'{r.sharding} != {w.sharding}'), restored, wanted)
+  ckpt.close()
+
+
+def test_pretrained_weights_take_the_runs_block_layout():
+  """A backbone or run written with the other `scan_layers` is converted for the method."""
+  loop = {'encoder': {'blocks_0': {'w': np.ones((2, 3))}, 'blocks_1': {'w': np.zeros((2, 3))}}}
+  scanned = stack.to_scan_layout(loop)
+  run_vars = interface.Variables({'backbone': loop}, {}, {})
+  found = pretrained._in_layout_of(
+      interface.Pretrained(backbone=scanned, method='capi',
+                           variables=interface.Variables({'backbone': scanned}, {}, {})),
+      run_vars)
+  jax.tree.map(np.testing.assert_array_equal, found.backbone, loop)
+  jax.tree.map(np.testing.assert_array_equal, found.variables, run_vars)
+  as_scanned = pretrained._in_layout_of(interface.Pretrained(backbone=loop),
+                                        interface.Variables({'backbone': scanned}, {}, {}))
+  assert as_scanned.backbone['encoder']['blocks']['w'].shape == (2, 2, 3)
+  assert as_scanned.variables is None

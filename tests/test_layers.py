@@ -179,37 +179,59 @@ class Owner(nn.Module):
   """Holds a stack of 4 AddBlocks in its own scope."""
   n_run: int | None = None
   remat_policy: str = 'none'
+  scan: bool = False
+  keep: tuple[int, ...] = (0, 2)
 
   @nn.compact
   def __call__(self, x, offset):
-    return stack.block_stack(AddBlock, {}, x, offset, depth=4, name='layer',
+    return stack.block_stack(AddBlock, {}, x, offset, depth=4, name='blocks',
                              remat_policy=self.remat_policy,
                              layer_fields={'layer_value': (0.0, 10.0, 20.0, 30.0)},
-                             n_run=self.n_run, keep={0, 2})
+                             n_run=self.n_run, keep=self.keep, scan=self.scan)
 
 
+@pytest.mark.parametrize('scan', [False, True])
 @pytest.mark.parametrize('policy', layers.REMAT_POLICIES)
-def test_block_stack_runs_named_blocks_in_order_and_keeps_outputs(policy):
+def test_block_stack_runs_named_blocks_in_order_and_keeps_outputs(policy, scan):
   x, offset = jnp.zeros((2, 3)), jnp.ones((2, 3))
-  variables = Owner(remat_policy=policy).init(jax.random.key(0), x, offset)
-  assert set(variables['params']) == {'layer_0', 'layer_1', 'layer_2', 'layer_3'}
-  out, kept = Owner(remat_policy=policy).apply(variables, x, offset)
+  owner = Owner(remat_policy=policy, scan=scan)
+  variables = owner.init(jax.random.key(0), x, offset)
+  if scan:
+    assert jax.tree.map(np.shape, variables['params']) == {'blocks': {'w': (4, 3)}}
+  else:
+    assert set(variables['params']) == {'blocks_0', 'blocks_1', 'blocks_2', 'blocks_3'}
+  out, kept = owner.apply(variables, x, offset)
   np.testing.assert_array_equal(out, np.full((2, 3), 4 + 60.0))
   assert sorted(kept) == [0, 2]
   np.testing.assert_array_equal(kept[0], np.full((2, 3), 1.0))
   np.testing.assert_array_equal(kept[2], np.full((2, 3), 3 + 30.0))
-  grads = jax.grad(lambda v: jnp.sum(Owner(remat_policy=policy).apply(v, x, offset)[0]))(variables)
+  grads = jax.grad(lambda v: jnp.sum(owner.apply(v, x, offset)[0]))(variables)
   assert all(np.all(g == 2.0) for g in jax.tree.leaves(grads))
 
 
-def test_block_stack_runs_only_the_first_n_run_blocks():
+@pytest.mark.parametrize('scan', [False, True])
+def test_block_stack_runs_only_the_first_n_run_blocks(scan):
   x, offset = jnp.zeros((2, 3)), jnp.ones((2, 3))
-  variables = Owner().init(jax.random.key(0), x, offset)
-  out, kept = Owner(n_run=1).apply(variables, x, offset)
+  variables = Owner(scan=scan).init(jax.random.key(0), x, offset)
+  out, kept = Owner(n_run=1, scan=scan).apply(variables, x, offset)
   np.testing.assert_array_equal(out, np.ones((2, 3)))
   assert sorted(kept) == [0]
-  out, kept = Owner(n_run=0).apply(variables, x, offset)
+  out, kept = Owner(n_run=0, scan=scan).apply(variables, x, offset)
   assert out is x and not kept
+
+
+def test_scanned_stack_equals_the_loop_on_converted_parameters():
+  """Random per-block parameters, loop vs scan on `to_scan_layout` of them; no kept outputs
+  too (no buffer is carried then)."""
+  x, offset = jax.random.normal(jax.random.key(0), (2, 3)), jnp.ones((2, 3))
+  loop = Owner(keep=())
+  params = jax.tree.map(lambda w: w * np.float32(np.random.default_rng(0).normal()),
+                        loop.init(jax.random.key(0), x, offset)['params'])
+  scanned = stack.to_scan_layout(params)
+  assert jax.tree.map(np.shape, scanned) == {'blocks': {'w': (4, 3)}}
+  got = Owner(keep=(), scan=True).apply({'params': scanned}, x, offset)
+  np.testing.assert_allclose(got[0], loop.apply({'params': params}, x, offset)[0], rtol=1e-6)
+  assert got[1] == {}
 
 
 def test_block_stack_rejects_an_unknown_remat_policy():
@@ -234,3 +256,62 @@ def test_block_stack_applies_with_a_mutable_collection():
   out, state = Sowing().apply(variables, x, mutable=['intermediates'])
   np.testing.assert_array_equal(out, Sowing().apply(variables, x))
   assert list(state['intermediates']) == ['input']
+
+
+# ---------------------------------------------------------------------------- layouts
+def _loop_tree():
+  block = lambda i: {'attn': {'kernel': np.full((2, 3), i, np.float32)},
+                     'norm': {'scale': np.full((3,), i, np.float32)}}
+  return {'encoder': {'blocks_0': block(0), 'blocks_1': block(1), 'other_0': {'b': np.ones(1)}},
+          'regresser': {'regressor_blocks_0': block(5)}, 'head': {'Dense_0': {'b': np.ones(2)}}}
+
+
+def test_layouts_round_trip_and_leave_other_names_alone():
+  loop = _loop_tree()
+  scanned = stack.to_scan_layout(loop)
+  assert jax.tree.map(np.shape, scanned) == {
+      'encoder': {'blocks': {'attn': {'kernel': (2, 2, 3)}, 'norm': {'scale': (2, 3)}},
+                  'other_0': {'b': (1,)}},
+      'regresser': {'regressor_blocks': {'attn': {'kernel': (1, 2, 3)}, 'norm': {'scale': (1, 3)}}},
+      'head': {'Dense_0': {'b': (2,)}}}
+  np.testing.assert_array_equal(scanned['encoder']['blocks']['norm']['scale'][1], np.ones(3))
+  assert stack.is_scanned(scanned) and not stack.has_loop_stack(scanned)
+  assert stack.has_loop_stack(loop) and not stack.is_scanned(loop)
+  back = stack.to_loop_layout(scanned)
+  assert jax.tree.structure(back) == jax.tree.structure(loop)
+  jax.tree.map(np.testing.assert_array_equal, back, loop)
+  assert stack.to_layout_of(loop, scanned)['encoder']['blocks']['attn']['kernel'].shape == (2, 2, 3)
+  assert stack.to_layout_of(scanned, loop).keys() == loop.keys()
+  assert stack.to_layout_of(loop, loop) is loop
+  assert stack.to_layout_of(loop, {'head': {}}) is loop  # A target without stacks.
+
+
+def test_layouts_go_through_states_and_keep_shardings():
+  """Optimiser states (NamedTuples, None), abstract leaves with their shardings (the layer
+  axis never sharded), per-leaf settings that every block shares."""
+  mesh = jax.make_mesh((1,), ('fsdp',), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:1])
+  spec = lambda *s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
+  leaf = lambda: jax.ShapeDtypeStruct((4, 8), jnp.float32, sharding=spec(None, 'fsdp'))
+  state = ({'blocks_0': {'w': leaf()}, 'blocks_1': {'w': leaf()}},
+           (None, {'mu': {'blocks_0': {'w': leaf()}, 'blocks_1': {'w': leaf()}}}),
+           {'blocks_0': {'w': 0.5}, 'blocks_1': {'w': 0.5}})
+  scanned = stack.to_scan_layout(state)
+  stacked = scanned[0]['blocks']['w']
+  assert stacked.shape == (2, 4, 8)
+  assert stacked.sharding.spec == jax.sharding.PartitionSpec(None, None, 'fsdp')
+  assert scanned[1][0] is None and scanned[1][1]['mu']['blocks']['w'].shape == (2, 4, 8)
+  assert scanned[2] == {'blocks': {'w': 0.5}}
+  back = stack.to_loop_layout(scanned[:2])
+  assert back[0]['blocks_1']['w'].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+  with pytest.raises(ValueError, match='no layer count'):
+    stack.to_loop_layout(scanned[2])
+  with pytest.raises(ValueError, match='different settings'):
+    stack.to_scan_layout({'blocks_0': {'w': 0.5}, 'blocks_1': {'w': 1.0}})
+
+
+def test_block_ndim_counts_per_block_dims():
+  assert stack.block_ndim('encoder/blocks/norm/bias', 2) == 1
+  assert stack.block_ndim('encoder/blocks_3/norm/bias', 1) == 1
+  assert stack.block_ndim('regresser/regressor_blocks/q_bias', 2) == 1
+  assert stack.block_ndim('mask_token', 3) == 3

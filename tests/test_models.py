@@ -11,6 +11,7 @@ import pytest
 
 from capi_jax.models import encoder_decoder
 from capi_jax.models import layers
+from capi_jax.models import stack
 from capi_jax.reference import capi as capi_parity
 from capi_jax.reference import harness
 
@@ -286,3 +287,47 @@ def test_grouped_drop_path_on_a_sharded_batch_equals_one_device():
   apply = jax.jit(lambda v, x: res.apply(v, x, rngs={'drop_path': jax.random.key(2)}))
   sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
   np.testing.assert_allclose(apply(variables, sharded), apply(variables, x), rtol=1e-6, atol=1e-6)
+
+
+def test_scanned_blocks_compute_what_the_loop_computes():
+  """efficiency.scan_layers: the same numbers on the same (stacked) parameters, in every
+  forward (eval: one predictor block of two; pretrain; encode with kept block outputs) and
+  in the gradients, within float32 reassociation."""
+  loop_cfg, scan_cfg = small_config(encoder_depth=3, out_layer=2), small_config(
+      encoder_depth=3, out_layer=2)
+  scan_cfg.efficiency.scan_layers = True
+  loop, scanned = encoder_decoder.from_config(loop_cfg), encoder_decoder.from_config(scan_cfg)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
+  params = jax.jit(loop.init)(jax.random.key(1), images)['params']
+  stacked = stack.to_scan_layout(params)
+  assert jax.tree.structure(stacked) == jax.tree.structure(
+      jax.eval_shape(scanned.init, jax.random.key(1), images)['params'])
+  assert stacked['encoder']['blocks']['residual1']['fn']['q_proj']['kernel'].shape == (3, 48, 48)
+  close = functools.partial(np.testing.assert_allclose, atol=2e-5, rtol=2e-5)
+  jax.tree.map(close, scanned.apply({'params': stacked}, images),
+               loop.apply({'params': params}, images))
+  visible, predict = jnp.tile(jnp.arange(3), (2, 1)), jnp.tile(jnp.array([3, 5]), (2, 1))
+  run = lambda model, p, fn: model.apply({'params': p}, images, visible, predict, method=fn)
+  jax.tree.map(close, run(scanned, stacked, 'pretrain'), run(loop, params, 'pretrain'))
+  encode = lambda model, p: model.apply({'params': p}, images, blocks=(0, 2), method='encode')
+  ours, ref = encode(scanned, stacked), encode(loop, params)
+  close(ours.tokens, ref.tokens)
+  assert sorted(ours.blocks) == [0, 2]
+  jax.tree.map(close, ours.blocks, ref.blocks)
+  loss = lambda model: lambda p: jnp.sum(jnp.sin(run(model, p, 'pretrain')[1]))
+  grads = jax.grad(loss(scanned))(stacked)
+  jax.tree.map(close, stack.to_loop_layout(grads), jax.grad(loss(loop))(params))
+
+
+def test_scanned_blocks_draw_stochastic_depth_per_layer():
+  cfg = small_config(drop_path_rate=0.5, encoder_depth=3)
+  cfg.efficiency.scan_layers = True
+  model = encoder_decoder.from_config(cfg)
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  variables = jax.jit(model.init)(jax.random.key(1), images)
+  visible, predict = jnp.tile(jnp.arange(3), (4, 1)), jnp.tile(jnp.array([3]), (4, 1))
+  apply = jax.jit(lambda k: model.apply(variables, images, visible, predict, train=True,
+                                        rngs={'drop_path': k}, method='pretrain'))
+  a, b = apply(jax.random.key(2)), apply(jax.random.key(3))
+  assert np.all(np.isfinite(a[1])) and not np.allclose(a[1], b[1])
+  np.testing.assert_array_equal(apply(jax.random.key(2))[1], a[1])

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from capi_jax.models import stack
 from capi_jax.models import vit
 from capi_jax.reference import harness
 from capi_jax.weights import rules
@@ -205,6 +206,13 @@ def test_round_trips_are_exact(mimref, caev2, d2v2):
   for official, model, family, prefix in cases:
     params = vit_weights.official_to_params(official, model, family, prefix=prefix)
     assert_same_state_dict(vit_weights.params_to_official(params, family, prefix=prefix), official)
+    # Scanned layers: stacked block parameters, converted through the per-block names.
+    stacked = vit_weights.official_to_params(official, model.clone(scan_layers=True), family,
+                                             prefix=prefix)
+    assert 'blocks' in stacked and 'blocks_0' not in stacked
+    jax.tree.map(np.testing.assert_array_equal, stacked, stack.to_scan_layout(params))
+    assert_same_state_dict(vit_weights.params_to_official(stacked, family, prefix=prefix),
+                           official)
 
 
 def test_mae_checkpoint_names():
@@ -325,12 +333,15 @@ def _groups(rows: np.ndarray, atol: float) -> list[np.ndarray]:
   return groups
 
 
-def test_drop_path_is_per_sample_and_needs_its_rng():
-  # Block 1 drops at 0.5 (block 0 at 0: rates grow linearly); no final norm.
-  model = tiny(depth=2, drop_path_rate=0.5, final_norm=False)
+@pytest.mark.parametrize('scan', [False, True])
+def test_drop_path_is_per_sample_and_needs_its_rng(scan):
+  # Block 1 drops at 0.5 (block 0 at 0: rates grow linearly); no final norm. Scanned, the
+  # rates are traced: block 0 draws too, and keeps every sample.
+  model = tiny(depth=2, drop_path_rate=0.5, final_norm=False, scan_layers=scan)
   one = jax.random.normal(jax.random.key(1), (1, 12, 12, 3))
   images = jnp.tile(one, (256, 1, 1, 1))  # identical samples: outputs differ by the draws only
-  params = random_params(model)
+  params = random_params(model.clone(scan_layers=False))
+  params = stack.to_scan_layout(params) if scan else params
   out, evaluated = jax.jit(lambda p, x: (
       model.apply({'params': p}, x, blocks=(0,), train=True, method=model.encode,
                   rngs={'drop_path': jax.random.key(2)}),
@@ -355,6 +366,29 @@ def test_compute_dtype_and_remat():
   np.testing.assert_allclose(remat, ref, rtol=0, atol=1e-6)
   assert bf16.dtype == jnp.bfloat16
   np.testing.assert_allclose(bf16.astype(np.float32), ref, rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize('policy', ['none', 'dots_and_attention'])
+def test_scanned_blocks_compute_what_the_loop_computes(policy):
+  """The same numbers from stacked parameters: kept block outputs, visible indices, layer
+  scale and q/v biases (the caev2 family), gradients."""
+  loop = tiny(depth=3, remat_policy=policy)
+  scanned = loop.clone(scan_layers=True)
+  images = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
+  params = random_params(loop)
+  stacked = stack.to_scan_layout(params)
+  assert stacked['blocks']['attn']['q_bias'].shape == (3, 16)
+  visible = jnp.array([[0, 4, 8], [1, 2, 7]])
+  encode = lambda m, p: m.apply({'params': p}, images, visible_indices=visible, blocks=(2, 0),
+                                method=m.encode)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  ours, ref = jax.jit(encode, static_argnums=0)(scanned, stacked), encode(loop, params)
+  close(ours.tokens, ref.tokens)
+  assert sorted(ours.blocks) == [0, 2]
+  jax.tree.map(close, ours.blocks, ref.blocks)
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(encode(m, p).tokens))
+  jax.tree.map(close, stack.to_loop_layout(jax.grad(loss(scanned))(stacked)),
+               jax.grad(loss(loop))(params))
 
 
 def test_from_config_and_field_errors():

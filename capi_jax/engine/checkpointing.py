@@ -23,6 +23,9 @@ one (a file truncated, deleted or changed since it was written; without checksum
 cannot read) is moved to `WORKDIR/checkpoints_damaged/` with a warning naming the damage, and
 the previous one is tried.
 
+A checkpoint written with the other block-stack layout (`efficiency.scan_layers`: stacked or
+per-block parameters, `models.stack`) is restored in its own layout, then converted.
+
 `find_checkpoint` resolves what a user may pass as a checkpoint (a step folder, a copy of one,
 a checkpoints folder, a workdir, a `capi_jax.convert` output); `restore_step_dir` reads a step
 folder wherever it lies.
@@ -47,6 +50,7 @@ from capi_jax import methods
 from capi_jax.base import errors
 from capi_jax.base import storage
 from capi_jax.data import pipeline
+from capi_jax.models import stack
 
 PyTree = Any
 logger = logging.getLogger(__name__)
@@ -245,14 +249,32 @@ def restore_step_dir(step_dir: str | os.PathLike[str], config: ml_collections.Co
   if problem:
     raise DamagedCheckpointError(f'{step_dir} is damaged: {problem}.')
   check_architecture(step_dir, config)
-  items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+  saved = _read_metadata(step_dir)
+  target = stack.to_layout_of(abstract_state, saved)
+  items = {_STATE: ocp.args.StandardRestore(target)}
   if data_iter is not None:
     adapted = (_IteratorStateAdapter(data_iter) if isinstance(data_iter, grain.DatasetIterator)
                else data_iter)
     items[_DATA] = grain.checkpoint.CheckpointRestore(adapted)
-  restored = _read(step_dir, items)
+  restored = _read(step_dir, items)[_STATE]
+  if target is not abstract_state:
+    logger.info('Converting checkpoint %s to the %s block layout.', step_dir,
+                'scanned' if stack.is_scanned(abstract_state) else 'per-block')
+    restored = jax.device_put(stack.to_layout_of(restored, abstract_state),
+                              jax.tree.map(lambda a: a.sharding, abstract_state))
   logger.info('Restored checkpoint %s.', step_dir)
-  return restored[_STATE]
+  return restored
+
+
+def _read_metadata(step_dir: epath.Path) -> PyTree:
+  """The saved TrainState's tree of array metadata (nested dicts), read without the arrays."""
+  try:
+    with _reader() as reader:
+      return reader.metadata(step_dir).item_metadata[_STATE].tree
+  except Exception as e:  # pylint: disable=broad-except  (as `_read`)
+    if (step_dir / CHECKSUMS).exists():
+      raise
+    raise DamagedCheckpointError(f'{step_dir} cannot be read: {_first_line(e)}.') from e
 
 
 @dataclasses.dataclass(frozen=True)

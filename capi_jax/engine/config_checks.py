@@ -87,6 +87,8 @@ def _engine_problems(p: problems_lib.Problems, config: ml_collections.ConfigDict
   # Gradients are reduced in the master weights' dtype (see state.py).
   p.check(e.reduce_dtype == e.param_dtype, f'efficiency.reduce_dtype={e.reduce_dtype!r} must '
           f'equal efficiency.param_dtype={e.param_dtype!r}.')
+  if 'scan_layers' in e:
+    p.boolean('efficiency.scan_layers', e.scan_layers)
   p.string('data.dataset', d.dataset)
   p.string('data.split', d.split)
   p.string('data.data_dir', d.data_dir, nonempty=False)

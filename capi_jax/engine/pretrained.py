@@ -33,6 +33,7 @@ from capi_jax.base import storage
 from capi_jax.engine import checkpointing
 from capi_jax.engine import runs
 from capi_jax.engine import state as state_lib
+from capi_jax.models import stack
 from capi_jax.weights import files
 from capi_jax.weights import rules
 
@@ -122,6 +123,15 @@ def _layout(tree: PyTree) -> list[tuple[str, tuple[int, ...], str]]:
           for k, v in leaves]
 
 
+def _in_layout_of(pretrained: interface.Pretrained, variables: interface.Variables
+                  ) -> interface.Pretrained:
+  """`pretrained`'s capi_jax trees in the block-stack layout of `variables` (a run written with
+  the other `efficiency.scan_layers`, a `convert` output of either)."""
+  return pretrained._replace(
+      backbone=stack.to_layout_of(pretrained.backbone, variables),
+      variables=stack.to_layout_of(pretrained.variables, variables))
+
+
 def apply(method: interface.Method, variables: interface.Variables) -> interface.Variables:
   """`variables` with the method's pretrained checkpoints put in (unchanged when it has none).
 
@@ -131,7 +141,7 @@ def apply(method: interface.Method, variables: interface.Variables) -> interface
   paths = method.pretrained_paths()
   if not paths:
     return variables
-  pretrained = {role: load(path) for role, path in paths.items()}
+  pretrained = {role: _in_layout_of(load(path), variables) for role, path in paths.items()}
   loaded = method.from_pretrained(jax.device_get(variables), pretrained)
   before, after = _layout(variables), _layout(loaded)
   if before != after:

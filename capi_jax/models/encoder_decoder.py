@@ -212,7 +212,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """A stack of `depth` blocks named blocks_0 .. blocks_{depth-1}."""
+  """A stack of `depth` blocks: blocks_0 .. blocks_{depth-1}, or `blocks` scanned (see
+  `stack.block_stack`)."""
   depth: int
   num_heads: int
   mlp_ratio: int = 4
@@ -220,6 +221,7 @@ class Transformer(nn.Module):
   drop_path_rate: float = 0.0
   drop_path_groups: int = 1
   remat_policy: str = 'none'
+  scan: bool = False
   train_rope_freqs: bool = True
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
@@ -250,7 +252,8 @@ class Transformer(nn.Module):
     outputs = {0: x} if 0 in return_layers else {}
     _, kept = stack.block_stack(
         Block, fields, x, coords, context, context_coords, depth=self.depth,
-        remat_policy=self.remat_policy, n_run=n_run, keep={i - 1 for i in return_layers if i})
+        remat_policy=self.remat_policy, n_run=n_run, keep={i - 1 for i in return_layers if i},
+        scan=self.scan)
     outputs.update((i + 1, out) for i, out in sorted(kept.items()))
     return outputs
 
@@ -279,6 +282,7 @@ class EncoderDecoder(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   remat_policy: str = 'none'
+  scan_layers: bool = False
   train_rope_freqs: bool = True
 
   def setup(self):
@@ -300,7 +304,8 @@ class EncoderDecoder(nn.Module):
     transformer = functools.partial(
         Transformer, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps,
         drop_path_rate=self.drop_path_rate, drop_path_groups=self.drop_path_groups,
-        remat_policy=self.remat_policy, train_rope_freqs=self.train_rope_freqs, dtype=self.dtype,
+        remat_policy=self.remat_policy, scan=self.scan_layers,
+        train_rope_freqs=self.train_rope_freqs, dtype=self.dtype,
         param_dtype=self.param_dtype)
     self.encoder = transformer(self.encoder_depth)
     self.decoder = transformer(self.decoder_depth)
@@ -459,4 +464,5 @@ def from_config(config: ml_collections.ConfigDict,
       encoder_depth=m.encoder_depth,
       decoder_depth=m.decoder_depth, out_layer=m.out_layer,
       dtype=jnp.dtype(e.compute_dtype), param_dtype=jnp.dtype(e.param_dtype),
-      remat_policy=e.remat_policy, train_rope_freqs=train_rope_freqs)
+      remat_policy=e.remat_policy, scan_layers=e.get('scan_layers', False),
+      train_rope_freqs=train_rope_freqs)

@@ -71,8 +71,8 @@ def shard_batch(x: Array) -> Array:
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
 
 
-def gathered(block_cls: type[nn.Module], remat_policy: Callable[..., bool] | None
-             ) -> type[nn.Module]:
+def gathered(block_cls: type[nn.Module], remat_policy: Callable[..., bool] | None,
+             prevent_cse: bool = True) -> type[nn.Module]:
   """`block_cls` that gathers its own parameters at the point of use, rematerialised.
 
   Args:
@@ -82,6 +82,8 @@ def gathered(block_cls: type[nn.Module], remat_policy: Callable[..., bool] | Non
       policy), or None for no rematerialisation. Under remat the gathered weights are never
       kept (no policy saves them): the backward pass gathers them again, as FSDP does; without
       remat every block's gathered weights are kept from its forward to its backward pass.
+    prevent_cse: `jax.checkpoint`'s; False inside a scan, whose loop already keeps XLA from
+      merging the recomputation into the forward pass.
 
   Returns:
     A module class with the same fields and parameter tree (the gathering is a lifted
@@ -96,7 +98,7 @@ def gathered(block_cls: type[nn.Module], remat_policy: Callable[..., bool] | Non
   Gathered.__name__ = block_cls.__name__
   if remat_policy is None:
     return Gathered
-  return nn.remat(Gathered, policy=remat_policy)
+  return nn.remat(Gathered, policy=remat_policy, prevent_cse=prevent_cse)
 
 
 class Encoded(NamedTuple):

@@ -274,6 +274,7 @@ class ViT(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   remat_policy: str = 'none'
+  scan_layers: bool = False
 
   @property
   def frozen_params(self) -> tuple[str, ...]:
@@ -366,7 +367,8 @@ class ViT(nn.Module):
     rates = [float(r) for r in layers.torch_linspace(0, self.drop_path_rate, self.depth)]
     x, outputs = stack.block_stack(Block, fields, x, depth=self.depth,
                                    remat_policy=self.remat_policy,
-                                   layer_fields={'drop_path_rate': rates}, keep=set(blocks))
+                                   layer_fields={'drop_path_rate': rates}, keep=set(blocks),
+                                   scan=self.scan_layers)
     if self.final_norm:
       x = norm(name='norm')(x)
     if self.out_dim:
@@ -390,7 +392,7 @@ class ViT(nn.Module):
         images.shape[0], grid_h, grid_w, tokens.shape[-1])
 
 
-_EFFICIENCY_FIELDS = ('dtype', 'param_dtype', 'remat_policy')
+_EFFICIENCY_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'scan_layers')
 
 
 def from_config(config: ml_collections.ConfigDict,
@@ -407,4 +409,5 @@ def from_config(config: ml_collections.ConfigDict,
     raise ValueError(f'Unknown ViT field(s) {unknown} in the model config; valid: {sorted(names)}.')
   e = config.efficiency
   return ViT(**{k: m[k] for k in m}, dtype=jnp.dtype(e.compute_dtype),
-             param_dtype=jnp.dtype(e.param_dtype), remat_policy=e.remat_policy)
+             param_dtype=jnp.dtype(e.param_dtype), remat_policy=e.remat_policy,
+             scan_layers=e.get('scan_layers', False))

@@ -128,9 +128,10 @@ class _Prenormalised(caev2_method.CaeV2):
 class Context:
   """The fixture's arrays and what the comparisons derive from them (computed once)."""
 
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
+  def __init__(self, arrays: Mapping[str, np.ndarray], scan_layers: bool = False):
     self.arrays = arrays
     self.meta = json.loads(str(arrays['meta_json']))
+    self.scan_layers = scan_layers
 
   def has(self, *keys: str) -> bool:
     return all(k in self.arrays for k in keys)
@@ -183,7 +184,8 @@ class Context:
   def module(self) -> regressor.RegressorDecoder:
     return regressor.RegressorDecoder(
         grid=self.grid, out_dim=self.head_init['decoder.head.weight'].shape[0],
-        norm_eps=self.meta['student']['norm_eps'], **self.regressor_sizes)
+        norm_eps=self.meta['student']['norm_eps'], scan_layers=self.scan_layers,
+        **self.regressor_sizes)
 
   @functools.cached_property
   def init_params(self) -> Any:
@@ -334,7 +336,8 @@ def fixture_config(ctx: Context) -> ml_collections.ConfigDict:
                    crop_scale=(args['crop_min_size'], args['crop_max_size']),
                    color_jitter=args['color_jitter']),
       'efficiency': dict(compute_dtype='float32', param_dtype='float32',
-                         reduce_dtype='float32', remat_policy='none'),
+                         reduce_dtype='float32', remat_policy='none',
+                         scan_layers=ctx.scan_layers),
   })
   problems = caev2_method.CaeV2.config_problems(config)
   if problems:

@@ -41,7 +41,8 @@ _OFFICIAL_MODEL_DEFAULTS = {
 }
 
 
-def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def config_from_meta(meta: Mapping[str, Any], scan_layers: bool = False
+                     ) -> ml_collections.ConfigDict:
   """A capi_jax config (float32, no remat) for the official model config in `meta['model']`.
 
   Raises:
@@ -93,17 +94,17 @@ def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
                              n_sk_iter=capi.get('n_sk_iter', 3), bias=capi.get('bias', True))))
   cfg.efficiency = ml_collections.ConfigDict(dict(
       compute_dtype='float32', param_dtype='float32', reduce_dtype='float32',
-      remat_policy='none'))
+      remat_policy='none', scan_layers=scan_layers))
   return cfg
 
 
 class Context:
   """The fixture's arrays and what every comparison derives from them (computed once)."""
 
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
+  def __init__(self, arrays: Mapping[str, np.ndarray], scan_layers: bool = False):
     self.arrays = arrays
     self.meta = json.loads(str(arrays['meta_json']))
-    self.config = config_from_meta(self.meta)
+    self.config = config_from_meta(self.meta, scan_layers)
     # The arrays, not the meta, say how many clusters the heads have.
     for key in ('clustering/layer.weight', 'step/init/teacher_head/layer.weight',
                 'student_head/last_layer.weight_v'):
@@ -160,7 +161,7 @@ def _matches(arrays: Mapping[str, np.ndarray]) -> bool:
                            'student_head/')) for k in arrays)
 
 
-SUITE = harness.Suite('capi', _matches, lambda arrays: Context(arrays))
+SUITE = harness.Suite('capi', _matches, Context)
 
 
 @SUITE.register('eval forward', requires=('fwd/images', 'fwd/global_repr', 'fwd/registers',

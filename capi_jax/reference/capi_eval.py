@@ -40,7 +40,8 @@ SPLITS = ('train', 'val', 'test')
 class Context:
   """The fixture's arrays, meta and what several comparisons share (computed once)."""
 
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
+  def __init__(self, arrays: Mapping[str, np.ndarray], scan_layers: bool = False):
+    del scan_layers  # The evaluation protocols run on given features: no block stack.
     self.arrays = arrays
     self.meta = json.loads(str(arrays['meta_json']))
     self.mesh = jax.make_mesh((1,), ('batch',), axis_types=(jax.sharding.AxisType.Auto,),
@@ -144,7 +145,7 @@ def _matches(arrays: Mapping[str, np.ndarray]) -> bool:
   return any(k.startswith(('seg/', 'cls/', 'viz/')) for k in arrays)
 
 
-SUITE = harness.Suite('capi_eval', _matches, lambda arrays: Context(arrays))
+SUITE = harness.Suite('capi_eval', _matches, Context)
 
 
 def _same(quantity: str, ours: Any, ref: Any) -> Result:

@@ -82,12 +82,13 @@ class Suite:
   Attributes:
     kind: the name in `SUITES`.
     matches: whether a fixture's arrays are of this kind.
-    make_context: arrays -> the object every comparison receives (derived once).
+    make_context: (arrays, scan_layers) -> the object every comparison receives (derived
+      once); scan_layers: the models' blocks as one scan (`efficiency.scan_layers`).
     comparisons: added with `@suite.register(name, requires=...)`.
   """
   kind: str
   matches: Callable[[Arrays], bool]
-  make_context: Callable[[Arrays], Any]
+  make_context: Callable[[Arrays, bool], Any]
   comparisons: list[Comparison] = dataclasses.field(default_factory=list)
 
   def register(self, name: str, requires: Sequence[str] = ()) -> Callable[..., Any]:
@@ -141,10 +142,11 @@ class Report:
     return 'PASS' if self.ok else 'FAIL: some quantities are out of tolerance'
 
 def run(arrays: Arrays, kind: str | None = None,
-        comparisons: Sequence[Comparison] | None = None) -> Report:
-  """Runs every comparison of the fixture's suite that its arrays allow."""
+        comparisons: Sequence[Comparison] | None = None, scan_layers: bool = False) -> Report:
+  """Runs every comparison of the fixture's suite that its arrays allow, the models' blocks
+  looped or (`scan_layers`) scanned."""
   the_suite = detect(arrays) if kind is None else suite(kind)
-  ctx = the_suite.make_context(arrays)
+  ctx = the_suite.make_context(arrays, scan_layers)
   report = Report(the_suite.kind, [], [])
   with jax.default_matmul_precision('highest'):
     for comparison in the_suite.comparisons if comparisons is None else comparisons:

@@ -150,9 +150,10 @@ def run_heads(states: Mapping[str, HeadState], features: Mapping[str, np.ndarray
 class Context:
   """The fixture's arrays and meta, and the runs every comparison reads (computed once)."""
 
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
+  def __init__(self, arrays: Mapping[str, np.ndarray], scan_layers: bool = False):
     self.arrays = arrays
     self.meta = json.loads(str(arrays['meta_json'])) if 'meta_json' in arrays else {}
+    self.scan_layers = scan_layers
 
   def has(self, *keys: str) -> bool:
     return all(k in self.arrays for k in keys)
@@ -548,7 +549,8 @@ def refinement_config(ctx: Context, stage: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       method='mim_refiner', model=model,
       data=dict(image_size=size),
-      efficiency=dict(compute_dtype='float32', param_dtype='float32', remat_policy='none'),
+      efficiency=dict(compute_dtype='float32', param_dtype='float32', remat_policy='none',
+                      scan_layers=ctx.scan_layers),
       optim=dict(total_iters=int(schedule['max_epochs']) * upe, global_batch_size=batch,
                  base_lr=float(refine[f'lr_{stage}']),
                  warmup_iters=int(schedule['warmup_epochs']) * upe,

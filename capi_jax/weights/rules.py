@@ -5,6 +5,8 @@ functions between them (`Rule`); `to_flax` fills a parameter tree of the expecte
 an official state dict, checking every name, shape and value, and `to_official` goes back.
 Layouts: linear `weight (out, in)` <-> `kernel (in, out)`, conv `weight (out, in, kh, kw)` <->
 `kernel (kh, kw, in, out)`; transposes only, so official -> capi_jax -> official is exact.
+Official checkpoints are per block; scanned capi_jax trees (`models.stack`, stacked block
+parameters) are converted through the per-block layout, both ways.
 The models' own rules live beside their converters (`weights/vit.py`, each method's
 `convert.py`).
 """
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capi_jax.base import errors
+from capi_jax.models import stack
 
 Params = Any
 StateDict = dict[str, np.ndarray]
@@ -66,9 +69,10 @@ def _path_keys(path) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------- conversion
 # ---------------------------------------------------------------------------- conversion
 def to_official(params: Params, rule_fn: Callable[[tuple[str, ...], int], Rule]) -> StateDict:
-  """capi_jax params -> {official name: array}, each leaf laid out by `rule_fn(path, ndim)`."""
+  """capi_jax params (either stack layout) -> {official name: array}, each leaf laid out by
+  `rule_fn(path, ndim)` of its per-block path."""
   out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(stack.to_loop_layout(params))[0]:
     leaf = np.asarray(leaf)
     name, leaf_to_official, _ = rule_fn(_path_keys(path), leaf.ndim)
     out[name] = leaf_to_official(leaf)
@@ -90,8 +94,9 @@ def to_flax(state_dict: Mapping[str, Any], expected: Params,
 
   Args:
     state_dict: {official name: array}.
-    expected: the capi_jax parameter tree (arrays or ShapeDtypeStructs) to fill.
-    rule_fn: (leaf path, ndim) -> (official name, to_official, to_flax) layouts.
+    expected: the capi_jax parameter tree (arrays or ShapeDtypeStructs) to fill, in either stack
+      layout (the result has the same).
+    rule_fn: (per-block leaf path, ndim) -> (official name, to_official, to_flax) layouts.
     what: names the checkpoint in errors.
     fix: what the error tells the user to do.
 
@@ -99,7 +104,7 @@ def to_flax(state_dict: Mapping[str, Any], expected: Params,
     CheckpointMismatchError: listing every missing, unexpected, misshaped, non-float or
       non-finite parameter.
   """
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(stack.to_loop_layout(expected))
   problems, converted = [], []
   expected_names = set()
   for path, spec in leaves:
@@ -128,4 +133,4 @@ def to_flax(state_dict: Mapping[str, Any], expected: Params,
     raise CheckpointMismatchError(
         f'The {what} checkpoint does not fit the configured architecture '
         f'({len(problems)} problem(s)); {fix}:\n  ' + '\n  '.join(shown))
-  return jax.tree_util.tree_unflatten(treedef, converted)
+  return stack.to_layout_of(jax.tree_util.tree_unflatten(treedef, converted), expected)

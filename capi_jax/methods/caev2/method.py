@@ -60,7 +60,8 @@ class CaeV2(interface.Method):
         mlp_ratio=config.model.mlp_ratio, layer_scale_init=c.regressor.layer_scale_init,
         drop_path_rate=config.model.get('drop_path_rate', 0.0),
         norm_eps=config.model.norm_eps, dtype=jnp.dtype(e.compute_dtype),
-        param_dtype=jnp.dtype(e.param_dtype))
+        param_dtype=jnp.dtype(e.param_dtype), remat_policy=e.remat_policy,
+        scan_layers=e.get('scan_layers', False))
 
   @classmethod
   def config_problems(cls, config):

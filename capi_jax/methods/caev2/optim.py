@@ -24,6 +24,7 @@ import optax
 
 from capi_jax.base import optim
 from capi_jax.base import schedules
+from capi_jax.models import stack
 
 PyTree = Any
 
@@ -35,8 +36,11 @@ STATE_LABELS = ('trained', 'constant')
 
 
 def decay_group(path: str, ndim: int) -> optim.Group:
-  """The release's group of a trained parameter: decayed iff >= 2 dims and not named 'bias'."""
-  return optim.Group(wd_mult=1.0 if ndim >= 2 and path.split('/')[-1] != 'bias' else 0.0)
+  """The release's group of a trained parameter: decayed iff >= 2 dims per block (a scanned
+  stack's leading layer axis does not count: a stacked bias stays undecayed) and not named
+  'bias'."""
+  per_block = stack.block_ndim(path, ndim)
+  return optim.Group(wd_mult=1.0 if per_block >= 2 and path.split('/')[-1] != 'bias' else 0.0)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

@@ -144,6 +144,7 @@ class LatentRegressor(nn.Module):
   drop_path_rate: float
   block_fields: dict[str, Any]
   remat_policy: str = 'none'
+  scan: bool = False
 
   @nn.compact
   def __call__(self, queries: Array, visible: Array, pos_masked: Array, pos_visible: Array,
@@ -164,7 +165,7 @@ class LatentRegressor(nn.Module):
     regressed, _ = stack.block_stack(
         RegressorBlock, {**self.block_fields, 'deterministic': deterministic}, queries, visible,
         pos_masked, pos_kv, depth=self.depth, name='regressor_blocks',
-        remat_policy=self.remat_policy, layer_fields={'drop_path_rate': rates})
+        remat_policy=self.remat_policy, layer_fields={'drop_path_rate': rates}, scan=self.scan)
     return regressed
 
 
@@ -207,6 +208,8 @@ class RegressorDecoder(nn.Module):
     drop_path_rate: the largest stochastic depth rate (`--drop_path`).
     norm_eps: LayerNorm epsilon (1e-6).
     dtype: compute dtype; the output rows are normalised in float32.
+    remat_policy: what each regressor block keeps for its backward pass (`layers.REMAT`).
+    scan_layers: the blocks as one scan over stacked parameters (`stack.block_stack`).
   """
   grid: tuple[int, int]
   embed_dim: int
@@ -219,6 +222,8 @@ class RegressorDecoder(nn.Module):
   norm_eps: float = 1e-6
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+  remat_policy: str = 'none'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, latents: Array, visible_indices: Array, masked_indices: Array,
@@ -255,7 +260,8 @@ class RegressorDecoder(nn.Module):
     block_fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                         layer_scale_init=self.layer_scale_init, norm_eps=self.norm_eps,
                         dtype=self.dtype, param_dtype=self.param_dtype)
-    regressed = LatentRegressor(self.depth, self.drop_path_rate, block_fields, name='regresser')(
+    regressed = LatentRegressor(self.depth, self.drop_path_rate, block_fields, self.remat_policy,
+                                self.scan_layers, name='regresser')(
         queries, visible, table[masked_indices], table[visible_indices], deterministic)
     self.sow('intermediates', 'regressor_out', regressed)
     outputs, latent_predict = Decoder(self.out_dim, self.norm_eps, self.dtype, self.param_dtype,

@@ -19,8 +19,8 @@ def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
   m, found = config.model, []
   kind = config.mim_refiner.encoder
   if kind != encoder.CAPI:
-    fields = {f.name for f in dataclasses.fields(vit.ViT)} - {'parent', 'name', 'dtype',
-                                                              'param_dtype', 'remat_policy'}
+    fields = {f.name for f in dataclasses.fields(vit.ViT)} - {
+        'parent', 'name', 'dtype', 'param_dtype', 'remat_policy', 'scan_layers'}
     unknown = sorted(set(m) - fields)
     if unknown:
       return [f'model has keys {unknown} that vit.ViT does not have (mim_refiner.encoder='

@@ -14,6 +14,12 @@ release's head names say (`stage2_processor.py`), pooled by `pool`:
   'avg'  mean of the patch tokens (the release's CrossMAE pooling; use it for a backbone
          without a class token).
 
+With `efficiency.scan_layers` the blocks run as one scan, but the encoder keeps per-block
+parameters (`build`): the release's groups differ per block (layer-wise lr decay, the block
+freezer), and a per-block tree keeps them, the EMA's copies of frozen blocks and checkpoints
+exactly as without the scan. The blocks are stacked where the encoder runs (one copy of its
+block weights per pass).
+
 The release decides an encoder parameter's optimiser group from its own ViT names
 (`blocks.3.attn.qkv.weight`, `cls_tokens.tokens`, ...): `refiner_name` gives that name for a
 capi_jax parameter path of either backbone (for a CAPI encoder: its registers play the CLS
@@ -21,6 +27,7 @@ tokens' part, its patch embedding the ViT's).
 """
 
 from collections.abc import Sequence
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -29,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from capi_jax.models import encoder_decoder
+from capi_jax.models import stack
 from capi_jax.models import vit
 from capi_jax.weights import vit as vit_weights
 
@@ -58,9 +66,15 @@ def head_block(name: str) -> int | None:
 
 def build(config: ml_collections.ConfigDict) -> nn.Module:
   """The backbone `config.mim_refiner.encoder` names, from `config.model` and `efficiency`."""
-  if config.mim_refiner.encoder == CAPI:
-    return encoder_decoder.from_config(config)
-  return vit.from_config(config)
+  model = (encoder_decoder.from_config(config) if config.mim_refiner.encoder == CAPI
+           else vit.from_config(config))
+  if not model.scan_layers:
+    return model
+  per_block = nn.map_variables(
+      type(model), 'params', trans_in_fn=stack.to_scan_layout, trans_out_fn=stack.to_loop_layout,
+      mutable=True, methods=['__call__', 'encode'])
+  return per_block(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+                      if f.name not in ('parent', 'name')})
 
 
 def depth(model: nn.Module) -> int:
