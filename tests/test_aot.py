@@ -71,6 +71,20 @@ def test_collective_bytes_counts_operands_and_loop_trips():
   }
 
 
+def test_collective_bytes_reads_a_scan_loops_trips_off_its_condition():
+  """The TPU compiler writes scanned layers' loops without `known_trip_count`: `i < 4`."""
+  hlo = _HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', '').replace(
+      '%body (p:', """%cond (c: (s32[], f32[8,16])) -> pred[] {
+  %c = (s32[], f32[8,16]{1,0}) parameter(0)
+  %n = s32[]{:T(128)} constant(4)
+  %i = s32[] get-tuple-element(%c), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p:""")
+  assert plans.collective_bytes(hlo)['all-reduce'] == 4 * 8 * 16 * 4
+
+
 @pytest.mark.parametrize('limit,start,expected', [
     (37, 8, 37), (37, 64, 37), (1, 4, 1), (0, 4, 0), (64, 64, 64), (5, 1, 5)])
 def test_largest_fitting_finds_the_limit(limit, start, expected):
@@ -119,6 +133,16 @@ def test_tiny_config_compiles_for_a_v5e_slice():
   assert result['argument_bytes'] < 0.3 * state_bytes, (result['argument_bytes'], state_bytes)
   assert result['collective_bytes'].get('all-gather', 0) > 0
   assert result['slices'] == 1 and result['dcn_bytes_total'] == 0
+  # Scanned blocks: XLA counts a while loop's body once; the plan counts them looped.
+  with config.unlocked():
+    config.model.update(encoder_depth=3, decoder_depth=2)
+    config.efficiency.scan_layers = True
+  scanned = plans.step_flops(config, devices)
+  with config.unlocked():
+    config.efficiency.scan_layers = False
+  assert scanned == plans.step_flops(config, devices)
+  compiled = plans.compile_train_step(config, devices).cost_analysis()
+  assert abs(scanned / compiled['flops'] - 1) < 0.05, (scanned, compiled['flops'])
 
 
 @_NEEDS_LIBTPU

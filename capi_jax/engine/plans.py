@@ -5,8 +5,9 @@ its chips, and the engine's own state layout and jitted step (`state.state_layou
 `step.jit_train_step`) are lowered for abstract inputs and compiled by the TPU compiler: the
 executable a pod would run, without one. `plan` reports, per chip: memory (arguments,
 temporaries, outputs not aliased to donated arguments, their total against the chip's HBM),
-XLA's FLOP count for one step and the ideal step at the chip's bf16 peak, collective bytes per
-step by kind; `find_max_batch` searches the largest global batch that fits.
+XLA's FLOP count for one step (on the unoptimised HLO, blocks looped: `step_flops`) and the
+ideal step at the chip's bf16 peak, collective bytes per step by kind; `find_max_batch`
+searches the largest global batch that fits.
 
 Several slices (`num_slices`, with `config.sharding.dcn_mesh`): the compiled HLO is one slice's
 program. Its collectives stay inside the slice (ICI); what crosses slices over the data centre
@@ -23,6 +24,8 @@ import time
 from typing import Any
 
 import jax
+from jax._src import xla_bridge  # CPU cost analysis of unoptimised HLO (`step_flops`).
+from jax._src.lib import _jax
 from jax.experimental import topologies
 import ml_collections
 
@@ -85,13 +88,42 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
         "`pip install '.[tpu]'` (libtpu pinned to this jax) and check the grid.") from e
   return list(description.devices)
 
-def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
-  """The engine's train step compiled for `devices` on abstract inputs (nothing allocated)."""
+def lower_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
+  """The engine's train step lowered for `devices` on abstract inputs (nothing allocated)."""
   method = methods.from_config(config)
   mesh = sharding.make_mesh(config, devices)
   layout = state_lib.state_layout(config, method, mesh)
   step = step_lib.jit_train_step(method, layout, mesh)
-  return step.lower(layout.abstract, abstract_batch(config, method)).compile()
+  return step.lower(layout.abstract, abstract_batch(config, method))
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
+  """The engine's train step compiled for `devices` on abstract inputs (nothing allocated)."""
+  return lower_train_step(config, devices).compile()
+
+def step_flops(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
+               lowered: Any = None) -> float:
+  """XLA's FLOP count of one train step per device, on the unoptimised HLO.
+
+  XLA's cost analysis counts a while loop's body once, so a step whose blocks are scanned
+  (`efficiency.scan_layers`) is counted with its blocks looped: the same computation. The
+  count runs on the CPU backend (TPU and GPU compile-only clients have none for an
+  unoptimised module) over the global program, divided by the devices.
+
+  Args:
+    config: the run's config.
+    devices: the devices the step is laid over.
+    lowered: the step already lowered for `config` (reused when its blocks are looped).
+  """
+  if config.efficiency.get('scan_layers', False):
+    looped = config.copy_and_resolve_references()
+    with looped.unlocked():
+      looped.efficiency.scan_layers = False
+    lowered = lower_train_step(looped, devices)
+  elif lowered is None:
+    lowered = lower_train_step(config, devices)
+  module = lowered.compiler_ir('hlo').as_hlo_module()
+  cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'), module)
+  return float(cost.get('flops', 0.0)) / len(devices)
 
 def abstract_batch(config: ml_collections.ConfigDict,
                    method: interface.Method) -> dict[str, jax.ShapeDtypeStruct]:
@@ -114,11 +146,25 @@ def shape_bytes(shape: str) -> int:
       total += n * _DTYPE_BYTES[dtype]
   return total
 
+def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int:
+  """Iterations of a `while` op: XLA's `known_trip_count` when the text has it, else the bound
+  of a condition `counter < constant` (a scan's loop, its counter from 0 by 1, as the TPU
+  compiler writes scanned layers), else 1."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
+  if known:
+    return int(known.group(1))
+  condition = re.search(r'condition=%([\w.\-]+)', while_line)
+  lines = computations.get(condition.group(1), []) if condition else []
+  bounds = [int(m.group(1)) for line in lines
+            for m in [re.search(r'= s32\[\]\S* constant\((\d+)\)', line)] if m]
+  compares = [line for line in lines if ' compare(' in line and 'direction=LT' in line]
+  return bounds[0] if len(bounds) == 1 and len(compares) == 1 else 1
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """Operand bytes per collective kind in one run of the compiled module, per device.
 
-  Collectives inside while loops count once per iteration (XLA's `known_trip_count`); a loop
-  without a known count is counted once. The TPU compiler's `all-reduce-scatter` computations
+  Collectives inside while loops count once per iteration (`_trip_count`); a loop whose
+  count is not known is counted once. The TPU compiler's `all-reduce-scatter` computations
   (an all-reduce sliced to shards) count as reduce-scatters. Cross-slice sends (megascale) count
   under 'dcn ' + their transfer type, e.g. 'dcn all-reduce'.
   """
@@ -161,10 +207,10 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
       if (kind in _COLLECTIVES or kind.startswith(DCN_PREFIX)) and not opcode.endswith('-done'):
         totals[kind] += times * sum(shape_bytes(shapes.get(o, ''))
                                     for o in re.findall(r'%([\w.\-]+)', operands))
-      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+      trips = _trip_count(line, computations) if opcode == 'while' else 1
       for callee in re.findall(r'(?:body|calls|to_apply|branch_computations)=\{?%([\w.\-]+)',
                                line):
-        visit(callee, times * (int(trips.group(1)) if trips and opcode == 'while' else 1))
+        visit(callee, times * trips)
 
   visit(entry, 1)
   return dict(totals)
@@ -174,16 +220,15 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   """Compiles the step for `devices` (one slice of `topology`) and reports what a chip needs."""
   _, chip, _ = parse_topology(topology)
   start = time.perf_counter()
-  compiled = compile_train_step(config, devices)
-  compile_s = time.perf_counter() - start
+  lowered = lower_train_step(config, devices)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start  # Lowering and compiling, as before.
   memory = compiled.memory_analysis()
   arguments = memory.argument_size_in_bytes
   outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes
   temporaries = memory.temp_size_in_bytes
   total = arguments + outputs + temporaries
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  step_flops = float(cost.get('flops', 0.0))
+  flops = step_flops(config, devices, lowered)
   kind = devices[0].device_kind
   peak = hardware.table_peak_flops(kind, 'bfloat16')
   batch = config.optim.global_batch_size
@@ -199,8 +244,8 @@ def plan(config: ml_collections.ConfigDict, topology: str,
       'remat_policy': config.efficiency.remat_policy,
       'argument_bytes': arguments, 'temporary_bytes': temporaries, 'output_bytes': outputs,
       'total_bytes': total, 'hbm_bytes': chip.hbm_bytes, 'fits': total <= chip.hbm_bytes,
-      'flops_per_chip': step_flops, 'peak_flops_per_chip': peak,
-      'ideal_step_s': step_flops / peak if peak else None,
+      'flops_per_chip': flops, 'peak_flops_per_chip': peak,
+      'ideal_step_s': flops / peak if peak else None,
       'collective_bytes': collectives, 'collective_bytes_total': sum(collectives.values()),
       'dcn_bytes': dcn, 'dcn_bytes_total': sum(dcn.values()),
       'compile_s': compile_s,

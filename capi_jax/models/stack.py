@@ -73,7 +73,7 @@ def block_stack(block_cls: type[nn.Module], fields: Mapping[str, Any], x: Array,
     x: (batch, ...) the stack's input.
     *args: the same for every block (positions, a context).
     depth: blocks in the stack.
-    name: the blocks' name: `{name}_{i}` looped, `{name}` scanned.
+    name: the blocks' name, one of STACK_NAMES: `{name}_{i}` looped, `{name}` scanned.
     remat_policy: a key of `layers.REMAT`.
     layer_fields: fields that differ per block, {field: (value of block 0, ..., of block
       depth - 1)} (e.g. stochastic depth rates); numbers, so that a scan can take them as
@@ -88,6 +88,9 @@ def block_stack(block_cls: type[nn.Module], fields: Mapping[str, Any], x: Array,
   """
   if remat_policy not in layers.REMAT:
     raise ValueError(f'remat_policy must be one of {layers.REMAT_POLICIES}, got {remat_policy!r}.')
+  if name not in STACK_NAMES:
+    raise ValueError(f'Stack name {name!r} is not one of STACK_NAMES {STACK_NAMES}, which the '
+                     'layout conversions recognise.')
   n_run = depth if n_run is None else n_run
   layer_fields = layer_fields or {}
   if not scan:
@@ -103,7 +106,8 @@ def block_stack(block_cls: type[nn.Module], fields: Mapping[str, Any], x: Array,
     return x, {}
   # Inside a scan XLA's loop already keeps the forward from being CSE'd into the backward.
   wrapped = layers.gathered(block_cls, layers.REMAT[remat_policy], prevent_cse=False)
-  kept_layers = sorted(i for i in keep if i < n_run)
+  # The last block's output is the scan's carry: no slot for it.
+  kept_layers = sorted(i for i in keep if i < n_run - 1)
   slots = np.full(n_run, len(kept_layers), np.int32)
   slots[kept_layers] = np.arange(len(kept_layers))
   inputs = {'fields': {k: jnp.asarray(np.asarray(v[:n_run], np.float32))
@@ -119,7 +123,10 @@ def block_stack(block_cls: type[nn.Module], fields: Mapping[str, Any], x: Array,
         scanned, 'params', trans_in_fn=lambda tree: jax.tree.map(lambda a: a[:n_run], tree))
   kept = jnp.zeros((len(kept_layers) + 1, *x.shape), x.dtype) if kept_layers else None
   (x, kept), _ = scanned(wrapped, fields, name=name)((x, kept), inputs, *args)
-  return x, {i: kept[slot] for slot, i in enumerate(kept_layers)}
+  outputs = {i: kept[slot] for slot, i in enumerate(kept_layers)}
+  if n_run - 1 in keep:
+    outputs[n_run - 1] = x
+  return x, outputs
 
 
 # ---------------------------------------------------------------------------- layouts
