@@ -43,8 +43,7 @@ class Context:
   def __init__(self, arrays: Mapping[str, np.ndarray]):
     self.arrays = arrays
     self.meta = json.loads(str(arrays['meta_json']))
-    self.mesh = jax.make_mesh((1,), ('batch',), axis_types=(jax.sharding.AxisType.Auto,),
-                              devices=jax.devices()[:1])
+    self.mesh = harness.one_device_mesh()
 
   def has(self, *keys: str) -> bool:
     return all(k in self.arrays for k in keys)
