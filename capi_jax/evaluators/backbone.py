@@ -53,8 +53,9 @@ class EncodeForward:
     out = self.module.apply({'params': params}, images, blocks=self.blocks, method='encode')
     blocks = [out.blocks[i].astype(jnp.float32) for i in self.blocks]
     tokens = out.tokens.astype(jnp.float32)
-    return {'tokens': tokens, 'blocks': (jnp.stack(blocks, 1) if blocks
-                                         else jnp.zeros(tokens.shape[:1] + (0,) + tokens.shape[1:]))}
+    if not blocks:
+      return {'tokens': tokens, 'blocks': jnp.zeros(tokens.shape[:1] + (0,) + tokens.shape[1:])}
+    return {'tokens': tokens, 'blocks': jnp.stack(blocks, 1)}
 
 
 @dataclasses.dataclass(frozen=True)

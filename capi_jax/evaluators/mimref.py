@@ -9,14 +9,15 @@ blocks side by side; 'avg_last1' = the mean patch token):
   similarity, the k nearest training images vote with weights exp(sim / tau), the first
   maximum wins. Defaults k = 10, tau = 0.07. Ks above the training set's size are dropped.
 - 'mimref_lowshot' (`offline_logreg_callback.py`, after MSN's logistic_eval.py): per subset
-  of the training set (1, 2, 5 images per class, 3 splits: MSN's file lists, which the user
-  gives; or drawn here per class from a seed where no list exists), each feature row of the
-  subset is centred (minus its own mean: cyanure's preprocess with columns=False acts on rows)
-  and L2-normalised; a multinomial logistic regression
-  without bias minimises mean CE(x W) + lambda / 2 ||W||^2 with lambda = 0.00025 / n; the test
-  features are scored **raw** (the release does not preprocess them). The release fits with
-  cyanure (stopping at a relative duality gap of 1e-3); here a float64 L-BFGS stops at the
-  relative duality gap `tol` (default far tighter: the same optimum to ~1e-6).
+  of the training set (1, 2, 5 images per class, 3 splits: MSN's file lists, from a copy of its
+  folder the user gives; or drawn here per class from a seed where no list exists), each feature
+  row of the subset is centred (minus its own mean: cyanure's preprocess with columns=False acts
+  on rows) and L2-normalised; a multinomial logistic regression without bias minimises
+  mean CE(x W) + lambda / 2 ||W||^2 with lambda = 0.00025 / n; the test features are scored
+  **raw** (the release does not preprocess them). The release fits with cyanure (stopping at a
+  relative duality gap of 1e-3); here a float64 L-BFGS stops at the relative duality gap `tol`
+  (default far tighter: the same optimum to ~1e-6). The numbers per shot count are the means
+  over the splits (the release's parse_logreg.py).
 - 'mimref_cluster' (capi_jax's extra: the release has no clustering code, only a feature dump):
   k-means (k-means++ from a seed, then Lloyd until no assignment changes, float64) on the test
   features; accuracy under the best one-to-one cluster-class matching (Hungarian), NMI
@@ -32,7 +33,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import scipy.optimize
 import scipy.special
@@ -224,10 +224,18 @@ def draw_subsets(labels: np.ndarray, shots: Sequence[int], splits: int, seed: in
   return out
 
 
-def read_subset(path: str, source: Any) -> np.ndarray:
+def msn_subset_file(folder: str, shots: int, split: int) -> pathlib.Path:
+  """MSN's list of `shots` images per class, split 1..3, in a copy of facebookresearch/msn's
+  folder: imagenet_subsets<split>/<shots>imgs_class.txt, except 5 per class of split 3, which
+  the release reads from imagenet_subsets3/3imgs_class.txt (its 5000 names; the name says 3)."""
+  name = '3imgs_class.txt' if (shots, split) == (5, 3) else f'{shots}imgs_class.txt'
+  return pathlib.Path(folder) / f'imagenet_subsets{split}' / name
+
+
+def read_subset(path: pathlib.Path, source: Any) -> np.ndarray:
   """Positions listed by a subset file: one entry per line, an image file name (MSN's lists:
   'n01440764_10026.JPEG', matched against the folder source's file names) or a position."""
-  entries = [line.strip() for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+  entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
   if all(e.isdigit() for e in entries):
     positions = np.asarray([int(e) for e in entries], np.int64)
     if positions.size and positions.max() >= len(source):
@@ -478,9 +486,11 @@ class Lowshot(protocol.Protocol):
 
   train: Any  # Image set the subsets index (ImageNet train as a folder:PATH for MSN's lists).
   test: Any  # Image set scored (ImageNet val).
-  subsets: Any  # {name: file}: MSN's lists ('1pc_s1': imagenet_subsets1/1imgs_class.txt, ...).
-  shots: Sequence[int]  # Without `subsets`: images per class drawn (seeded) for each split.
-  splits: int  # Without `subsets`: draws per shot count.
+  # A copy of facebookresearch/msn's folder (imagenet_subsets{1,2,3}/): the release's lists
+  # (`msn_subset_file`); '': the subsets are drawn per class from the run's seed instead.
+  subsets_dir: str
+  shots: Sequence[int]  # Images per class: (1, 2, 5).
+  splits: int  # Subsets per shot count: 3.
   features: Sequence[str]  # The release: ('cls_last1',).
   resolution: int
   tol: float  # Relative duality gap at which the solver stops (the release's cyanure: 1e-3).
@@ -489,26 +499,31 @@ class Lowshot(protocol.Protocol):
   def check(self, p, key, model):
     datasets.check_set(p, f'{key}.train', self.train)
     datasets.check_set(p, f'{key}.test', self.test)
-    if p.check(isinstance(self.subsets, ml_collections.ConfigDict),
-               f'{key}.subsets must be a section {{name: file}} (may be empty).'):
-      for name, path in self.subsets.items():
-        p.check(isinstance(path, str) and pathlib.Path(path).is_file(),
-                f'{key}.subsets.{name}={path!r} is not a file (one image name or position per '
-                'line, as MSN\'s imagenet_subsets*/*imgs_class.txt).')
-      if not len(self.subsets):
-        protocol.check_numbers(p, f'{key}.shots', self.shots,
-                               lambda v: problems_lib.is_int(v) and v > 0, 'positive integers')
-        p.number(f'{key}.splits', self.splits, 1, integer=True)
+    shots_ok = protocol.check_numbers(p, f'{key}.shots', self.shots,
+                                      lambda v: problems_lib.is_int(v) and v > 0,
+                                      'positive integers')
+    splits_ok = p.number(f'{key}.splits', self.splits, 1, integer=True)
+    if p.check(isinstance(self.subsets_dir, str), f'{key}.subsets_dir={self.subsets_dir!r} must '
+               "be a folder name ('' to draw the subsets).") and self.subsets_dir and shots_ok \
+        and splits_ok:
+      missing = [str(f) for f in self.subset_files().values() if not f.is_file()]
+      p.check(not missing, f'{key}.subsets_dir={self.subsets_dir!r} lacks {missing[:3]} (MSN\'s '
+              "imagenet_subsets{1,2,3}/<n>imgs_class.txt; '' to draw the subsets).")
     _check_features(p, f'{key}.features', self.features)
     protocol.check_resolution(p, f'{key}.resolution', self.resolution, model)
     p.check(protocol.is_number(self.tol) and self.tol > 0, f'{key}.tol={self.tol!r} must be > 0.')
     p.number(f'{key}.max_iter', self.max_iter, 1, integer=True)
 
+  def subset_files(self) -> dict[str, pathlib.Path]:
+    """{'<shots>pc_s<split>': MSN's list} in `subsets_dir`."""
+    return {f'{s}pc_s{k}': msn_subset_file(self.subsets_dir, s, k)
+            for s in self.shots for k in range(1, self.splits + 1)}
+
   def subset_positions(self, train: datasets.ClassifSet, seed: int
                        ) -> tuple[dict[str, np.ndarray], bool]:
-    """({subset: positions}, whether they are the given lists (else drawn))."""
-    if len(self.subsets):
-      return {n: read_subset(f, train.source) for n, f in self.subsets.items()}, True
+    """({subset: positions}, whether they are MSN's lists (else drawn))."""
+    if self.subsets_dir:
+      return {n: read_subset(f, train.source) for n, f in self.subset_files().items()}, True
     labels = getattr(train.source, 'labels', None)
     if labels is None:  # Sources without a label table: read every record once.
       labels = [train.source[i]['label'] for i in range(len(train))]

@@ -26,17 +26,16 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import math
-import time
 from typing import Any, ClassVar
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
 from capi_jax.base import problems as problems_lib
 from capi_jax.evaluators import block_features
 from capi_jax.evaluators import datasets
+from capi_jax.evaluators import online
 from capi_jax.evaluators import protocol
 
 PyTree = Any
@@ -209,24 +208,11 @@ def _online_step(params, momentum, stats, backbone_params, images, labels, lrs, 
 
 @functools.partial(jax.jit, static_argnames=('grid', 'forward'))
 def _eval_correct(params, stats, backbone_params, images, labels, valid, *, grid: Grid, forward):
-  """{feature: (L,) correct counts} over the valid rows."""
+  """(heads,) correct counts over the valid rows, in `grid.heads` order."""
   logits = eval_logits(grid, params, stats, forward(backbone_params, images))
-  return {f: jnp.sum((jnp.argmax(v, -1) == labels[None]) & valid[None], 1)
+  hits = {f: jnp.sum((jnp.argmax(v, -1) == labels[None]) & valid[None], 1)
           for f, v in logits.items()}
-
-
-def epoch_order(n: int, batch: int, epochs: int, seed: int, spare_batches: int
-                ) -> tuple[np.ndarray, int]:
-  """(positions of every training batch, updates per epoch): each epoch a fresh permutation cut
-  into floor(n / batch) whole batches, then `spare_batches` batches more (readers' rounds and
-  undecodable images)."""
-  per_epoch = n // batch
-  if per_epoch == 0:
-    raise ValueError(f'The probe batch {batch} exceeds the {n} training images.')
-  rng = np.random.default_rng(seed)
-  parts = [rng.permutation(n)[:per_epoch * batch] for _ in range(epochs)]
-  parts.append(np.resize(rng.permutation(n), spare_batches * batch))
-  return np.concatenate(parts), per_epoch
+  return jnp.stack([hits[f][i] for _, f, i in grid.heads])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,90 +237,54 @@ def run(backbone, train_set: datasets.ClassifSet, test_set: datasets.ClassifSet,
     ({'max': best accuracy over heads and epochs, 'max/<pooling>', 'max/last<n>'}, details:
     every head's accuracy per epoch, the best head and epoch, losses, seconds).
   """
-  tokens = backbone.require_tokens('mimref_probe')
-  num_classes = settings.num_classes or getattr(train_set.source, 'num_classes', 0)
-  if not num_classes:
-    raise ValueError(f'{train_set.name}: the number of classes is unknown; set '
-                     'config.evals.mimref_probe.num_classes.')
-  if settings.batch_size % backbone.mesh.devices.size:
-    raise ValueError(f'The probe batch {settings.batch_size} does not split over the '
-                     f'{backbone.mesh.devices.size} devices.')
+  num_classes = online.num_classes('mimref_probe', train_set, settings.num_classes)
   grid = Grid(tuple(settings.learning_rates), tuple(settings.poolings),
               tuple(settings.last_blocks), num_classes, settings.batch_size / 256)
-  forward = block_features.pooled_forward(tokens, grid.features)
+  forward = block_features.pooled_forward(backbone.require_tokens('mimref_probe'), grid.features)
   res = settings.resolution
   shapes = jax.eval_shape(forward, backbone.params,
                           jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32))
   dims = {f: shapes[f].shape[-1] for f in grid.features}
   replicated = jax.sharding.NamedSharding(backbone.mesh, jax.sharding.PartitionSpec())
-  params = jax.device_put(grid.init(jax.random.key(seed), dims), replicated)
-  momentum = jax.device_put(jax.tree.map(jnp.zeros_like, params), replicated)
-  stats = jax.device_put(grid.init_stats(dims), replicated)
-
-  rounds = max(num_workers, 1)
-  order, per_epoch = epoch_order(len(train_set), settings.batch_size, settings.epochs, seed,
-                                 spare_batches=2 * rounds)
+  state = {'params': grid.init(jax.random.key(seed), dims), 'stats': grid.init_stats(dims)}
+  state['momentum'] = jax.tree.map(jnp.zeros_like, state['params'])
+  state = jax.device_put(state, replicated)
+  per_epoch = len(train_set) // settings.batch_size
   total = per_epoch * settings.epochs
   lrs = np.stack([schedule(total, peak) for peak in grid.peak_lrs()], 1)  # (T, L)
-  batches = datasets.stream(train_set, order, settings.batch_size,
-                            datasets.ClassifTransform(res, train=True), res, seed=seed,
-                            num_workers=num_workers, training=True)
   statics = dict(grid=grid, forward=forward)
-  heads = grid.heads
-  accuracy = np.zeros((settings.epochs, len(heads)))
-  losses, eval_seconds = [], 0.0
-  start = time.perf_counter()
-  for epoch in range(settings.epochs):
-    for it in range(epoch * per_epoch, (epoch + 1) * per_epoch):
-      batch = next(batches)
-      params, momentum, stats, loss = _online_step(
-          params, momentum, stats, backbone.params, backbone.global_array(batch['images']),
-          backbone.global_array(batch['labels']), jnp.asarray(lrs[it], jnp.float32), **statics)
-      if (it + 1) % settings.log_every == 0 or it + 1 == total:
-        losses.append((it + 1, float(jnp.mean(loss))))
-        log(f'mimref_probe: update {it + 1}/{total}, mean head loss {losses[-1][1]:.4f}')
-    t_eval = time.perf_counter()
-    accuracy[epoch] = _score(backbone, test_set, params, stats, statics, heads, grid, res,
-                             num_workers)
-    eval_seconds += time.perf_counter() - t_eval
-    log(f'mimref_probe: epoch {epoch + 1}/{settings.epochs}, best head '
-        f'{heads[int(accuracy[epoch].argmax())][0]} {accuracy[epoch].max():.4f}')
-  batches.close()
-  seconds = time.perf_counter() - start
+
+  def update(it, images, labels):
+    state['params'], state['momentum'], state['stats'], loss = _online_step(
+        state['params'], state['momentum'], state['stats'], backbone.params, images, labels,
+        jnp.asarray(lrs[it], jnp.float32), **statics)
+    return loss
+
+  def correct(images, labels, valid):
+    return _eval_correct(state['params'], state['stats'], backbone.params, images, labels, valid,
+                         **statics)
+
+  heads = [h[0] for h in grid.heads]
+  outcome = online.run('mimref_probe', backbone, train_set, test_set,
+                       online.Heads(update, correct, heads), epochs=settings.epochs,
+                       batch_size=settings.batch_size, resolution=res,
+                       train_transform=datasets.ClassifTransform(res, train=True),
+                       num_workers=num_workers, seed=seed, log_every=settings.log_every, log=log)
+  accuracy = outcome.accuracy
   best_epoch, best_head = np.unravel_index(int(np.argmax(accuracy)), accuracy.shape)
   results = {'max': float(accuracy.max())}
   for p in grid.poolings:
-    results[f'max/{p}'] = float(accuracy[:, [i for i, h in enumerate(heads)
+    results[f'max/{p}'] = float(accuracy[:, [i for i, h in enumerate(grid.heads)
                                             if h[1].startswith(p + '_')]].max())
   for n in grid.last_blocks:
     feats = {feature_of(p, n) for p in grid.poolings}
-    results[f'max/last{n}'] = float(accuracy[:, [i for i, h in enumerate(heads)
+    results[f'max/last{n}'] = float(accuracy[:, [i for i, h in enumerate(grid.heads)
                                                 if h[1] in feats]].max())
-  details = {'accuracy': {h[0]: accuracy[:, i].tolist() for i, h in enumerate(heads)},
-             'best': {'head': heads[best_head][0], 'epoch': int(best_epoch) + 1},
-             'updates': total, 'updates_per_epoch': per_epoch, 'loss': losses,
-             'train_seconds': seconds - eval_seconds, 'eval_seconds': eval_seconds}
+  details = {'accuracy': {h: accuracy[:, i].tolist() for i, h in enumerate(heads)},
+             'best': {'head': heads[best_head], 'epoch': int(best_epoch) + 1},
+             'updates': total, 'updates_per_epoch': per_epoch, 'loss': outcome.losses,
+             'train_seconds': outcome.train_seconds, 'eval_seconds': outcome.eval_seconds}
   return results, details
-
-
-def _score(backbone, test_set, params, stats, statics, heads, grid: Grid, res: int,
-           num_workers: int) -> np.ndarray:
-  """(heads,) test accuracy of every head, in `heads` order."""
-  correct = {f: 0 for f in grid.features}
-  count = 0
-  for batch in datasets.stream(test_set, np.arange(len(test_set)), backbone.batch_size,
-                               datasets.ClassifTransform(res), res, seed=0,
-                               num_workers=num_workers):
-    c = _eval_correct(params, stats, backbone.params, backbone.global_array(batch['images']),
-                      backbone.global_array(batch['labels']),
-                      backbone.global_array(batch['valid']), **statics)
-    correct = {f: correct[f] + np.asarray(c[f]) for f in grid.features}
-    count += int(np.sum(batch['valid']))  # This process's rows; summed over hosts below.
-  count = int(np.asarray(multihost_utils.process_allgather(
-      np.int64(count))).sum())
-  if not count:
-    raise ValueError(f'{test_set.name}: no image to score.')
-  return np.asarray([correct[f][i] / count for _, f, i in heads])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)

@@ -38,6 +38,7 @@ LOSS_TOL = 1e-6
 FEATURES = {'cls_last': 'cls_last1', 'avg_last': 'avg_last1', 'cls_last4': 'cls_last4'}
 _HEAD = re.compile(r'lr(\d+)_(cls|concat)_last(\d+)')
 _NORMS = {'ClassToken': 'cls', 'ConcatClassAverage': 'concat'}
+_METRICS = ('acc', 'nmi', 'ami', 'ari')
 
 
 class Context:
@@ -174,13 +175,13 @@ def _clustering(ctx: Context) -> list[Result]:
     out.append(compare(f'{pre}/centers', centres, ctx.arrays[f'{pre}/centers'], CENTRE_TOL))
     out.append(_same(f'{pre}/assign', assign, ctx.arrays[f'{pre}/assign']))
     metrics = mimref.cluster_metrics(y, assign)
-    out.append(compare(f'{pre}/acc,nmi,ami,ari', [metrics[m] for m in ('acc', 'nmi', 'ami', 'ari')],
-                       [run[m] for m in ('acc', 'nmi', 'ami', 'ari')], METRIC_TOL))
+    out.append(compare(f'{pre}/acc,nmi,ami,ari', [metrics[m] for m in _METRICS],
+                       [run[m] for m in _METRICS], METRIC_TOL))
   for i, case in enumerate(clustering.get('metric_cases', [])):
     metrics = mimref.cluster_metrics(ctx.arrays[f'kmeans/metric_cases/{i}/y'],
                                      ctx.arrays[f'kmeans/metric_cases/{i}/c'])
-    out.append(compare(f'kmeans/metric_cases/{i}', [metrics[m] for m in ('acc', 'nmi', 'ami', 'ari')],
-                       [case[m] for m in ('acc', 'nmi', 'ami', 'ari')], METRIC_TOL))
+    out.append(compare(f'kmeans/metric_cases/{i}', [metrics[m] for m in _METRICS],
+                       [case[m] for m in _METRICS], METRIC_TOL))
   return out
 
 
