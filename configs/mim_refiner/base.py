@@ -128,6 +128,7 @@ def refiner(*, name: str, encoder: str, model: ml_collections.ConfigDict, stage:
                                                          split=split))
   c.evals.protocols = ()  # MIM-Refiner's own; CAPI's sections stay available.
   add_evals(c.evals, imagenet('train'), imagenet('validation'), num_classes=1000)
-  for name in c.evals.protocols:  # Only the final evaluation.
-    c.evals[name].period = 0
+  for section in c.evals.values():  # Only the final evaluation, also for CAPI's if added.
+    if isinstance(section, ml_collections.ConfigDict) and 'period' in section:
+      section.period = 0
   return c
