@@ -17,6 +17,7 @@ import pytest
 
 from capi_jax import check_reference
 from capi_jax import evaluators
+from capi_jax.engine import evaluation
 from capi_jax.evaluators import backbone as backbone_lib
 from capi_jax.evaluators import block_features
 from capi_jax.evaluators import caev2_linear
@@ -26,6 +27,7 @@ from capi_jax.evaluators import mimref_probe
 from capi_jax.evaluators import protocol
 from capi_jax.models import vit
 from capi_jax.reference import harness
+from configs.mim_refiner import d2v2_h14
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 FIXTURE = FIXTURES / 'mim_refiner_eval' / 'mimref_eval_small.npz'
@@ -211,6 +213,19 @@ def test_caev2_schedule_and_lars():
   zero = {'kernel': jax.numpy.zeros((2, 3)), 'bias': jax.numpy.zeros((3,))}
   same, _ = caev2_linear.lars(params, zero, jax.tree.map(jax.numpy.zeros_like, params), 1.0)
   np.testing.assert_allclose(same['kernel'], 2.0)
+
+
+def test_headline_is_printed_beside_our_numbers():
+  flat = {'mimref_probe/max': 0.7173, 'mimref_knn/k10_tau0.07/cls_last1': 0.7}
+  text = evaluation.format_headline(flat, {'mimref_probe/max': '84.7% (paper)',
+                                           'caev2_linear/max': 'not run here'})
+  assert text.splitlines() == ['Beside the papers:',
+                               'mimref_probe/max   71.73  | paper: 84.7% (paper)']
+  assert evaluation.format_headline(flat, None) == ''
+  config = d2v2_h14.get_config('3')
+  assert evaluators.config_problems(config.evals, None) == []
+  config.evals.headline = ml_collections.ConfigDict({'mimref_probe/max': 84.7})
+  assert any('evals.headline' in p for p in evaluators.config_problems(config.evals, None))
 
 
 # ----------------------------------------------------------------------------------- end to end
