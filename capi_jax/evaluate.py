@@ -12,7 +12,9 @@ Or a parameter directory written by `python -m capi_jax.convert --to=capi_jax`.
 
 What runs is `config.evals.protocols` (see `capi_jax.evaluators`): the official 'classif'
 (online linear / attentive probes), 'seg' (k-NN and logistic-regression segmentation) and
-'viz' (PCA pictures), and the extra 'knn'. Results go to `WORKDIR/eval/<step>/results.json`
+'viz' (PCA pictures), and the extra 'knn'; MIM-Refiner's configs run its own 'mimref_probe',
+'mimref_knn', 'mimref_lowshot' (and the extra 'mimref_cluster'), CAE v2's its 'caev2_linear',
+with the paper's figures (`evals.headline`) printed beside. Results go to `WORKDIR/eval/<step>/results.json`
 (`eval/random_init/`, `eval/converted/`, `eval/<file stem>/` for the others), pictures to
 `eval/<step>/viz_<resolution>/`, `curves.png` (the training curves of WORKDIR/metrics.jsonl, if
 any); a table is printed, each number named by the protocol that produced it ('extra/...' for

@@ -14,7 +14,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PYTHON = REPO / '.venv312' / 'bin' / 'python'
-FIXTURES = sorted((REPO / 'tests' / 'fixtures').glob('*_reference/*.npz'))
+FIXTURES = sorted([*(REPO / 'tests' / 'fixtures').glob('*_reference/*.npz'),
+                   *(REPO / 'tests' / 'fixtures').glob('*_eval/*.npz')])
 # ViT-conversion fixtures are read by tests/test_vit.py, not by check_reference.
 FIXTURES = [f for f in FIXTURES if f.parent.name != 'vit_reference']
 

@@ -116,6 +116,16 @@ def format_table(results: dict[str, Any], baseline: dict[str, Any] | None = None
   width = max((len(n) for n, _ in rows), default=0)
   return '\n'.join(f'{n:<{width}}  {v}' for n, v in rows)
 
+def format_headline(flat: dict[str, float], headline: Any) -> str:
+  """Lines 'name  ours  | paper: figure (source)' for each `config.evals.headline` entry whose
+  result this evaluation produced ('' if none did)."""
+  rows = [(name, flat[name], text) for name, text in (headline or {}).items() if name in flat]
+  if not rows:
+    return ''
+  width = max(len(name) for name, _, _ in rows)
+  lines = [f'{name:<{width}}  {100 * value:6.2f}  | paper: {text}' for name, value, text in rows]
+  return 'Beside the papers:\n' + '\n'.join(lines)
+
 def random_init_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PyTree:
   """The encoder the run starts from (seed config.train.seed), born sharded."""
   method = methods.from_config(config)
@@ -215,6 +225,8 @@ def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str
   if config.evals.random_init_baseline and step != RANDOM_INIT:
     baseline = random_init_results(config, workdir, mesh)
     baseline = {k: v for k, v in baseline.items() if k in results['protocols']}
+  flat = flatten(results['protocols'])
+  headline = format_headline(flat, config.evals.get('headline'))
   _log(f'Evaluation at {step} ({results["seconds"]:.1f} s), written to {out_dir}:\n'
-       + format_table(results['protocols'], baseline))
-  return flatten(results['protocols'])
+       + format_table(results['protocols'], baseline) + (f'\n{headline}' if headline else ''))
+  return flat

@@ -6,8 +6,17 @@ Official protocols, as facebookresearch/capi runs them (`docs/reference/capi_eva
   'classif'  linear and attentive probes trained online (classif.py)
   'seg'      k-NN and logistic-regression segmentation of patch features (seg.py)
   'viz'      PCA pictures (viz.py)
-capi_jax's extra, named as such wherever its numbers appear:
-  'knn'      weighted k-NN classification (and on raw pixels) (extras.py)
+MIM-Refiner's, as ml-jku/MIM-Refiner runs them (`docs/reference/mim_refiner_eval_protocols.md`):
+  'mimref_knn'      k-NN on standardised block features (mimref.py)
+  'mimref_lowshot'  logistic regression on 1/2/5 images per class (mimref.py)
+  'mimref_probe'    the dinov2-grid linear probe: 52 heads on the last 1 / 4 blocks
+                    (mimref_probe.py)
+CAE v2's, as Atten4Vis/CAE runs it (`docs/reference/caev2_eval_protocols.md`):
+  'caev2_linear'    BatchNorm + Linear on the class token, LARS (caev2_linear.py)
+capi_jax's extras, named as such wherever their numbers appear:
+  'knn'             weighted k-NN classification (and on raw pixels) (extras.py)
+  'mimref_cluster'  k-means on block features: accuracy, NMI, AMI, ARI (mimref.py; the MIM-Refiner
+                    release has no clustering code)
 
 Each protocol has a `period`: during training the student is evaluated every `period` steps
 (0: never), and every protocol runs on the EMA at the end (`evals.final`). The official
@@ -31,11 +40,19 @@ _BUILT_IN = {
     'seg': 'capi_jax.evaluators.seg:Seg',
     'viz': 'capi_jax.evaluators.viz:Viz',
     'knn': 'capi_jax.evaluators.extras:Knn',
+    'mimref_knn': 'capi_jax.evaluators.mimref:Knn',
+    'mimref_lowshot': 'capi_jax.evaluators.mimref:Lowshot',
+    'mimref_probe': 'capi_jax.evaluators.mimref_probe:Probe',
+    'mimref_cluster': 'capi_jax.evaluators.mimref:Cluster',
+    'caev2_linear': 'capi_jax.evaluators.caev2_linear:Linear',
 }
 _REGISTERED: dict[str, type[protocol.Protocol]] = {}
 # The keys of `config.evals` besides the protocols' sections (read by the evaluation runner).
 EVALS_KEYS = ('model', 'final', 'batch_size', 'compute_dtype', 'random_init_baseline',
-              'protocols')
+              'protocols', 'headline')
+# `headline`: {result name ('mimref_probe/max'): the paper's figure it stands beside, and where
+# it is from}, printed beside the run's numbers; optional.
+OPTIONAL_EVALS_KEYS = ('headline',)
 
 
 def register(protocol_cls: type[protocol.Protocol]) -> type[protocol.Protocol]:
@@ -96,8 +113,13 @@ def _check(p: problems_lib.Problems, ev: Any, model: protocol.ModelShape | None)
   listed_ok = isinstance(listed, Sequence) and not isinstance(listed, str)
   # A section is needed for each listed protocol; the others' may be there, unused.
   required = [*EVALS_KEYS, *(n for n in (listed if listed_ok else ()) if n in known)]
-  if not protocol.check_keys(p, 'evals', ev, (*EVALS_KEYS, *known), required=required):
+  if not protocol.check_keys(p, 'evals', ev, (*EVALS_KEYS, *known), required=required,
+                            optional=OPTIONAL_EVALS_KEYS):
     return
+  headline = ev.get('headline', ml_collections.ConfigDict())
+  p.check(isinstance(headline, ml_collections.ConfigDict)
+          and all(isinstance(v, str) for v in headline.values()),
+          f'evals.headline={headline!r} must be a section {{result name: "paper figure, source"}}.')
   p.check(ev.model in ('student', 'ema'), f"evals.model={ev.model!r} must be 'student' or 'ema'.")
   p.boolean('evals.final', ev.final)
   p.boolean('evals.random_init_baseline', ev.random_init_baseline)

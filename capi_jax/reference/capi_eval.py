@@ -44,8 +44,7 @@ class Context:
     del scan_layers  # The evaluation protocols run on given features: no block stack.
     self.arrays = arrays
     self.meta = json.loads(str(arrays['meta_json']))
-    self.mesh = jax.make_mesh((1,), ('batch',), axis_types=(jax.sharding.AxisType.Auto,),
-                              devices=jax.devices()[:1])
+    self.mesh = harness.one_device_mesh()
 
   def has(self, *keys: str) -> bool:
     return all(k in self.arrays for k in keys)

@@ -30,6 +30,8 @@ SUITES = {
     'mim_refiner': 'capi_jax.reference.mim_refiner',
     'caev2': 'capi_jax.reference.caev2',
     'capi_eval': 'capi_jax.reference.capi_eval',
+    'mim_refiner_eval': 'capi_jax.reference.mim_refiner_eval',
+    'caev2_eval': 'capi_jax.reference.caev2_eval',
 }
 
 
@@ -159,6 +161,11 @@ def run(arrays: Arrays, kind: str | None = None,
       except Skipped as e:
         report.skipped.append((comparison.name, str(e)))
   return report
+
+def one_device_mesh() -> jax.sharding.Mesh:
+  """A ('batch',) mesh of the first device: the suites run everything on one device."""
+  return jax.make_mesh((1,), ('batch',), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:1])
 
 def load_fixture(path: str) -> dict[str, np.ndarray]:
   with np.load(path) as f:

@@ -13,7 +13,10 @@ teacher sees the same crop at 224, CLIP-normalised. The official checkpoint `ViT
 (TorchScript) is read directly; or convert it once
 (`python -m capi_jax.convert --config=configs/caev2/base.py --family=clip
 --section=caev2.teacher.model --to=capi_jax --input=ViT-B-16.pt --output=/tmp/clip_b16`) and
-pass /tmp/clip_b16. Sections as configs/vitl.py where the concept is the same.
+pass /tmp/clip_b16. Sections as configs/vitl.py where the concept is the same. The evaluation
+is CAE v2's linear probe ('caev2_linear', `add_evals`: the class token after the last norm,
+BatchNorm + Linear, LARS, blr 0.1 x batch / 256, 90 epochs); CAPI's sections stay, to be added
+to evals.protocols at will.
 """
 
 import ml_collections
@@ -23,6 +26,21 @@ from configs import vitl
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 ITERS_PER_EPOCH = IMAGENET_TRAIN_IMAGES // 2048  # The release drops the last partial batch.
+
+
+def add_evals(evals: ml_collections.ConfigDict, train: ml_collections.ConfigDict,
+              test: ml_collections.ConfigDict, *, num_classes: int, batch_size: int,
+              epochs: int = 90, warmup_epochs: float = 10, resolution: int = 224,
+              log_every: int = 100) -> None:
+  """CAE v2's linear-probe section (`tools/run_linear.py` as project/CAEv2/scripts run it:
+  --blr 0.1 --epochs 90, warm-up 10, weight decay 0; see capi_jax/evaluators/caev2_linear.py),
+  with 'caev2_linear' appended to evals.protocols."""
+  evals.caev2_linear = ml_collections.ConfigDict(dict(
+      period=0, train=train, test=test, num_classes=num_classes, blr=0.1, epochs=epochs,
+      warmup_epochs=warmup_epochs, min_lr=0.0, batch_size=batch_size, resolution=resolution,
+      log_every=log_every))
+  if 'caev2_linear' not in evals.protocols:
+    evals.protocols = tuple(evals.protocols) + ('caev2_linear',)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -83,6 +101,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.efficiency = reference.efficiency
   c.sharding = reference.sharding
   c.evals = reference.evals
-  for name in c.evals.protocols:  # Every 50 epochs.
+  for name in c.evals.protocols:  # CAPI's, if added to evals.protocols: every 50 epochs.
     c.evals[name].period = 50 * ITERS_PER_EPOCH
-  return c
+  c.evals.protocols = ()  # CAE v2's own; CAPI's sections stay available.
+  imagenet = lambda split: ml_collections.ConfigDict(dict(dataset='tfds:imagenet2012',
+                                                         split=split))
+  # caev2_base_300e.sh / caev2_small_300e.sh: batch 1024 x 8 GPUs (tiny.py: 2048 x 8).
+  add_evals(c.evals, imagenet('train'), imagenet('validation'), num_classes=1000,
+            batch_size=8192)
+  return c  # caev2_linear only at the end (evals.final): 90 epochs of ImageNet.

@@ -22,4 +22,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.caev2.regressor.embed_dim = 96
   c.caev2.regressor.depth = 1
   c.caev2.num_mask_patches = 30
+  c.evals.caev2_linear.batch_size = 16384  # caev2_tiny_300e.sh: 2048 x 8 GPUs.
   return c

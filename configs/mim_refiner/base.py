@@ -11,6 +11,9 @@ sharding, evals), drops CAPI's, and adds:
                       freeze_end_percent, views (MultiCrop fields; global size = data.image_size)
   optim               total_iters, global_batch_size, base_lr (x batch / 256), warmup_iters,
                       end_lr, betas, eps, weight_decay (encoder), head_weight_decay
+  evals               MIM-Refiner's protocols (`add_evals`: mimref_probe, mimref_knn,
+                      mimref_lowshot, and the extra mimref_cluster) on ImageNet; CAPI's sections
+                      stay, to be added to evals.protocols at will
 The values are the released recipes' (`docs/reference/mim_refiner_algorithm.md`): AdamW
 (0.9, 0.95), warmup 4 epochs then cosine to 1e-6, lr 2e-4 (stage 2) / 4e-4 (stage 3) x batch /
 256, weight decay 0.05 / 1e-5 (encoder / heads), layer-wise decay 0.65, queue 65536, heads
@@ -51,6 +54,43 @@ def parse_stage(arg: str) -> int:
   return stage
 
 
+def add_evals(evals: ml_collections.ConfigDict, train: ml_collections.ConfigDict,
+              test: ml_collections.ConfigDict, *, num_classes: int, resolution: int = 224,
+              probe_epochs: int = 50, probe_batch: int = 1024, log_every: int = 250,
+              protocols: Sequence[str] = ('mimref_probe', 'mimref_knn', 'mimref_lowshot',
+                                          'mimref_cluster')) -> None:
+  """MIM-Refiner's evaluation sections (the release's values; see capi_jax/evaluators/mimref.py
+  and mimref_probe.py), added to `evals` with `protocols` appended to evals.protocols."""
+  sets = lambda: dict(train=ml_collections.ConfigDict(train.to_dict()),
+                      test=ml_collections.ConfigDict(test.to_dict()))
+  # yamls/eval/probe/template_tracked_dinov2grid.yaml: 13 lrs x (cls, cls + mean patch) x (the
+  # final output, the raw last 4 blocks), 50 epochs at batch 1024, best accuracy on the test set.
+  evals.mimref_probe = ml_collections.ConfigDict(dict(
+      period=0, **sets(), num_classes=num_classes,
+      learning_rates=(1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
+      poolings=('cls', 'concat'), last_blocks=(1, 4), epochs=probe_epochs,
+      batch_size=probe_batch, resolution=resolution, log_every=log_every))
+  # yamls/eval/knn/template_tracked{,_last4}.yaml: k 10, tau 0.07 on the raw last block's class
+  # token and mean patch, and on the class tokens of the last 4 blocks.
+  evals.mimref_knn = ml_collections.ConfigDict(dict(
+      period=0, **sets(), features=('cls_last1', 'avg_last1', 'cls_last4'), ks=(10,),
+      taus=(0.07,), resolution=resolution))
+  # yamls/eval/extreme_lowshot: 1, 2, 5 images per class x 3 splits. subsets_dir: a copy of
+  # facebookresearch/msn's folder (imagenet_subsets{1,2,3}/) with `train` a folder:PATH
+  # ImageNet, for the release's lists; '' draws the subsets from the run's seed instead.
+  evals.mimref_lowshot = ml_collections.ConfigDict(dict(
+      period=0, **sets(), subsets_dir='', shots=(1, 2, 5), splits=3, features=('cls_last1',),
+      resolution=resolution, tol=1e-10, max_iter=20_000))
+  # capi_jax's extra (the release has no clustering code): k-means with k = classes on the
+  # test set's class tokens of the last block.
+  test_only = sets()['test']
+  evals.mimref_cluster = ml_collections.ConfigDict(dict(
+      period=0, test=test_only, features=('cls_last1',), k=0, resolution=resolution,
+      max_iter=300))
+  evals.protocols = tuple(evals.protocols) + tuple(p for p in protocols
+                                                   if p not in evals.protocols)
+
+
 def refiner(*, name: str, encoder: str, model: ml_collections.ConfigDict, stage: int,
             heads: Sequence[str], temperature: float, batch: int, epochs: int,
             local_size: int, pooling: str = 'cls', freeze_end_percent: float | None = None,
@@ -84,6 +124,11 @@ def refiner(*, name: str, encoder: str, model: ml_collections.ConfigDict, stage:
           local_scale=(0.05, 0.25)))))
   c.mim_refiner.freeze_end_percent = freeze_end_percent
   c.train.checkpointing.period = 5000
-  for name in c.evals.protocols:  # Only the final evaluation.
-    c.evals[name].period = 0
+  imagenet = lambda split: ml_collections.ConfigDict(dict(dataset='tfds:imagenet2012',
+                                                         split=split))
+  c.evals.protocols = ()  # MIM-Refiner's own; CAPI's sections stay available.
+  add_evals(c.evals, imagenet('train'), imagenet('validation'), num_classes=1000)
+  for section in c.evals.values():  # Only the final evaluation, also for CAPI's if added.
+    if isinstance(section, ml_collections.ConfigDict) and 'period' in section:
+      section.period = 0
   return c

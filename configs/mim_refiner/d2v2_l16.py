@@ -20,6 +20,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   stage = base.parse_stage(arg)
   model = base.vit_model('data2vec2', patch_size=16, embed_dim=1024, depth=24,
                          num_heads=16)
-  return base.refiner(name=f'mimref_d2v2_l16_s{stage}', encoder='data2vec2', model=model,
-                      stage=stage, heads=base.block_heads(16, 22), temperature=0.2, batch=1024,
-                      epochs=20, local_size=96)
+  c = base.refiner(name=f'mimref_d2v2_l16_s{stage}', encoder='data2vec2', model=model,
+                 stage=stage, heads=base.block_heads(16, 22), temperature=0.2, batch=1024,
+                 epochs=20, local_size=96)
+  c.evals.headline = ml_collections.ConfigDict({
+      'mimref_probe/max':
+          '83.5% IN-1k linear probe, D2V2-L/16 refined '
+          '(paperswithcode entry of arXiv 2402.10093)',
+  })
+  return c

@@ -20,6 +20,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   stage = base.parse_stage(arg)
   model = base.vit_model('mae', patch_size=16, embed_dim=1024, depth=24,
                          num_heads=16)
-  return base.refiner(name=f'mimref_mae_l16_s{stage}', encoder='mae', model=model,
-                      stage=stage, heads=base.block_heads(16, 22), temperature=0.2, batch=1024,
-                      epochs=20 if stage == 2 else 30, local_size=96)
+  c = base.refiner(name=f'mimref_mae_l16_s{stage}', encoder='mae', model=model,
+                 stage=stage, heads=base.block_heads(16, 22), temperature=0.2, batch=1024,
+                 epochs=20 if stage == 2 else 30, local_size=96)
+  c.evals.headline = ml_collections.ConfigDict({
+      'mimref_probe/max':
+          '82.8% IN-1k linear probe, MAE-L/16 refined '
+          '(paperswithcode entry of arXiv 2402.10093)',
+  })
+  return c

@@ -139,6 +139,19 @@ class EvalEncoder(nn.Module):
     return (pool(tokens, self.pooling, prefix), registers,
             tokens[:, prefix:].reshape(b, h // p, w // p, tokens.shape[-1]))
 
+  def encode(self, images: Array, visible_indices: Array | None = None,
+             blocks: Sequence[int] = (), train: bool = False):
+    """The backbone's `encode` (final tokens and raw block outputs, `layers.Encoded`)."""
+    return self.backbone.encode(images, visible_indices, blocks, train)
+
+  @property
+  def depth(self) -> int:
+    return depth(self.backbone)
+
+  @property
+  def n_prefix(self) -> int:
+    return n_prefix(self.backbone)
+
   @property
   def has_registers(self) -> bool:
     return isinstance(self.backbone, encoder_decoder.EncoderDecoder)
