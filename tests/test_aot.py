@@ -95,10 +95,10 @@ def _small_tpu_config(global_batch: int):
     config.data.dataset = 'synthetic'
     config.data.image_size = 16
     # Width 512: a kernel's quarter fills whole (8, 128) TPU tiles (narrower shards are padded).
-    config.model.update(embed_dim=512, num_heads=4, encoder_depth=1, decoder_depth=1,
+    config.capi.model.update(embed_dim=512, num_heads=4, encoder_depth=1, decoder_depth=1,
                         n_registers=4)
     config.capi.num_clusters = 16
-    config.optim.global_batch_size = global_batch
+    config.train.global_batch_size = global_batch
   return config
 
 

@@ -19,9 +19,9 @@ from configs.caev2 import base
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.name = 'caev2_large'
-  c.model.embed_dim = 1024
-  c.model.depth = 24
-  c.model.num_heads = 16
-  c.model.layer_scale_init = 1e-5
+  c.caev2.model.embed_dim = 1024
+  c.caev2.model.depth = 24
+  c.caev2.model.num_heads = 16
+  c.caev2.model.layer_scale_init = 1e-5
   c.caev2.regressor.embed_dim = 1024
   return c
