@@ -4,7 +4,7 @@ Run (on any host, CPU only; needs libtpu: `pip install '.[tpu]'`):
   python -m capi_jax.aot --config=configs/vitl.py --topology=v5e:4x4
   python -m capi_jax.aot --config=configs/vitl.py --topology=v5e:4x4 --find_max_batch
   python -m capi_jax.aot --config=configs/vith.py --topology=v5p:4x4x4 \
-      --config.optim.global_batch_size=16384
+      --config.train.global_batch_size=16384
 
 `--topology` is CHIP:GRID with CHIP one of v4, v5e, v5p, v6e and GRID the chip grid of one
 slice (v5e:16x16 = 256 chips, v4:2x2x4 = 16 chips). libtpu describes the topology
@@ -25,7 +25,7 @@ Several slices (multi-slice over the data centre network): `--num_slices=2` with
 that crosses slices named in `sharding.dcn_mesh`, e.g.
   python -m capi_jax.aot --config=configs/vitl.py --topology=v5e:16x16 --num_slices=2 \
       --config.sharding.mesh="(('data', 2), ('fsdp', -1))" \
-      --config.sharding.dcn_mesh="(('data', 2),)" --config.optim.global_batch_size=16384
+      --config.sharding.dcn_mesh="(('data', 2),)" --config.train.global_batch_size=16384
 compiles one slice's program (FSDP inside the slice, data parallel across); collectives are then
 inside each slice, and the bytes a chip sends to other slices per step are reported apart.
 
@@ -62,7 +62,7 @@ def main(argv: Sequence[str]) -> None:
   largest, compiled = plans.find_max_batch(config, topology, devices)
   for p in compiled:
     print(plans.report(p), flush=True)
-  asked = config.optim.global_batch_size
+  asked = config.train.global_batch_size
   print(f'global batch {asked} {"fits" if largest >= asked else "does not fit"}: the largest '
         f'batch that fits is {largest} ({largest // len(devices)} per chip) on {topology}.',
         flush=True)

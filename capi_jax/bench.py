@@ -63,7 +63,7 @@ def main(argv: Sequence[str]) -> None:
     counts = [int(c) for c in fl.device_counts]
     runs = []
     for count, sub in benchmark.scaling_configs(config, counts, len(devices)):
-      logging.info('Scaling: %d devices, global batch %d', count, sub.optim.global_batch_size)
+      logging.info('Scaling: %d devices, global batch %d', count, sub.train.global_batch_size)
       runs.append(benchmark.bench(sub, devices[:count], steps, warmup, fl.peak_tflops))
     result = {'config': config.name, 'scaling': runs,
               'per_device_batch': runs[0]['global_batch_size'] // runs[0]['device_count']}

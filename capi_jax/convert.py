@@ -15,12 +15,13 @@ Official-format files (`.pth`, or `.npz` with the same names) hold `backbone.<na
 `head.<name>` (student head) and `teacher_head.<name>` (clustering head); a full official
 training checkpoint is read too (`--source` picks the student or its EMA). Reading `.pth` needs
 PyTorch (the `capi_jax[torch]` extra); `.npz` does not. The architecture comes from
-`config.model`, the number of clusters from `config.capi`; any name or shape that does not fit
-it is an error naming the parameter (never a silent skip), and so is a weight that is not
+`config.capi.model`, the number of clusters from `config.capi`; any name or shape that does not
+fit it is an error naming the parameter (never a silent skip), and so is a weight that is not
 floating point or holds NaN/inf. A file that cannot be read is an error naming the file.
 
 ViT families (`weights/vit.py`) convert with `--family`, the ViT's fields read from the config
-section `--section`, e.g. OpenAI CLIP's ViT-B/16 (CAE v2's teacher) and back:
+section `--section` (default: the config's method's `model`, e.g. `caev2.model`), e.g. OpenAI
+CLIP's ViT-B/16 (CAE v2's teacher) and back:
   python -m capi_jax.convert --config=configs/caev2/base.py --family=clip \
       --section=caev2.teacher.model --to=capi_jax --input=ViT-B-16.pt --output=/tmp/clip_b16
   python -m capi_jax.convert --config=configs/caev2/base.py --family=clip \
@@ -50,7 +51,8 @@ def _config_section(cfg: ml_collections.ConfigDict, section: str) -> ml_collecti
   for key in section.split('.'):
     if key not in node:
       raise errors.UserError(f'The config has no section {section!r} (no {key!r} in it): pass '
-                             '--section=<the dotted path of the ViT\'s fields>, e.g. model.')
+                             '--section=<the dotted path of the ViT\'s fields>, e.g. '
+                             'caev2.teacher.model.')
     node = node[key]
   return node
 
@@ -60,7 +62,7 @@ def _run_vit(cfg: ml_collections.ConfigDict, family: str, section: str, directio
   """The command line's work for a ViT family (`weights/vit.py`): its official file (names
   under `vit_weights.OFFICIAL_PREFIXES[family]`, e.g. OpenAI CLIP's `.pt`) <-> the 'backbone'
   of a capi_jax params directory."""
-  model = vit.from_config(cfg, _config_section(cfg, section))
+  model = vit.from_config(_config_section(cfg, section or f'{cfg.method}.model'), cfg.efficiency)
   prefix = vit_weights.OFFICIAL_PREFIXES[family]
   if direction == 'capi_jax':
     params = vit_weights.official_to_params(files.read_state_dict(source_path), model, family,
@@ -100,7 +102,7 @@ def _run(cfg: ml_collections.ConfigDict, direction: str, source_path: str, outpu
 
 def main() -> None:
   config = config_flags.DEFINE_config_file(
-      'config', None, 'capi_jax config: architecture (model) and clusters (capi).',
+      'config', None, 'capi_jax config: architecture (capi.model) and clusters (capi).',
       lock_config=True)
   direction = flags.DEFINE_enum('to', None, ['capi_jax', 'official'], 'Conversion direction.')
   source_path = flags.DEFINE_string(
@@ -116,8 +118,8 @@ def main() -> None:
       'Convert a ViT of this family (weights/vit.py; e.g. clip: OpenAI CLIP\'s visual tower, '
       'CAE v2\'s teacher) as the backbone, instead of a CAPI checkpoint.')
   section = flags.DEFINE_string(
-      'section', 'model', 'With --family: the config section holding the ViT\'s fields '
-      '(e.g. caev2.teacher.model).')
+      'section', '', 'With --family: the config section holding the ViT\'s fields (e.g. '
+      'caev2.teacher.model); empty: the method\'s model section (<config.method>.model).')
   flags.mark_flags_as_required(['config', 'to', 'input', 'output'])
 
   def run(_):

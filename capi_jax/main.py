@@ -2,7 +2,8 @@ r"""Pretrains with the config's method (CAPI, MIM-Refiner, CAE v2, ...):
 
   python -m capi_jax.main --config=configs/tiny.py --workdir=/tmp/capi_tiny
 
-Override any config value on the command line, e.g. `--config.optim.lr_schedule.base_value=3e-4`.
+Override any config value on the command line, e.g.
+`--config.capi.optim.lr_schedule.base_value=3e-4` or `--config.train.global_batch_size=256`.
 Rerunning with the same --workdir resumes from its latest intact checkpoint. Mistakes (a bad
 value, a mistyped key, a busy workdir, a diverged run) end with a one-line message and a non-zero
 exit status; Ctrl-C checkpoints first and exits with 130.

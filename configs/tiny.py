@@ -32,27 +32,27 @@ def get_config() -> ml_collections.ConfigDict:
   c.capi.clustering_optimizer.lr_schedule.base_value = 1e-3
   c.capi.clustering_optimizer.lr_schedule.warmup_iters = 100
 
-  c.optim.total_iters = 2000
-  c.optim.global_batch_size = 128
-  c.optim.lr_schedule.base_value = 2e-3
-  c.optim.lr_schedule.warmup_iters = 100
-  c.optim.momentum_schedule.base_value = 0.99
-  c.optim.momentum_schedule.warmup_iters = 100
+  c.train.total_iters = 2000
+  c.train.global_batch_size = 128
+  c.capi.optim.lr_schedule.base_value = 2e-3
+  c.capi.optim.lr_schedule.warmup_iters = 100
+  c.capi.optim.momentum_schedule.base_value = 0.99
+  c.capi.optim.momentum_schedule.warmup_iters = 100
 
   c.data.dataset = 'fashion_mnist'
   c.data.image_size = 28
-  c.data.crop_scale = (0.6, 1.0)
-  c.data.prediction_subsampling = 0.25
+  c.capi.data.crop_scale = (0.6, 1.0)
+  c.capi.data.prediction_subsampling = 0.25
   c.data.num_workers = 0
 
-  c.model.patch_size = 4
-  c.model.n_registers = 4
-  c.model.embed_dim = 96
-  c.model.num_heads = 3
-  c.model.drop_path_rate = 0.0
-  c.model.drop_path_groups = 1
-  c.model.encoder_depth = 4
-  c.model.decoder_depth = 2
+  c.capi.model.patch_size = 4
+  c.capi.model.n_registers = 4
+  c.capi.model.embed_dim = 96
+  c.capi.model.num_heads = 3
+  c.capi.model.drop_path_rate = 0.0
+  c.capi.model.drop_path_groups = 1
+  c.capi.model.encoder_depth = 4
+  c.capi.model.decoder_depth = 2
 
   c.efficiency.compute_dtype = 'float32'
   c.efficiency.remat_policy = 'none'

@@ -12,8 +12,8 @@ from configs import vitl
 def get_config() -> ml_collections.ConfigDict:
   c = vitl.get_config()
   c.name = 'vitb'
-  c.model.embed_dim = 768
-  c.model.num_heads = 12
-  c.model.encoder_depth = 12
-  c.model.decoder_depth = 6
+  c.capi.model.embed_dim = 768
+  c.capi.model.num_heads = 12
+  c.capi.model.encoder_depth = 12
+  c.capi.model.decoder_depth = 6
   return c

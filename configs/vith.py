@@ -12,8 +12,8 @@ from configs import vitl
 def get_config() -> ml_collections.ConfigDict:
   c = vitl.get_config()
   c.name = 'vith'
-  c.model.embed_dim = 1280
-  c.model.num_heads = 16
-  c.model.encoder_depth = 32
-  c.model.decoder_depth = 16
+  c.capi.model.embed_dim = 1280
+  c.capi.model.num_heads = 16
+  c.capi.model.encoder_depth = 32
+  c.capi.model.decoder_depth = 16
   return c

@@ -109,10 +109,10 @@ def _small_tpu_config(global_batch: int):
     config.data.dataset = 'synthetic'
     config.data.image_size = 16
     # Width 512: a kernel's quarter fills whole (8, 128) TPU tiles (narrower shards are padded).
-    config.model.update(embed_dim=512, num_heads=4, encoder_depth=1, decoder_depth=1,
-                        n_registers=4)
+    config.capi.model.update(embed_dim=512, num_heads=4, encoder_depth=1, decoder_depth=1,
+                             n_registers=4)
     config.capi.num_clusters = 16
-    config.optim.global_batch_size = global_batch
+    config.train.global_batch_size = global_batch
   return config
 
 
@@ -135,7 +135,7 @@ def test_tiny_config_compiles_for_a_v5e_slice():
   assert result['slices'] == 1 and result['dcn_bytes_total'] == 0
   # Scanned blocks: XLA counts a while loop's body once; the plan counts them looped.
   with config.unlocked():
-    config.model.update(encoder_depth=3, decoder_depth=2)
+    config.capi.model.update(encoder_depth=3, decoder_depth=2)
     config.efficiency.scan_layers = True
   scanned = plans.step_flops(config, devices)
   with config.unlocked():

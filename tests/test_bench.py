@@ -20,9 +20,9 @@ from configs import tiny
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A small model so that the subprocess compiles in seconds on 2 cores.
 _SMALL = ('--config=configs/tiny.py', '--config.data.dataset=synthetic',
-          '--config.optim.global_batch_size=16', '--config.model.embed_dim=64',
-          '--config.model.num_heads=2', '--config.model.encoder_depth=2',
-          '--config.model.decoder_depth=1', '--config.capi.num_clusters=64', '--smoke')
+          '--config.train.global_batch_size=16', '--config.capi.model.embed_dim=64',
+          '--config.capi.model.num_heads=2', '--config.capi.model.encoder_depth=2',
+          '--config.capi.model.decoder_depth=1', '--config.capi.num_clusters=64', '--smoke')
 
 
 def _run_bench(*flags: str) -> dict:
@@ -87,7 +87,7 @@ def test_peak_table():
 def test_scaling_configs_keep_the_per_device_batch():
   config = tiny.get_config()  # Global batch 128.
   runs = benchmark.scaling_configs(config, [8, 1, 2, 4, 16], n_available=8)
-  assert [(n, c.optim.global_batch_size) for n, c in runs] == [(1, 16), (2, 32), (4, 64), (8, 128)]
-  assert config.optim.global_batch_size == 128  # The caller's config is untouched.
+  assert [(n, c.train.global_batch_size) for n, c in runs] == [(1, 16), (2, 32), (4, 64), (8, 128)]
+  assert config.train.global_batch_size == 128  # The caller's config is untouched.
   with pytest.raises(ValueError, match='device_counts'):
     benchmark.scaling_configs(config, [16], n_available=8)

@@ -394,7 +394,7 @@ def _micro_config(teacher_checkpoint: str = '', dataset: str = 'synthetic'
   """A seconds-sized CAE v2: 16 px student (patch 4, D 16 -> D_r 8), and a CAPI teacher that
   sees the same 4x4 grid at 8 px in 2 px patches."""
   c = caev2_fashion_mnist.get_config()
-  c.model.update(patch_size=4, image_size=16, embed_dim=16, depth=1, num_heads=2)
+  c.caev2.model.update(patch_size=4, image_size=16, embed_dim=16, depth=1, num_heads=2)
   c.data.image_size = 16
   c.data.dataset = dataset
   c.caev2.num_mask_patches = 6
@@ -404,8 +404,8 @@ def _micro_config(teacher_checkpoint: str = '', dataset: str = 'synthetic'
   c.caev2.teacher.image_size = 8
   c.caev2.teacher.model.update(patch_size=2, n_registers=4, embed_dim=16, num_heads=2,
                                encoder_depth=1, decoder_depth=1)
-  c.optim.update(total_iters=2, global_batch_size=8)
-  c.optim.lr_schedule.warmup_iters = 1
+  c.train.update(total_iters=2, global_batch_size=8)
+  c.caev2.optim.lr_schedule.warmup_iters = 1
   c.train.update(log_loss_every=1)
   c.train.checkpointing.period = 2
   c.evals.update(protocols=('knn',), batch_size=8, random_init_baseline=False)
@@ -431,22 +431,22 @@ def test_configs_are_valid_and_the_recipes_differ_as_the_release():
   for name, c in configs.items():
     c.caev2.teacher.checkpoint = c.caev2.teacher.checkpoint or 'ViT-B-16.pt'
     assert config_checks.problems(c, device_count=1) == [], name
-  sizes = {n: (c.model.embed_dim, c.model.depth, c.model.num_heads, c.caev2.regressor.embed_dim,
-               c.caev2.regressor.depth, c.caev2.num_mask_patches)
+  sizes = {n: (c.caev2.model.embed_dim, c.caev2.model.depth, c.caev2.model.num_heads,
+               c.caev2.regressor.embed_dim, c.caev2.regressor.depth, c.caev2.num_mask_patches)
            for n, c in configs.items()}
   assert sizes['tiny'] == (192, 12, 12, 96, 1, 30)
   assert sizes['small'] == (384, 12, 12, 384, 1, 49)
   assert sizes['base'] == (768, 12, 12, 768, 4, 98)
-  assert sizes['large'][:3] == (1024, 24, 16) and configs['large'].model.layer_scale_init == 1e-5
+  assert sizes['large'][:3] == (1024, 24, 16)
+  assert configs['large'].caev2.model.layer_scale_init == 1e-5
   base = configs['base']
-  assert base.optim.total_iters == 300 * 625 and base.optim.lr_schedule.warmup_iters == 6250
+  assert base.train.total_iters == 300 * 625 and base.caev2.optim.lr_schedule.warmup_iters == 6250
   assert base.caev2.teacher.backbone == 'clip' and base.caev2.teacher.model.out_dim == 512
 
 
 def test_config_problems_name_each_key():
   def problems(key, value):
     c = _micro_config('/some/teacher')
-    c.init = ml_collections.ConfigDict({'checkpoint': ''})
     *path, leaf = key.split('.')
     section = c
     for part in path:
@@ -460,21 +460,21 @@ def test_config_problems_name_each_key():
   for key, value, words in [
       ('caev2.teacher.image_size', 16, 'grids must match'),
       ('caev2.teacher.checkpoint', '', 'is empty'),
-      ('optim.weight_decay', ml_collections.ConfigDict({'base_value': 0.05}), 'constant'),
+      ('caev2.optim.weight_decay', ml_collections.ConfigDict({'base_value': 0.05}), 'constant'),
       ('init.checkpoint', '/a/run', 'from scratch'),
-      ('data.image_size', 20, 'model.image_size'),
+      ('data.image_size', 20, 'caev2.model.image_size'),
       ('caev2.num_mask_patches', 16, 'some visible'),
       ('caev2.teacher.backbone', 'resnet', 'one of'),
       ('caev2.teacher.normalization', 'x', 'one of'),
-      ('model.out_dim', 8, 'no projection')]:
+      ('caev2.model.out_dim', 8, 'no projection')]:
     found = problems(key, value)
     assert len(found) == 1 and key in found[0] and words in found[0], (key, found)
 
 
 def test_transform_views_normalisations_and_exact_masks():
   c = _micro_config()
-  c.data.color_jitter = 0.0
-  c.data.do_hflip = False
+  c.caev2.data.color_jitter = 0.0
+  c.caev2.data.do_hflip = False
   c.caev2.teacher.normalization = 'clip'
   example = methods.from_config(c).train_transform().random_map(
       {'image': Image.new('RGB', (30, 20), (90, 140, 200)), 'label': 0},
@@ -536,7 +536,7 @@ def test_clip_checkpoint_round_trips_through_the_converter(tmp_path):
   config = caev2_base.get_config()
   config.caev2.teacher.model = _clip_section(patch_size=4, image_size=8, embed_dim=16, depth=2,
                                              num_heads=2, out_dim=6)
-  model = vit.from_config(config, config.caev2.teacher.model)
+  model = vit.from_config(config.caev2.teacher.model, config.efficiency)
   params = _random_tree(vit_weights.param_shapes(model), seed=5)
   official = vit_weights.params_to_official(params, 'clip', prefix='visual.')
   # OpenAI's file: linear weights in float16 beside float32 norms and tokens, and a text tower.

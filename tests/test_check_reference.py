@@ -53,7 +53,7 @@ def make_fixture(official_model: dict, fwd_hw: tuple[int, int], train_hw: tuple[
           'schedule_momentum': {**schedule, 'start_warmup_value': 1.0, 'base_value': 0.99,
                                 'final_value': 1.0}}
   cfg = capi_parity.config_from_meta(meta)
-  model = encoder_decoder.from_config(cfg)
+  model = encoder_decoder.from_config(cfg.capi.model, cfg.efficiency)
   keys = iter(jax.random.split(jax.random.key(seed), 16))
   rand = lambda shape, scale=1.0: np.asarray(jax.random.normal(next(keys), shape)) * scale
   out = {'meta_json': np.array(json.dumps(meta))}
@@ -68,7 +68,7 @@ def make_fixture(official_model: dict, fwd_hw: tuple[int, int], train_hw: tuple[
   out.update({'fwd/images': fwd_images, 'fwd/global_repr': global_repr,
               'fwd/registers': registers, 'fwd/feature_map': feature_map})
 
-  p = cfg.model.patch_size
+  p = cfg.capi.model.patch_size
   n_tokens = (train_hw[0] // p) * (train_hw[1] // p)
   images = rand((batch, 3, *train_hw)).astype(np.float32)
   rng = np.random.default_rng(seed)
@@ -81,7 +81,7 @@ def make_fixture(official_model: dict, fwd_hw: tuple[int, int], train_hw: tuple[
   student_patches, predictions = jax.jit(functools.partial(
       model.apply, train=False, method='pretrain'))(variables, nhwc(images), visible, predict)
   teacher = jax.jit(functools.partial(model.apply, method='encode_all'))(variables, nhwc(images))
-  dim = cfg.model.embed_dim
+  dim = cfg.capi.model.embed_dim
   out.update({'pretrain/images': images, 'pretrain/mask': mask,
               'pretrain/visible_indices': (visible + offsets).ravel(),
               'pretrain/predict_indices': (predict + offsets).ravel(),
@@ -161,11 +161,12 @@ def test_other_configs_run_every_comparison(second_fixture):
 
 def test_config_from_meta_reads_the_official_model_config():
   cfg = capi_parity.config_from_meta({'model': THIRD_CONFIG['official_model']})
-  assert (cfg.model.patch_size, cfg.model.n_registers, cfg.model.embed_dim,
-          cfg.model.num_heads) == (4, 2, 32, 2)
-  assert cfg.model.register_coordinates == 'zeros' and not cfg.model.scale_reg_to_visible
-  assert (cfg.model.out_layer, cfg.model.norm_eps) == (1, 1e-6)
-  assert (cfg.model.encoder_depth, cfg.model.decoder_depth) == (2, 2)
+  assert (cfg.capi.model.patch_size, cfg.capi.model.n_registers, cfg.capi.model.embed_dim,
+          cfg.capi.model.num_heads) == (4, 2, 32, 2)
+  m = cfg.capi.model
+  assert m.register_coordinates == 'zeros' and not m.scale_reg_to_visible
+  assert (cfg.capi.model.out_layer, cfg.capi.model.norm_eps) == (1, 1e-6)
+  assert (cfg.capi.model.encoder_depth, cfg.capi.model.decoder_depth) == (2, 2)
 
 
 @pytest.mark.parametrize('change, message', [
@@ -208,7 +209,7 @@ def test_registered_comparisons_and_skips():
 
   @register('exact')
   def _exact(ctx):
-    calls.append(ctx.config.model.patch_size)
+    calls.append(ctx.config.capi.model.patch_size)
     return [harness.compare('x', np.ones(3), np.ones(3), 1e-5)]
 
   @register('not yet')

@@ -82,9 +82,9 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
   ckpt.close()
 
   other = micro_config()
-  other.model.embed_dim = 64
+  other.capi.model.embed_dim = 64
   other.capi.num_clusters = 32
-  other.model.drop_path_rate = 0.3  # Not architectural: never a reason to refuse.
+  other.capi.model.drop_path_rate = 0.3  # Not architectural: never a reason to refuse.
   ckpt = checkpointing.Checkpointer(tmp_path, other)
   with pytest.raises(checkpointing.IncompatibleCheckpointError) as e:
     ckpt.restore(1, _target(_state(mesh, 0.0)), None)

@@ -124,7 +124,7 @@ def test_wrong_shape_is_named_with_both_shapes(ctx, official, tmp_path):
 def test_different_depth_is_an_error(ctx, official, tmp_path, depth, message):
   np.savez(tmp_path / 'official.npz', **official)
   config = ctx.config.copy_and_resolve_references()
-  config.model.encoder_depth = depth
+  config.capi.model.encoder_depth = depth
   with pytest.raises(rules.CheckpointMismatchError, match=message):
     capi_convert.load_official(tmp_path / 'official.npz', config)
 
@@ -132,7 +132,7 @@ def test_different_depth_is_an_error(ctx, official, tmp_path, depth, message):
 def test_other_width_reports_the_parameters_and_how_many(ctx, official, tmp_path):
   np.savez(tmp_path / 'official.npz', **official)
   config = ctx.config.copy_and_resolve_references()
-  config.model.embed_dim, config.model.num_heads = 128, 8
+  config.capi.model.embed_dim, config.capi.model.num_heads = 128, 8
   with pytest.raises(rules.CheckpointMismatchError) as error:
     capi_convert.load_official(tmp_path / 'official.npz', config)
   message = str(error.value)
@@ -166,8 +166,8 @@ def test_read_state_dict_torchscript_and_wrapped(tmp_path):
 
 def test_cli_official_to_capi_jax_and_back(ctx, official, tmp_path):
   np.savez(tmp_path / 'official.npz', **official)
-  m = ctx.config.model
-  overrides = [f'--config.model.{k}={m[k]}' for k in (
+  m = ctx.config.capi.model
+  overrides = [f'--config.capi.model.{k}={m[k]}' for k in (
       'patch_size', 'n_registers', 'embed_dim', 'num_heads', 'encoder_depth', 'decoder_depth')]
   overrides.append(f'--config.capi.num_clusters={ctx.config.capi.num_clusters}')
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO)}
@@ -197,8 +197,8 @@ def test_capi_jax_training_checkpoint_to_official(tmp_path):
   """A training run's step folder exports the student or its EMA under official names."""
   import grain  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
-  config.model.embed_dim, config.model.num_heads = 32, 2
-  config.model.encoder_depth, config.model.decoder_depth = 1, 1
+  config.capi.model.embed_dim, config.capi.model.num_heads = 32, 2
+  config.capi.model.encoder_depth, config.capi.model.decoder_depth = 1, 1
   config.data.image_size, config.capi.num_clusters = 16, 8
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   with jax.set_mesh(mesh):

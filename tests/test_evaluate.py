@@ -33,12 +33,12 @@ def _config(data: pathlib.Path | None = None) -> ml_collections.ConfigDict:
   c = tiny.get_config()
   c.data.image_size = 16
   c.data.num_workers = 0
-  c.model.patch_size = 4
-  c.model.n_registers = 4
-  c.model.embed_dim = 32
-  c.model.num_heads = 2
-  c.model.encoder_depth = 1
-  c.model.decoder_depth = 1
+  c.capi.model.patch_size = 4
+  c.capi.model.n_registers = 4
+  c.capi.model.embed_dim = 32
+  c.capi.model.num_heads = 2
+  c.capi.model.encoder_depth = 1
+  c.capi.model.decoder_depth = 1
   c.capi.num_clusters = 16
   c.evals.batch_size = 16
   cl = c.evals.classif
@@ -109,7 +109,7 @@ def test_shipped_configs_pass_and_bad_values_are_named():
 
 
 def test_checks_read_the_evaluated_model():
-  """Patch size and width come from the method's evaluation model, not from config.model."""
+  """Patch size and width come from the method's evaluation model, not from a config section."""
   assert evaluation.model_shape(tiny.get_config()) == protocol.ModelShape(4, 96)
   c = tiny.get_config()
   c.evals.classif.resolution = 30
@@ -218,11 +218,11 @@ def test_load_params_random_converted_and_official(tmp_path):
 def test_load_params_from_a_training_checkpoint(data, tmp_path):
   config = _config(data)
   config.data.dataset = f'folder:{data / "cls"}'
-  config.optim.total_iters = 2
-  for schedule in (config.optim.lr_schedule, config.optim.momentum_schedule,
+  config.train.total_iters = 2
+  for schedule in (config.capi.optim.lr_schedule, config.capi.optim.momentum_schedule,
                    config.capi.clustering_optimizer.lr_schedule):
     schedule.warmup_iters = 1
-  config.optim.global_batch_size = 16
+  config.train.global_batch_size = 16
   config.evals.final = False
   state = train.train_and_evaluate(config, tmp_path)
   mesh = sharding.make_mesh(config)

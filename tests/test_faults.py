@@ -12,6 +12,7 @@ one CPU device, sharing JAX's persistent compilation cache, so only the first on
 One trained workdir (`trained`: 16 steps, checkpoints 8, 12, 16) is reused by most cases.
 """
 
+import importlib
 import json
 import logging
 import multiprocessing
@@ -26,6 +27,7 @@ import time
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -58,7 +60,7 @@ TOTAL = 16  # micro_config checkpoints every 4 steps and keeps 3: 8, 12, 16.
 
 def _config(total: int = TOTAL):
   config = micro_config()
-  config.optim.total_iters = total
+  config.train.total_iters = total
   return config
 
 
@@ -187,9 +189,10 @@ def test_a_refused_rerun_keeps_the_record_of_the_run(trained, tmp_path):
   records = sorted((workdir / 'runs').iterdir())
   assert len(records) == 1
   first = json.loads(records[0].read_text())
-  assert first['config']['model']['embed_dim'] == 32 and first['resumed_from_step'] is None
+  assert first['config']['capi']['model']['embed_dim'] == 32
+  assert first['resumed_from_step'] is None
   config = _config()
-  config.model.embed_dim = 64
+  config.capi.model.embed_dim = 64
   with pytest.raises(checkpointing.IncompatibleCheckpointError) as error:
     train.train_and_evaluate(config, workdir)
   assert 'model.embed_dim: checkpoint 32 vs config 64' in str(error.value)
@@ -209,8 +212,38 @@ def test_records_appear_whole_and_a_cut_record_is_skipped(tmp_path, caplog):
   cut = tmp_path / 'runs' / '29991231T000000.000000Z_host_1.json'
   cut.write_text(second.read_text()[:100])
   with caplog.at_level(logging.WARNING):
-    assert runs.latest_config(tmp_path).model.embed_dim == config.model.embed_dim
+    assert runs.latest_config(tmp_path).capi.model.embed_dim == config.capi.model.embed_dim
   assert 'Skipping unreadable run record' in caplog.text
+
+
+def _older_layout(config) -> dict:
+  """`config` as records held it before configs were composed (configs/common.py + the method's
+  section): `model` and `optim` (with the training lengths) at the top, the method's augmentation
+  keys in `data`, and `init` only where the method had one."""
+  old = json.loads(config.to_json_best_effort())
+  section, train_cfg = old[config.method], old['train']
+  old['model'] = section.pop('model')
+  old['optim'] = {**section.pop('optim'), 'total_iters': train_cfg.pop('total_iters'),
+                  'global_batch_size': train_cfg.pop('global_batch_size')}
+  old['data'].update(section.pop('data', {}))
+  if config.method != 'mim_refiner':
+    del old['init']
+  return old
+
+
+@pytest.mark.parametrize('name', ['tiny', 'caev2.tiny', 'mim_refiner.tiny'])
+def test_a_record_of_the_older_config_layout_is_read_in_todays(tmp_path, name):
+  """Runs written before the composition change can still be restored (evaluated, converted,
+  started from): their record's config is read in today's layout."""
+  config = importlib.import_module(f'configs.{name}').get_config()
+  today = json.loads(config.to_json_best_effort())
+  assert runs.upgrade_config(today) == today
+  (tmp_path / runs.RUNS_DIR).mkdir()
+  (tmp_path / runs.RUNS_DIR / 'old.json').write_text(json.dumps({'config': _older_layout(config)}))
+  restored = runs.latest_config(tmp_path)
+  assert restored.to_dict() == ml_collections.ConfigDict(today).to_dict()
+  assert methods.from_config(restored).architecture() == json.loads(json.dumps(
+      methods.from_config(config).architecture()))
 
 
 def test_a_record_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
@@ -342,15 +375,16 @@ def test_grain_workers_die_with_a_killed_main_process():
 
 # ------------------------------------------------------------------ 5. config values
 @pytest.mark.parametrize('key, value, expected', [
-    ('optim.lr_schedule.base_value', -1e-3, 'optim.lr_schedule.base_value=-0.001 must be >= 0'),
-    ('model.num_heads', 0, 'model.num_heads=0 must be an integer >= 1'),
-    ('model.patch_size', 0, 'model.patch_size=0 must be an integer >= 1'),
-    ('data.crop_scale', (0.5,), 'data.crop_scale=(0.5,) must be a pair of numbers'),
-    ('optim.betas', (1.5, -0.2), 'optim.betas=(1.5, -0.2) must each be in [0, 1)'),
-    ('optim.eps', -1.0, 'optim.eps=-1.0 must be > 0'),
-    ('optim.weight_decay', -5.0, 'optim.weight_decay=-5.0 must be >= 0'),
+    ('capi.optim.lr_schedule.base_value', -1e-3,
+     'capi.optim.lr_schedule.base_value=-0.001 must be >= 0'),
+    ('capi.model.num_heads', 0, 'capi.model.num_heads=0 must be an integer >= 1'),
+    ('capi.model.patch_size', 0, 'capi.model.patch_size=0 must be an integer >= 1'),
+    ('capi.data.crop_scale', (0.5,), 'capi.data.crop_scale=(0.5,) must be a pair of numbers'),
+    ('capi.optim.betas', (1.5, -0.2), 'capi.optim.betas=(1.5, -0.2) must each be in [0, 1)'),
+    ('capi.optim.eps', -1.0, 'capi.optim.eps=-1.0 must be > 0'),
+    ('capi.optim.weight_decay', -5.0, 'capi.optim.weight_decay=-5.0 must be >= 0'),
     ('capi.clustering_optimizer.eps', 0.0, 'capi.clustering_optimizer.eps=0.0 must be > 0'),
-    ('optim.momentum_schedule.base_value', 1.5, 'must be in [0, 1]'),
+    ('capi.optim.momentum_schedule.base_value', 1.5, 'must be in [0, 1]'),
     ('data.num_workers', -1, 'data.num_workers=-1 must be an integer >= 0'),
     ('sharding.mesh', (('data', 3), ('fsdp', -1)), 'do not split into mesh'),
     ('sharding.param_rules', (('(', 'fsdp'),), "'(' is not a regular expression"),
@@ -370,8 +404,8 @@ def test_bad_config_values_are_named_up_front(key, value, expected):
 def test_a_mistyped_config_key_is_one_line():
   program = ('from ml_collections import config_flags; from capi_jax.base import cli; '
              "config_flags.DEFINE_config_file('config'); cli.run(lambda argv: None)")
-  for flag, hint in (('--config.model.embed_dimm=3', 'Did you mean "embed_dim"'),
-                     ('--config.modle.embed_dim=3', 'Did you mean "model"')):
+  for flag, hint in (('--config.capi.model.embed_dimm=3', 'Did you mean "embed_dim"'),
+                     ('--config.capi.modle.embed_dim=3', 'Did you mean "model"')):
     result = subprocess.run([sys.executable, '-c', program, '--config=configs/tiny.py', flag],
                             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1
@@ -508,7 +542,7 @@ def test_convert_names_an_unreadable_file(tmp_path):
 
 def test_a_step_folder_of_another_model_does_not_suggest_a_new_workdir(trained):
   config = _config()
-  config.model.embed_dim = 64
+  config.capi.model.embed_dim = 64
   with pytest.raises(checkpointing.IncompatibleCheckpointError) as error:
     pretrained.restore_run(trained / "checkpoints" / "8", config)
   assert 'embed_dim' in str(error.value) and 'workdir' not in str(error.value).split('(')[0]

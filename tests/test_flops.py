@@ -16,18 +16,18 @@ from configs import tiny
 def _trivial_config():
   """2 images of 2x2 patches of 2x2 pixels, width 2, one block each: small enough by hand."""
   c = tiny.get_config()
-  c.optim.global_batch_size = 2
+  c.train.global_batch_size = 2
   c.data.image_size = 4
-  c.data.mask_ratio = 0.5
-  c.data.prediction_subsampling = 0.5
-  c.model.patch_size = 2
-  c.model.n_registers = 4
-  c.model.embed_dim = 2
-  c.model.num_heads = 1
-  c.model.mlp_ratio = 4
-  c.model.encoder_depth = 1
-  c.model.decoder_depth = 1
-  c.model.drop_path_rate = 0.0
+  c.capi.data.mask_ratio = 0.5
+  c.capi.data.prediction_subsampling = 0.5
+  c.capi.model.patch_size = 2
+  c.capi.model.n_registers = 4
+  c.capi.model.embed_dim = 2
+  c.capi.model.num_heads = 1
+  c.capi.model.mlp_ratio = 4
+  c.capi.model.encoder_depth = 1
+  c.capi.model.decoder_depth = 1
+  c.capi.model.drop_path_rate = 0.0
   c.capi.num_clusters = 3
   c.capi.clustering_kwargs.n_sk_iter = 1
   return c
@@ -67,16 +67,16 @@ def test_trivial_config_by_hand():
 
 def test_efficient_drop_path_counts_kept_samples():
   c = _trivial_config()
-  c.optim.global_batch_size = 10
-  c.model.drop_path_rate = 0.25  # max(int(10 * 0.75), 1) = 7 samples per residual branch.
+  c.train.global_batch_size = 10
+  c.capi.model.drop_path_rate = 0.25  # max(int(10 * 0.75), 1) = 7 samples per residual branch.
   dropped = flops.train_step_flops(c)
-  c.model.drop_path_rate = 0.0
+  c.capi.model.drop_path_rate = 0.0
   full = flops.train_step_flops(c)
   assert dropped['predictor'] * 10 == full['predictor'] * 7
   assert dropped['teacher_encoder'] == full['teacher_encoder']
   with c.unlocked():
-    c.model.drop_path_rate = 0.25
-    c.model.drop_path_groups = 2  # 2 groups of 5: max(int(5 * 0.75), 1) = 3 kept in each.
+    c.capi.model.drop_path_rate = 0.25
+    c.capi.model.drop_path_groups = 2  # 2 groups of 5: max(int(5 * 0.75), 1) = 3 kept in each.
   grouped = flops.train_step_flops(c)
   assert grouped['predictor'] * 10 == full['predictor'] * 6
 
@@ -100,9 +100,9 @@ def test_encoder_forward_matches_xla_cost_analysis():
   encoder_decoder = pytest.importorskip('capi_jax.models.encoder_decoder')
   c = tiny.get_config()  # 32x32 images, patch 4: 64 tokens + 4 registers.
   # Width 384 and one block: the elementwise ops the count leaves out stay below 3%.
-  c.model.embed_dim, c.model.num_heads, c.model.encoder_depth = 384, 6, 1
+  c.capi.model.embed_dim, c.capi.model.num_heads, c.capi.model.encoder_depth = 384, 6, 1
   batch = 4
-  model = encoder_decoder.from_config(c)
+  model = encoder_decoder.from_config(c.capi.model, c.efficiency)
   images = jnp.zeros((batch, c.data.image_size, c.data.image_size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   xla = _xla_flops(lambda v, x: model.apply(v, x, method='encode_all'), variables, images)
@@ -117,10 +117,10 @@ def test_encoder_forward_matches_xla_cost_analysis():
 def test_train_step_matches_xla_cost_analysis():
   """The whole step (teacher, Sinkhorn, student forward + backward, heads, losses, AdamW, EMA)."""
   c = tiny.get_config()
-  c.model.embed_dim, c.model.num_heads = 384, 6
-  c.model.encoder_depth, c.model.decoder_depth = 2, 1
-  c.model.drop_path_rate = 0.1  # 16 images -> every residual branch runs on 14.
-  c.optim.global_batch_size = 16
+  c.capi.model.embed_dim, c.capi.model.num_heads = 384, 6
+  c.capi.model.encoder_depth, c.capi.model.decoder_depth = 2, 1
+  c.capi.model.drop_path_rate = 0.1  # 16 images -> every residual branch runs on 14.
+  c.train.global_batch_size = 16
   method = methods.from_config(c)
   optimizer = method.optimizer(jax.eval_shape(method.init, jax.random.PRNGKey(0)).params)
   abstract_state = jax.eval_shape(state_lib.init_fn(method, optimizer), jax.random.PRNGKey(0))

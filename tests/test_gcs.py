@@ -53,12 +53,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL, PERIOD = 120, 20
 # configs/tiny.py shrunk to seconds (test_train_step.micro_config's model), as command-line flags.
 MICRO = {
-    'model.embed_dim': 32, 'model.num_heads': 2, 'model.encoder_depth': 1,
-    'model.decoder_depth': 1, 'data.image_size': 16, 'capi.num_clusters': 16,
-    'optim.global_batch_size': 16, 'optim.lr_schedule.warmup_iters': 2,
-    'optim.momentum_schedule.warmup_iters': 2,
+    'capi.model.embed_dim': 32, 'capi.model.num_heads': 2, 'capi.model.encoder_depth': 1,
+    'capi.model.decoder_depth': 1, 'data.image_size': 16, 'capi.num_clusters': 16,
+    'train.global_batch_size': 16, 'capi.optim.lr_schedule.warmup_iters': 2,
+    'capi.optim.momentum_schedule.warmup_iters': 2,
     'capi.clustering_optimizer.lr_schedule.warmup_iters': 2, 'train.log_loss_every': 1,
-    'train.nan_check_period': 1, 'optim.total_iters': TOTAL,
+    'train.nan_check_period': 1, 'train.total_iters': TOTAL,
     'train.checkpointing.period': PERIOD, 'evals.final': False,
 }
 # evaluate: the k-NN extra on a few hundred Fashion-MNIST images, and two PCA pictures.
@@ -281,7 +281,7 @@ def test_records_on_gcs_appear_whole_and_the_newest_readable_one_counts(gcs_path
   assert sorted(storage.list_files(gcs_path / runs.RUNS_DIR)) == sorted([first.name, second.name])
   assert json.loads(second.read_text())['resumed_from_step'] == 8
   (gcs_path / runs.RUNS_DIR / '29991231T000000.000000Z_host_1.json').write_text('{"cut')
-  assert runs.latest_config(gcs_path).model.embed_dim == 32
+  assert runs.latest_config(gcs_path).capi.model.embed_dim == 32
   assert 'Skipping unreadable run record' in caplog.text
 
 

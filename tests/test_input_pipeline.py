@@ -23,11 +23,11 @@ from configs import tiny
 def _config(dataset='fashion_mnist', batch=8, num_workers=0, image_size=32, patch_size=4):
   c = tiny.get_config()
   c.data.dataset = dataset
-  c.optim.global_batch_size = batch
+  c.train.global_batch_size = batch
   c.data.num_workers = num_workers
   c.data.prefetch_buffer_size = 2
   c.data.image_size = image_size
-  c.model.patch_size = patch_size
+  c.capi.model.patch_size = patch_size
   return c
 
 
@@ -322,8 +322,8 @@ def test_train_batch_masks_follow_the_config():
   config = _config(batch=4, image_size=32, patch_size=4)  # 8x8 grid.
   batch = next(_loader(config, seed=0, process_index=0,
                                                   process_count=1))
-  n_masked = int(64 * config.data.mask_ratio)
-  n_predict = int(n_masked * config.data.prediction_subsampling)
+  n_masked = int(64 * config.capi.data.mask_ratio)
+  n_predict = int(n_masked * config.capi.data.prediction_subsampling)
   assert batch['visible_indices'].shape == (4, 64 - n_masked)
   assert batch['predict_indices'].shape == (4, n_predict)
   assert (np.diff(batch['visible_indices'], axis=1) > 0).all()
@@ -359,8 +359,8 @@ def test_epochs_are_reshuffled(tmp_path):
   for i in range(6):
     Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / f'{i}.png')
   config = _config(f'folder:{tmp_path}', batch=6)
-  config.data.crop_scale = (1.0, 1.0)
-  config.data.do_hflip = False
+  config.capi.data.crop_scale = (1.0, 1.0)
+  config.capi.data.do_hflip = False
   first, second = _take(_loader(config, seed=0, process_index=0,
                                                            process_count=1), 2)
   order = lambda b: np.argsort(b['images'][:, 0, 0, 0])

@@ -101,7 +101,7 @@ def _sbatch(tmp_path: pathlib.Path, options: dict[str, str], jax_detection: bool
   env.pop('XLA_FLAGS', None)
   workdir = tmp_path / 'run'
   done = fake_slurm.sbatch(ROOT / 'launch' / 'slurm_gpu.sbatch',
-                           [str(workdir), 'configs/tiny.py', '--config.optim.total_iters=3'],
+                           [str(workdir), 'configs/tiny.py', '--config.train.total_iters=3'],
                            options, env, tmp_path, timeout=300)
   assert done.returncode == 0, done.stdout + done.stderr
   reports = sorted((json.loads(p.read_text()) for p in workdir.glob('probe_*.json')),
@@ -131,7 +131,7 @@ def test_slurm_script_uses_every_gpu_of_every_node(tmp_path, options, nodes, tas
   assert reports[0]['mesh_rows'] == [[p] * (gpus_per_node // tasks_per_node)
                                      for p in range(processes)]
   assert reports[0]['argv'][:2] == ['-m', 'capi_jax.main']
-  assert '--config.optim.total_iters=3' in reports[0]['argv']
+  assert '--config.train.total_iters=3' in reports[0]['argv']
 
 
 def test_jax_detection_alone_drives_one_gpu_per_node(tmp_path):

@@ -95,7 +95,7 @@ class Toy(interface.Method):
     return {'toy.dim': _DIM}
 
   def flops_per_step(self):
-    return {'total': 3 * self.config.optim.global_batch_size * 2 * 16 * 48 * _DIM}
+    return {'total': 3 * self.config.train.global_batch_size * 2 * 16 * 48 * _DIM}
 
   def eval_model(self):
     return ToyEncoder()
@@ -132,8 +132,8 @@ def _config(dataset='fashion_mnist', total_iters=4):
   c.toy = dict(lr=1e-2)
   c.data.dataset = dataset
   c.data.image_size = _SIZE
-  c.optim.total_iters = total_iters
-  c.optim.global_batch_size = 16
+  c.train.total_iters = total_iters
+  c.train.global_batch_size = 16
   c.train.log_loss_every = 1
   c.train.checkpointing.period = 2
   c.evals.protocols = ('knn',)

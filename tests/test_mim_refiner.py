@@ -481,26 +481,26 @@ def _small_config(encoder_kind='kappamodules', stage=3, batch=8):
   """configs/mim_refiner/tiny.py shrunk: 8x8 global and 4x4 local views, a 2-block encoder."""
   c = tiny.get_config(str(stage))
   c.data.image_size = 8
-  c.optim.global_batch_size = batch
-  c.optim.total_iters, c.optim.warmup_iters = 10, 2
+  c.train.global_batch_size, c.train.total_iters = batch, 10
   c.sharding.mesh = (('data', -1),)
   r = c.mim_refiner
+  r.optim.warmup_iters = 2
   r.encoder, r.heads, r.topk, r.queue_size = encoder_kind, ('main', 'cls0'), 2, 3 * batch
   r.proj_hidden_dim, r.pred_hidden_dim, r.output_dim = 8, 8, 4
   r.views.local_size, r.views.n_local = 4, 2
   if encoder_kind == encoder.CAPI:
-    c.model.update(patch_size=4, n_registers=4, embed_dim=16, num_heads=2, encoder_depth=2,
+    r.model.update(patch_size=4, n_registers=4, embed_dim=16, num_heads=2, encoder_depth=2,
                    decoder_depth=1)
   else:
-    c.model = base_config.vit_model(encoder_kind, patch_size=4, embed_dim=16, depth=2,
+    r.model = base_config.vit_model(encoder_kind, patch_size=4, embed_dim=16, depth=2,
                                     num_heads=2)
-    c.model.image_size = 8
+    r.model.image_size = 8
   return c
 
 
 def _batches(config, n, seed=0):
   rng = np.random.default_rng(seed)
-  b, r = config.optim.global_batch_size, config.mim_refiner.views
+  b, r = config.train.global_batch_size, config.mim_refiner.views
   s = config.data.image_size
   return [{'global_views': rng.normal(size=(b, 2, s, s, 3)).astype(np.float32),
            'local_views': rng.normal(size=(b, r.n_local, r.local_size, r.local_size, 3)
@@ -568,7 +568,7 @@ def test_from_pretrained_takes_a_backbone_or_a_stage_2_run_and_names_mismatches(
   config = _small_config(encoder.CAPI)
   method = methods.from_config(config)
   fresh = method.init(jax.random.PRNGKey(0))
-  capi = encoder_decoder.from_config(config)
+  capi = encoder_decoder.from_config(config.mim_refiner.model, config.efficiency)
   backbone = capi.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))['params']
   from_capi = lambda tree: {'init': interface.Pretrained(backbone=tree, method='capi')}
   loaded = method.from_pretrained(fresh, from_capi(backbone))
@@ -635,9 +635,9 @@ def test_config_problems_name_each_bad_key():
   config.mim_refiner.queue_size = 4
   config.mim_refiner.pooling = 'max'
   config.mim_refiner.views.blur = 0.5
-  config.optim.warmup_iters = 10
+  config.mim_refiner.optim.warmup_iters = 10
   found = config_checks.problems(config, device_count=1)
   for key in ('mim_refiner.stage=4', "'cls7' reads block 7", "'last' is neither",
               'queue_size=4 must be at least', "pooling='max'", "unknown keys ['blur']",
-              'optim.warmup_iters=10'):
+              'mim_refiner.optim.warmup_iters=10 must be in [0, train.total_iters=10)'):
     assert any(key in sentence for sentence in found), (key, found)

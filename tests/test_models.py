@@ -35,6 +35,11 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
                                    remat_policy='none')))
 
 
+def build(cfg: ml_collections.ConfigDict, **kwargs) -> encoder_decoder.EncoderDecoder:
+  """The EncoderDecoder of a `small_config` (its model section and efficiency)."""
+  return encoder_decoder.from_config(cfg.model, cfg.efficiency, **kwargs)
+
+
 def test_rope_frequencies_bit_identical_to_release(ctx):
   ref = ctx.arrays['backbone/encoder.blocks.0.residual1.fn.rope.freqs']
   np.testing.assert_array_equal(encoder_decoder.rope_frequencies(ref.shape[1]), ref)
@@ -104,7 +109,7 @@ def test_parameter_names_used_by_optimiser_groups(ctx):
 ])
 def test_teacher_equals_student_when_everything_is_visible(overrides):
   """encode_all == pretrain's student patches when all tokens are visible (non-square image)."""
-  model = encoder_decoder.from_config(small_config(**overrides))
+  model = build(small_config(**overrides))
   images = jax.random.normal(jax.random.key(0), (2, 40, 24, 3))
   variables = jax.jit(model.init)(jax.random.key(1), images)
   n_tokens = (40 // 8) * (24 // 8)
@@ -122,7 +127,7 @@ def test_teacher_equals_student_when_everything_is_visible(overrides):
 
 def test_predictions_depend_only_on_own_image_and_position():
   """A query's prediction doesn't depend on the other queries (cross-attention only)."""
-  model = encoder_decoder.from_config(small_config())
+  model = build(small_config())
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = jax.jit(model.init)(jax.random.key(1), images)
   visible = jnp.tile(jnp.array([0, 1, 4, 5, 6, 9]), (2, 1))
@@ -134,7 +139,7 @@ def test_predictions_depend_only_on_own_image_and_position():
 
 
 def test_image_size_must_be_divisible_by_patch_size():
-  model = encoder_decoder.from_config(small_config())
+  model = build(small_config())
   with pytest.raises(ValueError, match='not divisible by the patch size'):
     model.init(jax.random.key(0), jnp.zeros((1, 30, 32, 3)))
 
@@ -159,7 +164,7 @@ def test_efficient_drop_path_updates_a_random_subset_scaled(b, groups):
 
 
 def test_drop_path_in_training_forward_needs_and_uses_rng():
-  model = encoder_decoder.from_config(small_config(drop_path_rate=0.4))
+  model = build(small_config(drop_path_rate=0.4))
   images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   variables = jax.jit(model.init)(jax.random.key(1), images)
   visible = jnp.tile(jnp.array([0, 1, 2]), (4, 1))
@@ -176,13 +181,13 @@ def test_remat_policies_do_not_change_values_or_gradients():
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   visible = jnp.tile(jnp.array([0, 1, 2]), (2, 1))
   predict = jnp.tile(jnp.array([3]), (2, 1))
-  params = jax.jit(encoder_decoder.from_config(small_config()).init)(jax.random.key(1), images)['params']
+  params = jax.jit(build(small_config()).init)(jax.random.key(1), images)['params']
   directions = jax.random.normal(jax.random.key(4), (2, 2, 3, 48))
 
   def grads(policy):
     cfg = small_config(drop_path_rate=0.5)
     cfg.efficiency.remat_policy = policy
-    model = encoder_decoder.from_config(cfg)
+    model = build(cfg)
 
     def loss(p):
       s, pr = model.apply({'params': p}, images, visible, predict, train=True,
@@ -229,7 +234,7 @@ def test_rope_freqs_get_no_gradient_when_not_trained():
   visible, predict = jnp.tile(jnp.arange(3), (2, 1)), jnp.tile(jnp.array([3]), (2, 1))
 
   def grads(train_rope_freqs):
-    model = encoder_decoder.from_config(small_config(), train_rope_freqs=train_rope_freqs)
+    model = build(small_config(), train_rope_freqs=train_rope_freqs)
     params = jax.jit(model.init)(jax.random.key(1), images)['params']
     loss = lambda p: jnp.sum(model.apply({'params': p}, images, visible, predict, train=False,
                                          method='pretrain')[1][..., 0])
@@ -248,10 +253,10 @@ def test_rope_freqs_get_no_gradient_when_not_trained():
 def test_bf16_compute_keeps_float32_params_and_stays_close():
   cfg = small_config()
   images = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
-  f32 = encoder_decoder.from_config(cfg)
+  f32 = build(cfg)
   variables = jax.jit(f32.init)(jax.random.key(1), images)
   cfg.efficiency.compute_dtype = 'bfloat16'
-  bf16 = encoder_decoder.from_config(cfg)
+  bf16 = build(cfg)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
       jax.eval_shape(bf16.init, jax.random.key(1), images)))
   out16 = jax.jit(bf16.apply)(variables, images)
@@ -265,7 +270,7 @@ def test_from_config_rejects_unknown_remat_policy():
   cfg = small_config()
   cfg.efficiency.remat_policy = 'everything'
   with pytest.raises(ValueError, match='remat_policy'):
-    encoder_decoder.from_config(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    build(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
 
 def test_residual_is_plain_when_deterministic():
@@ -296,7 +301,7 @@ def test_scanned_blocks_compute_what_the_loop_computes():
   loop_cfg, scan_cfg = small_config(encoder_depth=3, out_layer=2), small_config(
       encoder_depth=3, out_layer=2)
   scan_cfg.efficiency.scan_layers = True
-  loop, scanned = encoder_decoder.from_config(loop_cfg), encoder_decoder.from_config(scan_cfg)
+  loop, scanned = build(loop_cfg), build(scan_cfg)
   images = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
   params = jax.jit(loop.init)(jax.random.key(1), images)['params']
   stacked = stack.to_scan_layout(params)
@@ -322,7 +327,7 @@ def test_scanned_blocks_compute_what_the_loop_computes():
 def test_scanned_blocks_draw_stochastic_depth_per_layer():
   cfg = small_config(drop_path_rate=0.5, encoder_depth=3)
   cfg.efficiency.scan_layers = True
-  model = encoder_decoder.from_config(cfg)
+  model = build(cfg)
   images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   variables = jax.jit(model.init)(jax.random.key(1), images)
   visible, predict = jnp.tile(jnp.arange(3), (4, 1)), jnp.tile(jnp.array([3]), (4, 1))

@@ -76,7 +76,7 @@ def _main(workdir: str, total: int) -> None:
 
   pipeline.create_train_loader = single_host_rows
   config = micro_config()
-  config.optim.total_iters = total
+  config.train.total_iters = total
   train.train_and_evaluate(config, workdir)
 
 

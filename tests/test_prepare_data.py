@@ -60,8 +60,8 @@ def test_odd_folder_to_array_record_and_back_through_the_training_loader(tmp_pat
   # Read by the training loader: uint8 crops with CAPI's masks.
   config = tiny.get_config()
   config.data.dataset, config.data.data_dir = 'tfds:odd_images', str(out)
-  config.data.image_size, config.model.patch_size = 16, 4
-  config.optim.global_batch_size, config.data.num_workers = 4, 0
+  config.data.image_size, config.capi.model.patch_size = 16, 4
+  config.train.global_batch_size, config.data.num_workers = 4, 0
   loader = pipeline.create_train_loader(config, methods.from_config(config).train_transform(),
                                         seed=0, process_index=0, process_count=1)
   batch = next(loader)

@@ -53,7 +53,7 @@ def test_log_line_shows_progress_and_eta():
 def _trained(tmp_path, **train_settings):
   from test_train_step import micro_config  # pylint: disable=g-import-not-at-top
   config = micro_config()
-  config.optim.total_iters = 4
+  config.train.total_iters = 4
   config.train.checkpointing.period = 100
   config.train.update(train_settings)
   train.train_and_evaluate(config, tmp_path)

@@ -31,7 +31,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 def _micro(total_iters: int):
   from test_train_step import micro_config  # pylint: disable=g-import-not-at-top
   config = micro_config()
-  config.optim.total_iters = total_iters
+  config.train.total_iters = total_iters
   return config
 
 

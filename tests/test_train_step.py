@@ -17,18 +17,18 @@ from configs import tiny
 def micro_config() -> ml_collections.ConfigDict:
   """configs/tiny.py shrunk to seconds: 16x16 Fashion-MNIST crops, width 32, depth 1+1."""
   c = tiny.get_config()
-  c.model.embed_dim = 32
-  c.model.num_heads = 2
-  c.model.encoder_depth = 1
-  c.model.decoder_depth = 1
-  c.model.n_registers = 4
-  c.model.drop_path_rate = 0.1
+  c.capi.model.embed_dim = 32
+  c.capi.model.num_heads = 2
+  c.capi.model.encoder_depth = 1
+  c.capi.model.decoder_depth = 1
+  c.capi.model.n_registers = 4
+  c.capi.model.drop_path_rate = 0.1
   c.data.image_size = 16
   c.capi.num_clusters = 16
-  c.optim.global_batch_size = 16
-  c.optim.total_iters = 12
-  c.optim.lr_schedule.warmup_iters = 2
-  c.optim.momentum_schedule.warmup_iters = 2
+  c.train.global_batch_size = 16
+  c.train.total_iters = 12
+  c.capi.optim.lr_schedule.warmup_iters = 2
+  c.capi.optim.momentum_schedule.warmup_iters = 2
   c.capi.clustering_optimizer.lr_schedule.warmup_iters = 2
   c.train.log_loss_every = 1
   c.train.nan_check_period = 1

@@ -396,14 +396,14 @@ def test_from_config_and_field_errors():
       model=dict(vit.FAMILIES['clip'], patch_size=4, image_size=12, embed_dim=16, depth=1,
                  num_heads=2, out_dim=8),
       efficiency=dict(compute_dtype='float32', param_dtype='float32', remat_policy='none')))
-  model = vit.from_config(config)
+  model = vit.from_config(config.model, config.efficiency)
   assert (model.activation, model.out_dim, model.norm_eps) == ('quick_gelu', 8, 1e-5)
-  teacher = vit.from_config(config, ml_collections.ConfigDict(dict(patch_size=8)))
+  teacher = vit.from_config(ml_collections.ConfigDict(dict(patch_size=8)), config.efficiency)
   assert teacher.patch_size == 8 and teacher.embed_dim == vit.ViT.embed_dim
   with config.unlocked():
     config.model.num_layers = 3
   with pytest.raises(ValueError, match=r"Unknown ViT field\(s\) \['num_layers'\]"):
-    vit.from_config(config)
+    vit.from_config(config.model, config.efficiency)
   images = jax.ShapeDtypeStruct((1, 12, 12, 3), jnp.float32)
   for field, value, message in [('qkv_bias', 'k', 'qkv_bias must be one of'),
                                 ('pos_embed', 'rope', 'pos_embed must be one of'),

@@ -1,9 +1,10 @@
 """The method interface: everything the engine knows about a pretraining method.
 
-A method (CAPI, MIM-Refiner, CAE v2, ...) is a config section plus a subclass of `Method`,
-registered by name in `capi_jax.methods` (built in, or added with `methods.register`) and
-picked by `config.method`. The engine (`capi_jax.engine`: state, step, checkpoints, loop,
-evaluation, benchmark, plans) calls only what is declared here and never imports a method.
+A method (CAPI, MIM-Refiner, CAE v2, ...) is a config section (`config.<name>`) plus a
+subclass of `Method`, registered by name in `capi_jax.methods` (built in, or added with
+`methods.register`) and picked by `config.method`. The engine (`capi_jax.engine`: state,
+step, checkpoints, loop, evaluation, benchmark, plans) calls only what is declared here and
+never imports a method.
 
 State. A method's variables come in three trees (`Variables`):
   - `params`: trained by the method's optimiser (gradients, optimiser state);
@@ -75,8 +76,9 @@ class Method(abc.ABC):
 
   Subclasses set `name` (the value of `config.method` that picks them), `loss_keys` (the
   metrics whose finiteness decides whether training diverged) and implement the abstract
-  methods. `self.config` is the whole run config; the method reads its own section and
-  `config.model` / `config.data` / `config.optim` as it defines them.
+  methods. `self.config` is the whole run config; the method reads its own section
+  (`config.<name>`: its model, optimiser, data augmentation, ... as it defines them) and the
+  method-neutral ones (`configs/common.py`: train, init, data source, efficiency, ...).
   """
   name: ClassVar[str]
   loss_keys: ClassVar[tuple[str, ...]]

@@ -83,7 +83,7 @@ def warmup_cosine_fn(
 
 
 def from_config(cfg: ml_collections.ConfigDict, total_iters: int) -> ScheduleFn:
-  """`warmup_cosine_fn` from a config section with the releases' keys (`optim.lr_schedule`)."""
+  """`warmup_cosine_fn` from a config section with the releases' keys (e.g. `capi.optim.lr_schedule`)."""
   return warmup_cosine_fn(
       base_value=cfg.base_value,
       final_value=cfg.final_value,

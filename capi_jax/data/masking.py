@@ -169,7 +169,7 @@ def make_mask_generator(name: str = 'InverseBlock', grid: tuple[int, int] = (16,
   }
   if name not in GENERATORS:
     raise ValueError(f'Unknown masking generator {name!r}; choose one of {GENERATORS} '
-                     '(config.data.masking_generator).')
+                     '(e.g. CAPI\'s config.capi.data.masking_generator).')
   return generators[name]
 
 
@@ -183,7 +183,7 @@ def mask_counts(n_tokens: int, mask_ratio: float,
         f'With {n_tokens} tokens, mask_ratio={mask_ratio} and prediction_subsampling='
         f'{prediction_subsampling} there are {n_tokens - n_masked} visible and {n_predict} '
         'predicted tokens per image; both must be >= 1. Raise the image size, lower the patch '
-        'size, or change config.data.mask_ratio / prediction_subsampling.')
+        'size, or change the mask ratio / prediction subsampling (CAPI: config.capi.data).')
   return n_masked, n_tokens - n_masked, n_predict
 
 

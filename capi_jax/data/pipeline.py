@@ -189,9 +189,9 @@ def create_train_loader(config: ml_collections.ConfigDict, transform: grain.tran
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  global_batch = config.optim.global_batch_size
+  global_batch = config.train.global_batch_size
   if global_batch % process_count:
-    raise ValueError(f'config.optim.global_batch_size={global_batch} is not divisible by the '
+    raise ValueError(f'config.train.global_batch_size={global_batch} is not divisible by the '
                      f'{process_count} hosts.')
   ds = train_dataset(config, transform, seed=seed, process_index=process_index,
                      process_count=process_count)

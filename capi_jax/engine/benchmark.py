@@ -76,7 +76,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, transform: grain.transfor
   rng = np.random.default_rng(seed)
   # Records carry their dataset index, as the training pipeline gives them.
   examples = [transform.random_map({**sources.decode(source[i]), 'index': np.int32(i)}, rng)
-              for i in range(config.optim.global_batch_size)]
+              for i in range(config.train.global_batch_size)]
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 def peak_memory(compiled: Any, devices: Sequence[jax.Device]) -> tuple[int | None, str]:
@@ -142,7 +142,7 @@ def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], step
   timing = time_train_step(config, devices, steps, warmup)
   flops_by_part = methods.from_config(config).flops_per_step()
   step_flops = flops_by_part.pop('total')
-  batch = config.optim.global_batch_size
+  batch = config.train.global_batch_size
   flops_per_s = step_flops / timing['step_time_s']
   peak, peak_source = peak_flops(devices, config.efficiency.compute_dtype, peak_tflops)
   return {
@@ -191,14 +191,14 @@ def scaling_configs(config: ml_collections.ConfigDict, counts: Sequence[int],
   counts = sorted(c for c in set(counts) if c <= n_available)
   if not counts:
     raise ValueError(f'None of --device_counts fits the {n_available} devices JAX sees.')
-  per_device = config.optim.global_batch_size // counts[-1]
+  per_device = config.train.global_batch_size // counts[-1]
   if per_device == 0:
-    raise ValueError(f'global_batch_size={config.optim.global_batch_size} is smaller than '
+    raise ValueError(f'global_batch_size={config.train.global_batch_size} is smaller than '
                      f'{counts[-1]} devices; raise it or lower --device_counts.')
   result = []
   for count in counts:
     sub = config.copy_and_resolve_references()
     with sub.unlocked():
-      sub.optim.global_batch_size = per_device * count
+      sub.train.global_batch_size = per_device * count
     result.append((count, sub))
   return result

@@ -76,11 +76,11 @@ def _check_sharding(p: problems_lib.Problems, s: ml_collections.ConfigDict,
 def _engine_problems(p: problems_lib.Problems, config: ml_collections.ConfigDict,
                      device_count: int | None) -> None:
   """The keys the engine reads (state, loop, checkpoints, input pipeline, sharding)."""
-  o, d, e, t = config.optim, config.data, config.efficiency, config.train
-  p.number('optim.total_iters', o.total_iters, 1, integer=True)
-  if p.number('optim.global_batch_size', o.global_batch_size, 1, integer=True) and device_count:
-    p.check(o.global_batch_size % device_count == 0,
-            f'optim.global_batch_size={o.global_batch_size} must be divisible by the '
+  d, e, t = config.data, config.efficiency, config.train
+  p.number('train.total_iters', t.total_iters, 1, integer=True)
+  if p.number('train.global_batch_size', t.global_batch_size, 1, integer=True) and device_count:
+    p.check(t.global_batch_size % device_count == 0,
+            f'train.global_batch_size={t.global_batch_size} must be divisible by the '
             f'{device_count} devices the batch is split over.')
   p.choice('efficiency.compute_dtype', e.compute_dtype, _DTYPES)
   p.choice('efficiency.param_dtype', e.param_dtype, _DTYPES)
@@ -130,5 +130,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
   """Raises `ConfigError` listing every invalid value (see `problems`)."""
   found = problems(config, jax.device_count() if device_count is None else device_count)
   if found:
-    raise ConfigError('Invalid config (fix on the command line, e.g. --config.data.mask_ratio=0.65, '
-                      'or in the config file):\n  - ' + '\n  - '.join(found))
+    raise ConfigError('Invalid config (fix on the command line, e.g. '
+                      '--config.train.global_batch_size=256, or in the config file):\n  - '
+                      + '\n  - '.join(found))

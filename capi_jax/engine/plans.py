@@ -130,8 +130,8 @@ def abstract_batch(config: ml_collections.ConfigDict,
   """The global batch's shapes and dtypes, read off one example of the method's transform."""
   one = config.copy_and_resolve_references()
   with one.unlocked():
-    one.optim.global_batch_size = 1
-  batch = config.optim.global_batch_size
+    one.train.global_batch_size = 1
+  batch = config.train.global_batch_size
   return {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype)
           for k, v in benchmark.synthetic_batch(one, method.train_transform(), 0).items()}
 
@@ -231,7 +231,7 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   flops = step_flops(config, devices, lowered)
   kind = devices[0].device_kind
   peak = hardware.table_peak_flops(kind, 'bfloat16')
-  batch = config.optim.global_batch_size
+  batch = config.train.global_batch_size
   every = collective_bytes(compiled.as_text())
   collectives = {k: v for k, v in every.items() if not k.startswith(DCN_PREFIX)}
   dcn = {k.removeprefix(DCN_PREFIX): v for k, v in every.items() if k.startswith(DCN_PREFIX)}
@@ -255,7 +255,7 @@ def with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.
   """A copy of `config` with another global batch."""
   other = config.copy_and_resolve_references()
   with other.unlocked():
-    other.optim.global_batch_size = batch
+    other.train.global_batch_size = batch
   return other
 
 def largest_fitting(fits: Callable[[int], bool], start: int) -> int:
@@ -296,7 +296,7 @@ def find_max_batch(config: ml_collections.ConfigDict, topology: str,
       plans[per_chip] = plan(with_batch(config, per_chip * n), topology, devices)
     return plans[per_chip]['fits']
 
-  per_chip = largest_fitting(fits, max(config.optim.global_batch_size // n, 1))
+  per_chip = largest_fitting(fits, max(config.train.global_batch_size // n, 1))
   return per_chip * n, [plans[k] for k in sorted(plans)]
 
 def report(result: dict[str, Any]) -> str:

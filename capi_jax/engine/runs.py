@@ -301,11 +301,45 @@ def lock_workdir(workdir: str | os.PathLike[str]) -> WorkdirLock | None:
   return lock
 
 
+# The data keys of configs/common.py (the source); a method's own data keys are in its section.
+_SOURCE_DATA_KEYS = ('dataset', 'split', 'data_dir', 'image_size', 'num_workers',
+                     'prefetch_buffer_size')
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+  """A recorded config in today's layout (configs/common.py + the method's section).
+
+  Records written before configs were composed hold the method's model and optimiser at the
+  top (`model`, `optim` with the training lengths `total_iters` and `global_batch_size`) and
+  its augmentation keys in `data`: they move to `<method>.model`, `<method>.optim`,
+  `train.*` and `<method>.data`, so that such a run can still be restored (evaluated, converted,
+  started from). A record in today's layout is returned as it is.
+  """
+  if 'model' not in config and 'optim' not in config:
+    return config
+  config, method = dict(config), config['method']
+  section, train = dict(config.get(method, {})), dict(config.get('train', {}))
+  if 'model' in config:
+    section['model'] = config.pop('model')
+  if 'optim' in config:
+    optim = dict(config.pop('optim'))
+    train.update({k: optim.pop(k) for k in ('total_iters', 'global_batch_size') if k in optim})
+    section['optim'] = optim
+  data = dict(config.get('data', {}))
+  augment = {k: data.pop(k) for k in list(data) if k not in _SOURCE_DATA_KEYS}
+  if augment:
+    section['data'] = augment
+  config.update({'train': train, 'data': data, method: section})
+  config.setdefault('init', {'checkpoint': ''})
+  return config
+
+
 def latest_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict | None:
-  """The config of the newest start recorded in WORKDIR/runs/ (None if there is none)."""
+  """The config of the newest start recorded in WORKDIR/runs/ (None if there is none), in
+  today's layout (`upgrade_config`)."""
   for record in sorted((storage.path(workdir) / RUNS_DIR).glob('*.json'), reverse=True):
     try:
-      return ml_collections.ConfigDict(json.loads(record.read_text())['config'])
+      return ml_collections.ConfigDict(upgrade_config(json.loads(record.read_text())['config']))
     except (OSError, ValueError, KeyError) as e:  # Cut short by an older version's crash.
       logger.warning('Skipping unreadable run record %s (%s).', record, e)
   return None

@@ -128,8 +128,9 @@ def _diverged(ckpt: checkpointing.Checkpointer, what: str) -> NonFiniteLossError
   where = (f'The last good checkpoint is step {latest} in {ckpt.directory}' if latest is not None
            else 'No checkpoint was written (none of its states was finite at a save)')
   return NonFiniteLossError(
-      f'{what}: training diverged. {where}; lower optim.lr_schedule.base_value or check the '
-      'data, then rerun with the same --workdir to resume.')
+      f'{what}: training diverged. {where}; lower the learning rate (the method\'s section, '
+      'e.g. capi.optim.lr_schedule.base_value) or check the data, then rerun with the same '
+      '--workdir to resume.')
 
 
 def _require_finite(state: state_lib.TrainState, ckpt: checkpointing.Checkpointer, step: int,
@@ -220,7 +221,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
     runs.write_record(workdir, config, resumed_from=None if restored is None else latest,
                       mesh=mesh)
 
-    total = config.optim.total_iters
+    total = config.train.total_iters
     start = int(jax.device_get(state.step))
     writer = metrics_writer.MetricsWriter(workdir, enabled=is_main, start_step=start,
                                           total_steps=total)
@@ -234,7 +235,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
     compiled = None
     cfg = config.train
     stats = progress.LiveStats(
-        total_steps=total, global_batch=config.optim.global_batch_size,
+        total_steps=total, global_batch=config.train.global_batch_size,
         flops_per_step=method.flops_per_step()['total'], device_count=jax.device_count(),
         peak_flops_per_device=hardware.table_peak_flops(jax.devices()[0].device_kind,
                                                         config.efficiency.compute_dtype))

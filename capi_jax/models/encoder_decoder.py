@@ -261,10 +261,10 @@ class Transformer(nn.Module):
 class EncoderDecoder(nn.Module):
   """CAPI's backbone: encoder over visible tokens + registers, cross-attention predictor.
 
-  Fields mirror `config.model` (see `from_config`); `dtype` is the compute dtype (softmax,
-  norms and reductions stay float32), `param_dtype` the parameters' dtype;
+  Fields mirror CAPI's model config section (see `from_config`); `dtype` is the compute dtype
+  (softmax, norms and reductions stay float32), `param_dtype` the parameters' dtype;
   `drop_path_groups`: see `Residual` (1 = one subset over the whole batch);
-  `train_rope_freqs`: see `Rope` (CAPI turns it off when `optim.rope_lr_mult` is 0).
+  `train_rope_freqs`: see `Rope` (CAPI turns it off when `capi.optim.rope_lr_mult` is 0).
   """
   patch_size: int = 14
   n_registers: int = 16
@@ -451,11 +451,12 @@ class EncoderDecoder(nn.Module):
     return enc_outs[self._out_layer][:, self.n_registers:], pred
 
 
-def from_config(config: ml_collections.ConfigDict,
+def from_config(model_config: ml_collections.ConfigDict, efficiency: ml_collections.ConfigDict,
                 train_rope_freqs: bool = True) -> EncoderDecoder:
-  """Builds the EncoderDecoder from `config.model` and `config.efficiency`; `train_rope_freqs`
-  False: RoPE frequencies get no gradient (CAPI passes `optim.rope_lr_mult != 0`)."""
-  m, e = config.model, config.efficiency
+  """Builds the EncoderDecoder from a model section (CAPI's `config.capi.model`) and the run's
+  `config.efficiency`; `train_rope_freqs` False: RoPE frequencies get no gradient (CAPI passes
+  `capi.optim.rope_lr_mult != 0`)."""
+  m, e = model_config, efficiency
   return EncoderDecoder(
       patch_size=m.patch_size, n_registers=m.n_registers,
       register_coordinates=m.register_coordinates, scale_reg_to_visible=m.scale_reg_to_visible,

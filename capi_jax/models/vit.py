@@ -44,7 +44,7 @@ fine-tuning) or bilinear (CAE v2's CLIP loader); the class row is kept.
 
 API:
   model = vit.ViT(**vit.FAMILIES['mae'], patch_size=16, image_size=224, embed_dim=1024,
-                  depth=24, num_heads=16)          # or vit.from_config(config)
+                  depth=24, num_heads=16)          # or vit.from_config(model_cfg, efficiency)
   params = model.init(rng, images)['params']       # images (B, H, W, 3) float32
   global_repr, registers, feature_map = model.apply({'params': params}, images)
       # (B, D_out) class token of the final output, (B, 0, D_out), (B, H/p, W/p, D_out)
@@ -247,7 +247,7 @@ class Block(nn.Module):
 class ViT(nn.Module):
   """One class token, a position table, `depth` blocks; the families are in `FAMILIES`.
 
-  Fields mirror `config.model` (see `from_config`). `image_size` is the native (square)
+  Fields mirror a model config section (see `from_config`). `image_size` is the native (square)
   resolution the position table covers; other sizes resize it (`pos_resize`). `dtype` is the
   compute dtype (softmax and LayerNorm statistics stay float32), `param_dtype` the parameters'.
   Stochastic depth grows linearly over the blocks from 0 to `drop_path_rate` (all five releases).
@@ -395,19 +395,20 @@ class ViT(nn.Module):
 _EFFICIENCY_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'scan_layers')
 
 
-def from_config(config: ml_collections.ConfigDict,
-                model_config: ml_collections.ConfigDict | None = None) -> ViT:
-  """Builds a ViT from `config.model` (or `model_config`, e.g. a teacher's section).
+def from_config(model_config: ml_collections.ConfigDict,
+                efficiency: ml_collections.ConfigDict) -> ViT:
+  """Builds a ViT from a model section (e.g. `config.caev2.model`, a teacher's section).
 
-  The section's keys are ViT field names (start from `FAMILIES[...]`); compute / param dtype
-  and remat policy come from `config.efficiency`. Unknown keys are an error.
+  The section's keys are ViT field names (start from `FAMILIES[...]`); compute / param dtype,
+  remat policy and scanned blocks come from `efficiency` (the run's `config.efficiency`).
+  Unknown keys are an error.
   """
-  m = config.model if model_config is None else model_config
+  m = model_config
   names = {f.name for f in dataclasses.fields(ViT)} - {'parent', 'name', *_EFFICIENCY_FIELDS}
   unknown = sorted(set(m) - names)
   if unknown:
     raise ValueError(f'Unknown ViT field(s) {unknown} in the model config; valid: {sorted(names)}.')
-  e = config.efficiency
+  e = efficiency
   return ViT(**{k: m[k] for k in m}, dtype=jnp.dtype(e.compute_dtype),
              param_dtype=jnp.dtype(e.param_dtype), remat_policy=e.remat_policy,
              scan_layers=e.get('scan_layers', False))

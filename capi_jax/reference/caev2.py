@@ -304,13 +304,20 @@ def fixture_config(ctx: Context) -> ml_collections.ConfigDict:
   opt, masks = meta['optimizer'], meta['mask_generator']
   config = ml_collections.ConfigDict({
       'method': caev2_method.CaeV2.name,
-      'model': dict(
-          vit.FAMILIES['caev2'], norm_eps=s['norm_eps'],
-          layer_scale_init=s['layer_scale_init_value'],
-          patch_size=init['encoder.patch_embed.proj.weight'].shape[-1], image_size=size,
-          embed_dim=dim, depth=_n_blocks(init, 'encoder.blocks.'), num_heads=s['num_heads'],
-          mlp_ratio=mlp_ratio, drop_path_rate=0.0),
+      'train': dict(total_iters=total, global_batch_size=batch),
       'caev2': dict(
+          model=dict(
+              vit.FAMILIES['caev2'], norm_eps=s['norm_eps'],
+              layer_scale_init=s['layer_scale_init_value'],
+              patch_size=init['encoder.patch_embed.proj.weight'].shape[-1], image_size=size,
+              embed_dim=dim, depth=_n_blocks(init, 'encoder.blocks.'), num_heads=s['num_heads'],
+              mlp_ratio=mlp_ratio, drop_path_rate=0.0),
+          optim=dict(
+              betas=tuple(opt['betas']), eps=opt['eps'], weight_decay=args['weight_decay'],
+              clip_grad=opt['clip_grad'],
+              lr_schedule=dict(base_value=lr, final_value=min_lr, warmup_iters=warmup)),
+          data=dict(do_hflip=True, crop_scale=(args['crop_min_size'], args['crop_max_size']),
+                    color_jitter=args['color_jitter']),
           num_mask_patches=ctx.indices(0)[1].shape[1],
           min_mask_patches_per_block=masks['min_num_patches'],
           max_mask_patches_per_block=masks['max_num_patches'] or 0,
@@ -328,13 +335,7 @@ def fixture_config(ctx: Context) -> ml_collections.ConfigDict:
                   num_heads=t['heads'], out_dim=teacher['visual.proj'].shape[1],
                   mlp_ratio=_mlp_ratio(teacher['visual.transformer.resblocks.0.mlp.c_fc.weight'],
                                        width, 'teacher')))),
-      'optim': dict(
-          total_iters=total, global_batch_size=batch, betas=tuple(opt['betas']), eps=opt['eps'],
-          weight_decay=args['weight_decay'], clip_grad=opt['clip_grad'],
-          lr_schedule=dict(base_value=lr, final_value=min_lr, warmup_iters=warmup)),
-      'data': dict(dataset='synthetic', image_size=size, do_hflip=True,
-                   crop_scale=(args['crop_min_size'], args['crop_max_size']),
-                   color_jitter=args['color_jitter']),
+      'data': dict(dataset='synthetic', image_size=size),
       'efficiency': dict(compute_dtype='float32', param_dtype='float32',
                          reduce_dtype='float32', remat_policy='none',
                          scan_layers=ctx.scan_layers),

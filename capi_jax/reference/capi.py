@@ -73,8 +73,7 @@ def config_from_meta(meta: Mapping[str, Any], scan_layers: bool = False
   if norm_kwargs:
     raise ValueError(f'model.norm_layer_kwargs {norm_kwargs} are not supported by capi_jax.')
 
-  cfg = ml_collections.ConfigDict()
-  cfg.model = ml_collections.ConfigDict(dict(
+  model = ml_collections.ConfigDict(dict(
       patch_size=official.pop('patch_size'), n_registers=official.pop('n_registers'),
       register_coordinates=official.pop('register_coordinates'),
       scale_reg_to_visible=official.pop('scale_reg_to_visible'), norm_eps=eps,
@@ -87,7 +86,9 @@ def config_from_meta(meta: Mapping[str, Any], scan_layers: bool = False
   if leftover:
     raise ValueError(f'Unknown official model config keys {sorted(leftover)}.')
   capi = meta.get('capi', {})
+  cfg = ml_collections.ConfigDict()
   cfg.capi = ml_collections.ConfigDict(dict(
+      model=model,
       num_clusters=int(meta.get('num_clusters', 0)), student_temp=capi.get('student_temp', 0.12),
       clustering_kwargs=dict(target_temp=capi.get('target_temp', 0.06),
                              pred_temp=capi.get('pred_temp', 0.12),
@@ -111,7 +112,7 @@ class Context:
       if key in arrays:
         self.config.capi.num_clusters = int(arrays[key].shape[0])
         break
-    self.model = encoder_decoder.from_config(self.config)
+    self.model = encoder_decoder.from_config(self.config.capi.model, self.config.efficiency)
 
   def has(self, *keys: str) -> bool:
     return all(k in self.arrays for k in keys)
@@ -130,7 +131,7 @@ class Context:
 
   def n_tokens(self, images_key: str) -> int:
     _, _, h, w = self.arrays[images_key].shape
-    p = self.config.model.patch_size
+    p = self.config.capi.model.patch_size
     return (h // p) * (w // p)
 
   def per_image_indices(self, key: str, images_key: str) -> np.ndarray:
@@ -282,7 +283,7 @@ _STEP_PARTS = ('student/backbone', 'student/head', 'ema/backbone', 'ema/head', '
 
 def _step_parts(ctx: Context, prefix: str) -> dict[str, Any]:
   """The official parameters under `prefix` ('step/init' or 'step/final') as capi_jax trees."""
-  dim, k = ctx.config.model.embed_dim, ctx.config.capi.num_clusters
+  dim, k = ctx.config.capi.model.embed_dim, ctx.config.capi.num_clusters
   use_bias = ctx.config.capi.clustering_kwargs.bias
   parts = {}
   for part in _STEP_PARTS:
@@ -323,8 +324,9 @@ def fixture_training_config(ctx: Context) -> ml_collections.ConfigDict:
   config.capi.clustering_optimizer = ml_collections.ConfigDict(dict(
       betas=tuple(opt['betas']), eps=eps, weight_decay=opt.get('clustering_wd', 0.01),
       lr_schedule=_constant(opt['clustering_lr'])))
-  config.optim = ml_collections.ConfigDict(dict(
-      total_iters=1_000, global_batch_size=int(ctx.arrays['step/0/images'].shape[0]),
+  config.train = ml_collections.ConfigDict(dict(
+      total_iters=1_000, global_batch_size=int(ctx.arrays['step/0/images'].shape[0])))
+  config.capi.optim = ml_collections.ConfigDict(dict(
       betas=tuple(opt['betas']), eps=eps, weight_decay=opt['wd'],
       lr_schedule=_constant(opt['lr']), momentum_schedule=_constant(opt['momentum']),
       patch_embed_lr_mult=opt['patch_embed_lr_mult'], rope_lr_mult=opt['rope_lr_mult'],

@@ -13,7 +13,9 @@ teacher sees the same crop at 224, CLIP-normalised. The official checkpoint `ViT
 (TorchScript) is read directly; or convert it once
 (`python -m capi_jax.convert --config=configs/caev2/base.py --family=clip
 --section=caev2.teacher.model --to=capi_jax --input=ViT-B-16.pt --output=/tmp/clip_b16`) and
-pass /tmp/clip_b16. Sections as configs/vitl.py where the concept is the same. The evaluation
+pass /tmp/clip_b16. The method-neutral sections are configs/common.py's (its ImageNet source at
+224, efficiency, sharding, evals); CAE v2's own keys are in `caev2` (its student `model`,
+`optim`, `data` augmentation, masks, regressor and teacher). The evaluation
 is CAE v2's linear probe ('caev2_linear', `add_evals`: the class token after the last norm,
 BatchNorm + Linear, LARS, blr 0.1 x batch / 256, 90 epochs); CAPI's sections stay, to be added
 to evals.protocols at will.
@@ -22,7 +24,7 @@ to evals.protocols at will.
 import ml_collections
 
 from capi_jax.models import vit
-from configs import vitl
+from configs import common
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 ITERS_PER_EPOCH = IMAGENET_TRAIN_IMAGES // 2048  # The release drops the last partial batch.
@@ -44,11 +46,11 @@ def add_evals(evals: ml_collections.ConfigDict, train: ml_collections.ConfigDict
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
+  c = common.get_config()
   c.name = 'caev2_base'
   c.method = 'caev2'
-  reference = vitl.get_config()
-  c.train = reference.train
+  c.train.total_iters = 300 * ITERS_PER_EPOCH
+  c.train.global_batch_size = 2048
   c.train.checkpointing.period = 10 * ITERS_PER_EPOCH
 
   c.caev2 = ml_collections.ConfigDict()
@@ -71,36 +73,26 @@ def get_config() -> ml_collections.ConfigDict:
       vit.FAMILIES['clip'], patch_size=16, image_size=224, embed_dim=768, depth=12,
       num_heads=12, mlp_ratio=4.0, out_dim=512))
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.total_iters = 300 * ITERS_PER_EPOCH
-  c.optim.global_batch_size = 2048
-  c.optim.betas = (0.9, 0.999)
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.05  # Constant, as in every recipe.
-  c.optim.clip_grad = 3.0
-  c.optim.lr_schedule = ml_collections.ConfigDict()
-  c.optim.lr_schedule.base_value = 1.5e-3  # --lr, used as given (no batch scaling).
-  c.optim.lr_schedule.final_value = 1e-5  # --min_lr
-  c.optim.lr_schedule.warmup_iters = 10 * ITERS_PER_EPOCH  # From 0 (not --warmup_lr).
-
-  c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'tfds:imagenet2012'
-  c.data.split = 'train'
-  c.data.data_dir = ''
-  c.data.image_size = 224
-  c.data.crop_scale = (0.4, 1.0)  # --crop_min_size, --crop_max_size
-  c.data.color_jitter = 0.4
-  c.data.do_hflip = True
-  c.data.num_workers = 8
-  c.data.prefetch_buffer_size = 4
-
-  c.model = ml_collections.ConfigDict(dict(
+  # The student encoder.
+  c.caev2.model = ml_collections.ConfigDict(dict(
       vit.FAMILIES['caev2'], patch_size=16, image_size=224, embed_dim=768, depth=12,
       num_heads=12, mlp_ratio=4.0, drop_path_rate=0.1))
 
-  c.efficiency = reference.efficiency
-  c.sharding = reference.sharding
-  c.evals = reference.evals
+  c.caev2.optim = ml_collections.ConfigDict()
+  c.caev2.optim.betas = (0.9, 0.999)
+  c.caev2.optim.eps = 1e-8
+  c.caev2.optim.weight_decay = 0.05  # Constant, as in every recipe.
+  c.caev2.optim.clip_grad = 3.0
+  c.caev2.optim.lr_schedule = ml_collections.ConfigDict()
+  c.caev2.optim.lr_schedule.base_value = 1.5e-3  # --lr, used as given (no batch scaling).
+  c.caev2.optim.lr_schedule.final_value = 1e-5  # --min_lr
+  c.caev2.optim.lr_schedule.warmup_iters = 10 * ITERS_PER_EPOCH  # From 0 (not --warmup_lr).
+
+  c.caev2.data = ml_collections.ConfigDict()  # The training example (config.data: the source).
+  c.caev2.data.crop_scale = (0.4, 1.0)  # --crop_min_size, --crop_max_size
+  c.caev2.data.color_jitter = 0.4
+  c.caev2.data.do_hflip = True
+
   for name in c.evals.protocols:  # CAPI's, if added to evals.protocols: every 50 epochs.
     c.evals[name].period = 50 * ITERS_PER_EPOCH
   c.evals.protocols = ()  # CAE v2's own; CAPI's sections stay available.

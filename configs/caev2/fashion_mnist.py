@@ -47,19 +47,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.caev2.teacher.checkpoint = '/tmp/capi_tiny'
   c.caev2.teacher.image_size = 28
   c.caev2.teacher.normalization = 'imagenet'
-  c.caev2.teacher.model = quickstart.model
+  c.caev2.teacher.model = quickstart.capi.model
 
-  c.optim.total_iters = 2000
-  c.optim.global_batch_size = 128
-  c.optim.lr_schedule.warmup_iters = 100
+  c.train.total_iters = 2000
+  c.train.global_batch_size = 128
+  c.caev2.optim.lr_schedule.warmup_iters = 100
 
   c.data = quickstart.data
-  c.data.crop_scale = (0.4, 1.0)
-  c.data.color_jitter = 0.4
-  for key in ('mask_ratio', 'prediction_subsampling', 'masking_generator', 'masking_roll'):
-    del c.data[key]  # CAPI's masking keys; CAE v2's are in c.caev2.
-
-  c.model = ml_collections.ConfigDict(dict(
+  c.caev2.model = ml_collections.ConfigDict(dict(
       vit.FAMILIES['caev2'], patch_size=4, image_size=28, embed_dim=96, depth=4, num_heads=3,
       mlp_ratio=4.0, drop_path_rate=0.0))
   c.efficiency = quickstart.efficiency

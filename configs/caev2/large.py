@@ -19,10 +19,10 @@ from configs.caev2 import base
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.name = 'caev2_large'
-  c.model.embed_dim = 1024
-  c.model.depth = 24
-  c.model.num_heads = 16
-  c.model.layer_scale_init = 1e-5
+  c.caev2.model.embed_dim = 1024
+  c.caev2.model.depth = 24
+  c.caev2.model.num_heads = 16
+  c.caev2.model.layer_scale_init = 1e-5
   c.caev2.regressor.embed_dim = 1024
   # CAE v1's cae_large_1600e.sh (the release has no CAE v2 large script): 512 x 32 GPUs.
   c.evals.caev2_linear.batch_size = 16384

@@ -17,8 +17,8 @@ from configs.caev2 import base
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.name = 'caev2_tiny'
-  c.model.embed_dim = 192
-  c.model.num_heads = 12
+  c.caev2.model.embed_dim = 192
+  c.caev2.model.num_heads = 12
   c.caev2.regressor.embed_dim = 96
   c.caev2.regressor.depth = 1
   c.caev2.num_mask_patches = 30

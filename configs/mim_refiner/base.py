@@ -1,16 +1,17 @@
 r"""MIM-Refiner's config sections, shared by the recipes in this folder.
 
-`refiner(...)` takes configs/vitl.py's engine sections (train, data source, efficiency,
-sharding, evals), drops CAPI's, and adds:
+`refiner(...)` takes configs/common.py's method-neutral sections (train, init, data source,
+efficiency, sharding, evals) and sets:
   method = 'mim_refiner'
   init.checkpoint     the run to start from: a capi_jax checkpoint of any method (stage 3: the
                       stage-2 run) or converted official weights
-  model               the encoder's fields (`mim_refiner.encoder` says which backbone)
+  train               total_iters (epochs of `train_images`), global_batch_size
   mim_refiner         stage, encoder, heads ('main' = final output, 'cls<N>' = raw block N),
                       pooling, temperature, topk, queue_size, head sizes, ema, layer_decay,
                       freeze_end_percent, views (MultiCrop fields; global size = data.image_size)
-  optim               total_iters, global_batch_size, base_lr (x batch / 256), warmup_iters,
-                      end_lr, betas, eps, weight_decay (encoder), head_weight_decay
+  mim_refiner.model   the encoder's fields (`mim_refiner.encoder` says which backbone)
+  mim_refiner.optim   base_lr (x batch / 256), warmup_iters, end_lr, betas, eps,
+                      weight_decay (encoder), head_weight_decay
   evals               MIM-Refiner's protocols (`add_evals`: mimref_probe, mimref_knn,
                       mimref_lowshot, and the extra mimref_cluster) on ImageNet; CAPI's sections
                       stay, to be added to evals.protocols at will
@@ -24,12 +25,9 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from configs import vitl
+from configs import common
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-# configs/vitl.py's data keys that only CAPI's masks and crops read.
-_CAPI_DATA_KEYS = ('crop_scale', 'do_hflip', 'mask_ratio', 'prediction_subsampling',
-                   'masking_generator', 'masking_roll')
 
 
 def block_heads(first: int, last: int) -> tuple[str, ...]:
@@ -96,24 +94,21 @@ def refiner(*, name: str, encoder: str, model: ml_collections.ConfigDict, stage:
             local_size: int, pooling: str = 'cls', freeze_end_percent: float | None = None,
             train_images: int = IMAGENET_TRAIN_IMAGES) -> ml_collections.ConfigDict:
   """A MIM-Refiner config (see the module docstring); epochs count `train_images` images."""
-  c = vitl.get_config()
+  c = common.get_config()
   c.name = name
   c.method = 'mim_refiner'
-  del c['capi']
-  for key in _CAPI_DATA_KEYS:
-    del c.data[key]
   c.data.image_size = 224
-  c.init = ml_collections.ConfigDict(dict(checkpoint=''))
-  c.model = model
   c.efficiency.remat_policy = 'none'
 
   updates_per_epoch = train_images // batch
-  c.optim = ml_collections.ConfigDict(dict(
-      total_iters=epochs * updates_per_epoch, global_batch_size=batch,
-      base_lr=2e-4 if stage == 2 else 4e-4, warmup_iters=4 * updates_per_epoch, end_lr=1e-6,
-      betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, head_weight_decay=1e-5))
+  c.train.total_iters = epochs * updates_per_epoch
+  c.train.global_batch_size = batch
 
   c.mim_refiner = ml_collections.ConfigDict(dict(
+      model=model,
+      optim=dict(base_lr=2e-4 if stage == 2 else 4e-4, warmup_iters=4 * updates_per_epoch,
+                 end_lr=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05,
+                 head_weight_decay=1e-5),
       stage=stage, encoder=encoder, heads=tuple(heads), pooling=pooling,
       temperature=temperature, topk=1 if stage == 2 else 20, queue_size=65536,
       proj_hidden_dim=2048, pred_hidden_dim=4096, output_dim=256, proj_hidden_layers=1,

@@ -23,7 +23,7 @@ from configs.mim_refiner import base
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   stage = base.parse_stage(arg)
-  model = vitl.get_config().model
+  model = vitl.get_config().capi.model
   model.drop_path_rate = 0.0
   return base.refiner(name=f'mimref_capi_vitl_s{stage}', encoder='capi', model=model,
                       stage=stage, heads=base.block_heads(16, 22), temperature=0.2, batch=1024,

@@ -22,7 +22,7 @@ from configs.mim_refiner import base
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   quickstart = tiny.get_config()
-  c = base.refiner(name='mimref_tiny', encoder='capi', model=quickstart.model,
+  c = base.refiner(name='mimref_tiny', encoder='capi', model=quickstart.capi.model,
                    stage=base.parse_stage(arg), heads=('main', 'cls2', 'cls1'), temperature=0.2,
                    batch=128, epochs=1, local_size=12, pooling='avg', train_images=60_000)
   c.train, c.evals, c.efficiency = quickstart.train, quickstart.evals, quickstart.efficiency
@@ -33,11 +33,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.dataset, c.data.image_size = quickstart.data.dataset, quickstart.data.image_size
   c.data.num_workers = quickstart.data.num_workers
 
-  c.optim.total_iters = 500
-  c.optim.warmup_iters = 50
-  c.optim.base_lr = 1e-3
+  c.train.total_iters = 500
 
   r = c.mim_refiner
+  r.optim.warmup_iters = 50
+  r.optim.base_lr = 1e-3
   r.queue_size = 4096
   r.topk = 5
   r.ema = 0.99

@@ -1,5 +1,6 @@
-"""CAE v2's config checks: `model` (the student encoder), `data` (the crop), `optim`, `caev2`
-(masks, regressor, teacher) and `init`; one sentence per problem, never raising."""
+"""CAE v2's config checks: `caev2.model` (the student encoder), `caev2.data` (the crop) at
+`data.image_size`, `caev2.optim` over `train.total_iters`, the rest of `caev2` (masks, regressor,
+teacher) and `init`; one sentence per problem, never raising."""
 
 import dataclasses
 import numbers
@@ -54,7 +55,7 @@ def _teacher_problems(config: ml_collections.ConfigDict, grid: int | None) -> li
     missing = [k for k in _CAPI_MODEL_KEYS if k not in t.model]
     if missing:
       return [f'caev2.teacher.model misses {missing}: the capi backbone takes CAPI\'s '
-              'config.model section (e.g. configs/tiny.py\'s).']
+              'model section (config.capi.model, e.g. configs/tiny.py\'s).']
     if t.model.embed_dim % (4 * t.model.num_heads):
       found.append(f'caev2.teacher.model.embed_dim={t.model.embed_dim} must be divisible by 4 x '
                    f'caev2.teacher.model.num_heads={t.model.num_heads} (2-D RoPE per head).')
@@ -80,23 +81,23 @@ def _teacher_problems(config: ml_collections.ConfigDict, grid: int | None) -> li
 
 def problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every invalid value of the keys CAE v2 reads, as sentences; [] when usable."""
-  m, d, o, c = config.model, config.data, config.optim, config.caev2
-  r = c.regressor
-  found = _vit_problems('model', m)
+  c, image_size = config.caev2, config.data.image_size
+  m, d, o, r = c.model, c.data, c.optim, c.regressor
+  found = _vit_problems('caev2.model', m)
   grid = None
-  if not found and d.image_size == m.image_size:
-    grid = d.image_size // m.patch_size
+  if not found and image_size == m.image_size:
+    grid = image_size // m.patch_size
 
   def check(ok: bool, message: str) -> None:
     if not ok:
       found.append(message)
 
   check(bool(found) or grid is not None,
-        f'data.image_size={d.image_size} must equal model.image_size={m.image_size}: the '
+        f'data.image_size={image_size} must equal caev2.model.image_size={m.image_size}: the '
         'release builds its position table at the training resolution.')
   check(0.0 <= m.get('drop_path_rate', 0.0) < 1.0,
-        f'model.drop_path_rate={m.get("drop_path_rate")} must be in [0, 1).')
-  check(not m.get('out_dim', 0), f'model.out_dim={m.get("out_dim")} must be 0: the student '
+        f'caev2.model.drop_path_rate={m.get("drop_path_rate")} must be in [0, 1).')
+  check(not m.get('out_dim', 0), f'caev2.model.out_dim={m.get("out_dim")} must be 0: the student '
         'encoder has no projection (the decoder head maps to the teacher\'s width).')
   # The release's head width is embed_dim // num_heads, the rest of the width unused.
   check(1 <= r.num_heads <= r.embed_dim, f'caev2.regressor.num_heads={r.num_heads} must be in '
@@ -121,16 +122,16 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
 
   lo, hi = d.crop_scale
   check(0.0 < lo <= hi <= 1.0,
-        f'data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < min <= max <= 1.')
-  check(d.color_jitter >= 0, f'data.color_jitter={d.color_jitter} must be >= 0.')
+        f'caev2.data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < min <= max <= 1.')
+  check(d.color_jitter >= 0, f'caev2.data.color_jitter={d.color_jitter} must be >= 0.')
   check(isinstance(o.weight_decay, numbers.Real),
-        f'optim.weight_decay={o.weight_decay!r} must be a number: CAE v2 decays with a constant '
-        '(every recipe\'s schedule is constant).')
-  check(0 <= o.lr_schedule.warmup_iters <= o.total_iters,
-        f'optim.lr_schedule.warmup_iters={o.lr_schedule.warmup_iters} must be in [0, '
-        f'optim.total_iters={o.total_iters}].')
+        f'caev2.optim.weight_decay={o.weight_decay!r} must be a number: CAE v2 decays with a '
+        'constant (every recipe\'s schedule is constant).')
+  check(0 <= o.lr_schedule.warmup_iters <= config.train.total_iters,
+        f'caev2.optim.lr_schedule.warmup_iters={o.lr_schedule.warmup_iters} must be in [0, '
+        f'train.total_iters={config.train.total_iters}].')
   check(o.clip_grad is None or o.clip_grad > 0,
-        f'optim.clip_grad={o.clip_grad} must be > 0 (or None: no clipping).')
+        f'caev2.optim.clip_grad={o.clip_grad} must be > 0 (or None: no clipping).')
   check(not config.get('init', {}).get('checkpoint'),
         f'init.checkpoint={config.get("init", {}).get("checkpoint")!r}: CAE v2 trains its '
         'student from scratch; the teacher comes from caev2.teacher.checkpoint.')

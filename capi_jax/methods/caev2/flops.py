@@ -54,9 +54,9 @@ def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   Returns:
     {'teacher', 'student_encoder', 'regressor', 'decoder', 'total'} -> FLOPs.
   """
-  m, c = config.model, config.caev2
-  t = c.teacher
-  batch = config.optim.global_batch_size
+  c = config.caev2
+  m, t = c.model, c.teacher
+  batch = config.train.global_batch_size
   n_patches = (config.data.image_size // m.patch_size) ** 2
   n_masked = c.num_mask_patches
   n_visible = n_patches - n_masked

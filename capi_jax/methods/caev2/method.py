@@ -1,13 +1,13 @@
 """CAE v2: regress a frozen teacher's features of every token from the visible patches.
 
 Variables:
-  params  = {'encoder': vit.ViT of config.model (the 'caev2' family: BEiT blocks, fixed sin-cos
-             table, class token), 'regressor': RegressorDecoder (projection, cross-attention
+  params  = {'encoder': vit.ViT of config.caev2.model (the 'caev2' family: BEiT blocks, fixed
+             sin-cos table, class token), 'regressor': RegressorDecoder (projection, cross-attention
              regressor, shared decoder norm and head)};
   frozen  = {'teacher': the teacher backbone's params (`teacher.py`: CLIP's visual ViT in the
              release, or any capi_jax backbone)};
   buffers = {} (no EMA).
-Optimiser (`optim.py`): clip at `optim.clip_grad`, then torch AdamW with the release's two
+Optimiser (`optim.py`): clip at `caev2.optim.clip_grad`, then torch AdamW with the release's two
 weight-decay groups; the encoder's fixed position table is a frozen group (not optimised).
 
 Per step (`docs/reference/caev2_algorithm.md`; the release's `train_one_epoch`):
@@ -51,15 +51,15 @@ class CaeV2(interface.Method):
   def __init__(self, config):
     super().__init__(config)
     c, e = config.caev2, config.efficiency
-    self.encoder = vit.from_config(config)
+    self.encoder = vit.from_config(c.model, e)
     self.teacher = teacher_lib.from_config(config)
-    self.grid = (config.data.image_size // config.model.patch_size,) * 2
+    self.grid = (config.data.image_size // c.model.patch_size,) * 2
     self.regressor = regressor.RegressorDecoder(
         grid=self.grid, embed_dim=c.regressor.embed_dim, depth=c.regressor.depth,
         num_heads=c.regressor.num_heads, out_dim=teacher_lib.out_dim(c.teacher),
-        mlp_ratio=config.model.mlp_ratio, layer_scale_init=c.regressor.layer_scale_init,
-        drop_path_rate=config.model.get('drop_path_rate', 0.0),
-        norm_eps=config.model.norm_eps, dtype=jnp.dtype(e.compute_dtype),
+        mlp_ratio=c.model.mlp_ratio, layer_scale_init=c.regressor.layer_scale_init,
+        drop_path_rate=c.model.get('drop_path_rate', 0.0),
+        norm_eps=c.model.norm_eps, dtype=jnp.dtype(e.compute_dtype),
         param_dtype=jnp.dtype(e.param_dtype), remat_policy=e.remat_policy,
         scan_layers=e.get('scan_layers', False))
 
@@ -110,14 +110,14 @@ class CaeV2(interface.Method):
     return optim.group_tree(params, rule)
 
   def optimizer(self, params: PyTree) -> optax.GradientTransformation:
-    o = self.config.optim
+    o = self.config.caev2.optim
     return caev2_optim.optimizer(
         self.param_groups(params), self.schedules()['lr'], weight_decay=o.weight_decay,
         clip_grad=o.clip_grad, betas=tuple(o.betas), eps=o.eps)
 
   def schedules(self) -> dict[str, schedules.ScheduleFn]:
-    o = self.config.optim
-    return {'lr': schedules.from_config(o.lr_schedule, o.total_iters)}
+    o = self.config.caev2.optim
+    return {'lr': schedules.from_config(o.lr_schedule, self.config.train.total_iters)}
 
   # ------------------------------------------------------------------ step
   def teacher_features(self, teacher_params: PyTree, teacher_images: jax.Array) -> jax.Array:
@@ -193,10 +193,10 @@ class CaeV2(interface.Method):
 
   # ------------------------------------------------------------------ bookkeeping
   def architecture(self):
-    model = self.config.model.to_dict()
+    c = self.config.caev2
+    model = c.model.to_dict()
     # Stochastic depth changes no parameter; a run may resume with a different one.
     model.pop('drop_path_rate', None)
-    c = self.config.caev2
     return {'model': model, 'caev2.regressor': c.regressor.to_dict(),
             'caev2.teacher.backbone': c.teacher.backbone,
             'caev2.teacher.model': c.teacher.model.to_dict()}

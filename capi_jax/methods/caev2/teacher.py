@@ -5,7 +5,7 @@
                  `models/vit_weights.py` (the release: 'clip', OpenAI CLIP's visual tower with
                  `ln_post` on every token and the projection) whose `model` section holds
                  `vit.ViT` fields, or 'capi' (CAPI's EncoderDecoder; `model` is CAPI's
-                 `config.model` section).
+                 `config.capi.model` section).
   model          that architecture's config section.
   checkpoint     the weights (`Method.pretrained_paths` role 'teacher'): an official file of
                  the ViT family (CLIP's TorchScript `ViT-B-16.pt` or a state_dict, names under
@@ -43,20 +43,14 @@ CAPI = 'capi'
 BACKBONES = (CAPI, *vit_weights.FAMILIES)
 
 
-def _capi_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config CAPI's builders read: the teacher's model section and the run's efficiency."""
-  return ml_collections.ConfigDict({'model': config.caev2.teacher.model,
-                                    'efficiency': config.efficiency})
-
-
 def from_config(config: ml_collections.ConfigDict) -> nn.Module:
   """The teacher backbone of `config.caev2.teacher`, in the run's compute dtype."""
   t = config.caev2.teacher
   if t.backbone == CAPI:
-    return encoder_decoder.from_config(_capi_config(config))
+    return encoder_decoder.from_config(t.model, config.efficiency)
   if t.backbone not in BACKBONES:
     raise ValueError(f'caev2.teacher.backbone={t.backbone!r} must be one of {BACKBONES}.')
-  return vit.from_config(config, t.model)
+  return vit.from_config(t.model, config.efficiency)
 
 
 def out_dim(teacher: ml_collections.ConfigDict) -> int:

@@ -2,10 +2,11 @@
 
 Per record, as the release's `DataAugmentationForCAE` (`furnace/datasets.py`,
 `docs/reference/caev2_algorithm.md`, Data and masks):
-  colour jitter on the whole image (torchvision's ColorJitter(s, s, s): brightness, contrast
-  and saturation factors uniform in [1 - s, 1 + s], applied in a random order)
-  -> horizontal flip (p 0.5)
-  -> one random resized crop box (`data.crop_scale`, ratio (3/4, 4/3)), resized bicubic to the
+  colour jitter on the whole image (torchvision's ColorJitter(s, s, s), s =
+  `caev2.data.color_jitter`: brightness, contrast and saturation factors uniform in
+  [1 - s, 1 + s], applied in a random order)
+  -> horizontal flip (p 0.5, `caev2.data.do_hflip`)
+  -> one random resized crop box (`caev2.data.crop_scale`, ratio (3/4, 4/3)), resized bicubic to the
      student's `data.image_size` and to the teacher's `caev2.teacher.image_size`
   -> both views as uint8 pixels; the method normalises them on the device, the student's with
      ImageNet's statistics, the teacher's with `caev2.teacher.normalization` (CLIP's for the
@@ -70,15 +71,17 @@ class CaeV2Transform(grain.transforms.RandomMap):
 
 
 def from_config(config: ml_collections.ConfigDict) -> CaeV2Transform:
-  """The transform of `config.data` and `config.caev2` (values already validated)."""
-  d, c = config.data, config.caev2
-  grid = (d.image_size // config.model.patch_size,) * 2
+  """The transform of `config.caev2` (its `data` augmentation, masks, teacher view) at
+  `config.data.image_size` (values already validated)."""
+  c, image_size = config.caev2, config.data.image_size
+  d = c.data
+  grid = (image_size // c.model.patch_size,) * 2
   generator = masking.make_mask_generator(
       'BeitBlock', grid=grid, min_aspect=c.mask_min_aspect,
       min_block_patches=c.min_mask_patches_per_block,
       max_block_patches=c.max_mask_patches_per_block or None)
   return CaeV2Transform(
-      image_size=d.image_size, teacher_image_size=c.teacher.image_size,
+      image_size=image_size, teacher_image_size=c.teacher.image_size,
       crop_scale=tuple(d.crop_scale), color_jitter=d.color_jitter, do_hflip=d.do_hflip,
       mask_generator=generator,
       num_mask_patches=c.num_mask_patches)

@@ -10,8 +10,8 @@ Official-format files hold a flat mapping with `backbone.<name>` (required), `he
 (student head, optional) and `teacher_head.<name>` (clustering head, optional). A full official
 training checkpoint (`{'model': ...}` with `student.` / `student_ema.` / `teacher.` prefixes) is
 read too: `source` picks the student or its EMA, and `teacher.head.` is the clustering head.
-The architecture comes from `config.model`, the number of clusters from `config.capi`; any name
-or shape that does not fit is an error naming the parameter (never a silent skip).
+The architecture comes from `config.capi.model`, the number of clusters from `config.capi`; any
+name or shape that does not fit is an error naming the parameter (never a silent skip).
 """
 
 from collections.abc import Callable, Mapping
@@ -47,8 +47,8 @@ def _head_rule(names: Mapping[str, str]) -> Callable[[tuple[str, ...], int], rul
 # ---------------------------------------------------------------------------- abstract trees
 def backbone_shapes(config: ml_collections.ConfigDict) -> Params:
   """The capi_jax backbone parameter tree of `config` as ShapeDtypeStructs (no compute)."""
-  model = encoder_decoder.from_config(config)
-  p = config.model.patch_size
+  model = encoder_decoder.from_config(config.capi.model, config.efficiency)
+  p = config.capi.model.patch_size
   images = jax.ShapeDtypeStruct((1, p, p, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0), images)['params']
 
@@ -110,7 +110,7 @@ def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDic
 
   Args:
     path: `.pth` (needs PyTorch) or `.npz`, names as in the module docstring.
-    config: gives the architecture (`config.model`) and `config.capi.num_clusters`.
+    config: gives the architecture (`config.capi.model`) and `config.capi.num_clusters`.
     source: for full official training checkpoints, 'student' or 'student_ema'.
 
   Returns:
@@ -131,7 +131,7 @@ def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDic
   if not backbone_sd:
     raise rules.CheckpointMismatchError(f'{path}: no parameter named {PREFIXES["backbone"]}*.')
   parts = {'backbone': backbone_to_flax(backbone_sd, config)}
-  dim, k = config.model.embed_dim, config.capi.num_clusters
+  dim, k = config.capi.model.embed_dim, config.capi.num_clusters
   head_sd = _strip(sd, PREFIXES['head'])
   if head_sd:
     parts['head'] = student_head_to_flax(head_sd, dim, k)
@@ -162,7 +162,7 @@ def check_restored_architecture(parts: Mapping[str, Params],
   """Fails like `load_official` would if the capi_jax trees don't fit `config`."""
   sd = to_official_state_dict(parts)
   backbone_to_flax(_strip(sd, PREFIXES['backbone']), config)
-  dim, k = config.model.embed_dim, config.capi.num_clusters
+  dim, k = config.capi.model.embed_dim, config.capi.num_clusters
   if 'head' in parts:
     student_head_to_flax(_strip(sd, PREFIXES['head']), dim, k)
   if 'clustering_head' in parts:

@@ -21,8 +21,9 @@ Counting rules:
 - Attention counts its two batched matmuls, q @ k^T and probs @ v: 2 * 2 * n_q * n_k * dim.
 - Stochastic depth is the 'efficient' variant: in training every residual branch of every
   block runs on `max(int(local * (1 - drop_path_rate)), 1)` samples of each of the
-  `model.drop_path_groups` groups of `local = batch / groups` samples (encoder_decoder.Residual), so
-  student encoder and predictor blocks count that many samples, not the whole batch.
+  `capi.model.drop_path_groups` groups of `local = batch / groups` samples
+  (encoder_decoder.Residual), so student encoder and predictor blocks count that many samples,
+  not the whole batch.
 - Sinkhorn and the two softmax cross-entropy losses are elementwise over (tokens, clusters)
   and are counted at 1 FLOP per element per elementwise op or reduction (see the constants).
 - Not counted: norms (RMSNorm, L2 normalisation, weight norm), RoPE, GELU, the attention
@@ -86,17 +87,17 @@ class StepShapes:
 
 def step_shapes(config: ml_collections.ConfigDict) -> StepShapes:
   """Reads the sizes of one train step from a capi_jax config (see configs/vitl.py)."""
-  m, d = config.model, config.data
-  if d.image_size % m.patch_size:
-    raise ValueError(f'data.image_size={d.image_size} is not a multiple of '
-                     f'model.patch_size={m.patch_size}; pick sizes that divide.')
-  n_tokens = (d.image_size // m.patch_size) ** 2
+  m, d, image_size = config.capi.model, config.capi.data, config.data.image_size
+  if image_size % m.patch_size:
+    raise ValueError(f'data.image_size={image_size} is not a multiple of '
+                     f'capi.model.patch_size={m.patch_size}; pick sizes that divide.')
+  n_tokens = (image_size // m.patch_size) ** 2
   n_masked = int(n_tokens * d.mask_ratio)
-  batch = config.optim.global_batch_size
+  batch = config.train.global_batch_size
   groups = m.get('drop_path_groups', 1)
   if batch % groups:
-    raise ValueError(f'optim.global_batch_size={batch} does not split into '
-                     f'model.drop_path_groups={groups} equal groups.')
+    raise ValueError(f'train.global_batch_size={batch} does not split into '
+                     f'capi.model.drop_path_groups={groups} equal groups.')
   local = batch // groups
   n_keep = batch if m.drop_path_rate == 0 else groups * max(int(local * (1 - m.drop_path_rate)), 1)
   return StepShapes(

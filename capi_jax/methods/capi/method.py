@@ -50,7 +50,7 @@ class Capi(interface.Method):
   def __init__(self, config):
     super().__init__(config)
     self.model = encoder_decoder.from_config(
-        config, train_rope_freqs=config.optim.rope_lr_mult != 0)
+        config.capi.model, config.efficiency, train_rope_freqs=config.capi.optim.rope_lr_mult != 0)
     self.student_head = heads.L2NormLinear(config.capi.num_clusters)
     self.clustering_head = heads.ClusteringHead(
         config.capi.num_clusters, use_bias=config.capi.clustering_kwargs.bias)
@@ -81,9 +81,9 @@ class Capi(interface.Method):
     })
 
   def schedules(self) -> dict[str, schedules.ScheduleFn]:
-    o = self.config.optim
-    return {'lr': schedules.from_config(o.lr_schedule, o.total_iters),
-            'momentum': schedules.from_config(o.momentum_schedule, o.total_iters)}
+    o, total = self.config.capi.optim, self.config.train.total_iters
+    return {'lr': schedules.from_config(o.lr_schedule, total),
+            'momentum': schedules.from_config(o.momentum_schedule, total)}
 
   # ------------------------------------------------------------------ step
   def normalize(self, images: jax.Array) -> jax.Array:
@@ -147,7 +147,7 @@ class Capi(interface.Method):
 
   # ------------------------------------------------------------------ bookkeeping
   def architecture(self):
-    model = self.config.model.to_dict()
+    model = self.config.capi.model.to_dict()
     # Stochastic depth changes no parameter; a run may resume with a different one.
     model.pop('drop_path_rate', None)
     model.pop('drop_path_groups', None)

@@ -1,5 +1,5 @@
 """CAPI's optimisers: the student's AdamW with the release's parameter groups, and the online
-clustering head's own AdamW (`config.optim`, `config.capi.clustering_optimizer`).
+clustering head's own AdamW (`config.capi.optim`, `config.capi.clustering_optimizer`).
 
 Parameter groups (the release's `get_params_groups`, by parameter path):
   - biases and names containing 'gamma': no weight decay;
@@ -47,7 +47,7 @@ def param_group(
 
 
 def param_groups(params: PyTree, optim_cfg: ml_collections.ConfigDict) -> PyTree:
-  """A `Group` per student parameter (`config.optim`'s multipliers)."""
+  """A `Group` per student parameter (`config.capi.optim`'s multipliers)."""
   return optim.group_tree(params, lambda name, ndim: param_group(
       name, patch_embed_lr_mult=optim_cfg.patch_embed_lr_mult,
       rope_lr_mult=optim_cfg.rope_lr_mult, layernorm_wd_mult=optim_cfg.layernorm_wd_mult))
@@ -55,17 +55,17 @@ def param_groups(params: PyTree, optim_cfg: ml_collections.ConfigDict) -> PyTree
 
 def student_optimizer(config: ml_collections.ConfigDict, student_params: PyTree
                       ) -> optax.GradientTransformation:
-  """The student's AdamW (`config.optim`), groups derived from the parameter paths."""
+  """The student's AdamW (`config.capi.optim`), groups derived from the parameter paths."""
+  o = config.capi.optim
   return optim.adamw(
-      schedules.from_config(config.optim.lr_schedule, config.optim.total_iters),
-      betas=tuple(config.optim.betas), eps=config.optim.eps,
-      weight_decay=config.optim.weight_decay,
-      groups=param_groups(student_params, config.optim))
+      schedules.from_config(o.lr_schedule, config.train.total_iters),
+      betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+      groups=param_groups(student_params, o))
 
 
 def clustering_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The online clustering head's AdamW (`config.capi.clustering_optimizer`): one group."""
   cfg = config.capi.clustering_optimizer
   return optim.adamw(
-      schedules.from_config(cfg.lr_schedule, config.optim.total_iters),
+      schedules.from_config(cfg.lr_schedule, config.train.total_iters),
       betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)

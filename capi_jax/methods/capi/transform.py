@@ -1,10 +1,10 @@
 """CAPI's training example: one random resized crop, a flip, and that image's masks.
 
 Per record (the release's data pipeline, `docs/reference/capi_algorithm.md`): RandomResizedCrop
-(bicubic, `data.crop_scale`), horizontal flip, then a mask from `data.masking_generator` with
-`int(n_tokens * mask_ratio)` masked positions, of which a uniform `prediction_subsampling`
-fraction is predicted. The release's ImageNet normalisation happens on the accelerator
-(`Capi.loss_and_grads`): the crop leaves the host as uint8 pixels.
+(bicubic, `capi.data.crop_scale`), horizontal flip, then a mask from
+`capi.data.masking_generator` with `int(n_tokens * mask_ratio)` masked positions, of which a
+uniform `prediction_subsampling` fraction is predicted. The release's ImageNet normalisation
+happens on the accelerator (`Capi.loss_and_grads`): the crop leaves the host as uint8 pixels.
 """
 
 import dataclasses
@@ -45,11 +45,12 @@ class CapiTransform(grain.transforms.RandomMap):
 
 
 def from_config(config: ml_collections.ConfigDict) -> CapiTransform:
-  """The transform of `config.data` and `config.model.patch_size` (values already validated)."""
-  data = config.data
-  grid = (data.image_size // config.model.patch_size,) * 2
+  """The transform of `config.capi.data` at `config.data.image_size` in patches of
+  `config.capi.model.patch_size` (values already validated)."""
+  data, image_size = config.capi.data, config.data.image_size
+  grid = (image_size // config.capi.model.patch_size,) * 2
   return CapiTransform(
-      image_size=data.image_size, crop_scale=tuple(data.crop_scale), do_hflip=data.do_hflip,
+      image_size=image_size, crop_scale=tuple(data.crop_scale), do_hflip=data.do_hflip,
       grid=grid, mask_generator=masking.make_mask_generator(data.masking_generator, grid,
                                                  data.masking_roll),
       mask_ratio=data.mask_ratio, prediction_subsampling=data.prediction_subsampling)

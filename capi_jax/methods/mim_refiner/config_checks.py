@@ -1,5 +1,6 @@
 """MIM-Refiner's config checks: `mim_refiner` (stage, encoder, heads, queue, views, ...),
-`model` (the encoder's sizes), `data.image_size` (the global views), `optim`."""
+`mim_refiner.model` (the encoder's sizes), `data.image_size` (the global views),
+`mim_refiner.optim` and the training lengths it schedules over (`train`)."""
 
 import dataclasses
 
@@ -16,41 +17,45 @@ _VIEW_KEYS = sorted({f.name for f in dataclasses.fields(augment.MultiCrop)} - {'
 
 def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
   """The encoder's sizes: heads divide the width, crops divide into patches, known fields."""
-  m, found = config.model, []
+  m, found = config.mim_refiner.model, []
   kind = config.mim_refiner.encoder
   if kind != encoder.CAPI:
     fields = {f.name for f in dataclasses.fields(vit.ViT)} - {
         'parent', 'name', 'dtype', 'param_dtype', 'remat_policy', 'scan_layers'}
     unknown = sorted(set(m) - fields)
     if unknown:
-      return [f'model has keys {unknown} that vit.ViT does not have (mim_refiner.encoder='
-              f'{kind!r} builds a vit.ViT); valid: {sorted(fields)}.']
+      return [f'mim_refiner.model has keys {unknown} that vit.ViT does not have '
+              f'(mim_refiner.encoder={kind!r} builds a vit.ViT); valid: {sorted(fields)}.']
   get = lambda key, default=None: m.get(key, default)
   dim, heads, patch = get('embed_dim', 768), get('num_heads', 12), get('patch_size', 16)
   if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0 and dim % heads == 0):
-    found.append(f'model.embed_dim={dim} must be divisible by model.num_heads={heads}.')
+    found.append(f'mim_refiner.model.embed_dim={dim} must be divisible by '
+                 f'mim_refiner.model.num_heads={heads}.')
   if not isinstance(patch, int) or patch < 1:
-    return found + [f'model.patch_size={patch} must be a positive integer.']
+    return found + [f'mim_refiner.model.patch_size={patch} must be a positive integer.']
   sizes = {'data.image_size': config.data.image_size,
            'mim_refiner.views.local_size': config.mim_refiner.views.get('local_size', 96)}
   if kind != encoder.CAPI:
-    sizes['model.image_size'] = get('image_size', 224)
+    sizes['mim_refiner.model.image_size'] = get('image_size', 224)
   for key, size in sizes.items():
     if not isinstance(size, int) or size < patch or size % patch:
-      found.append(f'{key}={size} must be a positive multiple of model.patch_size={patch}.')
+      found.append(f'{key}={size} must be a positive multiple of mim_refiner.model.patch_size='
+                   f'{patch}.')
   if kind == encoder.CAPI:
     if dim % heads == 0 and (dim // heads) % 4:
       found.append(f'2-D RoPE needs a head dim (embed_dim / num_heads = {dim // heads}) '
                    'divisible by 4.')
     if get('register_coordinates') == 'edge' and get('n_registers', 0) % 4:
-      found.append("'edge' register coordinates need model.n_registers divisible by 4, got "
+      found.append("'edge' register coordinates need mim_refiner.model.n_registers divisible by "
+                   "4, got "
                    f"{get('n_registers')}.")
   return found
 
 
 def problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every invalid value of the keys MIM-Refiner reads, as sentences; [] when usable."""
-  cfg, o = config.mim_refiner, config.optim
+  cfg, t = config.mim_refiner, config.train
+  o = cfg.optim
   found = []
 
   def check(ok: bool, message: str) -> None:
@@ -63,7 +68,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         f'mim_refiner.encoder={cfg.encoder!r} must be one of {encoder.ENCODERS}.')
   if cfg.encoder in encoder.ENCODERS:
     found += _model_problems(config)
-  depth = config.model.get('encoder_depth' if cfg.encoder == encoder.CAPI else 'depth', 0)
+  depth = cfg.model.get('encoder_depth' if cfg.encoder == encoder.CAPI else 'depth', 0)
   heads = list(cfg.heads) if isinstance(cfg.heads, (list, tuple)) else []
   check(bool(heads), f'mim_refiner.heads={cfg.heads!r} must name at least one head '
         "('main' or 'cls<N>').")
@@ -88,9 +93,9 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
           f'mim_refiner.{key}={cfg[key]!r} must be a non-negative integer.')
   check(cfg.topk <= cfg.queue_size,
         f'mim_refiner.topk={cfg.topk} must not exceed mim_refiner.queue_size={cfg.queue_size}.')
-  check(cfg.queue_size >= o.global_batch_size,
-        f'mim_refiner.queue_size={cfg.queue_size} must be at least optim.global_batch_size='
-        f'{o.global_batch_size}: every step enqueues one row per sample.')
+  check(cfg.queue_size >= t.global_batch_size,
+        f'mim_refiner.queue_size={cfg.queue_size} must be at least train.global_batch_size='
+        f'{t.global_batch_size}: every step enqueues one row per sample.')
   check(0.0 <= cfg.ema <= 1.0, f'mim_refiner.ema={cfg.ema} must be in [0, 1].')
   check(0.0 < cfg.layer_decay <= 1.0,
         f'mim_refiner.layer_decay={cfg.layer_decay} must be in (0, 1] (1: no decay).')
@@ -105,18 +110,19 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       augment.MultiCrop(global_size=config.data.image_size, **dict(cfg.views))
     except (TypeError, ValueError) as e:
       found.append(f'mim_refiner.views: {e}')
-  check(o.base_lr > 0, f'optim.base_lr={o.base_lr} must be > 0.')
-  check(o.end_lr >= 0, f'optim.end_lr={o.end_lr} must be >= 0.')
-  check(0 <= o.warmup_iters < o.total_iters,
-        f'optim.warmup_iters={o.warmup_iters} must be in [0, optim.total_iters={o.total_iters}).')
+  check(o.base_lr > 0, f'mim_refiner.optim.base_lr={o.base_lr} must be > 0.')
+  check(o.end_lr >= 0, f'mim_refiner.optim.end_lr={o.end_lr} must be >= 0.')
+  check(0 <= o.warmup_iters < t.total_iters,
+        f'mim_refiner.optim.warmup_iters={o.warmup_iters} must be in [0, train.total_iters='
+        f'{t.total_iters}).')
   check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
-        f'optim.betas={tuple(o.betas)} must be two values in [0, 1).')
-  check(o.eps > 0, f'optim.eps={o.eps} must be > 0.')
+        f'mim_refiner.optim.betas={tuple(o.betas)} must be two values in [0, 1).')
+  check(o.eps > 0, f'mim_refiner.optim.eps={o.eps} must be > 0.')
   check(o.weight_decay >= 0 and o.head_weight_decay >= 0,
-        f'optim.weight_decay={o.weight_decay} and optim.head_weight_decay='
-        f'{o.head_weight_decay} must be >= 0.')
-  check(o.global_batch_size >= 2,
-        f'optim.global_batch_size={o.global_batch_size} must be >= 2: the heads\' BatchNorm '
+        f'mim_refiner.optim.weight_decay={o.weight_decay} and mim_refiner.optim.'
+        f'head_weight_decay={o.head_weight_decay} must be >= 0.')
+  check(t.global_batch_size >= 2,
+        f'train.global_batch_size={t.global_batch_size} must be >= 2: the heads\' BatchNorm '
         'normalises over the batch.')
   check(config.efficiency.remat_policy in layers.REMAT_POLICIES,
         f'efficiency.remat_policy={config.efficiency.remat_policy!r} must be one of '

@@ -1,11 +1,11 @@
 """The encoder MIM-Refiner refines: any capi_jax backbone with the per-block `encode` API.
 
-`config.mim_refiner.encoder` names the backbone that `config.model` describes:
-  'capi'                 CAPI's EncoderDecoder (`config.model` as in configs/vitl.py). Its
+`config.mim_refiner.encoder` names the backbone that `config.mim_refiner.model` describes:
+  'capi'                 CAPI's EncoderDecoder (the model section of configs/vitl.py). Its
                          prefix tokens are the registers. Its predictor (decoder, mask token) and
                          RoPE frequencies (lr 0 in the CAPI release) stay in the tree, so the tree
                          is a CAPI backbone's, but they are frozen (never trained).
-  a `vit.FAMILIES` name  `vit.ViT` with that family's fields (`config.model` holds ViT fields);
+  a `vit.FAMILIES` name  `vit.ViT` with that family's fields (the model section holds ViT fields);
                          one class token. Fixed sin-cos position tables are frozen.
 Heads read either the final output (head 'main': `Encoded.tokens`, normed where the backbone
 has a final norm) or the raw residual stream after block N (head 'cls<N>', 0-indexed), as the
@@ -65,9 +65,11 @@ def head_block(name: str) -> int | None:
 
 
 def build(config: ml_collections.ConfigDict) -> nn.Module:
-  """The backbone `config.mim_refiner.encoder` names, from `config.model` and `efficiency`."""
-  model = (encoder_decoder.from_config(config) if config.mim_refiner.encoder == CAPI
-           else vit.from_config(config))
+  """The backbone `config.mim_refiner.encoder` names, from `config.mim_refiner.model` and
+  `config.efficiency`."""
+  cfg = config.mim_refiner
+  model = (encoder_decoder.from_config(cfg.model, config.efficiency) if cfg.encoder == CAPI
+           else vit.from_config(cfg.model, config.efficiency))
   if not model.scan_layers:
     return model
   per_block = nn.map_variables(

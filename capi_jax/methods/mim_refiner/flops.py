@@ -37,13 +37,13 @@ def train_step_flops(config: ml_collections.ConfigDict, model: nn.Module,
   """FLOPs of one step by part ('encoder', 'heads', 'queue', 'loss') and their 'total'.
 
   Args:
-    config: the run config (`mim_refiner`, `optim.global_batch_size`).
+    config: the run config (`mim_refiner`, `train.global_batch_size`).
     model: the encoder.
     views: the training views.
     blocks: the blocks the heads read.
   """
   cfg = config.mim_refiner
-  b = config.optim.global_batch_size
+  b = config.train.global_batch_size
   n_global, n_local = views.n_global, views.n_local
   depth = encoder_lib.depth(model)
   trained_blocks = depth if encoder_lib.MAIN_HEAD in cfg.heads else max(blocks, default=-1) + 1

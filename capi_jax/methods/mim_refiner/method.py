@@ -177,19 +177,20 @@ class MimRefiner(interface.Method):
                               'use the same mim_refiner.heads, head sizes and queue_size')
     else:
       encoder = _checked(current, pretrained.backbone, 'The pretrained backbone',
-                         'set config.model (and mim_refiner.encoder) to its architecture')
+                         'set mim_refiner.model (and mim_refiner.encoder) to its architecture')
     return self._variables(encoder, head_params, head_buffers)
 
   # ------------------------------------------------------------------ optimisation
   def _lr_fn(self) -> schedules.ScheduleFn:
-    o = self.config.optim
-    return schedules.wupcos_fn(optim.scaled_lr(o.base_lr, o.global_batch_size),
-                               warmup_updates=o.warmup_iters, total_updates=o.total_iters,
+    o, t = self.config.mim_refiner.optim, self.config.train
+    return schedules.wupcos_fn(optim.scaled_lr(o.base_lr, t.global_batch_size),
+                               warmup_updates=o.warmup_iters, total_updates=t.total_iters,
                                end_value=o.end_lr)
 
   def encoder_groups(self, encoder_params: PyTree) -> PyTree:
     """A `Group` per encoder parameter: layer-wise lr decay, weight decay, freezer."""
-    cfg, o = self.config.mim_refiner, self.config.optim
+    cfg = self.config.mim_refiner
+    o = cfg.optim
 
     def rule(path: str, ndim: int) -> core_optim.Group:
       if encoder_lib.frozen(path, self.encoder):
@@ -203,8 +204,9 @@ class MimRefiner(interface.Method):
 
   def param_groups(self, params: PyTree) -> PyTree:
     """A `Group` per trained parameter (heads: the release's generic rule)."""
+    decay = self.config.mim_refiner.optim.head_weight_decay
     head_rule = lambda path, ndim: optim.head_group(
-        heads_lib.official_name(path), ndim, weight_decay=self.config.optim.head_weight_decay)
+        heads_lib.official_name(path), ndim, weight_decay=decay)
     groups = {'heads': {h: core_optim.group_tree(p, head_rule)
                         for h, p in params['heads'].items()}}
     if 'encoder' in params:
@@ -212,7 +214,7 @@ class MimRefiner(interface.Method):
     return groups
 
   def optimizer(self, params: PyTree) -> optax.GradientTransformation:
-    o = self.config.optim
+    o = self.config.mim_refiner.optim
     return optim.optimizer(self.param_groups(params), self._lr_fn(), betas=tuple(o.betas),
                            eps=o.eps)
 
@@ -312,7 +314,7 @@ class MimRefiner(interface.Method):
   # ------------------------------------------------------------------ bookkeeping
   def architecture(self):
     cfg = self.config.mim_refiner
-    model = self.config.model.to_dict()
+    model = cfg.model.to_dict()
     # Stochastic depth changes no parameter.
     for key in ('drop_path_rate', 'drop_path_groups'):
       model.pop(key, None)
