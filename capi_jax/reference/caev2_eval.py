@@ -35,9 +35,10 @@ EXACT = 0.0
 class Context:
   """The fixture's arrays and meta."""
 
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
+  def __init__(self, arrays: Mapping[str, np.ndarray], scan_layers: bool = False):
     self.arrays = arrays
     self.meta = json.loads(str(arrays['meta_json']))
+    self.scan_layers = scan_layers
 
   def group(self, prefix: str) -> dict[str, np.ndarray]:
     return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
@@ -56,7 +57,8 @@ class Context:
     model = vit.ViT(**vit.FAMILIES['caev2'], patch_size=patch,
                     image_size=int(round(n_patches ** 0.5)) * patch, embed_dim=dim, depth=depth,
                     num_heads=self.meta['config']['heads'],
-                    mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim)
+                    mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
+                    scan_layers=self.scan_layers)
     params = vit_weights.official_to_params(sd, model, 'caev2')
     return model, jax.tree.map(jnp.asarray, params)
 

@@ -44,7 +44,8 @@ _METRICS = ('acc', 'nmi', 'ami', 'ari')
 class Context:
   """The fixture's arrays and meta."""
 
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
+  def __init__(self, arrays: Mapping[str, np.ndarray], scan_layers: bool = False):
+    del scan_layers  # The protocols run on given features: no block stack.
     self.arrays = arrays
     self.meta = json.loads(str(arrays['meta_json']))
     self.mesh = harness.one_device_mesh()
