@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from capi_jax.models import vit
 from configs import common
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -38,7 +39,6 @@ def block_heads(first: int, last: int) -> tuple[str, ...]:
 def vit_model(family: str, *, patch_size: int, embed_dim: int, depth: int,
               num_heads: int) -> ml_collections.ConfigDict:
   """A `vit.ViT` model section of `family` at 224 (MIM-Refiner's encoders: MLP ratio 4)."""
-  from capi_jax.models import vit  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dict(
       **vit.FAMILIES[family], patch_size=patch_size, image_size=224, embed_dim=embed_dim,
       depth=depth, num_heads=num_heads, mlp_ratio=4.0, drop_path_rate=0.0))
