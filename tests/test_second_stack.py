@@ -1,7 +1,8 @@
 """Every parity fixture on the GPU machines' stack too (Python 3.12, jax 0.11.x, flax 0.12.12).
 
 `.ci/run` builds that stack in `.venv312` (`VENV=.venv312 PYTHON=python3.12 PINS=...
-bash launch/setup_env.sh`); this suite runs `check_reference` with it on every fixture, so a
+bash launch/setup_env.sh`); this suite runs `check_reference` with it on every fixture (the methods' looped and
+scanned), so a
 change of the XLA:CPU code generation between jaxlib releases that moves a result out of
 tolerance fails here. Without `.venv312` (a developer machine) the tests skip, saying how to
 build it.
@@ -35,9 +36,17 @@ def test_the_second_stack_is_the_gpu_machines(python312):
   assert out.startswith('(3, 12) 0.11.'), out
 
 
-@pytest.mark.parametrize('fixture', FIXTURES, ids=[f.name for f in FIXTURES])
-def test_fixture_passes_on_the_second_stack(python312, fixture):
-  proc = subprocess.run([python312, '-m', 'capi_jax.check_reference', str(fixture)], cwd=REPO,
+# The methods' suites build block stacks: run them looped and scanned.
+_STACKS = ('capi_reference', 'mim_refiner_reference', 'caev2_reference')
+CASES = [(f, scan) for f in FIXTURES
+         for scan in ((False, True) if f.parent.name in _STACKS else (False,))]
+
+
+@pytest.mark.parametrize('fixture,scan_layers', CASES,
+                         ids=[f.name + ('-scan' if s else '') for f, s in CASES])
+def test_fixture_passes_on_the_second_stack(python312, fixture, scan_layers):
+  args = [python312, '-m', 'capi_jax.check_reference', str(fixture)]
+  proc = subprocess.run(args + ['--scan_layers'] * scan_layers, cwd=REPO,
                         capture_output=True, text=True, env={'JAX_PLATFORMS': 'cpu', 'PATH': ''})
   assert proc.returncode == 0 and proc.stdout.rstrip().endswith('PASS'), (
       proc.stdout[-3000:] + proc.stderr[-2000:])
