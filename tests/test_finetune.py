@@ -2,17 +2,27 @@
 RandAugment, RandomErasing. The parity with CAE v2's release is the `caev2_eval` fixture's
 (tests/test_method_evals.py)."""
 
+import importlib
+import json
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
 from capi_jax.base import optim
 from capi_jax.data import augment
+from capi_jax.engine import config_checks
+from capi_jax.engine import train
+from capi_jax.methods.finetune import method as ft_method
 from capi_jax.methods.finetune import mixing
 from capi_jax.methods.finetune import model as ft_model
 from capi_jax.models import vit
+from capi_jax.weights import files
+from capi_jax.weights import vit as vit_weights
+from configs.caev2 import finetune_fashion_mnist
 
 TINY = dict(vit.FAMILIES['caev2'], patch_size=4, image_size=8, embed_dim=16, depth=2,
             num_heads=2)
@@ -106,3 +116,58 @@ def test_rand_augment_and_erasing():
     assert 0 <= top <= 10 - h and 0 <= left <= 10 - w and h < 10 and w < 10
   out = augment.random_erasing(x, np.random.default_rng(2), prob=1.0)
   assert out.shape == x.shape and np.any(out != 0)
+
+
+def _folder(root, split: str, per_class: int) -> None:
+  rng = np.random.default_rng(len(split))
+  for label in range(3):
+    (root / split / f'c{label}').mkdir(parents=True)
+    for k in range(per_class):
+      pixels = np.full((30, 32, 3), 60 * label, np.uint8) + rng.integers(0, 40, (30, 32, 3),
+                                                                          np.uint8)
+      Image.fromarray(pixels).save(root / split / f'c{label}' / f'{k}.png')
+
+
+def test_finetune_run_starts_from_an_official_file_resumes_and_scores_every_image(tmp_path):
+  _folder(tmp_path / 'data', 'train', 4)
+  _folder(tmp_path / "data", "test", 3)  # 9 test images: the second batch of 8 is padded.
+  config = finetune_fashion_mnist.get_config()
+  config.data.dataset = f'folder:{tmp_path / "data"}'
+  config.train.global_batch_size, config.evals.batch_size = 8, 8  # The tests see 8 devices.
+  config.train.checkpointing.period, config.train.log_loss_every = 2, 1
+  config.finetune.num_classes, config.finetune.optim.warmup_iters = 3, 1
+  config.finetune.model.depth, config.finetune.model.embed_dim = 2, 24
+  config.finetune.model.drop_path_rate = 0.1
+  config.evals.finetune_top1.test = ml_collections.ConfigDict(dict(
+      dataset=f'folder:{tmp_path / "data"}', split='test'))
+  config.evals.finetune_top1.period = 0  # At the end only.
+  # A CAE v2 pretraining file: the encoder under `encoder.*`, official names.
+  config.init.checkpoint = 'set below'
+  vit = ft_method.Finetune(config)._pretraining_vit()
+  pre = vit.init(jax.random.key(1), jnp.zeros((1, 28, 28, 3)))['params']
+  files.write_state_dict({f'encoder.{k}': np.asarray(v) for k, v in
+                          vit_weights.params_to_official(pre, 'caev2').items()},
+                         tmp_path / 'init.npz')
+  config.init.checkpoint = str(tmp_path / 'init.npz')
+  config.train.total_iters, config.evals.final = 2, False
+  train.train_and_evaluate(config, tmp_path / 'run')
+  config.train.total_iters, config.evals.final = 4, True  # Resumes from step 2.
+  train.train_and_evaluate(config, tmp_path / 'run')
+  steps = [json.loads(l)['step'] for l in (tmp_path / 'run' / 'metrics.jsonl').read_text()
+           .splitlines()]
+  assert steps == [0, 1, 2, 3]
+  result = json.loads((tmp_path / 'run' / 'eval' / '4' / 'results.json').read_text())
+  top1 = result['protocols']['finetune_top1']
+  assert top1['details']['images'] == 9 and 0 <= top1['results']['top1'] <= 1
+
+
+@pytest.mark.parametrize('name', ['finetune_base', 'finetune_large', 'finetune_fashion_mnist'])
+def test_shipped_finetune_configs_are_valid(name):
+  config = importlib.import_module(f'configs.caev2.{name}').get_config()
+  assert any('init.checkpoint is empty' in p
+             for p in config_checks.problems(config, device_count=8))
+  config.init.checkpoint = '/runs/caev2_base'
+  assert config_checks.problems(config, device_count=8) == []
+  config.finetune.optim.layer_decay, config.finetune.model.final_norm = 1.5, True
+  found = ' '.join(config_checks.problems(config, device_count=8))
+  assert 'finetune.optim.layer_decay=1.5' in found and 'final_norm must be False' in found

@@ -101,3 +101,32 @@ def mix(images: Array, labels: Array, p: MixParams, num_classes: int, smoothing:
   one_hot = smooth_one_hot(labels, num_classes, smoothing)
   targets = one_hot * lam + one_hot[::-1] * (1 - lam)
   return mixed.astype(images.dtype), targets
+
+
+def draw_device(key: jax.Array, height: int, width: int, *, mixup_alpha: float,
+                cutmix_alpha: float, prob: float = 1.0, switch_prob: float = 0.5) -> MixParams:
+  """`draw` traced, from a JAX key (the training step's): the same distributions and box rule.
+
+  Static choices (which alphas are on) stay Python; lam, the switch and the box are arrays.
+  """
+  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+    raise ValueError('Mixup needs mixup_alpha > 0 or cutmix_alpha > 0.')
+  k_apply, k_switch, k_mix, k_cut, k_y, k_x = jax.random.split(key, 6)
+  if mixup_alpha > 0 and cutmix_alpha > 0:
+    use_cutmix = jax.random.uniform(k_switch) < switch_prob
+  else:
+    use_cutmix = jnp.asarray(cutmix_alpha > 0)
+  lam_mixup = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+  lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
+  ratio = jnp.sqrt(1.0 - jnp.asarray(lam_cut, jnp.float32))
+  cut_h = jnp.floor(height * ratio).astype(jnp.int32)
+  cut_w = jnp.floor(width * ratio).astype(jnp.int32)
+  cy = jax.random.randint(k_y, (), 0, height)
+  cx = jax.random.randint(k_x, (), 0, width)
+  box = jnp.stack([jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height),
+                   jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)])
+  area = ((box[1] - box[0]) * (box[3] - box[2])).astype(jnp.float32)
+  lam = jnp.where(use_cutmix, 1.0 - area / (height * width), lam_mixup)
+  applied = jax.random.uniform(k_apply) < prob
+  return MixParams(jnp.where(applied, lam, 1.0).astype(jnp.float32), use_cutmix & applied,
+                   jnp.where(applied & use_cutmix, box, 0).astype(jnp.int32))

@@ -21,6 +21,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from capi_jax.base import optim
 from capi_jax.models import layers
@@ -74,18 +75,25 @@ def layer_id(path: str, depth: int) -> int:
   return depth + 1
 
 
-def group_rule(depth: int, layer_decay: float):
+def group_rule(depth: int, layer_decay: float, frozen: tuple[str, ...] = ('pos_embed',)):
   """(path, ndim) -> `optim.Group` of the recipe: layer-decayed lr, decay only for >= 2-D weights.
 
-  A frozen table (a sin-cos `pos_embed`) is frozen here too.
+  `frozen`: the backbone's never-trained top-level parameters (`ViT.frozen_params`). Scanned
+  blocks ('backbone/blocks/...', leaves (depth, ...)) get a (depth, 1, ...) lr multiplier, one
+  per block.
   """
 
   def rule(path: str, ndim: int) -> optim.Group:
-    name = path.split('/')[-1]
-    no_decay = ndim <= 1 or name == 'bias' or name in NO_DECAY_NAMES
-    frozen = path == 'backbone/pos_embed'
-    return optim.Group(lr_mult=layer_decay ** (depth + 1 - layer_id(path, depth)),
-                       wd_mult=0.0 if no_decay else 1.0, frozen=frozen)
+    parts = path.split('/')
+    scanned = parts[:2] == ['backbone', 'blocks']
+    no_decay = (ndim - scanned <= 1 or parts[-1] == 'bias' or parts[-1] in NO_DECAY_NAMES)
+    is_frozen = parts[0] == 'backbone' and parts[1] in frozen
+    if scanned:
+      ids = np.arange(1, depth + 1)
+      lr_mult = (layer_decay ** (depth + 1 - ids)).reshape((depth,) + (1,) * (ndim - 1))
+    else:
+      lr_mult = layer_decay ** (depth + 1 - layer_id(path, depth))
+    return optim.Group(lr_mult=lr_mult, wd_mult=0.0 if no_decay else 1.0, frozen=is_frozen)
 
   return rule
 
