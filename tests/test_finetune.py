@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 import pytest
 
 from capi_jax.base import optim
@@ -101,8 +102,12 @@ def test_rand_augment_and_erasing():
   assert augment.level_args('rotate', 5.0, negate=True) == (-15.0,)
   assert augment.level_args('contrast', 10.0, negate=True) == pytest.approx((0.1,))
   for op in augment.INCREASING_OPS:
-    out = augment.rand_augment(image, [augment.OpDraw(op, True, 9.0, True)])
-    assert out.size == image.size and out.mode == 'RGB'
+    for magnitude in (0.0, 9.0, 10.0):
+      out = augment.rand_augment(image, [augment.OpDraw(op, True, magnitude, True)])
+      assert out.size == image.size and out.mode == 'RGB'
+  np.testing.assert_array_equal(augment.apply_op(image, 'posterize', (2,)),
+                                ImageOps.posterize(image, 2))
+  assert not np.any(augment.apply_op(image, 'posterize', (0,)))
   rng = np.random.default_rng(1)
   draws = [augment.draw_ops(rng) for _ in range(50)]
   assert all(len(d) == 2 for d in draws)

@@ -85,7 +85,13 @@ def apply_op(image: Image.Image, op: str, args: tuple[float, ...],
   if op == 'rotate':
     return image.rotate(args[0], **geometric)
   if op == 'posterize':
-    return image if args[0] >= 8 else ImageOps.posterize(image, int(args[0]))
+    # PIL's posterize lookup table; written out because PIL >= 10 refuses 0 bits (magnitude
+    # 10 of the increasing variant), which older PIL turned into a black image.
+    bits = int(args[0])
+    if bits >= 8:
+      return image
+    mask = ~(2 ** (8 - bits) - 1)
+    return image.point([i & mask for i in range(256)] * len(image.getbands()))
   if op == 'solarize':
     return ImageOps.solarize(image, args[0])
   if op == 'solarize_add':
