@@ -73,6 +73,11 @@ def test_layer_decay_groups():
   assert by_path['backbone/blocks_1/gamma_1'] == optim.Group(0.5, 0.0)
   assert by_path['fc_norm/scale'] == optim.Group(1.0, 0.0)
   assert by_path['head/kernel'] == optim.Group(1.0, 1.0)
+  # Scanned blocks (depth, ...): one multiplier per block; decay decided per block.
+  rule = ft_model.group_rule(2, 0.5)
+  stacked = rule('backbone/blocks/attn/qkv/kernel', 3)
+  np.testing.assert_array_equal(stacked.lr_mult, np.reshape([0.25, 0.5], (2, 1, 1)))
+  assert stacked.wd_mult == 1.0 and rule('backbone/blocks/norm1/scale', 2).wd_mult == 0.0
 
 
 def test_mixup_and_cutmix():

@@ -32,6 +32,7 @@ from capi_jax.methods.finetune import mixing
 from capi_jax.methods.finetune import model as ft_model
 from capi_jax.methods.finetune import steps as ft_steps
 from capi_jax.models import layers
+from capi_jax.models import stack
 from capi_jax.models import vit
 from capi_jax.reference import harness
 from capi_jax.reference.harness import compare, Result
@@ -68,7 +69,9 @@ class Context:
   @functools.cached_property
   def ft_classifier(self) -> tuple[ft_model.Classifier, Any]:
     """The release's fine-tuning model (mean pooling, fc_norm, relative position bias) at the
-    fixture's sizes, as a `Classifier` with the fixture's initial weights."""
+    fixture's sizes, as a `Classifier` with the fixture's initial weights. Its blocks are
+    looped: the release's drop-path masks are replayed call by call (with `scan_layers`, the
+    final weights are also run scanned on the validation images)."""
     sd = self.group('ft/params/')
     backbone_sd = {k: v for k, v in sd.items() if not k.startswith(('fc_norm.', 'head.'))
                    and not k.endswith('relative_position_index')}
@@ -79,8 +82,7 @@ class Context:
                        image_size=int(round(n_patches ** 0.5)) * patch, embed_dim=dim,
                        depth=depth, num_heads=self.meta['config']['heads'],
                        mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
-                       drop_path_rate=self.ft_args['drop_path'], rel_pos_bias=True,
-                       scan_layers=self.scan_layers)
+                       drop_path_rate=self.ft_args['drop_path'], rel_pos_bias=True)
     model = ft_model.Classifier(backbone, num_classes=sd['head.weight'].shape[0],
                                 init_scale=self.ft_args['init_scale'])
     params = {'backbone': vit_weights.official_to_params(backbone_sd, backbone, 'caev2'),
@@ -420,12 +422,16 @@ def _ft_run(ctx: Context) -> list[Result]:
     out.append(compare(f'ft/{run}/loss', losses, ctx.arrays[f'ft/{run}/loss'], LOSS_TOL))
     out.append(compare(f'ft/{run}/grad_norm', norms, ctx.arrays[f'ft/{run}/grad_norm'], LOSS_TOL))
     out.append(_ft_compare_params(ctx, f'ft/{run}/final/', params))
-    logits = model.apply({'params': params},
-                         jnp.asarray(ctx.arrays['ft/val_inputs'].transpose(0, 2, 3, 1)))
+    val_images = jnp.asarray(ctx.arrays['ft/val_inputs'].transpose(0, 2, 3, 1))
+    logits = model.apply({'params': params}, val_images)
     ref = ctx.arrays[f'ft/{run}/val_logits']
     out.append(compare(f'ft/{run}/val_logits', logits, ref, LOGITS_TOL))
     out.append(compare(f'ft/{run}/val predictions', np.argmax(np.asarray(logits), -1),
                        np.argmax(ref, -1), EXACT, absolute=True))
+    if ctx.scan_layers:
+      scanned = model.clone(backbone=model.backbone.clone(scan_layers=True))
+      logits = scanned.apply({'params': stack.to_scan_layout(params)}, val_images)
+      out.append(compare(f'ft/{run}/val_logits (scanned blocks)', logits, ref, LOGITS_TOL))
   return out
 
 
