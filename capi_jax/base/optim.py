@@ -36,7 +36,9 @@ class Group:
   """One parameter's optimiser settings (torch's parameter group, per leaf).
 
   lr = lr_fn(step) x lr_mult; decoupled weight decay = `adamw`'s weight_decay x wd_mult;
-  frozen: never trained (no update, no optimiser state, copied by `ema_update`).
+  frozen: never trained (no update, no optimiser state, copied by `ema_update`). lr_mult may be
+  an array broadcasting against the parameter: one multiplier per layer of a scanned stack
+  (fine-tuning's layer decay).
   """
   lr_mult: float = 1.0
   wd_mult: float = 1.0

@@ -13,6 +13,8 @@ MIM-Refiner's, as ml-jku/MIM-Refiner runs them (`docs/reference/mim_refiner_eval
                     (mimref_probe.py)
 CAE v2's, as Atten4Vis/CAE runs it (`docs/reference/caev2_eval_protocols.md`):
   'caev2_linear'    BatchNorm + Linear on the class token, LARS (caev2_linear.py)
+  'finetune_top1'   top-1 / top-5 of a fine-tuned classifier's logits (`config.method =
+                    'finetune'`; the fine-tuning itself is a method: methods/finetune) (top1.py)
 capi_jax's extras, named as such wherever their numbers appear:
   'knn'             weighted k-NN classification (and on raw pixels) (extras.py)
   'mimref_cluster'  k-means on block features: accuracy, NMI, AMI, ARI (mimref.py; the MIM-Refiner
@@ -45,6 +47,7 @@ _BUILT_IN = {
     'mimref_probe': 'capi_jax.evaluators.mimref_probe:Probe',
     'mimref_cluster': 'capi_jax.evaluators.mimref:Cluster',
     'caev2_linear': 'capi_jax.evaluators.caev2_linear:Linear',
+    'finetune_top1': 'capi_jax.evaluators.top1:Top1',
 }
 _REGISTERED: dict[str, type[protocol.Protocol]] = {}
 # The keys of `config.evals` besides the protocols' sections (read by the evaluation runner).

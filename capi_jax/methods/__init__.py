@@ -17,6 +17,7 @@ _BUILT_IN = {
     'capi': 'capi_jax.methods.capi.method:Capi',
     'caev2': 'capi_jax.methods.caev2.method:CaeV2',
     'mim_refiner': 'capi_jax.methods.mim_refiner.method:MimRefiner',
+    'finetune': 'capi_jax.methods.finetune.method:Finetune',
 }
 _REGISTERED: dict[str, type[interface.Method]] = {}
 

@@ -175,7 +175,8 @@ _ATTENTION_SPECS = {
 }
 
 
-def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major') -> Array:
+def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major',
+              bias: Array | None = None) -> Array:
   """Softmax attention with logits and softmax in float32.
 
   Args:
@@ -184,6 +185,8 @@ def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major') -> Arra
     v: (batch, heads, n_k, head_dim); likewise.
     layout: 'heads_major' suits callers that work per head (CAPI's RoPE); 'tokens_major' takes
       a fused qkv projection as reshaped, with no transposes (the standard ViT).
+    bias: None, or (heads, n_q, n_k) added to the scaled logits (BEiT's relative position
+      bias, `vit.ViT(rel_pos_bias=True)`).
 
   Returns:
     (batch, heads, n_q, head_dim) in v's dtype; (batch, n_q, heads, head_dim) if tokens_major.
@@ -191,6 +194,8 @@ def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major') -> Arra
   logits_spec, out_spec = _ATTENTION_SPECS[layout]
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum(logits_spec, q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   return jnp.einsum(out_spec, probs.astype(v.dtype), v)
 
@@ -281,7 +286,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array | None = None, context: Array | None = None,
-               context_positions: Array | None = None, value: Array | None = None) -> Array:
+               context_positions: Array | None = None, value: Array | None = None,
+               bias: Array | None = None) -> Array:
     """Attention of x's tokens on the context's (on x's own without a context).
 
     Args:
@@ -291,6 +297,7 @@ class Attention(nn.Module):
         None: self-attention.
       context_positions: (batch or 1, n_k, P) positions of the context's tokens.
       value: (batch, n_k, dim) the value input where it differs from the key input.
+      bias: None, or (heads, n_q, n_k) added to the attention logits (`attention`).
 
     Returns:
       (batch, n_q, dim).
@@ -334,7 +341,7 @@ class Attention(nn.Module):
         k = rotate_k(heads(self._dense(k_name, kv_in, inner, full)))
         v = heads(add(self._dense(v_name, v_in, inner, full), v_bias))
         layout = 'heads_major'
-    out = checkpoint_name(attention(q, k, v, layout=layout), ATTENTION_OUT)
+    out = checkpoint_name(attention(q, k, v, layout=layout, bias=bias), ATTENTION_OUT)
     if layout == 'heads_major':
       out = out.transpose(0, 2, 1, 3)
     return self._dense('proj', out.reshape(b, n_q, inner), dim, self.out_bias)

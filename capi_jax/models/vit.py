@@ -63,7 +63,8 @@ Parameter tree (official names per family: `vit_weights.py`):
   blocks_{i}/{norm1, norm2}/{scale, bias} (D,), blocks_{i}/attn/qkv/{kernel (D, 3D), bias (3D,)}
   (or blocks_{i}/attn/{q_bias, v_bias} (D,)), blocks_{i}/attn/proj/{kernel (D, D), bias (D,)},
   blocks_{i}/mlp/fc1/{kernel (D, rD), bias}, blocks_{i}/mlp/fc2/{kernel (rD, D), bias},
-  blocks_{i}/{gamma_1, gamma_2} (D,).
+  blocks_{i}/{gamma_1, gamma_2} (D,), blocks_{i}/relative_position_bias_table
+  ((2g-1)^2+3, heads) with `rel_pos_bias` (g = image_size // patch_size).
 Initialisation follows CAE v2, the one family here trained from scratch: linears
 xavier-uniform (qkv as one (D, 3D) matrix) with zero biases, LayerNorms (1, 0), patch kernel and
 class token truncated normal std 0.02 cut at +-0.02, layer scale at `layer_scale_init`.
@@ -199,13 +200,35 @@ def resize_pos_table(table: Array, size: tuple[int, int], method: str) -> Array:
                     precision=jax.lax.Precision.HIGHEST)
 
 
+def relative_position_index(grid_h: int, grid_w: int) -> np.ndarray:
+  """BEiT's `relative_position_index`, (1+N, 1+N) int32 over [class, patches row-major].
+
+  Patch pairs index the (2h-1)(2w-1) offsets, (dr + h - 1) (2w - 1) + dc + w - 1 with
+  (dr, dc) = query (row, col) - key (row, col); the last three rows of the table serve class ->
+  patch (-3), patch -> class (-2) and class -> class (-1).
+  """
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
+  rows, cols = rows.reshape(-1), cols.reshape(-1)
+  dr = rows[:, None] - rows[None, :] + grid_h - 1
+  dc = cols[:, None] - cols[None, :] + grid_w - 1
+  n_rel = (2 * grid_h - 1) * (2 * grid_w - 1) + 3
+  index = np.empty((grid_h * grid_w + 1,) * 2, np.int32)
+  index[1:, 1:] = dr * (2 * grid_w - 1) + dc
+  index[0, :] = n_rel - 3
+  index[:, 0] = n_rel - 2
+  index[0, 0] = n_rel - 1
+  return index
+
+
 # ---------------------------------------------------------------------------- layers
 class Block(nn.Module):
   """Transformer block: pre-norm `x + f(norm(x))` or post-norm `norm(x + f(x))`.
 
   Branches are scaled by `gamma_1` / `gamma_2` when `layer_scale_init` > 0 and dropped per
   sample with probability `drop_path_rate` in training (timm's DropPath: kept samples are
-  scaled by 1 / keep; needs the 'drop_path' rng).
+  scaled by 1 / keep; needs the 'drop_path' rng). With `rel_pos_grid` (h, w) the block owns
+  BEiT's `relative_position_bias_table` ((2h-1)(2w-1)+3, heads), added to the attention logits
+  of [class, h*w patches] through `relative_position_index`.
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -216,8 +239,19 @@ class Block(nn.Module):
   postnorm: bool = False
   drop_path_rate: float = 0.0
   deterministic: bool = True
+  rel_pos_grid: tuple[int, int] | None = None
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+
+  def _rel_pos_bias(self) -> Array | None:
+    """BEiT's relative position bias (heads, 1+N, 1+N) from this block's table, or None."""
+    if self.rel_pos_grid is None:
+      return None
+    index = relative_position_index(*self.rel_pos_grid)
+    # Zero-initialised (the release's `trunc_normal_` is commented out), weight-decayed.
+    table = self.param('relative_position_bias_table', nn.initializers.zeros,
+                       (int(index.max()) + 1, self.num_heads), self.param_dtype)
+    return jnp.take(table, index, axis=0).transpose(2, 0, 1)
 
   def _branch_out(self, y: Array, gamma_name: str) -> Array:
     """Layer scale then drop path on a branch output (batch, n, dim)."""
@@ -236,6 +270,9 @@ class Block(nn.Module):
     mlp = layers.Mlp(self.mlp_ratio, use_bias=True, activation=ACTIVATIONS[self.activation],
                      dtype=self.dtype, param_dtype=self.param_dtype, name='mlp')
     norm1, norm2 = norm(name='norm1'), norm(name='norm2')
+    bias = self._rel_pos_bias()
+    if bias is not None:
+      attn = functools.partial(attn, bias=bias)
     if self.postnorm:
       x = norm1(x + self._branch_out(attn(x), 'gamma_1'))
       return norm2(x + self._branch_out(mlp(x), 'gamma_2'))
@@ -251,6 +288,9 @@ class ViT(nn.Module):
   resolution the position table covers; other sizes resize it (`pos_resize`). `dtype` is the
   compute dtype (softmax and LayerNorm statistics stay float32), `param_dtype` the parameters'.
   Stochastic depth grows linearly over the blocks from 0 to `drop_path_rate` (all five releases).
+  `rel_pos_bias`: every block gets BEiT's relative position bias over the native grid (the
+  fine-tuning recipe of CAE v2 / BEiT; zero-initialised, so a pretrained encoder computes the
+  same function until it trains); inputs must then be at `image_size` with every patch.
   """
   patch_size: int = 16
   image_size: int = 224
@@ -271,6 +311,7 @@ class ViT(nn.Module):
   final_norm: bool = True
   out_dim: int = 0
   drop_path_rate: float = 0.0
+  rel_pos_bias: bool = False
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   remat_policy: str = 'none'
@@ -335,6 +376,11 @@ class ViT(nn.Module):
     if bad:
       raise ValueError(f'blocks {bad} out of range: this ViT has blocks 0..{self.depth - 1}.')
     grid_h, grid_w = self._patch_grid(images)
+    if self.rel_pos_bias and ((grid_h, grid_w) != (self.grid, self.grid)
+                              or visible_indices is not None):
+      raise ValueError(f'rel_pos_bias covers the full {self.grid}x{self.grid} patch grid; got a '
+                       f'{grid_h}x{grid_w} grid' + (' with visible_indices' if visible_indices
+                                                    is not None else '') + '.')
     b, dim = images.shape[0], self.embed_dim
     norm = functools.partial(layers.layer_norm, self.norm_eps, self.dtype, self.param_dtype)
 
@@ -364,6 +410,8 @@ class ViT(nn.Module):
                   layer_scale_init=self.layer_scale_init, activation=self.activation,
                   norm_eps=self.norm_eps, postnorm=self.block == 'postnorm',
                   deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.rel_pos_bias:
+      fields['rel_pos_grid'] = (self.grid, self.grid)
     rates = [float(r) for r in layers.torch_linspace(0, self.drop_path_rate, self.depth)]
     x, outputs = stack.block_stack(Block, fields, x, depth=self.depth,
                                    remat_policy=self.remat_policy,

@@ -13,6 +13,9 @@ to its official names (`official_name`):
                            `pos_embed` (1, 1+N, D), `blocks.{i}...` as above, `norm.*`;
   caev2                    as mae with `blocks.{i}.attn.{q_bias, v_bias}` (no qkv bias tensor)
                            and `blocks.{i}.gamma_{1,2}` (CAE v2 names them under `encoder.`);
+                           mae and caev2: `blocks.{i}.attn.relative_position_bias_table` with
+                           `rel_pos_bias` (BEiT / CAE v2 fine-tuning; the
+                           `relative_position_index` buffer is not a parameter: drop it);
   clip                     OpenAI CLIP's visual tower (under `visual.`): `conv1.weight`,
                            `class_embedding` (W,), `positional_embedding` (1+N, W), `ln_pre`,
                            `transformer.resblocks.{i}.{ln_1, attn.in_proj_weight,
@@ -47,7 +50,10 @@ Params = Any
 # (pattern, replacement) on canonical names, applied in order; families are vit.FAMILIES' keys.
 _KAPPAMODULES_NAMES = ((r'^patch_embed\.', 'patch_embed.proj.'),
                        (r'^cls_token$', 'cls_tokens.tokens'), (r'^pos_embed$', 'pos_embed.embed'))
-_TIMM_NAMES = ((r'^patch_embed\.', 'patch_embed.proj.'),)
+# BEiT's relative position table sits in the attention module there, in the block here.
+_TIMM_NAMES = ((r'^patch_embed\.', 'patch_embed.proj.'),
+               (r'^(blocks\.\d+)\.relative_position_bias_table$',
+                r'\1.attn.relative_position_bias_table'))
 _NAMES: dict[str, tuple[tuple[str, str], ...]] = {
     'kappamodules': _KAPPAMODULES_NAMES,
     'data2vec2': _KAPPAMODULES_NAMES,
