@@ -4,15 +4,21 @@ README's Python section)."""
 
 import importlib.util
 import pathlib
+import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+import capi_jax
+from capi_jax import api
+from capi_jax import convert
 from capi_jax import evaluate
 from capi_jax.base import sharding
 from capi_jax.engine import evaluation
+from capi_jax.engine import train
 from capi_jax.models import vit
 from capi_jax.weights import files
 from capi_jax.weights import vit as vit_weights
@@ -101,3 +107,86 @@ def test_evaluate_asks_for_a_conversion_where_the_method_cannot_read_the_file():
   config = mimref_tiny.get_config()  # Refines a CAPI encoder: its file is converted first.
   with pytest.raises(ValueError, match='convert it first'):
     evaluation.eval_method(config).official_backbone({'x': np.zeros(1)}, 'ema')
+
+
+_SMALL_TINY = '''
+from configs import tiny
+
+
+def get_config():
+  """configs/tiny.py at 28 px with a 32-wide, 1 + 1 block model, 2 steps of 16 images."""
+  c = tiny.get_config()
+  c.capi.model.update(embed_dim=32, num_heads=2, encoder_depth=1, decoder_depth=1)
+  c.capi.num_clusters = 16
+  c.data.dataset = 'synthetic'
+  c.train.update(total_iters=2, global_batch_size=16)
+  for s in (c.capi.optim.lr_schedule, c.capi.optim.momentum_schedule,
+            c.capi.clustering_optimizer.lr_schedule):
+    s.warmup_iters = 1
+  c.evals.final = False
+  return c
+'''
+
+
+def _readme_python_block() -> str:
+  readme = (pathlib.Path(__file__).resolve().parent.parent / 'README.md').read_text()
+  section = readme.split('\n## Python\n', 1)[1].split('\n## ', 1)[0]
+  return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+
+@pytest.fixture(scope='module')
+def small_run(tmp_path_factory):
+  """(config file, its config, a 2-step run of it, the run's EMA as an official file)."""
+  tmp_path = tmp_path_factory.mktemp('small_run')
+  config_file = tmp_path / 'tiny_small.py'
+  config_file.write_text(_SMALL_TINY)
+  config = api.read_config(str(config_file))
+  run = tmp_path / 'capi_tiny'
+  train.train_and_evaluate(config, run)
+  official = tmp_path / 'capi_tiny_ema.npz'
+  convert._run(config, 'official', str(run / 'checkpoints' / '2'), str(official),  # pylint: disable=protected-access
+               'student_ema')
+  return config_file, config, run, official
+
+
+def test_readme_python_section_runs(small_run):
+  """README's block, on a 2-step run of a small tiny.py and its official file (the paths
+  replaced): a run and its `convert --to=official` file give identical features."""
+  config_file, _, run, official = small_run
+  code = (_readme_python_block().replace('/tmp/capi_tiny_ema.pth', str(official))
+          .replace('/tmp/capi_tiny', str(run)).replace('configs/tiny.py', str(config_file)))
+  namespace = {}
+  exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  features = namespace['features']
+  assert features['global_repr'].shape == (8, 32)
+  assert features['registers'].shape == (8, 4, 32)
+  assert features['feature_map'].shape == (8, 7, 7, 32)
+  assert all(v.dtype == np.float32 for v in features.values())
+
+
+def test_load_inputs_weights_and_errors(small_run, tmp_path):
+  config_file, config, run, official = small_run
+  encoder = capi_jax.load(run / 'checkpoints' / '2')
+  assert encoder.module.dtype == jnp.float32  # float32 whatever the run computed in
+  pixels = np.random.default_rng(1).integers(0, 256, (3, 28, 28, 3), np.uint8)
+  as_uint8 = encoder(pixels)
+  as_float = encoder(pixels.astype(np.float32) / 255)
+  np.testing.assert_allclose(as_float['global_repr'], as_uint8['global_repr'], atol=1e-5)
+  one = encoder(pixels[0], outputs=('global_repr',))
+  assert list(one) == ['global_repr'] and one['global_repr'].shape == (32,)
+  np.testing.assert_allclose(one['global_repr'], as_uint8['global_repr'][0], atol=1e-5)
+  # Sides rounded to whole patches (29 -> 28, 27 -> 28), or resized to image_size.
+  assert encoder(np.zeros((1, 29, 27, 3), np.uint8))['feature_map'].shape == (1, 7, 7, 32)
+  resized = capi_jax.load(run, image_size=16)(pixels)
+  assert resized['feature_map'].shape == (3, 4, 4, 32)
+  # The student differs from its EMA; a convert output needs the config.
+  student = capi_jax.load(run, which='student')(pixels)
+  assert not np.array_equal(student['global_repr'], as_uint8['global_repr'])
+  files.save_params({'backbone': jax.device_get(encoder.params)}, tmp_path / 'converted')
+  with pytest.raises(capi_jax.UserError, match='pass config='):
+    capi_jax.load(tmp_path / 'converted')
+  converted = capi_jax.load(tmp_path / 'converted', config=config)(pixels)
+  np.testing.assert_array_equal(converted['feature_map'], as_uint8['feature_map'])
+  with pytest.raises(capi_jax.UserError, match='weights of a CAPI model.*pass config='):
+    capi_jax.load(official)
+  del config_file
