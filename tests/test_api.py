@@ -144,8 +144,8 @@ def small_run(tmp_path_factory):
   run = tmp_path / 'capi_tiny'
   train.train_and_evaluate(config, run)
   official = tmp_path / 'capi_tiny_ema.npz'
-  convert._run(config, 'official', str(run / 'checkpoints' / '2'), str(official),  # pylint: disable=protected-access
-               'student_ema')
+  convert._run(  # pylint: disable=protected-access
+      config, 'official', str(run / 'checkpoints' / '2'), str(official), 'student_ema')
   return config_file, config, run, official
 
 

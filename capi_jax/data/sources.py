@@ -21,6 +21,9 @@ access; a folder there costs one request per image: prepare it with `capi_jax.pr
 Problems with a dataset (missing files, an unknown name, damaged data) raise
 `DatasetNotFoundError` / `DatasetError`, user errors whose message names the fix.
 
+WebDataset tar shards: `wds:PATTERN` (brace ranges / lists, globs, `{split}`, local or gs://;
+`data/wds.py`), read at random by offset like the others.
+
 Every source has `description`, `num_classes` and `class_names` (label -> name; [] when
 unlabelled) and returns records `{'image': bytes | uint8 array, 'label': int, 'name': str}`;
 `decode(record)` turns one into `{'image': PIL RGB image, 'label': int32}` or None when the
@@ -41,6 +44,7 @@ from PIL import Image
 
 from capi_jax.base import errors
 from capi_jax.base import storage
+from capi_jax.data import wds
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +300,10 @@ def make_source(dataset: str, split: str, data_dir: str = '', image_size: int = 
     return FolderSource(arg, split)
   if kind == 'synthetic':
     return SyntheticSource(image_size)
+  if kind == 'wds' and arg:
+    return wds.WebDatasetSource(arg, split)
   raise DatasetError(f'Unknown dataset {dataset!r}. Use fashion_mnist, fashion_mnist:DIR, '
-                   'tfds:NAME, folder:PATH or synthetic.')
+                   'tfds:NAME, folder:PATH, wds:PATTERN or synthetic.')
 
 
 # Per-process decoding statistics (each Grain worker process counts its own records).
