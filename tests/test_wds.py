@@ -2,6 +2,7 @@
 guarantees on them (every image once per epoch, exact resume). Shards are made from
 Fashion-MNIST; nothing is downloaded."""
 
+import concurrent.futures
 import io
 import tarfile
 
@@ -56,6 +57,10 @@ def test_records_labels_and_patterns(shards):
     np.testing.assert_array_equal(np.asarray(record['image'])[..., 0], images[i])
     assert record['label'] == labels[i]
   assert source[10]['name'] == f'{shards}/0001.tar:00000010.png'
+  # The pipeline's reader threads read at once: each gets its own record.
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    read = list(pool.map(lambda i: source[i % N]['image'], range(8 * N)))
+  assert read == [source[i % N]['image'] for i in range(8 * N)]
   globbed = sources.make_source(f'wds:{shards}/*.tar', 'train')
   assert [globbed[i]['image'] for i in range(N)] == [source[i]['image'] for i in range(N)]
   two = sources.make_source(f'wds:{shards}/0002.tar::{shards}/{{0000,0001}}.tar', 'train')
@@ -111,6 +116,9 @@ def test_each_image_once_per_epoch_and_an_exact_resume(shards):
   iterator = pipeline.create_train_loader(config, _Keep(), seed=0)
   epoch = [next(iterator) for _ in range(N // 8)]
   assert sorted(np.concatenate([b['index'] for b in epoch])) == list(range(N))
+  images, _ = _fashion_mnist()  # Each record's pixels are its own (reader threads read at once).
+  for batch in epoch:
+    np.testing.assert_array_equal(batch['row'], images[batch['index'], 0])
   state = iterator.get_state()
   expected = [next(iterator) for _ in range(3)]
   resumed = pipeline.create_train_loader(config, _Keep(), seed=0)

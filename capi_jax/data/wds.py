@@ -24,7 +24,7 @@ import itertools
 import logging
 import re
 import tarfile
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -212,10 +212,6 @@ class WebDatasetSource:
     self.skipped_without_image = without_image
     self.description = (f'wds:{spec} split {split!r} ({len(self)} images in '
                         f'{len(self.shards)} shards)')
-    self._files: dict[int, BinaryIO] = {}
-
-  def __getstate__(self) -> dict[str, Any]:
-    return {**self.__dict__, '_files': {}}  # Open files stay with their process.
 
   def __len__(self) -> int:
     return len(self._names)
@@ -224,14 +220,12 @@ class WebDatasetSource:
     shard = int(self._owner[index])
     offset, size = (int(x) for x in self._spans[index])
     name = f'{self.shards[shard]}:{self._names[index]}'
-    try:
-      f = self._files.get(shard)
-      if f is None:
-        f = self._files[shard] = storage.path(self.shards[shard]).open('rb')
-      f.seek(offset)
-      data = f.read(size)
-    except OSError as e:  # A vanished or unreadable shard is a bad record, not a crash.
-      data = e
+    try:  # Reader threads read at once: no shared file object (its seek + read would race).
+      data = storage.read_range(self.shards[shard], offset, size)
+      if len(data) != size:
+        raise EOFError(f'{len(data)} of {size} bytes: the shard shrank since it was indexed')
+    except Exception as e:  # pylint: disable=broad-except
+      data = e  # A vanished or unreadable shard is a bad record (skipped, counted), not a crash.
     return {'image': data, 'label': int(self._labels[index]), 'name': name}
 
 
