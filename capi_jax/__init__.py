@@ -6,6 +6,11 @@ From Python: `encoder = capi_jax.load(source)` then `encoder(images)` (see `capi
 import importlib
 from typing import Any
 
+from capi_jax.base import platforms
+
+# Before jax starts (every command imports this package first): no libtpu noise without a TPU.
+platforms.quiet_libtpu_without_tpu()
+
 _API = ('load', 'Encoder', 'read_config', 'UserError')
 
 

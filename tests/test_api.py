@@ -3,8 +3,11 @@
 README's Python section)."""
 
 import importlib.util
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ import capi_jax
 from capi_jax import api
 from capi_jax import convert
 from capi_jax import evaluate
+from capi_jax.base import platforms
 from capi_jax.base import sharding
 from capi_jax.engine import evaluation
 from capi_jax.engine import train
@@ -190,3 +194,25 @@ def test_load_inputs_weights_and_errors(small_run, tmp_path):
   with pytest.raises(capi_jax.UserError, match='weights of a CAPI model.*pass config='):
     capi_jax.load(official)
   del config_file
+
+
+def test_no_libtpu_noise_without_a_tpu(monkeypatch):
+  """With libtpu installed on a host without TPU chips, a command's jax start prints nothing of
+  libtpu's (it asked the metadata server, then warned on every command); preset values win."""
+  if importlib.util.find_spec('libtpu') is None or platforms.tpu_chips_present():
+    pytest.skip('needs libtpu installed on a host without a TPU')
+  env = {k: v for k, v in os.environ.items() if k not in platforms.QUIET_TPU_ENV}
+  env.pop('JAX_PLATFORMS', None)
+  out = subprocess.run([sys.executable, '-c', 'import capi_jax, jax; print(jax.devices())'],
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and 'CpuDevice' in out.stdout, out.stderr
+  assert 'TPU' not in out.stderr, out.stderr
+  monkeypatch.setenv('TPU_HOST_BOUNDS', '2,2,1')
+  for key in ('TPU_SKIP_MDS_QUERY', 'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(key, raising=False)
+  assert platforms.quiet_libtpu_without_tpu() == {'TPU_SKIP_MDS_QUERY': '1',
+                                                  'TPU_WORKER_HOSTNAMES': 'localhost'}
+  assert os.environ['TPU_HOST_BOUNDS'] == '2,2,1'
+  monkeypatch.setenv('JAX_FORCE_TPU_INIT', '1')
+  monkeypatch.delenv('TPU_SKIP_MDS_QUERY')
+  assert platforms.quiet_libtpu_without_tpu() == {}
