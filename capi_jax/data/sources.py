@@ -22,7 +22,8 @@ Problems with a dataset (missing files, an unknown name, damaged data) raise
 `DatasetNotFoundError` / `DatasetError`, user errors whose message names the fix.
 
 WebDataset tar shards: `wds:PATTERN` (brace ranges / lists, globs, `{split}`, local or gs://;
-`data/wds.py`), read at random by offset like the others.
+`data/wds.py`), read at random by offset like the others. Hugging Face datasets: `hf:NAME_OR_PATH`
+or the official `hf://ORG/NAME?split=...&img_field=...` (`data/hf.py`, the `datasets` library).
 
 Every source has `description`, `num_classes` and `class_names` (label -> name; [] when
 unlabelled) and returns records `{'image': bytes | uint8 array, 'label': int, 'name': str}`;
@@ -44,6 +45,7 @@ from PIL import Image
 
 from capi_jax.base import errors
 from capi_jax.base import storage
+from capi_jax.data import hf
 from capi_jax.data import wds
 
 logger = logging.getLogger(__name__)
@@ -302,8 +304,10 @@ def make_source(dataset: str, split: str, data_dir: str = '', image_size: int = 
     return SyntheticSource(image_size)
   if kind == 'wds' and arg:
     return wds.WebDatasetSource(arg, split)
+  if kind == 'hf' and arg:
+    return hf.HfSource(arg, split)
   raise DatasetError(f'Unknown dataset {dataset!r}. Use fashion_mnist, fashion_mnist:DIR, '
-                   'tfds:NAME, folder:PATH, wds:PATTERN or synthetic.')
+                   'tfds:NAME, folder:PATH, wds:PATTERN, hf:NAME or synthetic.')
 
 
 # Per-process decoding statistics (each Grain worker process counts its own records).
