@@ -11,6 +11,8 @@ r"""capi_jax from Python: any encoder in one line, its features in another.
     (`Method.eval_model`) and `which` picks its EMA ('ema', the trained weights for a method
     without one) or its 'student';
   - the output directory of `python -m capi_jax.convert --to=capi_jax` (needs `config`);
+  - an official release by name ('capi_vitl14_lvd', 'mae_refined_l16', ...: `weights/releases.py`),
+    downloaded once into a cache with a recorded size and sha256, read with its config;
   - an official-format file (`.pth`, `.pt`, `.npz`): the config's method reads it
     (`Method.official_backbone`: CAPI's files, MAE / dBOT / data2vec 2.0 with a MIM-Refiner
     config, OpenAI CLIP or CAE v2 with a CAE v2 config). The file does not say its architecture
@@ -49,6 +51,7 @@ from capi_jax.engine import evaluation
 from capi_jax.engine import pretrained
 from capi_jax.evaluators import backbone as backbone_lib
 from capi_jax.weights import files
+from capi_jax.weights import releases
 
 PyTree = Any
 OUTPUTS = backbone_lib.OUTPUTS
@@ -191,6 +194,21 @@ def _model_and_params(source: str, config: ml_collections.ConfigDict | None, whi
   return module, params, config, 'imagenet'
 
 
+def release_config(name: str) -> ml_collections.ConfigDict:
+  """The config that describes release `name`'s architecture (`releases.RELEASES`)."""
+  release = releases.RELEASES[name]
+  module = importlib.import_module(release.config)
+  config = module.get_config(release.config_arg) if release.config_arg else module.get_config()
+  if release.vit:
+    vit = dict(release.vit)
+    family = vit.pop('family')
+    recipes = importlib.import_module('configs.mim_refiner.base')
+    with config.unlocked():
+      config.mim_refiner.encoder = family
+      config.mim_refiner.model = recipes.vit_model(family, **vit)
+  return config
+
+
 def load(source: str | os.PathLike[str],
          config: str | os.PathLike[str] | ml_collections.ConfigDict | None = None, *,
          which: str = 'ema', image_size: int | None = None, compute_dtype: str = 'float32',
@@ -199,7 +217,9 @@ def load(source: str | os.PathLike[str],
 
   Args:
     source: a training run (workdir, checkpoints folder or step folder), a `capi_jax.convert`
-      output directory, or an official-format file; local or gs://.
+      output directory, or an official-format file; local or gs://; or the name of an official
+      release (`releases.RELEASES`: 'capi_vitl14_lvd', 'mae_refined_l16', ...), downloaded once
+      into the cache (`releases.fetch`) and read with its config.
     config: a config file ('configs/vitl.py', 'FILE.py:ARG') or ConfigDict: required for
       official files and convert outputs; a run's own config by default.
     which: 'ema' (the averaged weights; the trained ones for a method without an EMA) or
@@ -211,7 +231,11 @@ def load(source: str | os.PathLike[str],
   if which not in ('ema', 'student'):
     raise ValueError(f"which must be 'ema' or 'student', got {which!r}.")
   config = None if config is None else read_config(config)
-  module, params, config, normalization = _model_and_params(os.fspath(source), config, which,
+  source = os.fspath(source)
+  if source in releases.RELEASES and not os.path.exists(source):
+    config = release_config(source) if config is None else config
+    source = os.fspath(releases.fetch(source))
+  module, params, config, normalization = _model_and_params(source, config, which,
                                                             compute_dtype)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
   mesh = sharding.make_mesh(config, list(devices or jax.local_devices()))

@@ -2,12 +2,15 @@
 (each method's `official_backbone`), and `capi_jax.load` (runs, convert outputs, official files,
 README's Python section)."""
 
+import http.server
 import importlib.util
+import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ from capi_jax.engine import evaluation
 from capi_jax.engine import train
 from capi_jax.models import vit
 from capi_jax.weights import files
+from capi_jax.weights import releases
 from capi_jax.weights import vit as vit_weights
 from configs.caev2 import fashion_mnist as caev2_fashion_mnist
 from configs.mim_refiner import base as mimref_base
@@ -216,3 +220,70 @@ def test_no_libtpu_noise_without_a_tpu(monkeypatch):
   monkeypatch.setenv('JAX_FORCE_TPU_INIT', '1')
   monkeypatch.delenv('TPU_SKIP_MDS_QUERY')
   assert platforms.quiet_libtpu_without_tpu() == {}
+
+
+@pytest.fixture
+def release_server(tmp_path):
+  """An HTTP server on 127.0.0.1 serving tmp_path/served; yields (base URL, request paths)."""
+  served = tmp_path / 'served'
+  served.mkdir()
+  requests = []
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, directory=str(served), **kwargs)
+
+    def do_GET(self):  # pylint: disable=invalid-name
+      requests.append(self.path)
+      super().do_GET()
+
+    def log_message(self, *args):  # Quiet.
+      del args
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  yield served, f'http://127.0.0.1:{server.server_address[1]}/', requests
+  server.shutdown()
+
+
+def test_a_named_release_downloads_once_from_a_mirror(small_run, release_server, tmp_path,
+                                                      monkeypatch):
+  config_file, _, run, official = small_run
+  served, base_url, requests = release_server
+  (served / 'capi_test_tiny.npz').write_bytes(official.read_bytes())
+  monkeypatch.syspath_prepend(str(config_file.parent))  # Its config, as a module.
+  monkeypatch.setitem(releases.RELEASES, 'capi_test_tiny', releases.Release(
+      'https://dl.fbaipublicfiles.com/capi/capi_test_tiny.npz', config_file.stem))
+  monkeypatch.setenv(releases.CACHE_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setenv(releases.MIRROR_ENV, base_url)  # Nothing reaches the real host.
+  pixels = np.random.default_rng(2).integers(0, 256, (2, 28, 28, 3), np.uint8)
+  want = capi_jax.load(run)(pixels)
+  for _ in range(2):
+    got = capi_jax.load('capi_test_tiny')(pixels)
+    np.testing.assert_array_equal(got['global_repr'], want['global_repr'])
+  assert requests == ['/capi_test_tiny.npz']  # Downloaded once, then read from the cache.
+  record = json.loads((tmp_path / 'cache' / 'capi_test_tiny.npz.json').read_text())
+  assert record['size'] == official.stat().st_size
+  cached = tmp_path / 'cache' / 'capi_test_tiny.npz'
+  cached.write_bytes(cached.read_bytes()[:-1])
+  with pytest.raises(releases.ReleaseError, match='differs from the file first downloaded'):
+    capi_jax.load('capi_test_tiny')
+  # Unreachable (offline): the error says where to put the file.
+  monkeypatch.setenv(releases.MIRROR_ENV, 'http://127.0.0.1:9/')
+  with pytest.raises(releases.ReleaseError, match=r'put it at .*cache/capi_vitl14_lvd.pth'):
+    releases.fetch('capi_vitl14_lvd', timeout_s=5)
+  assert not list((tmp_path / 'cache').glob('.capi_vitl14_lvd*'))  # No partial file left.
+
+
+def test_release_table_and_configs():
+  assert releases.url_of('capi_vitl14_in22k') == (
+      'https://dl.fbaipublicfiles.com/capi/capi_vitl14_i22k.pth')  # hubconf's file name.
+  assert releases.url_of('d2v2_refined_h14', 'http://mirror/w') == (
+      'http://mirror/w/d2v2refined_h14.th')
+  capi = api.release_config('capi_vitl14_lvd').capi.model
+  assert (capi.patch_size, capi.embed_dim) == (14, 1024)
+  refined = api.release_config('d2v2_refined_h14').mim_refiner
+  assert refined.encoder == 'data2vec2' and refined.model.block == 'postnorm'
+  assert (refined.model.patch_size, refined.model.embed_dim, refined.model.depth) == (14, 1280,
+                                                                                         32)
