@@ -4,6 +4,7 @@ README's Python section)."""
 
 import http.server
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -16,14 +17,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 
 import capi_jax
 from capi_jax import api
 from capi_jax import convert
 from capi_jax import evaluate
+from capi_jax import extract
 from capi_jax.base import platforms
 from capi_jax.base import sharding
+from capi_jax.data import sources
+from capi_jax.data import wds
 from capi_jax.engine import evaluation
 from capi_jax.engine import train
 from capi_jax.models import vit
@@ -65,6 +70,12 @@ def _caev2_clip_config() -> ml_collections.ConfigDict:
       vit.FAMILIES['clip'], patch_size=4, image_size=8, embed_dim=16, depth=2, num_heads=2,
       out_dim=6))
   return c
+
+
+def _png(pixels: np.ndarray) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format='PNG')
+  return out.getvalue()
 
 
 def _write(state_dict: dict[str, np.ndarray], path: pathlib.Path) -> pathlib.Path:
@@ -287,3 +298,35 @@ def test_release_table_and_configs():
   assert refined.encoder == 'data2vec2' and refined.model.block == 'postnorm'
   assert (refined.model.patch_size, refined.model.embed_dim, refined.model.depth) == (14, 1280,
                                                                                          32)
+
+
+def test_extract_writes_resumable_shards(small_run, tmp_path):
+  _, _, run, _ = small_run
+  fmnist = sources.make_source('fashion_mnist', 'test')
+  samples = [(_png(fmnist.images[i]), 'png', int(fmnist.labels[i])) for i in range(20)]
+  samples[5] = (b'broken', 'jpg', 0)
+  wds.write_shards(samples, str(tmp_path / '%04d.tar'), 10)
+  source = sources.make_source(f'wds:{tmp_path}/{{0000..0001}}.tar', 'train')
+  encoder = capi_jax.load(run)
+  out = tmp_path / 'features'
+  lines = []
+  manifest = extract.extract(encoder, source, str(out), resolution=28, shard_size=8,
+                             batch_size=8, outputs=('global_repr',), log=lines.append)
+  assert manifest['num_images'] == 19 and manifest['skipped'] == 1 and manifest['shards'] == 3
+  assert len(lines) == 3 and 'images/s' in lines[0]
+  shards = [np.load(out / extract.shard_name(k, 3)) for k in range(3)]
+  index = np.concatenate([s['index'] for s in shards])
+  assert list(index) == [i for i in range(20) if i != 5]
+  want = encoder(np.stack([fmnist.images[i][..., None].repeat(3, -1) for i in index]))
+  np.testing.assert_allclose(np.concatenate([s['global_repr'] for s in shards]),
+                             want['global_repr'], atol=1e-5)
+  np.testing.assert_array_equal(np.concatenate([s['label'] for s in shards]),
+                                fmnist.labels[index])
+  # A killed run left shard 1 unwritten: the rerun writes only that one, the same bytes.
+  before = {k: (out / extract.shard_name(k, 3)).read_bytes() for k in range(3)}
+  (out / extract.shard_name(1, 3)).unlink()
+  lines.clear()
+  extract.extract(encoder, source, str(out), resolution=28, shard_size=8, batch_size=8,
+                  outputs=('global_repr',), log=lines.append)
+  assert len(lines) == 1 and lines[0].startswith('[extract] shard 2/3')
+  assert {k: (out / extract.shard_name(k, 3)).read_bytes() for k in range(3)} == before
