@@ -6,6 +6,7 @@ import http.server
 import importlib.util
 import io
 import json
+import logging
 import os
 import pathlib
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,6 +27,7 @@ from capi_jax import api
 from capi_jax import convert
 from capi_jax import evaluate
 from capi_jax import extract
+from capi_jax.base import cli
 from capi_jax.base import platforms
 from capi_jax.base import sharding
 from capi_jax.data import sources
@@ -330,3 +333,14 @@ def test_extract_writes_resumable_shards(small_run, tmp_path):
                   outputs=('global_repr',), log=lines.append)
   assert len(lines) == 1 and lines[0].startswith('[extract] shard 2/3')
   assert {k: (out / extract.shard_name(k, 3)).read_bytes() for k in range(3)} == before
+
+
+def test_commands_hide_library_info_logs_unless_asked():
+  before = absl_logging.get_verbosity()
+  try:
+    absl_logging.set_verbosity(absl_logging.INFO)
+    cli.quiet_libraries()  # What every command does first (cli.run).
+    assert absl_logging.get_verbosity() == absl_logging.WARNING
+    assert logging.getLogger('capi_jax').getEffectiveLevel() == logging.INFO
+  finally:
+    absl_logging.set_verbosity(before)
