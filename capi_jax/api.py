@@ -94,8 +94,22 @@ def family_of(state_dict: dict[str, Any]) -> str:
   return 'unknown'
 
 
+@dataclasses.dataclass(frozen=True)
+class _Forward:
+  """The model's OUTPUTS and, with `blocks`, its tokens (`backbone.Tokens`); hashable."""
+  module: nn.Module
+  blocks: tuple[int, ...] | None
+
+  def __call__(self, params: PyTree, images: jax.Array) -> dict[str, jax.Array]:
+    out = dict(zip(OUTPUTS, backbone_lib.ModuleForward(self.module)(params, images)))
+    if self.blocks is not None:
+      tokens = backbone_lib.Tokens.of(self.module)
+      out.update(tokens.forward(self.blocks)(params, images))
+    return out
+
+
 @functools.partial(jax.jit, static_argnames=('forward', 'size', 'scale', 'mean', 'std'))
-def _features(params: PyTree, images: jax.Array, *, forward: backbone_lib.ModuleForward,
+def _features(params: PyTree, images: jax.Array, *, forward: _Forward,
               size: tuple[int, int], scale: float, mean: tuple[float, ...],
               std: tuple[float, ...]) -> dict[str, jax.Array]:
   """Pixels (B, H, W, 3) -> the model's named outputs, float32."""
@@ -103,7 +117,7 @@ def _features(params: PyTree, images: jax.Array, *, forward: backbone_lib.Module
   if x.shape[1:3] != size:
     x = jax.image.resize(x, (x.shape[0], *size, 3), 'bilinear', antialias=True)
   x = (x - jnp.asarray(mean)) / jnp.asarray(std)
-  return dict(zip(OUTPUTS, forward(params, x)))
+  return forward(params, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,17 +148,32 @@ class Encoder:
     p = self.patch_size
     return max(p, round(height / p) * p), max(p, round(width / p) * p)
 
-  def __call__(self, images: np.ndarray | jax.Array, outputs: Sequence[str] = OUTPUTS
-               ) -> dict[str, np.ndarray]:
+  def __call__(self, images: np.ndarray | jax.Array, outputs: Sequence[str] = OUTPUTS,
+               blocks: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Features of `images` (B, H, W, 3) or (H, W, 3): uint8 in [0, 255], or float in [0, 1].
+
+    Args:
+      images: the pixels.
+      outputs: which of OUTPUTS to return.
+      blocks: also return the token outputs the block-reading protocols pool (MIM-Refiner's
+        probes / k-NN, CAE v2's linear probe): 'tokens' (B, T, D) the final tokens after the
+        last norm ([prefix, patches]) and 'blocks' (B, len(blocks), T, D) the raw outputs of
+        these blocks (0-indexed, negative from the end); needs a model with `encode`.
 
     Returns:
       {output: float32 numpy}, for each of `outputs` (default all of OUTPUTS): 'global_repr'
-      (B, D), 'registers' (B, R, D) (R may be 0), 'feature_map' (B, h, w, D).
+      (B, D), 'registers' (B, R, D) (R may be 0), 'feature_map' (B, h, w, D); and with
+      `blocks`, 'tokens' and 'blocks'.
     """
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
       raise ValueError(f'Unknown outputs {unknown}; choose from {OUTPUTS}.')
+    if blocks is not None:
+      tokens = backbone_lib.Tokens.of(self.module)
+      if tokens is None:
+        raise ValueError(f'{type(self.module).__name__} has no per-block outputs (`encode`).')
+      blocks = tokens.forward(blocks).blocks  # Resolved (negative indices), checked.
+      outputs = (*outputs, 'tokens', 'blocks')
     images = np.asarray(images)
     single = images.ndim == 3
     images = images[None] if single else images
@@ -155,7 +184,7 @@ class Encoder:
     padded = np.concatenate([images, np.zeros((-n % n_dev, *images.shape[1:]), images.dtype)])
     mean, std = transforms.NORMALIZATIONS[self.normalization]
     out = _features(self.params, jax.device_put(padded, sharding.batch_sharding(self.mesh)),
-                    forward=backbone_lib.ModuleForward(self.module),
+                    forward=_Forward(self.module, None if blocks is None else tuple(blocks)),
                     size=self.input_size(*images.shape[1:3]), scale=scale,
                     mean=tuple(map(float, mean)), std=tuple(map(float, std)))
     result = {k: np.asarray(v)[:n] for k, v in out.items() if k in outputs}

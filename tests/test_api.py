@@ -197,6 +197,11 @@ def test_load_inputs_weights_and_errors(small_run, tmp_path):
   one = encoder(pixels[0], outputs=('global_repr',))
   assert list(one) == ['global_repr'] and one['global_repr'].shape == (32,)
   np.testing.assert_allclose(one['global_repr'], as_uint8['global_repr'][0], atol=1e-5)
+  # Token outputs of chosen blocks (what MIM-Refiner's / CAE v2's protocols pool).
+  tokens = encoder(pixels, outputs=(), blocks=(-1, 0))
+  assert tokens['tokens'].shape == (3, 4 + 49, 32) and tokens['blocks'].shape == (3, 2, 53, 32)
+  np.testing.assert_allclose(tokens['tokens'][:, 4:].reshape(3, 7, 7, 32),
+                             as_uint8['feature_map'], atol=1e-5)
   # Sides rounded to whole patches (29 -> 28, 27 -> 28), or resized to image_size.
   assert encoder(np.zeros((1, 29, 27, 3), np.uint8))['feature_map'].shape == (1, 7, 7, 32)
   resized = capi_jax.load(run, image_size=16)(pixels)
