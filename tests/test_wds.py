@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from capi_jax.data import mixture
 from capi_jax.data import pipeline
 from capi_jax.data import sources
 from capi_jax.data import wds
@@ -127,3 +128,22 @@ def test_each_image_once_per_epoch_and_an_exact_resume(shards):
     got = next(resumed)
     np.testing.assert_array_equal(got['index'], want['index'])
     np.testing.assert_array_equal(got['row'], want['row'])
+
+
+def test_weighted_mixture_of_sources(shards):
+  """mix: 3 parts shards to 1 part Fashion-MNIST: 40 + 60000 records per epoch."""
+  spec = f'mix:0.75*wds:{shards}/{{0000..0003}}.tar|0.25*fashion_mnist'
+  mixed = sources.make_source(spec, 'train')
+  assert len(mixed) == N + 60_000 and mixed.class_names == []  # wds has numbered classes.
+  names = [mixed[i]['name'] for i in range(len(mixed))]
+  from_shards = [n for n in names if n.startswith(str(shards))]
+  assert len(from_shards) == round(0.75 * len(mixed))
+  assert set(from_shards) == {f'{shards}/{k:04d}.tar:{i:08d}.png' for k in range(4)
+                              for i in range(k * 10, k * 10 + 10)}  # Each repeated evenly.
+  assert max(from_shards.count(n) for n in set(from_shards)) - min(
+      from_shards.count(n) for n in set(from_shards)) <= 1
+  window = names[:100]  # Interleaved, not one component after the other.
+  assert 60 <= sum(n.startswith(str(shards)) for n in window) <= 90
+  assert [mixed[i]['name'] for i in range(50)] == names[:50]  # Deterministic.
+  with pytest.raises(mixture.MixtureError, match='WEIGHT\\*DATASET'):
+    sources.make_source(f'mix:wds:{shards}/0000.tar|0.5*fashion_mnist', 'train')
