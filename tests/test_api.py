@@ -349,3 +349,22 @@ def test_commands_hide_library_info_logs_unless_asked():
     assert logging.getLogger('capi_jax').getEffectiveLevel() == logging.INFO
   finally:
     absl_logging.set_verbosity(before)
+
+
+@pytest.mark.parametrize('which', ['mae', 'clip'])
+def test_load_official_files_of_other_methods(which, tmp_path):
+  """An MAE file with a MIM-Refiner config, OpenAI CLIP's with a CAE v2 one (CLIP statistics)."""
+  if which == 'mae':
+    config, family, prefix, name = _mimref_mae_config(), 'mae', '', 'mae.pth'
+    module = evaluation.eval_method(config).encoder
+  else:
+    config, family, prefix, name = _caev2_clip_config(), 'clip', 'visual.', 'ViT-B-16.pt'
+    module = evaluation.eval_method(config).teacher
+  params = _random_tree(vit_weights.param_shapes(module), seed=3)
+  path = _write(vit_weights.params_to_official(params, family, prefix), tmp_path / name)
+  encoder = capi_jax.load(path, config=config)
+  assert encoder.normalization == ('clip' if which == 'clip' else 'imagenet')
+  out = encoder(np.zeros((2, 8, 8, 3), np.uint8))
+  assert out['global_repr'].shape[0] == 2 and np.isfinite(out['global_repr']).all()
+  with pytest.raises(capi_jax.UserError, match='pass config='):
+    capi_jax.load(path)
