@@ -4,10 +4,15 @@ Run (latest checkpoint in WORKDIR, its EMA encoder):
   python -m capi_jax.evaluate --config=configs/tiny.py --workdir=/tmp/capi_tiny
 The run's random initialisation (the baseline every result is compared to):
   ... --init=random
-The official released weights (converted on the fly, evaluated in float32 as the official
-loader does; the config must describe the same architecture, e.g. configs/vitl.py):
+An official file of any family the config's method reads (converted on the fly by
+`Method.official_backbone`, evaluated in float32 as the official loaders do; the config must
+describe the same architecture): CAPI's release with configs/vitl.py, an MAE / dBOT / data2vec
+2.0 file with a MIM-Refiner recipe, OpenAI CLIP's (the teacher) or a CAE v2 file with a CAE v2
+recipe:
   python -m capi_jax.evaluate --config=configs/vitl.py --workdir=/tmp/official \
       --checkpoint=capi_vitl14_lvd.pth          # or .npz with the same names
+  python -m capi_jax.evaluate --config=configs/mim_refiner/mae_l16.py --workdir=/tmp/mae \
+      --checkpoint=mae_pretrain_vit_large.pth
 Or a parameter directory written by `python -m capi_jax.convert --to=capi_jax`.
 
 What runs is `config.evals.protocols` (see `capi_jax.evaluators`): the official 'classif'
