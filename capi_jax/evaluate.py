@@ -4,10 +4,15 @@ Run (latest checkpoint in WORKDIR, its EMA encoder):
   python -m capi_jax.evaluate --config=configs/tiny.py --workdir=/tmp/capi_tiny
 The run's random initialisation (the baseline every result is compared to):
   ... --init=random
-The official released weights (converted on the fly, evaluated in float32 as the official
-loader does; the config must describe the same architecture, e.g. configs/vitl.py):
+An official file of any family the config's method reads (converted on the fly by
+`Method.official_backbone`, evaluated in float32 as the official loaders do; the config must
+describe the same architecture): CAPI's release with configs/vitl.py, an MAE / dBOT / data2vec
+2.0 file with a MIM-Refiner recipe, OpenAI CLIP's (the teacher) or a CAE v2 file with a CAE v2
+recipe:
   python -m capi_jax.evaluate --config=configs/vitl.py --workdir=/tmp/official \
       --checkpoint=capi_vitl14_lvd.pth          # or .npz with the same names
+  python -m capi_jax.evaluate --config=configs/mim_refiner/mae_l16.py --workdir=/tmp/mae \
+      --checkpoint=mae_pretrain_vit_large.pth
 Or a parameter directory written by `python -m capi_jax.convert --to=capi_jax`.
 
 What runs is `config.evals.protocols` (see `capi_jax.evaluators`): the official 'classif'
@@ -34,10 +39,10 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+import flax.linen as nn
 import jax
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
 from capi_jax.base import cli
 from capi_jax.base import sharding
@@ -45,7 +50,6 @@ from capi_jax.base import storage
 from capi_jax.engine import checkpointing
 from capi_jax.engine import evaluation
 from capi_jax.engine import pretrained
-from capi_jax.methods.capi import convert as capi_convert
 from capi_jax.weights import files
 
 PyTree = Any
@@ -53,23 +57,23 @@ PyTree = Any
 
 def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
                 checkpoint: str, init: str, which: str, mesh: jax.sharding.Mesh
-                ) -> tuple[PyTree, int | str]:
-  """(backbone params, output folder name) for the command line's choice of encoder."""
+                ) -> tuple[PyTree, int | str, nn.Module | None]:
+  """(backbone params, output folder name, their model: None for the method's `eval_model`)
+  for the command line's choice of encoder."""
   if init == 'random':
-    return evaluation.random_init_params(config, mesh), evaluation.RANDOM_INIT
+    return evaluation.random_init_params(config, mesh), evaluation.RANDOM_INIT, None
   if checkpoint and storage.path(checkpoint).suffix in files.OFFICIAL_SUFFIXES:
     path = storage.path(checkpoint)
     if not path.is_file():
       raise FileNotFoundError(f'--checkpoint={checkpoint}: no such official checkpoint file.')
-    source = 'student' if which == 'student' else 'student_ema'
-    backbone = capi_convert.load_official(path, config, source=source)['backbone']
-    # The official loader evaluates float32 weights.
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), backbone), path.stem
+    # The config's method reads the file (any family it knows), float32 as the releases do.
+    module, params = evaluation.official_backbone(config, path, which)
+    return params, path.stem, module
   found = checkpointing.find_checkpoint(checkpoint or workdir)
   if found.kind == 'params':
-    return pretrained.restore_backbone(found.path), 'converted'
+    return pretrained.restore_backbone(found.path), 'converted', None
   run = pretrained.restore_run(found.path, config, mesh)
-  return run.method.eval_params(run.variables, which), run.step
+  return run.method.eval_params(run.variables, which), run.step, None
 
 
 def main(argv: Sequence[str]) -> None:
@@ -82,9 +86,9 @@ def main(argv: Sequence[str]) -> None:
   config = fl.config
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
-    params, step = load_params(config, storage.path(fl.workdir), fl.checkpoint, fl.init,
-                               fl.model, mesh)
-    evaluation.run_evals(config, params, step, fl.workdir, mesh=mesh)
+    params, step, module = load_params(config, storage.path(fl.workdir), fl.checkpoint, fl.init,
+                                       fl.model, mesh)
+    evaluation.run_evals(config, params, step, fl.workdir, mesh=mesh, module=module)
 
 
 if __name__ == '__main__':

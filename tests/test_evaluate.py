@@ -196,14 +196,15 @@ def test_format_table_names_extras_last():
 def test_load_params_random_converted_and_official(tmp_path):
   config = _config()
   mesh = sharding.make_mesh(config)
-  params, name = evaluate.load_params(config, tmp_path, '', 'random', 'ema', mesh)
+  params, name, _ = evaluate.load_params(config, tmp_path, '', 'random', 'ema', mesh)
   assert name == 'random_init'
   files.save_params({'backbone': params}, tmp_path / 'out')
-  restored, name = evaluate.load_params(config, tmp_path, str(tmp_path / 'out'), '', 'ema', mesh)
+  restored, name, _ = evaluate.load_params(config, tmp_path, str(tmp_path / 'out'), '', 'ema',
+                                           mesh)
   assert name == 'converted'
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(params))
   capi_convert.export_official({'backbone': jax.device_get(params)}, tmp_path / 'capi_tiny.npz')
-  official, name = evaluate.load_params(config, tmp_path, str(tmp_path / 'capi_tiny.npz'), '',
+  official, name, _ = evaluate.load_params(config, tmp_path, str(tmp_path / 'capi_tiny.npz'), '',
                                         'ema', mesh)
   assert name == 'capi_tiny'
   jax.tree.map(np.testing.assert_array_equal, official, jax.device_get(params))
@@ -227,10 +228,10 @@ def test_load_params_from_a_training_checkpoint(data, tmp_path):
   state = train.train_and_evaluate(config, tmp_path)
   mesh = sharding.make_mesh(config)
   for which, want in (('ema', state.buffers['ema']), ('student', state.params)):
-    params, step = evaluate.load_params(config, tmp_path, '', '', which, mesh)
+    params, step, _ = evaluate.load_params(config, tmp_path, '', '', which, mesh)
     assert step == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                  jax.device_get(want['backbone']))
-  params, step = evaluate.load_params(config, tmp_path, str(tmp_path / 'checkpoints' / '2'), '',
+  params, step, _ = evaluate.load_params(config, tmp_path, str(tmp_path / 'checkpoints' / '2'), '',
                                       'ema', mesh)
   assert step == 2

@@ -476,7 +476,7 @@ def test_every_kind_of_checkpoint_path(trained, tmp_path):
   assert checkpointing.find_checkpoint(copied).step is None
   config = _config()
   mesh = sharding.make_mesh(config)
-  params, step = evaluate.load_params(config, tmp_path, str(copied), '', 'ema', mesh)
+  params, step, _ = evaluate.load_params(config, tmp_path, str(copied), '', 'ema', mesh)
   assert step == TOTAL and 'encoder' in params
 
   files.save_params({'backbone': {'w': np.ones(2, np.float32)}}, tmp_path / 'converted')

@@ -11,6 +11,7 @@ heartbeat and take-over use (so those races are real tests here), but not on del
 lock's release), composes (metrics / TensorBoard appends) or resumable uploads.
 """
 
+import io
 import json
 import os
 import pathlib
@@ -36,6 +37,7 @@ from capi_jax.base import problems as problems_lib
 from capi_jax.base import sharding
 from capi_jax.base import storage
 from capi_jax.data import sources
+from capi_jax.data import wds
 from capi_jax.engine import checkpointing
 from capi_jax.engine import metrics_writer
 from capi_jax.engine import pretrained
@@ -464,3 +466,21 @@ def test_weight_files_and_params_on_gcs(gcs_path):
   assert list(pretrained.load(f'{gcs_path}/w.npz').state_dict) == ['backbone.w']  # init.checkpoint
   assert pretrained.load(f'{gcs_path}/converted').backbone['w'].shape == (2, 3)
   np.testing.assert_array_equal(files.restore_params(target)['backbone']['w'], sd['backbone.w'])
+
+
+def test_webdataset_shards_on_gcs(gcs_path, tmp_path):
+  """`wds:` shards in a bucket (brace range and glob) read as their local copies."""
+  rng = np.random.default_rng(0)
+  samples = []
+  for i in range(6):
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(out, format='PNG')
+    samples.append((out.getvalue(), 'png', i % 3))
+  wds.write_shards(samples, str(tmp_path / '%04d.tar'), 3)
+  wds.write_shards(samples, f'{gcs_path}/shards/%04d.tar', 3)
+  local = sources.make_source(f'wds:{tmp_path}/{{0000..0001}}.tar', 'train')
+  for pattern in ('{0000..0001}.tar', '*.tar'):
+    remote = sources.make_source(f'wds:{gcs_path}/shards/{pattern}', 'train')
+    assert len(remote) == len(local) == 6
+    assert [(remote[i]['image'], remote[i]['label']) for i in range(6)] == [
+        (local[i]['image'], local[i]['label']) for i in range(6)]

@@ -1,14 +1,19 @@
 """What every command line shares: user errors end in one line, mistyped config keys are named.
 
 `run` prints a `errors.UserError` alone, with no traceback, and exits non-zero; anything else
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. It also keeps the libraries quiet: their INFO logs (Orbax logs
+every save and restore step) are hidden unless `--verbosity` asks for them; capi_jax's own
+progress stays at INFO.
 """
 
 from collections.abc import Callable
+import logging
 import re
 import sys
 
 from absl import app
+from absl import flags
+from absl import logging as absl_logging
 
 from capi_jax.base import errors
 
@@ -44,10 +49,19 @@ def parse_flags(argv: list[str]) -> list[str]:
              + (f': {hint}' if hint else f' ({reason})'))
 
 
+def quiet_libraries() -> None:
+  """Libraries at WARNING, capi_jax at INFO, unless the command line set --verbosity."""
+  if flags.FLAGS['verbosity'].present:
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('capi_jax').setLevel(logging.INFO)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` with `parse_flags`; a UserError or Ctrl-C exits with a short message."""
 
   def checked(argv: list[str]) -> None:
+    quiet_libraries()
     try:
       main(argv)
     except errors.UserError as e:

@@ -170,3 +170,20 @@ class Method(abc.ABC):
   def eval_params(self, variables: Variables, which: str) -> PyTree:
     """`eval_model`'s params from the variables; which = 'student' (the trained weights) or
     'ema' (the averaged ones, or the trained ones for a method without an EMA)."""
+
+  def official_backbone(self, state_dict: Mapping[str, Any], which: str
+                        ) -> tuple[nn.Module, PyTree]:
+    """An official-format file's tensors -> (the model to evaluate, its params, float32 numpy).
+
+    The model has `eval_model`'s interface; usually it is `eval_model()`, but a method may
+    evaluate another of its networks when the file holds that one (CAE v2: OpenAI CLIP's file
+    is its teacher). `which` ('student' or 'ema') picks the network of a file that holds both.
+    The default refuses: the method reads no official files.
+
+    Raises:
+      CheckpointMismatchError / ValueError: the file does not fit the configured model; the
+        message names the parameter or the config key to change.
+    """
+    del state_dict, which
+    raise ValueError(f'Method {self.name!r} reads no official-format checkpoint files: convert '
+                     'the file first, or evaluate a capi_jax run or `capi_jax.convert` output.')

@@ -15,6 +15,7 @@ differently on GCS, is here:
   - `AppendOnlyFile`: appends that keep what is there. epath's `open('a')` silently overwrites
     on GCS; here each append uploads only the new bytes and composes them onto the object on the
     server (one object, any reader; GCS documents compose as its way of appending).
+  - `read_range`: part of a file, from several threads at once (one ranged request on GCS).
   - `list_files`: every file below a folder with its size and, on GCS, the server's CRC32C
     (one paged listing; epath's `walk()` yields roots without `gs://` there, and `rglob` /
     `glob('**')` are refused).
@@ -177,6 +178,20 @@ def create_exclusive(p: PathLike, data: bytes | str) -> bool:
     f.flush()
     os.fsync(f.fileno())
   return True
+
+
+def read_range(p: PathLike, offset: int, size: int) -> bytes:
+  """`size` bytes of file `p` from `offset`: one ranged request on GCS, `pread` locally; safe
+  from several threads at once (a shared file object's seek + read is not)."""
+  if size <= 0:
+    return b''
+  if is_gcs(p):
+    return _blob(p).download_as_bytes(start=offset, end=offset + size - 1)
+  fd = os.open(p, os.O_RDONLY)
+  try:
+    return os.pread(fd, size, offset)
+  finally:
+    os.close(fd)
 
 
 # --------------------------------------------------------------------------- compare-and-swap (GCS)

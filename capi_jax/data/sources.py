@@ -21,6 +21,12 @@ access; a folder there costs one request per image: prepare it with `capi_jax.pr
 Problems with a dataset (missing files, an unknown name, damaged data) raise
 `DatasetNotFoundError` / `DatasetError`, user errors whose message names the fix.
 
+WebDataset tar shards: `wds:PATTERN` (brace ranges / lists, globs, `{split}`, local or gs://;
+`data/wds.py`), read at random by offset like the others. Hugging Face datasets: `hf:NAME_OR_PATH`
+or the official `hf://ORG/NAME?split=...&img_field=...` (`data/hf.py`, the `datasets` library).
+Weighted mixtures of any of these: `mix:0.7*wds:A/{0000..0009}.tar|0.3*folder:B`
+(`data/mixture.py`).
+
 Every source has `description`, `num_classes` and `class_names` (label -> name; [] when
 unlabelled) and returns records `{'image': bytes | uint8 array, 'label': int, 'name': str}`;
 `decode(record)` turns one into `{'image': PIL RGB image, 'label': int32}` or None when the
@@ -41,6 +47,9 @@ from PIL import Image
 
 from capi_jax.base import errors
 from capi_jax.base import storage
+from capi_jax.data import hf
+from capi_jax.data import mixture
+from capi_jax.data import wds
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +305,15 @@ def make_source(dataset: str, split: str, data_dir: str = '', image_size: int = 
     return FolderSource(arg, split)
   if kind == 'synthetic':
     return SyntheticSource(image_size)
+  if kind == 'wds' and arg:
+    return wds.WebDatasetSource(arg, split)
+  if kind == 'hf' and arg:
+    return hf.HfSource(arg, split)
+  if kind == 'mix' and arg:
+    return mixture.MixtureSource(
+        [(w, make_source(d, split, data_dir, image_size)) for w, d in mixture.parse(arg)], arg)
   raise DatasetError(f'Unknown dataset {dataset!r}. Use fashion_mnist, fashion_mnist:DIR, '
-                   'tfds:NAME, folder:PATH or synthetic.')
+                   'tfds:NAME, folder:PATH, wds:PATTERN, hf:NAME, mix:W*A|W*B or synthetic.')
 
 
 # Per-process decoding statistics (each Grain worker process counts its own records).

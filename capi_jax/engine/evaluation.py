@@ -27,25 +27,41 @@ import numpy as np
 
 from capi_jax import evaluators
 from capi_jax import methods
+from capi_jax.base import interface
 from capi_jax.base import sharding
 from capi_jax.base import storage
 from capi_jax.engine import curves
 from capi_jax.engine import state as state_lib
 from capi_jax.evaluators import backbone as backbone_lib
 from capi_jax.evaluators import protocol
+from capi_jax.weights import files
 
 logger = logging.getLogger(__name__)
 PyTree = Any
 RANDOM_INIT = 'random_init'  # Output folder of the random initialisation's evaluation.
 
 
-def backbone_module(config: ml_collections.ConfigDict) -> nn.Module:
-  """The method's evaluation model (`Method.eval_model`), in `config.evals.compute_dtype` (the
+def eval_method(config: ml_collections.ConfigDict, compute_dtype: str | None = None
+                ) -> interface.Method:
+  """The config's method built in `compute_dtype` (default `config.evals.compute_dtype`: the
   official evaluations run the model in float32)."""
   eval_config = copy.deepcopy(config)
   with eval_config.unlocked():
-    eval_config.efficiency.compute_dtype = config.evals.compute_dtype
-  return methods.from_config(eval_config).eval_model()
+    eval_config.efficiency.compute_dtype = compute_dtype or config.evals.compute_dtype
+  return methods.from_config(eval_config)
+
+
+def backbone_module(config: ml_collections.ConfigDict) -> nn.Module:
+  """The method's evaluation model (`Method.eval_model`) in `config.evals.compute_dtype`."""
+  return eval_method(config).eval_model()
+
+
+def official_backbone(config: ml_collections.ConfigDict, path: str | os.PathLike[str],
+                      which: str = 'ema', compute_dtype: str | None = None
+                      ) -> tuple[nn.Module, PyTree]:
+  """(model, float32 params) of the official-format file `path`, as the config's method reads
+  it (`Method.official_backbone`: any method, any family it knows)."""
+  return eval_method(config, compute_dtype).official_backbone(files.read_state_dict(path), which)
 
 def model_shape(config: ml_collections.ConfigDict) -> protocol.ModelShape | None:
   """The evaluated model's patch size and width, read from `backbone_module(config)` (its
@@ -63,9 +79,11 @@ def environment(config: ml_collections.ConfigDict) -> protocol.Environment:
                               seed=config.train.seed)
 
 def make_backbone(config: ml_collections.ConfigDict, params: PyTree,
-                  mesh: jax.sharding.Mesh) -> backbone_lib.Backbone:
-  """`params` of `backbone_module(config)`, placed on `mesh` by config.sharding's rules."""
-  return backbone_lib.Backbone.from_module(backbone_module(config), params, mesh,
+                  mesh: jax.sharding.Mesh, module: nn.Module | None = None
+                  ) -> backbone_lib.Backbone:
+  """`params` of `module` (default `backbone_module(config)`), placed on `mesh` by
+  config.sharding's rules."""
+  return backbone_lib.Backbone.from_module(module or backbone_module(config), params, mesh,
                                            config.sharding.param_rules, config.evals.batch_size)
 
 def _log(message: str) -> None:
@@ -73,14 +91,14 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 def evaluate_params(config: ml_collections.ConfigDict, params: PyTree, mesh: jax.sharding.Mesh,
-                    out_dir: epath.Path, protocols: Sequence[str] | None = None
-                    ) -> dict[str, Any]:
+                    out_dir: epath.Path, protocols: Sequence[str] | None = None,
+                    module: nn.Module | None = None) -> dict[str, Any]:
   """Runs `protocols` (default: all of config.evals.protocols) on one backbone.
 
   Returns:
     {protocol: {'results': {name: number}, 'details': {...}, 'seconds': s}}.
   """
-  backbone = make_backbone(config, params, mesh)
+  backbone = make_backbone(config, params, mesh, module)
   env = environment(config)
   out = {}
   for name in protocols or config.evals.protocols:
@@ -143,7 +161,8 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _evaluate_and_save(config: ml_collections.ConfigDict, params: PyTree, step: int | str,
                        workdir: epath.Path, mesh: jax.sharding.Mesh,
-                       protocols: Sequence[str] | None) -> tuple[dict[str, Any], epath.Path]:
+                       protocols: Sequence[str] | None, module: nn.Module | None = None
+                       ) -> tuple[dict[str, Any], epath.Path]:
   """(results, output folder); process 0 writes results.json and curves.png.
 
   The protocols (pictures) and the curves write local files: for a gs:// workdir they write into
@@ -158,7 +177,7 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, params: PyTree, step: 
       local = storage.path(stack.enter_context(tempfile.TemporaryDirectory()))
     else:
       local = out_dir
-    results = evaluate_params(config, params, mesh, local, protocols)
+    results = evaluate_params(config, params, mesh, local, protocols, module)
     seconds = time.perf_counter() - start
     if jax.process_index() == 0:
       # Written whole or not at all: a killed evaluation never leaves a truncated results.json
@@ -203,7 +222,8 @@ def random_init_results(config: ml_collections.ConfigDict, workdir: epath.Path,
 
 def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str,
               workdir: str | os.PathLike[str], *, protocols: Sequence[str] | None = None,
-              mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+              mesh: jax.sharding.Mesh | None = None, module: nn.Module | None = None
+              ) -> dict[str, float]:
   """Evaluates a backbone, writes WORKDIR/eval/<step>/, prints a table.
 
   Args:
@@ -214,15 +234,19 @@ def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str
     protocols: a subset of config.evals.protocols (the ones due at a training step); default
       all.
     mesh: devices to use; default `sharding.make_mesh(config)`.
+    module: the model `params` belong to (`official_backbone`); default the method's
+      `eval_model`. With another model the random init's baseline (of the method's model) is
+      not shown.
 
   Returns:
     Flat {'classif/cls_test_acc': 0.81, 'seg/labels_knn_mIoU': ..., 'extra/knn/global/k10': ...}.
   """
   mesh = mesh or sharding.make_mesh(config)
   workdir = storage.path(workdir)
-  results, out_dir = _evaluate_and_save(config, params, step, workdir, mesh, protocols)
+  results, out_dir = _evaluate_and_save(config, params, step, workdir, mesh, protocols, module)
   baseline = None
-  if config.evals.random_init_baseline and step != RANDOM_INIT:
+  if config.evals.random_init_baseline and step != RANDOM_INIT and (
+      module is None or module == backbone_module(config)):
     baseline = random_init_results(config, workdir, mesh)
     baseline = {k: v for k, v in baseline.items() if k in results['protocols']}
   flat = flatten(results['protocols'])

@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from capi_jax.base import interface
@@ -39,6 +40,7 @@ from capi_jax.methods.caev2 import regressor
 from capi_jax.methods.caev2 import teacher as teacher_lib
 from capi_jax.methods.caev2 import transform
 from capi_jax.models import vit
+from capi_jax.weights import vit as vit_weights
 
 PyTree = Any
 
@@ -213,3 +215,18 @@ class CaeV2(interface.Method):
     if which not in ('student', 'ema'):
       raise ValueError(f"which must be 'student' or 'ema', got {which!r}.")
     return variables.params['encoder']  # No EMA: 'ema' is the trained encoder.
+
+  def official_backbone(self, state_dict, which):
+    """A file of the teacher's family (`caev2.teacher.backbone`, e.g. OpenAI CLIP's `.pt`: its
+    names under `visual.`) evaluates the teacher; any other file is read as the student encoder
+    under CAE v2's names (`encoder.` or none)."""
+    del which  # No EMA.
+    teacher = self.config.caev2.teacher
+    t_prefix = vit_weights.OFFICIAL_PREFIXES.get(teacher.backbone)
+    if t_prefix and any(k.startswith(t_prefix) for k in state_dict):
+      module, family, prefix = self.teacher, teacher.backbone, t_prefix
+    else:
+      module, family = self.encoder, 'caev2'
+      prefix = 'encoder.' if any(k.startswith('encoder.') for k in state_dict) else ''
+    params = vit_weights.official_to_params(state_dict, module, family, prefix)
+    return module, jax.tree.map(lambda x: np.asarray(x, np.float32), params)

@@ -120,7 +120,13 @@ def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDic
   Raises:
     rules.CheckpointMismatchError: a name or shape does not fit the configured architecture.
   """
-  sd = _normalise_training_names(files.read_state_dict(path), source)
+  return parts_from_state_dict(files.read_state_dict(path), config, source, str(path))
+
+def parts_from_state_dict(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict,
+                          source: str = 'student', path: str = 'The checkpoint'
+                          ) -> dict[str, Params]:
+  """`load_official` of a file's tensors (`path`: the file's name, for messages)."""
+  sd = _normalise_training_names(dict(state_dict), source)
   known = tuple(PREFIXES.values())
   unknown = sorted(k for k in sd if not k.startswith(known))
   if unknown:

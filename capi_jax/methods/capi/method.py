@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from capi_jax.base import interface
@@ -32,6 +33,7 @@ from capi_jax.base import optim
 from capi_jax.base import schedules
 from capi_jax.data import transforms
 from capi_jax.methods.capi import config_checks
+from capi_jax.methods.capi import convert
 from capi_jax.methods.capi import flops
 from capi_jax.methods.capi import heads
 from capi_jax.methods.capi import optim as capi_optim
@@ -166,3 +168,10 @@ class Capi(interface.Method):
       raise ValueError(f"which must be 'student' or 'ema', got {which!r}.")
     source = variables.params if which == 'student' else variables.buffers['ema']
     return source['backbone']
+
+  def official_backbone(self, state_dict, which):
+    """The release's backbone (`convert.parts_from_state_dict`; a full training checkpoint's
+    student or, for 'ema', its `student_ema`), float32 as the official loader evaluates it."""
+    source = 'student' if which == 'student' else 'student_ema'
+    backbone = convert.parts_from_state_dict(state_dict, self.config, source)['backbone']
+    return self.eval_model(), jax.tree.map(lambda x: np.asarray(x, np.float32), backbone)

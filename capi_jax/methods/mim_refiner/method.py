@@ -337,3 +337,9 @@ class MimRefiner(interface.Method):
     if which == 'ema' and self.stage == 3:
       return variables.buffers['ema']
     return self._encoder_params(variables)
+
+  def official_backbone(self, state_dict, which):
+    """An official ViT file of the configured family (`mim_refiner.encoder`: MAE, dBOT,
+    data2vec 2.0, a MIM-Refiner encoder) as the evaluation encoder (`_from_official`)."""
+    del which  # The releases hold one encoder.
+    return self.eval_model(), self._from_official(dict(state_dict))
