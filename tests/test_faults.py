@@ -466,6 +466,20 @@ def test_no_intact_checkpoint_is_an_error_and_none_is_unverified(trained, tmp_pa
   ckpt.close()
 
 
+def test_a_rerun_after_all_checkpoints_were_damaged_refuses_again(trained, tmp_path):
+  """Issue 23 item 5: the rerun of the refused command neither starts from step 0 nor drops
+  the rows of metrics.jsonl."""
+  workdir = _copy(trained, tmp_path)
+  rows = (workdir / 'metrics.jsonl').read_text()
+  for step in (8, 12, TOTAL):
+    _damage(workdir / 'checkpoints' / str(step), 'deleted')
+  for refusal in ('No intact checkpoint', 'an earlier start set every one aside as damaged'):
+    with pytest.raises(checkpointing.DamagedCheckpointError, match=refusal):
+      train.train_and_evaluate(_config(), workdir)
+    assert (workdir / 'metrics.jsonl').read_text() == rows
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints_damaged').iterdir()) == [8, 12, 16]
+
+
 # ------------------------------------------------------------------ 11. evaluate's paths
 def test_every_kind_of_checkpoint_path(trained, tmp_path):
   latest = trained / 'checkpoints' / str(TOTAL)

@@ -458,7 +458,7 @@ class Checkpointer:
     listing the step at once (a move cut short leaves an uncommitted step folder, which Orbax
     removes at the next start).
     """
-    aside = self.directory.with_name(self.directory.name + DAMAGED_SUFFIX) / str(step)
+    aside = self.damaged_directory / str(step)
     n = 1
     while aside.exists():
       aside, n = aside.with_name(f'{step}.{n}'), n + 1
@@ -469,6 +469,11 @@ class Checkpointer:
     self.manager.reload()
     return aside
 
+  @property
+  def damaged_directory(self) -> epath.Path:
+    """Where damaged checkpoints are set aside: `<directory>_damaged/<step>`."""
+    return self.directory.with_name(self.directory.name + DAMAGED_SUFFIX)
+
   def restore_latest(self, abstract_state: PyTree, data_iter: Any | None
                      ) -> tuple[PyTree, int] | None:
     """(state, step) of the newest intact checkpoint; None if there are no checkpoints.
@@ -476,9 +481,17 @@ class Checkpointer:
     Damaged newer ones are moved to `<directory>_damaged/`, each with a warning.
 
     Raises:
-      DamagedCheckpointError: every checkpoint is damaged (they are all set aside).
+      DamagedCheckpointError: every checkpoint is damaged (they are all set aside), now or at
+        an earlier start (a rerun must not silently start from step 0 over the run's history).
       IncompatibleCheckpointError: the newest intact one has another architecture.
     """
+    aside = self.damaged_directory
+    if not self.all_steps() and aside.is_dir() and any(aside.iterdir()):
+      raise DamagedCheckpointError(
+          f'{self.directory} holds no checkpoint: an earlier start set every one aside as '
+          f'damaged in {aside}/. Restore a backup of the checkpoints into {self.directory}/, or '
+          f'start again in a new --workdir (or delete {aside}/ to train from step 0 in this one, '
+          'replacing its metrics history).')
     problems = []
     for step in reversed(self.all_steps()):
       try:
