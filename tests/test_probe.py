@@ -1,0 +1,84 @@
+"""Issue 23's hostile probe, case by case: each case refuses with one line naming the problem
+and the fix, or recovers, and loses nothing. Cases that need a trained workdir live beside
+their kin in tests/test_faults.py (the table in docs/ lists where each item is tested)."""
+
+import logging
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capi_jax.data import sources
+
+
+def _images(folder: pathlib.Path, n: int, prefix: str = 'img') -> None:
+  folder.mkdir(parents=True, exist_ok=True)
+  for i in range(n):
+    Image.fromarray(np.full((4, 4, 3), i % 256, np.uint8)).save(folder / f'{prefix}{i}.png')
+
+
+# ------------------------------------------------------------------ 2. image folders
+def test_a_hidden_folder_does_not_replace_the_data_set(tmp_path):
+  _images(tmp_path, 30)
+  _images(tmp_path / '.thumbs', 3)  # Thumbnails a file manager left behind.
+  (tmp_path / '._img0.png').write_bytes(b'macOS resource fork, not an image')
+  source = sources.make_source(f'folder:{tmp_path}', 'train')
+  assert (len(source), source.num_classes) == (30, 0)
+  # In a class folder too: hidden classes and hidden files below a class are left out.
+  _images(tmp_path / 'cls' / 'a', 5)
+  _images(tmp_path / 'cls' / 'a' / '.cache', 2)
+  _images(tmp_path / 'cls' / '.git', 2)
+  source = sources.make_source(f'folder:{tmp_path / "cls"}', 'train')
+  assert (len(source), source.class_names) == (5, ['a'])
+
+
+def test_symlink_loops_give_each_real_file_once(tmp_path, caplog):
+  _images(tmp_path / 'cls', 30)
+  _images(tmp_path / 'other', 4)
+  os.symlink('.', tmp_path / 'cls' / 'again')
+  with caplog.at_level(logging.WARNING):
+    source = sources.make_source(f'folder:{tmp_path}', 'train')
+  assert len(source) == 34 and source.labels == [0] * 30 + [1] * 4
+  assert 'again -> .' in caplog.text and 'each real file is read once' in caplog.text
+  # `loop -> .` plus `up -> ..` once made the scan hang; a link from one class into another
+  # is not followed either (its images keep their own label).
+  os.symlink('.', tmp_path / 'other' / 'loop')
+  os.symlink('..', tmp_path / 'other' / 'up')
+  os.symlink('../cls', tmp_path / 'other' / 'cousin')
+  (tmp_path / 'other' / 'twin.png').symlink_to(tmp_path / 'other' / 'img0.png')
+  source = sources.make_source(f'folder:{tmp_path}', 'train')
+  assert len(source) == 34 and source.labels == [0] * 30 + [1] * 4
+  # Read alone, `other` has one class: `cousin` (the loops are no classes).
+  alone = sources.make_source(f'folder:{tmp_path / "other"}', 'train')
+  assert alone.class_names == ['cousin'] and len(alone) == 30
+
+
+def test_a_link_to_images_elsewhere_is_followed(tmp_path):
+  _images(tmp_path / 'pool', 6)
+  (tmp_path / 'set' / 'a').mkdir(parents=True)
+  os.symlink(tmp_path / 'pool', tmp_path / 'set' / 'a' / 'pool')
+  source = sources.make_source(f'folder:{tmp_path / "set"}', 'train')
+  assert len(source) == 6 and source.paths[0].endswith('set/a/pool/img0.png')
+
+
+def test_the_layout_rule_is_stated(tmp_path, caplog):
+  _images(tmp_path, 3)
+  _images(tmp_path / 'a', 2)
+  with caplog.at_level(logging.WARNING):
+    source = sources.make_source(f'folder:{tmp_path}', 'train')
+  assert len(source) == 2
+  assert 'one class per sub-folder' in caplog.text
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(sources.DatasetNotFoundError, match='one unlabelled set'):
+    sources.make_source(f'folder:{tmp_path / "empty"}', 'train')
+
+
+def test_a_long_scan_reports_progress(tmp_path, caplog, monkeypatch):
+  monkeypatch.setattr(sources, '_SCAN_PROGRESS_S', 0.0)
+  for i in range(3):
+    _images(tmp_path / f'part{i}', 1)
+  with caplog.at_level(logging.INFO, logger=sources.logger.name):
+    sources.make_source(f'folder:{tmp_path}', 'train')
+  assert 'Scanning' in caplog.text and 'images so far' in caplog.text
