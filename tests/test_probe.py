@@ -5,12 +5,17 @@ their kin in tests/test_faults.py (the table in docs/ lists where each item is t
 import logging
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from capi_jax.data import sources
+import expected_skips  # tests/ is on sys.path (pytest's rootdir insertion)
+
+TESTS = pathlib.Path(__file__).resolve().parent
 
 
 def _images(folder: pathlib.Path, n: int, prefix: str = 'img') -> None:
@@ -82,3 +87,26 @@ def test_a_long_scan_reports_progress(tmp_path, caplog, monkeypatch):
   with caplog.at_level(logging.INFO, logger=sources.logger.name):
     sources.make_source(f'folder:{tmp_path}', 'train')
   assert 'Scanning' in caplog.text and 'images so far' in caplog.text
+
+
+# ------------------------------------------------------------------ CI's skips
+def test_only_the_listed_skips_pass_in_ci(tmp_path):
+  """Under CAPI_STRICT_SKIPS=1 (.ci/run) an unlisted skip fails the session, naming it."""
+  (tmp_path / 'test_x.py').write_text(
+      'import pytest\n'
+      'def test_fine():\n  pass\n'
+      'def test_gone():\n  pytest.importorskip("no_such_module_capi")\n')
+  run = lambda strict: subprocess.run(
+      [sys.executable, '-m', 'pytest', '-q', '-p', 'expected_skips', '--noconftest',
+       '--rootdir', str(tmp_path), str(tmp_path / 'test_x.py')],
+      cwd=tmp_path, capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'PYTHONPATH': str(TESTS), expected_skips.STRICT_ENV: strict})
+  relaxed, strict = run('0'), run('1')
+  assert relaxed.returncode == 0, relaxed.stdout + relaxed.stderr
+  assert strict.returncode == 1, strict.stdout + strict.stderr
+  assert "test_x.py::test_gone: could not import 'no_such_module_capi'" in strict.stdout
+  assert expected_skips.unexpected([
+      ('tests/test_transforms.py::test_fixture_regenerates_with_torchvision',
+       'torchvision is not installed'),
+      ('tests/test_convert.py::test_x', 'could not import torch')]) == [
+          ('tests/test_convert.py::test_x', 'could not import torch')]
