@@ -480,6 +480,15 @@ def test_a_rerun_after_all_checkpoints_were_damaged_refuses_again(trained, tmp_p
   assert sorted(int(p.name) for p in (workdir / 'checkpoints_damaged').iterdir()) == [8, 12, 16]
 
 
+def test_total_iters_below_the_restored_step_is_refused(trained, tmp_path, cache_dir):
+  """Issue 23 item 3: no silent exit 0, and no evaluation of step 16 labelled 12."""
+  workdir = _copy(trained, tmp_path)
+  rc, out = _finish(_script(cache_dir, workdir, '--total=12', '--final_eval'))
+  assert rc == 1 and f'holds step {TOTAL}, beyond train.total_iters=12' in out, out
+  assert 'Traceback' not in out, out
+  assert not (workdir / 'eval').exists()
+
+
 # ------------------------------------------------------------------ 11. evaluate's paths
 def test_every_kind_of_checkpoint_path(trained, tmp_path):
   latest = trained / 'checkpoints' / str(TOTAL)
@@ -617,7 +626,7 @@ def _train_main(argv: list[str]) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # As capi_jax.main.
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger('capi_jax').setLevel(logging.INFO)
-  config = _config()
+  config = _config(fl.total)
   config.evals.final = fl.final_eval
   real = pipeline.create_train_loader
 
@@ -637,4 +646,5 @@ if __name__ == '__main__':
   absl_flags.DEFINE_float('throttle', 0.0, 'Seconds per batch (a Throttled loader).')
   absl_flags.DEFINE_integer('nan_from', 10**9, 'First NaN batch (a NanFrom loader).')
   absl_flags.DEFINE_bool('final_eval', False, 'config.evals.final.')
+  absl_flags.DEFINE_integer('total', TOTAL, 'config.train.total_iters.')
   cli.run(_train_main)

@@ -210,6 +210,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
                                    data_iter)
     if restored is not None:
       state, latest = restored
+      if latest > config.train.total_iters:
+        # Training on would do nothing and evaluate the step-`latest` model under the label
+        # total_iters.
+        raise errors.UserError(
+            f'{ckpt.directory} holds step {latest}, beyond train.total_iters='
+            f'{config.train.total_iters}: raise --config.train.total_iters to train on, evaluate '
+            f'that checkpoint with `python -m capi_jax.evaluate --config=CONFIG '
+            f'--workdir={workdir}`, or use a new --workdir.')
       logger.info('Resuming from step %d.', latest)
     else:
       state = jax.jit(layout.init, out_shardings=layout.shardings)(rng)
