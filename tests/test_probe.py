@@ -2,6 +2,7 @@
 and the fix, or recovers, and loses nothing. Cases that need a trained workdir live beside
 their kin in tests/test_faults.py (the table in docs/ lists where each item is tested)."""
 
+import json
 import logging
 import os
 import pathlib
@@ -13,6 +14,8 @@ import pytest
 from PIL import Image
 
 from capi_jax.data import sources
+from capi_jax.engine import curves
+from capi_jax.engine import metrics_writer
 import expected_skips  # tests/ is on sys.path (pytest's rootdir insertion)
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -110,3 +113,19 @@ def test_only_the_listed_skips_pass_in_ci(tmp_path):
        'torchvision is not installed'),
       ('tests/test_convert.py::test_x', 'could not import torch')]) == [
           ('tests/test_convert.py::test_x', 'could not import torch')]
+
+
+# ------------------------------------------------------------------ 6. metrics.jsonl
+def test_a_last_row_without_its_newline_is_not_glued_to_the_next(tmp_path, caplog):
+  rows = [json.dumps({'step': s, 'loss': 1.0 / (s + 1)}) for s in range(4)]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(rows))  # Killed before the last '\n'.
+  writer = metrics_writer.MetricsWriter(tmp_path, start_step=4)
+  writer.write(4, {'loss': 0.1})
+  writer.close()
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(l)['step'] for l in lines] == [0, 1, 2, 3, 4]
+  # Curves skip a line that is not one row (as an older version glued them), with a warning.
+  (tmp_path / 'old.jsonl').write_text(rows[0] + '\n' + rows[1] + rows[2] + '\n' + rows[3] + '\n')
+  with caplog.at_level(logging.WARNING):
+    assert list(curves.read_metrics(tmp_path / 'old.jsonl')['loss'][0]) == [0, 3]
+  assert '1 lines that are not one JSON row' in caplog.text

@@ -177,7 +177,7 @@ def _save_training_curves(metrics: epath.Path, png: epath.Path) -> None:
     try:
       curves.save_training_curves(local, png)
     except ValueError as e:  # A run that has not logged yet: no curves, not a failed eval.
-      logger.info('No training curves: %s', e)
+      logger.warning('No training curves in %s: %s', png, e)
 
 
 def _json_default(value: Any) -> Any:
