@@ -383,6 +383,11 @@ def test_grain_workers_die_with_a_killed_main_process():
     ('capi.optim.betas', (1.5, -0.2), 'capi.optim.betas=(1.5, -0.2) must each be in [0, 1)'),
     ('capi.optim.eps', -1.0, 'capi.optim.eps=-1.0 must be > 0'),
     ('capi.optim.weight_decay', -5.0, 'capi.optim.weight_decay=-5.0 must be >= 0'),
+    # Issue 23 item 14: nan read 'must be >= 0' and inf (which is >= 0) the same.
+    ('capi.optim.lr_schedule.base_value', float('nan'),
+     'capi.optim.lr_schedule.base_value=nan must be a finite number >= 0'),
+    ('capi.optim.weight_decay', float('inf'),
+     'capi.optim.weight_decay=inf must be a finite number >= 0'),
     ('capi.clustering_optimizer.eps', 0.0, 'capi.clustering_optimizer.eps=0.0 must be > 0'),
     ('capi.optim.momentum_schedule.base_value', 1.5, 'must be in [0, 1]'),
     ('data.num_workers', -1, 'data.num_workers=-1 must be an integer >= 0'),

@@ -663,8 +663,11 @@ def test_config_problems_name_each_bad_key():
   config.mim_refiner.pooling = 'max'
   config.mim_refiner.views.blur = 0.5
   config.mim_refiner.optim.warmup_iters = 10
+  config.mim_refiner.optim.base_lr = float('inf')
+  config.mim_refiner.optim.weight_decay = float('nan')
   found = config_checks.problems(config, device_count=1)
   for key in ('mim_refiner.stage=4', "'cls7' reads block 7", "'last' is neither",
               'queue_size=4 must be at least', "pooling='max'", "unknown keys ['blur']",
-              'mim_refiner.optim.warmup_iters=10 must be in [0, train.total_iters=10)'):
+              'mim_refiner.optim.warmup_iters=10 must be in [0, train.total_iters=10)',
+              'base_lr=inf must be a finite number > 0', 'weight_decay=nan and'):
     assert any(key in sentence for sentence in found), (key, found)
