@@ -16,6 +16,7 @@ from PIL import Image
 from capi_jax.data import sources
 from capi_jax.engine import curves
 from capi_jax.engine import metrics_writer
+from capi_jax.weights import files
 import expected_skips  # tests/ is on sys.path (pytest's rootdir insertion)
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -129,3 +130,26 @@ def test_a_last_row_without_its_newline_is_not_glued_to_the_next(tmp_path, caplo
   with caplog.at_level(logging.WARNING):
     assert list(curves.read_metrics(tmp_path / 'old.jsonl')['loss'][0]) == [0, 3]
   assert '1 lines that are not one JSON row' in caplog.text
+
+
+# ------------------------------------------------------------------ 4. convert's outputs
+def test_converted_weights_never_replace_a_file_and_appear_whole(tmp_path, monkeypatch):
+  sd = {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}
+  existing = tmp_path / 'old.npz'
+  existing.write_bytes(b'a file the user keeps')
+  with pytest.raises(files.OutputExistsError, match='exists: give another --output'):
+    files.write_state_dict(sd, existing)
+  assert existing.read_bytes() == b'a file the user keeps'
+  (tmp_path / 'run' / 'params').mkdir(parents=True)
+  with pytest.raises(files.OutputExistsError, match='params exists'):
+    files.save_params({'backbone': sd}, tmp_path / 'run')
+
+  def full_disk(path, **arrays):
+    del arrays
+    pathlib.Path(path).write_bytes(b'PK\x03\x04 cut short')
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(np, 'savez', full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    files.write_state_dict(sd, tmp_path / 'new.npz')
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['old.npz', 'run']  # Nothing left.
