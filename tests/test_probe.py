@@ -8,11 +8,13 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from capi_jax.base import storage
 from capi_jax.data import sources
 from capi_jax.engine import curves
 from capi_jax.engine import metrics_writer
@@ -153,3 +155,28 @@ def test_converted_weights_never_replace_a_file_and_appear_whole(tmp_path, monke
   with pytest.raises(OSError, match='No space left'):
     files.write_state_dict(sd, tmp_path / 'new.npz')
   assert sorted(p.name for p in tmp_path.iterdir()) == ['old.npz', 'run']  # Nothing left.
+
+
+# ------------------------------------------------------------------ 16. concurrent writers
+def test_concurrent_atomic_writes_use_their_own_temporary_files(tmp_path):
+  """Two `evaluate` runs writing one results.json: each write goes through its own temporary
+  name (was one shared 'results.json.tmp'), so the file is always one writer's whole text."""
+  target = tmp_path / 'results.json'
+  texts = [json.dumps({'writer': w, 'pad': 'x' * 100_000}) for w in range(4)]
+  errors_seen = []
+
+  def write(text):
+    try:
+      for _ in range(25):
+        storage.write_atomic(target, text)
+        assert target.read_text() in texts
+    except Exception as e:  # pylint: disable=broad-except
+      errors_seen.append(e)
+
+  threads = [threading.Thread(target=write, args=(t,)) for t in texts]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors_seen and target.read_text() in texts
+  assert [p.name for p in tmp_path.iterdir()] == ['results.json']  # No temporary file left.
