@@ -43,8 +43,10 @@ from capi_jax.base import cli
 from capi_jax.base import sharding
 from capi_jax.base import storage
 from capi_jax.engine import checkpointing
+from capi_jax.engine import config_checks
 from capi_jax.engine import evaluation
 from capi_jax.engine import pretrained
+from capi_jax.engine import runs
 from capi_jax.methods.capi import convert as capi_convert
 from capi_jax.weights import files
 
@@ -60,7 +62,8 @@ def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
   if checkpoint and storage.path(checkpoint).suffix in files.OFFICIAL_SUFFIXES:
     path = storage.path(checkpoint)
     if not path.is_file():
-      raise FileNotFoundError(f'--checkpoint={checkpoint}: no such official checkpoint file.')
+      raise checkpointing.CheckpointNotFoundError(
+          f'--checkpoint={checkpoint}: no such official checkpoint file; check the path.')
     source = 'student' if which == 'student' else 'student_ema'
     backbone = capi_convert.load_official(path, config, source=source)['backbone']
     # The official loader evaluates float32 weights.
@@ -80,6 +83,10 @@ def main(argv: Sequence[str]) -> None:
   logging.getLogger('capi_jax').setLevel(logging.INFO)
   fl = flags.FLAGS
   config = fl.config
+  # The training checks, less the batch's split over this host's devices (training's, not
+  # evaluation's): an evaluation setting such as evals.batch_size=0 is one line, not a crash.
+  config_checks.validate(config, device_count=0)
+  runs.make_workdir(fl.workdir)  # Results go to WORKDIR/eval/.
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
     params, step = load_params(config, storage.path(fl.workdir), fl.checkpoint, fl.init,

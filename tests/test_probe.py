@@ -2,6 +2,7 @@
 and the fix, or recovers, and loses nothing. Cases that need a trained workdir live beside
 their kin in tests/test_faults.py (the table in docs/ lists where each item is tested)."""
 
+import errno
 import json
 import logging
 import os
@@ -14,11 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from capi_jax import evaluate
 from capi_jax.base import storage
 from capi_jax.data import sources
+from capi_jax.engine import checkpointing
+from capi_jax.engine import config_checks
 from capi_jax.engine import curves
 from capi_jax.engine import metrics_writer
+from capi_jax.engine import runs
 from capi_jax.weights import files
+from configs import tiny
 import expected_skips  # tests/ is on sys.path (pytest's rootdir insertion)
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -180,3 +186,28 @@ def test_concurrent_atomic_writes_use_their_own_temporary_files(tmp_path):
     t.join()
   assert not errors_seen and target.read_text() in texts
   assert [p.name for p in tmp_path.iterdir()] == ['results.json']  # No temporary file left.
+
+
+# ------------------------------------------------------------------ 15. a line, not a traceback
+def test_an_unusable_workdir_is_one_line(tmp_path, monkeypatch):
+  (tmp_path / 'a_file').write_text('x')
+  for workdir in (tmp_path / 'a_file', tmp_path / 'a_file' / 'run'):
+    with pytest.raises(runs.WorkdirUnusableError, match='is a file. Give a --workdir'):
+      runs.make_workdir(workdir)
+
+  def read_only(self, data):
+    raise OSError(errno.EROFS, 'Read-only file system', os.fspath(self))
+
+  monkeypatch.setattr(type(storage.path(tmp_path)), 'write_bytes', read_only)
+  with pytest.raises(runs.WorkdirUnusableError, match='cannot be used: Read-only file system'):
+    runs.make_workdir(tmp_path / 'run')
+
+
+def test_evaluate_checks_its_config_and_names_a_missing_file(tmp_path):
+  config = tiny.get_config()
+  config.evals.batch_size = 0  # Was a ZeroDivisionError: evaluate ran no config checks.
+  with pytest.raises(config_checks.ConfigError, match='evals.batch_size=0'):
+    config_checks.validate(config, device_count=0)
+  with pytest.raises(checkpointing.CheckpointNotFoundError, match='no such official checkpoint'):
+    evaluate.load_params(tiny.get_config(), tmp_path, str(tmp_path / 'missing.pth'), '', 'ema',
+                         None)

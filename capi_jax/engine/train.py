@@ -50,7 +50,6 @@ from capi_jax.base import errors
 from capi_jax.base import hardware
 from capi_jax.base import interface
 from capi_jax.base import sharding
-from capi_jax.base import storage
 from capi_jax.data import pipeline
 from capi_jax.engine import checkpointing
 from capi_jax.engine import config_checks
@@ -176,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
   distributed.initialize()
   config_checks.validate(config)
-  workdir = storage.makedirs(workdir)  # gs:// stays gs:// (never a local ./gs:/ folder).
+  workdir = runs.make_workdir(workdir)  # gs:// stays gs:// (never a local ./gs:/ folder).
   lock = runs.lock_workdir(workdir)
   try:
     is_main = jax.process_index() == 0
