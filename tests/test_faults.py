@@ -494,6 +494,20 @@ def test_total_iters_below_the_restored_step_is_refused(trained, tmp_path, cache
   assert not (workdir / 'eval').exists()
 
 
+def test_resuming_with_another_process_count_is_refused(trained, tmp_path, monkeypatch):
+  """Issue 23 item 7: was Grain's 'process_0-of-1.json does not exist' traceback. (This host
+  has one process: the check is told it has two.)"""
+  workdir = _copy(trained, tmp_path)
+  real = checkpointing.check_process_count
+  monkeypatch.setattr(checkpointing, 'check_process_count', lambda step_dir, _: real(step_dir, 2))
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', _config())
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r'written by 1 process\(es\) and this run has 2: resume with 1'):
+    ckpt.restore_latest(_target(_config()), object())  # Any iterator: refused before use.
+  ckpt.close()
+  assert ckpt.all_steps() == [8, 12, TOTAL]  # Nothing set aside: the checkpoints are fine.
+
+
 # ------------------------------------------------------------------ 11. evaluate's paths
 def test_every_kind_of_checkpoint_path(trained, tmp_path):
   latest = trained / 'checkpoints' / str(TOTAL)

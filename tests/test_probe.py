@@ -211,3 +211,14 @@ def test_evaluate_checks_its_config_and_names_a_missing_file(tmp_path):
   with pytest.raises(checkpointing.CheckpointNotFoundError, match='no such official checkpoint'):
     evaluate.load_params(tiny.get_config(), tmp_path, str(tmp_path / 'missing.pth'), '', 'ema',
                          None)
+
+
+# ------------------------------------------------------------------ 7. another process count
+def test_resuming_with_another_process_count_is_one_line(tmp_path):
+  step_dir = tmp_path / '16'
+  (step_dir / 'data_iter').mkdir(parents=True)
+  (step_dir / 'data_iter' / 'process_0-of-1.json').write_text('{}')
+  checkpointing.check_process_count(storage.path(step_dir), 1)
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r'written by 1 process\(es\) and this run has 2: resume with 1'):
+    checkpointing.check_process_count(storage.path(step_dir), 2)

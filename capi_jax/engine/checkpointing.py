@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from typing import Any
 
 from etils import epath
@@ -253,6 +254,7 @@ def restore_step_dir(step_dir: str | os.PathLike[str], config: ml_collections.Co
   target = stack.to_layout_of(abstract_state, saved)
   items = {_STATE: ocp.args.StandardRestore(target)}
   if data_iter is not None:
+    check_process_count(step_dir, jax.process_count())
     adapted = (_IteratorStateAdapter(data_iter) if isinstance(data_iter, grain.DatasetIterator)
                else data_iter)
     items[_DATA] = grain.checkpoint.CheckpointRestore(adapted)
@@ -264,6 +266,21 @@ def restore_step_dir(step_dir: str | os.PathLike[str], config: ml_collections.Co
                               jax.tree.map(lambda a: a.sharding, abstract_state))
   logger.info('Restored checkpoint %s.', step_dir)
   return restored
+
+
+def check_process_count(step_dir: epath.Path, process_count: int) -> None:
+  """Raises IncompatibleCheckpointError unless `step_dir`'s data iterator positions were
+  written by `process_count` processes (one file per process: each reads its own slice of the
+  data, so another count cannot continue the same batches)."""
+  data = step_dir / _DATA
+  names = [p.name for p in data.iterdir()] if data.is_dir() else []
+  counts = sorted({int(m.group(1)) for n in names
+                   if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', n))})
+  if counts and process_count not in counts:
+    raise IncompatibleCheckpointError(
+        f'{step_dir} was written by {counts[0]} process(es) and this run has {process_count}: '
+        f'resume with {counts[0]} process(es) (the data position is saved per process), or '
+        'evaluate / convert this checkpoint, which works with any number.')
 
 
 def _read_metadata(step_dir: epath.Path) -> PyTree:
