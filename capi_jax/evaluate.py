@@ -51,6 +51,9 @@ from capi_jax.methods.capi import convert as capi_convert
 from capi_jax.weights import files
 
 PyTree = Any
+logger = logging.getLogger(__name__)
+# Newer checkpoints tried when the one being read is removed by the run that wrote it.
+_ROTATION_RETRIES = 3
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
@@ -68,11 +71,28 @@ def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
     backbone = capi_convert.load_official(path, config, source=source)['backbone']
     # The official loader evaluates float32 weights.
     return jax.tree.map(lambda x: np.asarray(x, np.float32), backbone), path.stem
-  found = checkpointing.find_checkpoint(checkpoint or workdir)
-  if found.kind == 'params':
-    return pretrained.restore_backbone(found.path), 'converted'
-  run = pretrained.restore_run(found.path, config, mesh)
-  return run.method.eval_params(run.variables, which), run.step
+  for attempt in range(_ROTATION_RETRIES + 1):
+    found = checkpointing.find_checkpoint(checkpoint or workdir)
+    if found.kind == 'params':
+      return pretrained.restore_backbone(found.path), 'converted'
+    try:
+      run = pretrained.restore_run(found.path, config, mesh)
+    except checkpointing.DamagedCheckpointError:
+      if storage.path(found.path).exists():
+        raise  # Really damaged.
+      # A training run with a small max_to_keep removed it while it was read: not damage.
+      named = bool(checkpoint) and storage.path(checkpoint) == storage.path(found.path)
+      if named or attempt == _ROTATION_RETRIES:
+        raise checkpointing.CheckpointNotFoundError(
+            f'{found.path} was removed while it was being read (a training run rotating its '
+            'checkpoints, train.checkpointing.max_to_keep): evaluate again, or copy the step '
+            'folder first and evaluate the copy.') from None
+      logger.warning('%s was removed while it was being read (a training run rotating its '
+                     'checkpoints); reading the newest one instead.', found.path)
+      continue
+    # Labelled by the step restored (the state's), whatever the folder is called.
+    return run.method.eval_params(run.variables, which), run.step
+  raise AssertionError('unreachable')
 
 
 def main(argv: Sequence[str]) -> None:

@@ -508,6 +508,30 @@ def test_resuming_with_another_process_count_is_refused(trained, tmp_path, monke
   assert ckpt.all_steps() == [8, 12, TOTAL]  # Nothing set aside: the checkpoints are fine.
 
 
+def test_evaluate_reads_the_newest_checkpoint_when_training_rotates_one_away(
+    trained, tmp_path, monkeypatch):
+  """Issue 23 item 13: a step folder removed by max_to_keep while evaluate read it failed as
+  'checkpoints/8 cannot be read', worded like damage."""
+  workdir = _copy(trained, tmp_path)
+  real = pretrained.restore_run
+  read = []
+
+  def rotated_while_read(step_dir, *args):
+    read.append(pathlib.Path(step_dir).name)
+    if len(read) == 1:  # The training run removes the newest while we read it.
+      shutil.rmtree(step_dir)
+    return real(step_dir, *args)
+
+  monkeypatch.setattr(pretrained, 'restore_run', rotated_while_read)
+  config = _config()
+  _, step = evaluate.load_params(config, workdir, '', '', 'ema', None)
+  assert read == [str(TOTAL), '12'] and step == 12
+  # A step folder named on the command line is not replaced by another: one line instead.
+  read.clear()
+  with pytest.raises(checkpointing.CheckpointNotFoundError, match='was removed while it was'):
+    evaluate.load_params(config, workdir, str(workdir / 'checkpoints' / '12'), '', 'ema', None)
+
+
 # ------------------------------------------------------------------ 11. evaluate's paths
 def test_every_kind_of_checkpoint_path(trained, tmp_path):
   latest = trained / 'checkpoints' / str(TOTAL)
