@@ -21,8 +21,10 @@ from capi_jax.data import sources
 from capi_jax.engine import checkpointing
 from capi_jax.engine import config_checks
 from capi_jax.engine import curves
+from capi_jax.engine import evaluation
 from capi_jax.engine import metrics_writer
 from capi_jax.engine import runs
+from capi_jax.evaluators import viz
 from capi_jax.weights import files
 from configs import tiny
 import expected_skips  # tests/ is on sys.path (pytest's rootdir insertion)
@@ -222,3 +224,41 @@ def test_resuming_with_another_process_count_is_one_line(tmp_path):
   with pytest.raises(checkpointing.IncompatibleCheckpointError,
                      match=r'written by 1 process\(es\) and this run has 2: resume with 1'):
     checkpointing.check_process_count(storage.path(step_dir), 2)
+
+
+# ------------------------------------------------------------------ 8. a full disk in evaluate
+def test_a_full_disk_in_evaluate_keeps_the_protocols_done_and_leaves_no_cut_png(
+    tmp_path, monkeypatch):
+  class Done:
+    def run(self, backbone, env, out_dir, log):
+      del backbone, env, out_dir, log
+      return {'global/k10': 0.75}, {}
+
+  class FillsTheDisk:
+    def run(self, backbone, env, out_dir, log):
+      del backbone, env, log
+      viz._save_png(Image.new('RGB', (64, 64)), f'{out_dir}/picture.png')
+      return {}, {}
+
+  monkeypatch.setattr(evaluation, 'make_backbone', lambda *a: None)
+  monkeypatch.setattr(evaluation, 'environment', lambda config: None)
+  monkeypatch.setattr(evaluation.evaluators, 'from_config',
+                      lambda evals, name: Done() if name == 'knn' else FillsTheDisk())
+  real_open = open
+
+  def full_disk_open(file, mode='r', *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    if 'w' in mode and str(file).endswith('.tmp') and 'picture.png' in str(file):
+      f.write(b'\x89PNG cut')  # Part of it reaches the disk, then: ENOSPC.
+      f.close()
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return f
+
+  monkeypatch.setattr('builtins.open', full_disk_open)
+  with pytest.raises(evaluation.EvaluationWriteError,
+                     match=r"'viz' could not write .*No space left.*\(results_knn.json\)"):
+    evaluation.evaluate_params(tiny.get_config(), None, None, storage.path(tmp_path),
+                               ['knn', 'viz'])
+  assert json.loads((tmp_path / 'results_knn.json').read_text())['results'] == {
+      'global/k10': 0.75}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['results_knn.json']  # No cut PNG.

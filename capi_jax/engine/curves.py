@@ -1,6 +1,7 @@
 """Training curves: one panel per metric of a run's metrics.jsonl, drawn beside its evaluations."""
 
 from collections.abc import Sequence
+import io
 import json
 import logging
 import math
@@ -11,6 +12,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from capi_jax.base import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,8 @@ def save_training_curves(metrics_path: str | pathlib.Path, path: str | pathlib.P
   for ax in axes.ravel()[len(keys):]:
     ax.set_axis_off()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)
+  storage.write_atomic(path, buffer.getvalue())  # Whole or not at all (a full disk).
   return keys
