@@ -2,7 +2,9 @@
 and the fix, or recovers, and loses nothing. Cases that need a trained workdir live beside
 their kin in tests/test_faults.py (the table in docs/ lists where each item is tested)."""
 
+import asyncio
 import errno
+import gc
 import json
 import logging
 import os
@@ -262,3 +264,30 @@ def test_a_full_disk_in_evaluate_keeps_the_protocols_done_and_leaves_no_cut_png(
   assert json.loads((tmp_path / 'results_knn.json').read_text())['results'] == {
       'global/k10': 0.75}
   assert sorted(p.name for p in tmp_path.iterdir()) == ['results_knn.json']  # No cut PNG.
+
+
+# ------------------------------------------------------------------ 12. a write fails in a save
+def test_a_failed_save_is_not_buried_under_unretrieved_futures(tmp_path, caplog):
+  """After a failed asynchronous save, asyncio reported each of Orbax's parallel writes'
+  error again when collected (~600 lines after the one that mattered)."""
+
+  class FailedSave:
+    def wait_until_finished(self):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+
+  ckpt = checkpointing.Checkpointer.__new__(checkpointing.Checkpointer)
+  ckpt.manager, ckpt.directory, ckpt._saving = FailedSave(), tmp_path, 8  # pylint: disable=protected-access
+  with pytest.raises(checkpointing.CheckpointWriteError, match='No space left'):
+    ckpt.wait()
+  try:
+    with caplog.at_level(logging.ERROR):
+      loop = asyncio.new_event_loop()
+      future = loop.create_future()
+      future.set_exception(OSError(errno.ENOSPC, 'No space left on device'))
+      del future
+      gc.collect()
+      loop.close()
+      logging.getLogger('asyncio').error('A real asyncio error')  # Still shown.
+    assert [r.getMessage() for r in caplog.records] == ['A real asyncio error']
+  finally:
+    logging.getLogger('asyncio').removeFilter(checkpointing._QUIET)  # pylint: disable=protected-access

@@ -542,6 +542,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except  (Orbax re-raises the writer's error)
+      quiet_unretrieved_futures()
       raise CheckpointWriteError(
           f'Writing checkpoint {self._saving} to {self.directory} failed: {_first_line(e)}. '
           'Fix the cause (e.g. free disk space) and rerun with the same --workdir: it resumes '
@@ -555,6 +556,25 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       logger.error('Writing checkpoint %s to %s failed: %s', self._saving, self.directory,
                    _first_line(e))
+
+
+class _UnretrievedFutures(logging.Filter):
+  """Drops asyncio's 'Future/Task exception was never retrieved' records: after a failed
+  write, each of Orbax's parallel file writes reports the same error again when collected
+  (~600 lines after a full disk), burying the one line that says what happened."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).partition('\n')[0].endswith('exception was never retrieved')
+
+
+_QUIET = _UnretrievedFutures()
+
+
+def quiet_unretrieved_futures() -> None:
+  """Installs `_UnretrievedFutures` on asyncio's logger (once; after a write failed)."""
+  asyncio_logger = logging.getLogger('asyncio')
+  if _QUIET not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_QUIET)
 
 
 def restore_target(abstract_state: PyTree, shardings: PyTree | jax.sharding.Sharding) -> PyTree:
