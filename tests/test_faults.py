@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -532,6 +533,24 @@ def test_evaluate_reads_the_newest_checkpoint_when_training_rotates_one_away(
     evaluate.load_params(config, workdir, str(workdir / 'checkpoints' / '12'), '', 'ema', None)
 
 
+def test_a_killed_data_worker_stops_the_run_with_one_line_and_a_checkpoint(tmp_path, cache_dir):
+  """Issue 23 item 11: the run went on ~4 steps, then a 27-line Grain traceback, no checkpoint
+  of the healthy state."""
+  workdir = tmp_path / 'run'
+  start = time.monotonic()
+  rc, out = _finish(_script(cache_dir, workdir, '--kill_workers_at=6'))
+  assert rc == 1, out
+  line = next(l for l in out.splitlines() if l.startswith('error: '))
+  assert 'The input pipeline failed before step' in line and 'terminated unexpectedly' in line
+  assert 'is checkpointed' in line and 'rerun with the same --workdir' in line, line
+  failed_at = int(re.search(r'failed before step (\d+)', line).group(1))
+  # After the batches already prefetched (9 here: the buffers of the worker and of the
+  # pipeline), never past the end.
+  assert 6 <= failed_at < TOTAL
+  assert (workdir / 'checkpoints' / str(failed_at)).is_dir()
+  assert time.monotonic() - start < 300
+
+
 # ------------------------------------------------------------------ 11. evaluate's paths
 def test_every_kind_of_checkpoint_path(trained, tmp_path):
   latest = trained / 'checkpoints' / str(TOTAL)
@@ -673,8 +692,13 @@ def _train_main(argv: list[str]) -> None:
   config.evals.final = fl.final_eval
   real = pipeline.create_train_loader
 
+  if fl.kill_workers_at >= 0:
+    config.data.num_workers = 1
+
   def loader(*args, **kwargs):
     inner = real(*args, **kwargs)
+    if fl.kill_workers_at >= 0:
+      return loader_wrappers.KillsItsWorkers(inner, fl.kill_workers_at)
     if fl.throttle:
       return loader_wrappers.Throttled(inner, fl.throttle)
     return loader_wrappers.NanFrom(inner, start=fl.nan_from)
@@ -690,4 +714,5 @@ if __name__ == '__main__':
   absl_flags.DEFINE_integer('nan_from', 10**9, 'First NaN batch (a NanFrom loader).')
   absl_flags.DEFINE_bool('final_eval', False, 'config.evals.final.')
   absl_flags.DEFINE_integer('total', TOTAL, 'config.train.total_iters.')
+  absl_flags.DEFINE_integer('kill_workers_at', -1, 'Kill the data workers before this batch.')
   cli.run(_train_main)
