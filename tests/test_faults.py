@@ -671,6 +671,22 @@ def test_ctrl_c_checkpoints_and_a_second_run_is_refused_meanwhile(tmp_path, cach
   assert not (workdir / runs.LOCK_NAME).exists()
 
 
+def test_sigusr1_checkpoints_and_exits_0(tmp_path, cache_dir):
+  """README: SIGUSR1 (SLURM's warning before the time limit) -> checkpoint, exit 0 (issue 23:
+  promised, untested)."""
+  workdir = tmp_path / 'run'
+  run = _script(cache_dir, workdir, '--throttle=2')
+  deadline = time.time() + 300
+  while not ((workdir / 'metrics.jsonl').exists() and _steps(workdir)):
+    assert run.poll() is None and time.time() < deadline, _finish(run)[1]
+    time.sleep(0.1)
+  run.send_signal(signal.SIGUSR1)
+  rc, out = _finish(run)
+  assert rc == 0 and 'Received SIGUSR1' in out and 'Stopped by signal' in out, out
+  assert 'Traceback' not in out, out
+  assert checkpointing.find_checkpoint(workdir).step == _steps(workdir)[-1] + 1 < TOTAL
+
+
 def test_a_second_ctrl_c_interrupts_at_once():
   stop = train._StopFlag()  # pylint: disable=protected-access
   stop(signal.SIGINT, None)
