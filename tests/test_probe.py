@@ -291,3 +291,43 @@ def test_a_failed_save_is_not_buried_under_unretrieved_futures(tmp_path, caplog)
     assert [r.getMessage() for r in caplog.records] == ['A real asyncio error']
   finally:
     logging.getLogger('asyncio').removeFilter(checkpointing._QUIET)  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------ simultaneous starts
+_RACER = '''
+import os, pathlib, sys, time
+from capi_jax.engine import runs
+workdir, meeting, n = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3])
+
+def wait_for(prefix):  # Until all n racers have left a file starting with prefix.
+  deadline = time.time() + 120
+  while len(list(meeting.glob(prefix + '*'))) < n and time.time() < deadline:
+    time.sleep(0.01)
+
+(meeting / f'ready_{os.getpid()}').touch()
+wait_for('ready_')  # Every racer has imported capi_jax: go.
+lock = runs.WorkdirLock(workdir)
+try:
+  lock.acquire()
+except runs.WorkdirBusyError:
+  print('busy', flush=True)
+  (meeting / f'tried_{os.getpid()}').touch()
+else:
+  print('won', flush=True)
+  (meeting / f'tried_{os.getpid()}').touch()
+  wait_for('tried_')  # Held until every racer has tried.
+  lock.release()
+'''
+
+
+def test_simultaneous_starts_in_separate_processes_get_one_lock(tmp_path):
+  """README: 'simultaneous starts: exactly one wins', so far raced by threads of one process."""
+  meeting = tmp_path / 'meeting'
+  meeting.mkdir()
+  racers = [subprocess.Popen(
+      [sys.executable, '-c', _RACER, str(tmp_path / 'run'), str(meeting), '4'],
+      cwd=TESTS.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'}) for _ in range(4)]
+  outs = [r.communicate(timeout=300) for r in racers]
+  said = sorted(out.strip() for out, _ in outs)
+  assert said == ['busy', 'busy', 'busy', 'won'], outs
