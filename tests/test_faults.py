@@ -525,7 +525,7 @@ def test_evaluate_reads_the_newest_checkpoint_when_training_rotates_one_away(
 
   monkeypatch.setattr(pretrained, 'restore_run', rotated_while_read)
   config = _config()
-  _, step = evaluate.load_params(config, workdir, '', '', 'ema', None)
+  step = evaluate.load_params(config, workdir, '', '', 'ema', None)[1]  # (params, step, ...)
   assert read == [str(TOTAL), '12'] and step == 12
   # A step folder named on the command line is not replaced by another: one line instead.
   read.clear()
