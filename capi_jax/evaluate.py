@@ -48,11 +48,16 @@ from capi_jax.base import cli
 from capi_jax.base import sharding
 from capi_jax.base import storage
 from capi_jax.engine import checkpointing
+from capi_jax.engine import config_checks
 from capi_jax.engine import evaluation
 from capi_jax.engine import pretrained
+from capi_jax.engine import runs
 from capi_jax.weights import files
 
 PyTree = Any
+logger = logging.getLogger(__name__)
+# Newer checkpoints tried when the one being read is removed by the run that wrote it.
+_ROTATION_RETRIES = 3
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
@@ -65,15 +70,33 @@ def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike[st
   if checkpoint and storage.path(checkpoint).suffix in files.OFFICIAL_SUFFIXES:
     path = storage.path(checkpoint)
     if not path.is_file():
-      raise FileNotFoundError(f'--checkpoint={checkpoint}: no such official checkpoint file.')
+      raise checkpointing.CheckpointNotFoundError(
+          f'--checkpoint={checkpoint}: no such official checkpoint file; check the path.')
     # The config's method reads the file (any family it knows), float32 as the releases do.
     module, params = evaluation.official_backbone(config, path, which)
     return params, path.stem, module
-  found = checkpointing.find_checkpoint(checkpoint or workdir)
-  if found.kind == 'params':
-    return pretrained.restore_backbone(found.path), 'converted', None
-  run = pretrained.restore_run(found.path, config, mesh)
-  return run.method.eval_params(run.variables, which), run.step, None
+  for attempt in range(_ROTATION_RETRIES + 1):
+    found = checkpointing.find_checkpoint(checkpoint or workdir)
+    if found.kind == 'params':
+      return pretrained.restore_backbone(found.path), 'converted', None
+    try:
+      run = pretrained.restore_run(found.path, config, mesh)
+    except checkpointing.DamagedCheckpointError:
+      if storage.path(found.path).exists():
+        raise  # Really damaged.
+      # A training run with a small max_to_keep removed it while it was read: not damage.
+      named = bool(checkpoint) and storage.path(checkpoint) == storage.path(found.path)
+      if named or attempt == _ROTATION_RETRIES:
+        raise checkpointing.CheckpointNotFoundError(
+            f'{found.path} was removed while it was being read (a training run rotating its '
+            'checkpoints, train.checkpointing.max_to_keep): evaluate again, or copy the step '
+            'folder first and evaluate the copy.') from None
+      logger.warning('%s was removed while it was being read (a training run rotating its '
+                     'checkpoints); reading the newest one instead.', found.path)
+      continue
+    # Labelled by the step restored (the state's), whatever the folder is called.
+    return run.method.eval_params(run.variables, which), run.step, None
+  raise AssertionError('unreachable')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -84,6 +107,10 @@ def main(argv: Sequence[str]) -> None:
   logging.getLogger('capi_jax').setLevel(logging.INFO)
   fl = flags.FLAGS
   config = fl.config
+  # The training checks, less the batch's split over this host's devices (training's, not
+  # evaluation's): an evaluation setting such as evals.batch_size=0 is one line, not a crash.
+  config_checks.validate(config, device_count=0)
+  runs.make_workdir(fl.workdir)  # Results go to WORKDIR/eval/.
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
     params, step, module = load_params(config, storage.path(fl.workdir), fl.checkpoint, fl.init,

@@ -47,6 +47,8 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from capi_jax.base import cli
+from capi_jax.base import errors
 from capi_jax.base import storage
 from capi_jax.data import sources
 from capi_jax.data import transforms
@@ -83,7 +85,22 @@ def encode(record: sources.Record, encoding: Encoding) -> dict[str, Any] | None:
     buffer = io.BytesIO()
     image.save(buffer, format='PNG')
     data = buffer.getvalue()
-  return {'image': data, 'label': int(decoded['label']), 'file_name': record['name']}
+  return {'image': data, 'label': int(decoded['label']), 'file_name': _printable(record['name'])}
+
+
+def _printable(name: str) -> str:
+  """`name` as valid UTF-8 text: a file name that is not UTF-8 (Python keeps its bytes as
+  surrogates) gets its odd bytes as backslash escapes, instead of failing the whole conversion
+  with a UnicodeEncodeError."""
+  return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+class PrepareError(errors.UserError, ValueError):
+  """The command's arguments are invalid (the dataset name, --resize, --quality)."""
+
+
+class OutputExistsError(errors.UserError, FileExistsError):
+  """The output dataset exists already (it is never overwritten)."""
 
 
 # Each worker process's source and encoding, set once by `_init_worker`.
@@ -209,14 +226,14 @@ def prepare(input_dataset: str, splits: Sequence[str], output_dir: str, name: st
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
-    raise ValueError(f'--name={name!r} is not a TFDS dataset name: use lower-case letters, digits '
+    raise PrepareError(f'--name={name!r} is not a TFDS dataset name: use lower-case letters, digits '
                      'and underscores, starting with a letter (e.g. imagenet_256).')
   if encoding.resize < 0 or not 1 <= encoding.quality <= 100:
-    raise ValueError(f'--resize={encoding.resize} must be >= 0 (0 keeps the original images) and '
+    raise PrepareError(f'--resize={encoding.resize} must be >= 0 (0 keeps the original images) and '
                      f'--quality={encoding.quality} in 1..100.')
   path = storage.path(output_dir) / name / VERSION
   if path.exists():
-    raise FileExistsError(f'{path} already exists; delete it to convert again, or choose another '
+    raise OutputExistsError(f'{path} already exists; delete it to convert again, or choose another '
                           '--name or --output.')
   for stale in path.parent.glob(f'incomplete.*_{VERSION}'):
     logger.warning('%s was left by an interrupted conversion; it is not a dataset, delete it.',
@@ -266,4 +283,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('shards', 0, 'ArrayRecord files per split; 0: TFDS chooses by size.')
   flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Encoding processes.')
   flags.mark_flags_as_required(['input', 'output', 'name'])
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
+import expected_skips  # pylint: disable=g-import-not-at-top
 import gcs_netns  # pylint: disable=g-import-not-at-top
 
 FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'capi_reference' / 'capi_ref_small.npz'
@@ -27,3 +28,5 @@ def pytest_configure(config: pytest.Config) -> None:
   # gs:// tests (marked `gcs`) run in one child pytest inside a loopback-only network namespace
   # beside fake-gcs-server: see gcs_netns.py.
   config.pluginmanager.register(gcs_netns, 'gcs_netns')
+  # Under CAPI_STRICT_SKIPS=1 (CI) a skip not listed in expected_skips.py fails the session.
+  config.pluginmanager.register(expected_skips, 'expected_skips')

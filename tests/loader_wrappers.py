@@ -5,6 +5,9 @@ is not a Grain DatasetIterator as bytes, so `get_state`/`set_state` speak JSON b
 """
 
 import json
+import multiprocessing
+import os
+import signal
 import time
 
 import jax.numpy as jnp
@@ -104,3 +107,19 @@ class NanFrom(WrappedLoader):
 
   def load_extra_state(self, state: dict) -> None:
     self.count = state['count']
+
+
+class KillsItsWorkers(WrappedLoader):
+  """Kills (SIGKILL) the loader's worker processes before handing out batch `at`."""
+
+  def __init__(self, loader, at: int):
+    super().__init__(loader)
+    self.at, self.count = at, 0
+
+  def __next__(self):
+    if self.count == self.at:
+      for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+      print(f'killed the data workers before batch {self.at}', flush=True)
+    self.count += 1
+    return next(self.loader)

@@ -169,3 +169,32 @@ def test_two_slices_fsdp_inside_data_parallel_across():
   params = methods.from_config(config).init(jax.random.PRNGKey(0)).params
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   assert result['dcn_bytes']['all-reduce'] == pytest.approx(param_bytes / 4, rel=0.05)
+
+
+def test_a_step_the_compiler_refuses_for_hbm_is_reported_as_not_fitting(monkeypatch):
+  """Issue 23 item 17: `aot --config=configs/vitl.py --topology=v5e:4x4` ended in a raw
+  RESOURCE_EXHAUSTED traceback after 2.5 min instead of the report. (The compiler's refusal is
+  stood in for: compiling ViT-L for a v5e needs libtpu and minutes.)"""
+  message = ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory '
+             'space hbm. Used 57.31G of 15.75G hbm. Exceeded hbm capacity by 41.56G.\n'
+             'Total hbm usage >= 57.31G: ... HLO temporaries (57.31G) exceeds available HBM '
+             '(15.75G)')
+
+  class Refused:
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(message)
+
+  monkeypatch.setattr(plans, 'lower_train_step', lambda config, devices: Refused())
+  config = tiny.get_config()
+  config.train.global_batch_size = 16
+  result = plans.plan(config, 'v5e:2x2', jax.devices()[:4])
+  assert not result['fits'] and result['temporary_bytes'] == round(57.31 * 2**30)
+  assert result['hbm_bytes'] == round(15.75 * 2**30)
+  text = plans.report(result)
+  assert 'DOES NOT FIT' in text and '57.31 GiB of 15.75 GiB HBM' in text
+  assert '--find_max_batch' in text
+  # Anything else the compiler says is still an error.
+  monkeypatch.setattr(Refused, 'compile', lambda self: (_ for _ in ()).throw(
+      jax.errors.JaxRuntimeError('INTERNAL: something else')))
+  with pytest.raises(jax.errors.JaxRuntimeError, match='something else'):
+    plans.plan(config, 'v5e:2x2', jax.devices()[:4])

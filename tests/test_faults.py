@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -383,6 +384,11 @@ def test_grain_workers_die_with_a_killed_main_process():
     ('capi.optim.betas', (1.5, -0.2), 'capi.optim.betas=(1.5, -0.2) must each be in [0, 1)'),
     ('capi.optim.eps', -1.0, 'capi.optim.eps=-1.0 must be > 0'),
     ('capi.optim.weight_decay', -5.0, 'capi.optim.weight_decay=-5.0 must be >= 0'),
+    # Issue 23 item 14: nan read 'must be >= 0' and inf (which is >= 0) the same.
+    ('capi.optim.lr_schedule.base_value', float('nan'),
+     'capi.optim.lr_schedule.base_value=nan must be a finite number >= 0'),
+    ('capi.optim.weight_decay', float('inf'),
+     'capi.optim.weight_decay=inf must be a finite number >= 0'),
     ('capi.clustering_optimizer.eps', 0.0, 'capi.clustering_optimizer.eps=0.0 must be > 0'),
     ('capi.optim.momentum_schedule.base_value', 1.5, 'must be in [0, 1]'),
     ('data.num_workers', -1, 'data.num_workers=-1 must be an integer >= 0'),
@@ -464,6 +470,85 @@ def test_no_intact_checkpoint_is_an_error_and_none_is_unverified(trained, tmp_pa
   with pytest.raises(checkpointing.DamagedCheckpointError, match='No intact checkpoint'):
     ckpt.restore_latest(_target(config), None)
   ckpt.close()
+
+
+def test_a_rerun_after_all_checkpoints_were_damaged_refuses_again(trained, tmp_path):
+  """Issue 23 item 5: the rerun of the refused command neither starts from step 0 nor drops
+  the rows of metrics.jsonl."""
+  workdir = _copy(trained, tmp_path)
+  rows = (workdir / 'metrics.jsonl').read_text()
+  for step in (8, 12, TOTAL):
+    _damage(workdir / 'checkpoints' / str(step), 'deleted')
+  for refusal in ('No intact checkpoint', 'an earlier start set every one aside as damaged'):
+    with pytest.raises(checkpointing.DamagedCheckpointError, match=refusal):
+      train.train_and_evaluate(_config(), workdir)
+    assert (workdir / 'metrics.jsonl').read_text() == rows
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints_damaged').iterdir()) == [8, 12, 16]
+
+
+def test_total_iters_below_the_restored_step_is_refused(trained, tmp_path, cache_dir):
+  """Issue 23 item 3: no silent exit 0, and no evaluation of step 16 labelled 12."""
+  workdir = _copy(trained, tmp_path)
+  rc, out = _finish(_script(cache_dir, workdir, '--total=12', '--final_eval'))
+  assert rc == 1 and f'holds step {TOTAL}, beyond train.total_iters=12' in out, out
+  assert 'Traceback' not in out, out
+  assert not (workdir / 'eval').exists()
+
+
+def test_resuming_with_another_process_count_is_refused(trained, tmp_path, monkeypatch):
+  """Issue 23 item 7: was Grain's 'process_0-of-1.json does not exist' traceback. (This host
+  has one process: the check is told it has two.)"""
+  workdir = _copy(trained, tmp_path)
+  real = checkpointing.check_process_count
+  monkeypatch.setattr(checkpointing, 'check_process_count', lambda step_dir, _: real(step_dir, 2))
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', _config())
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r'written by 1 process\(es\) and this run has 2: resume with 1'):
+    ckpt.restore_latest(_target(_config()), object())  # Any iterator: refused before use.
+  ckpt.close()
+  assert ckpt.all_steps() == [8, 12, TOTAL]  # Nothing set aside: the checkpoints are fine.
+
+
+def test_evaluate_reads_the_newest_checkpoint_when_training_rotates_one_away(
+    trained, tmp_path, monkeypatch):
+  """Issue 23 item 13: a step folder removed by max_to_keep while evaluate read it failed as
+  'checkpoints/8 cannot be read', worded like damage."""
+  workdir = _copy(trained, tmp_path)
+  real = pretrained.restore_run
+  read = []
+
+  def rotated_while_read(step_dir, *args):
+    read.append(pathlib.Path(step_dir).name)
+    if len(read) == 1:  # The training run removes the newest while we read it.
+      shutil.rmtree(step_dir)
+    return real(step_dir, *args)
+
+  monkeypatch.setattr(pretrained, 'restore_run', rotated_while_read)
+  config = _config()
+  step = evaluate.load_params(config, workdir, '', '', 'ema', None)[1]  # (params, step, ...)
+  assert read == [str(TOTAL), '12'] and step == 12
+  # A step folder named on the command line is not replaced by another: one line instead.
+  read.clear()
+  with pytest.raises(checkpointing.CheckpointNotFoundError, match='was removed while it was'):
+    evaluate.load_params(config, workdir, str(workdir / 'checkpoints' / '12'), '', 'ema', None)
+
+
+def test_a_killed_data_worker_stops_the_run_with_one_line_and_a_checkpoint(tmp_path, cache_dir):
+  """Issue 23 item 11: the run went on ~4 steps, then a 27-line Grain traceback, no checkpoint
+  of the healthy state."""
+  workdir = tmp_path / 'run'
+  start = time.monotonic()
+  rc, out = _finish(_script(cache_dir, workdir, '--kill_workers_at=6'))
+  assert rc == 1, out
+  line = next(l for l in out.splitlines() if l.startswith('error: '))
+  assert 'The input pipeline failed before step' in line and 'terminated unexpectedly' in line
+  assert 'is checkpointed' in line and 'rerun with the same --workdir' in line, line
+  failed_at = int(re.search(r'failed before step (\d+)', line).group(1))
+  # After the batches already prefetched (9 here: the buffers of the worker and of the
+  # pipeline), never past the end.
+  assert 6 <= failed_at < TOTAL
+  assert (workdir / 'checkpoints' / str(failed_at)).is_dir()
+  assert time.monotonic() - start < 300
 
 
 # ------------------------------------------------------------------ 11. evaluate's paths
@@ -586,6 +671,22 @@ def test_ctrl_c_checkpoints_and_a_second_run_is_refused_meanwhile(tmp_path, cach
   assert not (workdir / runs.LOCK_NAME).exists()
 
 
+def test_sigusr1_checkpoints_and_exits_0(tmp_path, cache_dir):
+  """README: SIGUSR1 (SLURM's warning before the time limit) -> checkpoint, exit 0 (issue 23:
+  promised, untested)."""
+  workdir = tmp_path / 'run'
+  run = _script(cache_dir, workdir, '--throttle=2')
+  deadline = time.time() + 300
+  while not ((workdir / 'metrics.jsonl').exists() and _steps(workdir)):
+    assert run.poll() is None and time.time() < deadline, _finish(run)[1]
+    time.sleep(0.1)
+  run.send_signal(signal.SIGUSR1)
+  rc, out = _finish(run)
+  assert rc == 0 and 'Received SIGUSR1' in out and 'Stopped by signal' in out, out
+  assert 'Traceback' not in out, out
+  assert checkpointing.find_checkpoint(workdir).step == _steps(workdir)[-1] + 1 < TOTAL
+
+
 def test_a_second_ctrl_c_interrupts_at_once():
   stop = train._StopFlag()  # pylint: disable=protected-access
   stop(signal.SIGINT, None)
@@ -603,12 +704,17 @@ def _train_main(argv: list[str]) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # As capi_jax.main.
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger('capi_jax').setLevel(logging.INFO)
-  config = _config()
+  config = _config(fl.total)
   config.evals.final = fl.final_eval
   real = pipeline.create_train_loader
 
+  if fl.kill_workers_at >= 0:
+    config.data.num_workers = 1
+
   def loader(*args, **kwargs):
     inner = real(*args, **kwargs)
+    if fl.kill_workers_at >= 0:
+      return loader_wrappers.KillsItsWorkers(inner, fl.kill_workers_at)
     if fl.throttle:
       return loader_wrappers.Throttled(inner, fl.throttle)
     return loader_wrappers.NanFrom(inner, start=fl.nan_from)
@@ -623,4 +729,6 @@ if __name__ == '__main__':
   absl_flags.DEFINE_float('throttle', 0.0, 'Seconds per batch (a Throttled loader).')
   absl_flags.DEFINE_integer('nan_from', 10**9, 'First NaN batch (a NanFrom loader).')
   absl_flags.DEFINE_bool('final_eval', False, 'config.evals.final.')
+  absl_flags.DEFINE_integer('total', TOTAL, 'config.train.total_iters.')
+  absl_flags.DEFINE_integer('kill_workers_at', -1, 'Kill the data workers before this batch.')
   cli.run(_train_main)

@@ -9,6 +9,7 @@ from capi_jax.engine import benchmark
 from capi_jax.engine import state as state_lib
 from capi_jax.engine import step as step_lib
 from capi_jax.methods.capi import flops
+from capi_jax.models import encoder_decoder
 from configs import bench_cpu
 from configs import tiny
 
@@ -97,7 +98,6 @@ def _xla_flops(fn, *args) -> float:
 
 
 def test_encoder_forward_matches_xla_cost_analysis():
-  encoder_decoder = pytest.importorskip('capi_jax.models.encoder_decoder')
   c = tiny.get_config()  # 32x32 images, patch 4: 64 tokens + 4 registers.
   # Width 384 and one block: the elementwise ops the count leaves out stay below 3%.
   c.capi.model.embed_dim, c.capi.model.num_heads, c.capi.model.encoder_depth = 384, 6, 1

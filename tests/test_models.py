@@ -277,9 +277,14 @@ def test_residual_is_plain_when_deterministic():
   """No rng is needed outside training even with a non-zero drop rate."""
   res = encoder_decoder.Residual(functools.partial(encoder_decoder.RMSNorm), functools.partial(nn.Dense, 4),
                         drop_rate=0.9, deterministic=True)
-  x = jnp.ones((3, 2, 4))
+  x = jax.random.normal(jax.random.key(1), (3, 2, 4))
   variables = res.init(jax.random.key(0), x)
-  assert res.apply(variables, x).shape == x.shape
+  # Every sample gets its whole branch, unscaled: x + fn(norm(x)), with fn and norm applied
+  # by hand from the same parameters.
+  norm = encoder_decoder.RMSNorm().apply({'params': variables['params']['norm']}, x)
+  branch = nn.Dense(4).apply({'params': variables['params']['fn']}, norm)
+  assert float(jnp.abs(branch).max()) > 0.1  # A branch that is there to be dropped.
+  np.testing.assert_allclose(res.apply(variables, x), x + branch, rtol=1e-6, atol=1e-6)
 
 
 def test_grouped_drop_path_on_a_sharded_batch_equals_one_device():

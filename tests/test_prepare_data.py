@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -124,3 +125,29 @@ def test_a_failed_conversion_leaves_no_dataset(tmp_path, monkeypatch):
 
   with pytest.raises(ValueError, match='not a TFDS dataset name'):
     prepare_data.prepare(f'folder:{folder}', ['train'], str(out), 'Flat-2', encoding)
+
+
+def test_a_file_name_that_is_not_utf8_is_converted_and_refusals_are_one_line(tmp_path):
+  """Issue 23 items 9 and 15: one Latin-1 file name aborted the whole conversion
+  (UnicodeEncodeError); a bad --name or an existing output printed a traceback."""
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  for i, name in enumerate((b'caf\xe9.png', b'plain.png')):
+    Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(
+        os.path.join(os.fsencode(folder), name), format='PNG')
+  out = tmp_path / 'tfds'
+  result = prepare_data.prepare(f'folder:{folder}', ['train'], str(out), 'latin',
+                                prepare_data.Encoding(resize=0, quality=90))
+  assert result['num_examples'] == {'train': 2} and result['skipped'] == {'train': 0}
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  examples = tfds.data_source('latin', split='train', data_dir=str(out), download=False)
+  names = [examples[i]['file_name'] for i in range(len(examples))]
+  names = [n.decode() if isinstance(n, bytes) else n for n in names]
+  assert sorted(n.rsplit('/', 1)[-1] for n in names) == ['caf\\xe9.png', 'plain.png']
+  for name, words in (('Bad-Name', 'is not a TFDS dataset name'), ('latin', 'already exists')):
+    run = subprocess.run(
+        [sys.executable, '-m', 'capi_jax.prepare_data', f'--input=folder:{folder}',
+         f'--output={out}', f'--name={name}', '--workers=1'],
+        capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
+    assert run.returncode == 1 and words in run.stderr, run.stderr
+    assert 'Traceback' not in run.stderr, run.stderr

@@ -44,7 +44,9 @@ class Problems:
   def number(self, key: str, value: Any, low: float | None = None, high: float | None = None,
              *, low_open: bool = False, high_open: bool = False, integer: bool = False) -> bool:
     """`value` is a finite number (an integer if `integer`) in the given interval."""
-    what = ['an integer'] if integer else []
+    # nan / inf fail every interval: say why (`inf >= 0` alone would read as satisfied).
+    non_finite = isinstance(value, float) and not math.isfinite(value)
+    what = ['an integer'] if integer else ['a finite number'] if non_finite else []
     if low is not None or high is not None:
       what.append(_interval(low, high, low_open, high_open))
     ok = is_int(value) if integer else _is_number(value)

@@ -14,6 +14,8 @@
   split and other splits are an error. Inside the split folder, first-level sub-folders are
   classes (label = index in sorted order, like torchvision's ImageFolder; files are found
   recursively below them); a folder with no sub-folders is one unlabelled set (label -1).
+  Hidden files and folders (names starting with ".") are ignored; symbolic links are followed,
+  but each real folder and file is read once (a link loop is skipped with a warning).
 - `synthetic`: random pixels (1M records, deterministic per index), for benchmarks.
 Every DIR / PATH / data_dir may be gs:// (a TFDS ArrayRecord dataset there is read with random
 access; a folder there costs one request per image: prepare it with `capi_jax.prepare_data`).
@@ -39,6 +41,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from typing import Any
 
 from etils import epath
@@ -175,26 +178,116 @@ def _walk_order(relative: str) -> tuple[tuple[int, str], ...]:
   return tuple((1, f) for f in folders) + ((0, name),)
 
 
+_LAYOUT_RULE = ('A folder with sub-folders is read as one class per sub-folder (images directly '
+                'in it are ignored); a folder without sub-folders is one unlabelled set. Names '
+                "starting with '.' are ignored.")
+_SCAN_PROGRESS_S = 10.0  # A long scan (a big local folder, a slow file system) logs this often.
+
+
+def _hidden(name: str) -> bool:
+  """Hidden files and folders ('.thumbs/', macOS' '._x.jpg') are never images of the set."""
+  return name.startswith('.')
+
+
+class _ScanProgress:
+  """Counts a scan's folders and images, logs them every _SCAN_PROGRESS_S, collects skipped
+  symbolic links (loops and second paths to folders already read)."""
+
+  def __init__(self, top: epath.Path):
+    self.top, self.folders, self.images = top, 0, 0
+    self.skipped_links: list[str] = []
+    self.duplicate_files = 0
+    self._next_report = time.monotonic() + _SCAN_PROGRESS_S
+
+  def skip_link(self, path: str) -> None:
+    self.skipped_links.append(
+        f'{path} -> {os.readlink(path)}' if os.path.islink(path) else path)
+
+  def tick(self, folders: int, images: int) -> None:
+    self.folders += folders
+    self.images += images
+    if time.monotonic() >= self._next_report:
+      self._next_report = time.monotonic() + _SCAN_PROGRESS_S
+      logger.info('Scanning %s: %d folders, %d images so far.', self.top, self.folders,
+                  self.images)
+
+
+def _encloses(folder: str, path: str) -> bool:
+  """Whether real path `folder` is `path` or one of its parents."""
+  return (path + os.sep).startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _local_images(directory: str, progress: _ScanProgress, seen_dirs: set[str],
+                  seen_files: set[str]) -> list[str]:
+  """Image files below `directory` in sorted walk order (a folder's files before its
+  sub-folders, each by name), following symbolic links but reading each real folder and file
+  once: a link to a folder that encloses it (`again -> .`, `up -> ..`) or to one already read
+  is skipped, so the scan ends."""
+  found = []
+  stack = [(directory, os.path.realpath(directory), False)]
+  seen_dirs.add(stack[0][1])
+  while stack:
+    path, real, via_link = stack.pop()
+    try:
+      entries = sorted((e for e in os.scandir(path) if not _hidden(e.name)), key=lambda e: e.name)
+    except OSError as e:
+      logger.warning('Cannot list %s (%s); its images are left out.', path, e)
+      continue
+    folders = []
+    for entry in entries:
+      linked = via_link or entry.is_symlink()
+      # Real paths cost system calls: only paths that pass through a link need them.
+      entry_real = os.path.realpath(entry.path) if linked else os.path.join(real, entry.name)
+      try:
+        is_dir = entry.is_dir()
+      except OSError:
+        is_dir = False
+      if is_dir:
+        if entry_real in seen_dirs or _encloses(entry_real, real):
+          progress.skip_link(entry.path)
+          continue
+        seen_dirs.add(entry_real)
+        folders.append((entry.path, entry_real, linked))
+      elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+        if entry_real in seen_files:
+          progress.duplicate_files += 1
+          continue
+        seen_files.add(entry_real)
+        found.append(entry.path)
+    progress.tick(1, len(found))
+    stack += reversed(folders)
+  return found
+
+
 def _scan_images(split_dir: epath.Path) -> tuple[list[str], list[int], list[str]]:
   """(paths, labels, class_names), sorted so that every host sees the same order."""
+  progress = _ScanProgress(split_dir)
+  seen_dirs, seen_files = set(), set()
 
   def images_below(directory: epath.Path) -> list[str]:
     if storage.is_gcs(directory):  # One paged listing, in the order os.walk gives below.
-      names = sorted(storage.list_files(directory), key=_walk_order)
-      return [os.fspath(directory / n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-      dirnames.sort()
-      found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
+      names = sorted((n for n in storage.list_files(directory)
+                      if not any(_hidden(part) for part in n.split('/'))), key=_walk_order)
+      found = [os.fspath(directory / n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+      progress.tick(0, len(found))
+      return found
+    return _local_images(os.fspath(directory), progress, seen_dirs, seen_files)
 
-  class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
+  visible = [d for d in split_dir.iterdir() if not _hidden(d.name)]
+  class_dirs = sorted(d for d in visible if d.is_dir())
+  if not storage.is_gcs(split_dir):  # A link to the folder or above is a loop, not a class.
+    top = os.path.realpath(split_dir)
+    for loop in [d for d in class_dirs if _encloses(os.path.realpath(d), top)]:
+      progress.skip_link(os.fspath(loop))
+      class_dirs.remove(loop)
   if class_dirs:
-    loose = [f for f in split_dir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    loose = [f for f in visible if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
       logger.warning('%s: %d images directly in the folder are ignored because it has class '
-                      'sub-folders (e.g. %s).', split_dir, len(loose), loose[0].name)
+                      'sub-folders (e.g. %s). %s', split_dir, len(loose), loose[0].name,
+                      _LAYOUT_RULE)
+    if not storage.is_gcs(split_dir):  # A link from one class into another is not followed.
+      seen_dirs.update(os.path.realpath(d) for d in class_dirs)
     paths, labels = [], []
     for label, class_dir in enumerate(class_dirs):
       found = images_below(class_dir)
@@ -204,10 +297,16 @@ def _scan_images(split_dir: epath.Path) -> tuple[list[str], list[int], list[str]
   else:
     paths = images_below(split_dir)
     labels, class_names = [-1] * len(paths), []
+  if progress.skipped_links or progress.duplicate_files:
+    logger.warning(
+        '%s: skipped %d symbolic links to folders already read or enclosing them (e.g. %s) and '
+        '%d second paths to image files already read; each real file is read once.', split_dir,
+        len(progress.skipped_links), (progress.skipped_links or ['none'])[0],
+        progress.duplicate_files)
   if not paths:
     raise DatasetNotFoundError(
         f'No images ({", ".join(IMAGE_EXTENSIONS)}) found in {split_dir}. Put the images there, '
-        'optionally in one sub-folder per class.')
+        f'optionally in one sub-folder per class. {_LAYOUT_RULE}')
   return paths, labels, class_names
 
 

@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from typing import Any
 
 from etils import epath
@@ -253,6 +254,7 @@ def restore_step_dir(step_dir: str | os.PathLike[str], config: ml_collections.Co
   target = stack.to_layout_of(abstract_state, saved)
   items = {_STATE: ocp.args.StandardRestore(target)}
   if data_iter is not None:
+    check_process_count(step_dir, jax.process_count())
     adapted = (_IteratorStateAdapter(data_iter) if isinstance(data_iter, grain.DatasetIterator)
                else data_iter)
     items[_DATA] = grain.checkpoint.CheckpointRestore(adapted)
@@ -264,6 +266,21 @@ def restore_step_dir(step_dir: str | os.PathLike[str], config: ml_collections.Co
                               jax.tree.map(lambda a: a.sharding, abstract_state))
   logger.info('Restored checkpoint %s.', step_dir)
   return restored
+
+
+def check_process_count(step_dir: epath.Path, process_count: int) -> None:
+  """Raises IncompatibleCheckpointError unless `step_dir`'s data iterator positions were
+  written by `process_count` processes (one file per process: each reads its own slice of the
+  data, so another count cannot continue the same batches)."""
+  data = step_dir / _DATA
+  names = [p.name for p in data.iterdir()] if data.is_dir() else []
+  counts = sorted({int(m.group(1)) for n in names
+                   if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', n))})
+  if counts and process_count not in counts:
+    raise IncompatibleCheckpointError(
+        f'{step_dir} was written by {counts[0]} process(es) and this run has {process_count}: '
+        f'resume with {counts[0]} process(es) (the data position is saved per process), or '
+        'evaluate / convert this checkpoint, which works with any number.')
 
 
 def _read_metadata(step_dir: epath.Path) -> PyTree:
@@ -458,7 +475,7 @@ class Checkpointer:
     listing the step at once (a move cut short leaves an uncommitted step folder, which Orbax
     removes at the next start).
     """
-    aside = self.directory.with_name(self.directory.name + DAMAGED_SUFFIX) / str(step)
+    aside = self.damaged_directory / str(step)
     n = 1
     while aside.exists():
       aside, n = aside.with_name(f'{step}.{n}'), n + 1
@@ -469,6 +486,11 @@ class Checkpointer:
     self.manager.reload()
     return aside
 
+  @property
+  def damaged_directory(self) -> epath.Path:
+    """Where damaged checkpoints are set aside: `<directory>_damaged/<step>`."""
+    return self.directory.with_name(self.directory.name + DAMAGED_SUFFIX)
+
   def restore_latest(self, abstract_state: PyTree, data_iter: Any | None
                      ) -> tuple[PyTree, int] | None:
     """(state, step) of the newest intact checkpoint; None if there are no checkpoints.
@@ -476,9 +498,17 @@ class Checkpointer:
     Damaged newer ones are moved to `<directory>_damaged/`, each with a warning.
 
     Raises:
-      DamagedCheckpointError: every checkpoint is damaged (they are all set aside).
+      DamagedCheckpointError: every checkpoint is damaged (they are all set aside), now or at
+        an earlier start (a rerun must not silently start from step 0 over the run's history).
       IncompatibleCheckpointError: the newest intact one has another architecture.
     """
+    aside = self.damaged_directory
+    if not self.all_steps() and aside.is_dir() and any(aside.iterdir()):
+      raise DamagedCheckpointError(
+          f'{self.directory} holds no checkpoint: an earlier start set every one aside as '
+          f'damaged in {aside}/. Restore a backup of the checkpoints into {self.directory}/, or '
+          f'start again in a new --workdir (or delete {aside}/ to train from step 0 in this one, '
+          'replacing its metrics history).')
     problems = []
     for step in reversed(self.all_steps()):
       try:
@@ -512,6 +542,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except  (Orbax re-raises the writer's error)
+      quiet_unretrieved_futures()
       raise CheckpointWriteError(
           f'Writing checkpoint {self._saving} to {self.directory} failed: {_first_line(e)}. '
           'Fix the cause (e.g. free disk space) and rerun with the same --workdir: it resumes '
@@ -525,6 +556,25 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       logger.error('Writing checkpoint %s to %s failed: %s', self._saving, self.directory,
                    _first_line(e))
+
+
+class _UnretrievedFutures(logging.Filter):
+  """Drops asyncio's 'Future/Task exception was never retrieved' records: after a failed
+  write, each of Orbax's parallel file writes reports the same error again when collected
+  (~600 lines after a full disk), burying the one line that says what happened."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).partition('\n')[0].endswith('exception was never retrieved')
+
+
+_QUIET = _UnretrievedFutures()
+
+
+def quiet_unretrieved_futures() -> None:
+  """Installs `_UnretrievedFutures` on asyncio's logger (once; after a write failed)."""
+  asyncio_logger = logging.getLogger('asyncio')
+  if _QUIET not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_QUIET)
 
 
 def restore_target(abstract_state: PyTree, shardings: PyTree | jax.sharding.Sharding) -> PyTree:

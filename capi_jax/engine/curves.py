@@ -1,7 +1,9 @@
 """Training curves: one panel per metric of a run's metrics.jsonl, drawn beside its evaluations."""
 
 from collections.abc import Sequence
+import io
 import json
+import logging
 import math
 import pathlib
 
@@ -11,19 +13,34 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from capi_jax.base import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+logger = logging.getLogger(__name__)
+
 
 def read_metrics(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """metrics.jsonl -> {key: (steps, values)} for every numeric key."""
   series: dict[str, list[tuple[int, float]]] = {}
+  bad = 0
   with open(path) as f:
     for line in f:
       if not line.strip():
         continue
-      record = json.loads(line)
+      try:
+        record = json.loads(line)
+      except ValueError:  # A row cut short by a kill, or two glued by an older version.
+        bad += 1
+        continue
+      if not isinstance(record, dict):
+        bad += 1
+        continue
       step = record.get('step')
       for key, value in record.items():
         if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
           series.setdefault(key, []).append((step, value))
+  if bad:
+    logger.warning('%s: %d lines that are not one JSON row each are left out of the curves.',
+                   path, bad)
   return {k: (np.array([s for s, _ in v]), np.array([x for _, x in v], np.float64))
           for k, v in series.items()}
 
@@ -58,6 +75,8 @@ def save_training_curves(metrics_path: str | pathlib.Path, path: str | pathlib.P
   for ax in axes.ravel()[len(keys):]:
     ax.set_axis_off()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)
+  storage.write_atomic(path, buffer.getvalue())  # Whole or not at all (a full disk).
   return keys

@@ -12,6 +12,7 @@ workdir and settings). The training loop and `python -m capi_jax.evaluate` both 
 from collections.abc import Sequence
 import contextlib
 import copy
+import errno
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import numpy as np
 
 from capi_jax import evaluators
 from capi_jax import methods
+from capi_jax.base import errors
 from capi_jax.base import interface
 from capi_jax.base import sharding
 from capi_jax.base import storage
@@ -90,6 +92,10 @@ def _log(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
 
+class EvaluationWriteError(errors.UserError):
+  """An evaluation's outputs could not be written (a full disk)."""
+
+
 def evaluate_params(config: ml_collections.ConfigDict, params: PyTree, mesh: jax.sharding.Mesh,
                     out_dir: epath.Path, protocols: Sequence[str] | None = None,
                     module: nn.Module | None = None) -> dict[str, Any]:
@@ -103,10 +109,24 @@ def evaluate_params(config: ml_collections.ConfigDict, params: PyTree, mesh: jax
   out = {}
   for name in protocols or config.evals.protocols:
     start = time.perf_counter()
-    results, details = evaluators.from_config(config.evals, name).run(backbone, env, out_dir,
-                                                                       _log)
-    out[name] = {'results': results, 'details': details,
-                 'seconds': time.perf_counter() - start}
+    try:
+      results, details = evaluators.from_config(config.evals, name).run(backbone, env, out_dir,
+                                                                         _log)
+      out[name] = {'results': results, 'details': details,
+                   'seconds': time.perf_counter() - start}
+      if jax.process_index() == 0:
+        # Each protocol's numbers as soon as they exist: a later failure (a full disk, a
+        # crash) does not lose them.
+        storage.write_atomic(out_dir / f'results_{name}.json', json.dumps(
+            out[name], indent=2, default=_json_default))
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      kept = ', '.join(f'results_{n}.json' for n in out) or 'none'
+      raise EvaluationWriteError(
+          f'Evaluation {name!r} could not write to {out_dir}: {e.strerror}. Results of the '
+          f'protocols done before it are kept there ({kept}); free disk space and evaluate '
+          'again.') from None
   return out
 
 def flatten(results: dict[str, Any]) -> dict[str, float]:
@@ -196,7 +216,7 @@ def _save_training_curves(metrics: epath.Path, png: epath.Path) -> None:
     try:
       curves.save_training_curves(local, png)
     except ValueError as e:  # A run that has not logged yet: no curves, not a failed eval.
-      logger.info('No training curves: %s', e)
+      logger.warning('No training curves in %s: %s', png, e)
 
 
 def _json_default(value: Any) -> Any:

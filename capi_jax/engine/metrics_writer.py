@@ -39,7 +39,8 @@ def truncate_jsonl(path: str | os.PathLike[str], start_step: int) -> None:
   path = storage.path(path)
   if not path.exists():
     return
-  lines = path.read_text().splitlines()
+  text = path.read_text()
+  lines = text.splitlines()
   kept = []
   for line in lines:
     try:
@@ -51,6 +52,9 @@ def truncate_jsonl(path: str | os.PathLike[str], start_step: int) -> None:
   if len(kept) < len(lines):
     logger.info('%s: dropped %d rows of steps >= %d (written after the checkpoint this run '
                 'resumes from).', path, len(lines) - len(kept), start_step)
+  if len(kept) < len(lines) or (text and not text.endswith('\n')):
+    # A last row written whole but without its newline (a kill between the two) would glue
+    # the next row appended onto it: every kept row gets its newline back.
     storage.write_atomic(path, ''.join(l + '\n' for l in kept))
 
 

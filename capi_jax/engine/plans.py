@@ -221,7 +221,14 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   _, chip, _ = parse_topology(topology)
   start = time.perf_counter()
   lowered = lower_train_step(config, devices)
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    # The TPU compiler refuses a program whose temporaries alone exceed HBM: that is the
+    # answer 'does not fit', not a failure of the plan.
+    return refused_plan(config, topology, devices, str(e), time.perf_counter() - start)
   compile_s = time.perf_counter() - start  # Lowering and compiling, as before.
   memory = compiled.memory_analysis()
   arguments = memory.argument_size_in_bytes
@@ -250,6 +257,37 @@ def plan(config: ml_collections.ConfigDict, topology: str,
       'dcn_bytes': dcn, 'dcn_bytes_total': sum(dcn.values()),
       'compile_s': compile_s,
   }
+
+_SIZE_UNITS = {'K': 2 ** 10, 'M': 2 ** 20, 'G': GiB, 'T': 2 ** 40}
+
+
+def refused_plan(config: ml_collections.ConfigDict, topology: str,
+                 devices: Sequence[jax.Device], message: str, compile_s: float
+                 ) -> dict[str, Any]:
+  """A plan's keys for a step the compiler refused for lack of HBM: `fits` False, the memory it
+  named (e.g. 'HLO temporaries (57.31G) exceeds available HBM (15.75G)') where it named one,
+  None for what it did not compute."""
+  _, chip, _ = parse_topology(topology)
+  sizes = {m.group(1).lower(): round(float(m.group(2)) * _SIZE_UNITS[m.group(3)])
+           for m in re.finditer(r'(HLO temporaries|available HBM) \((\d+(?:\.\d+)?)([KMGT])\)',
+                                message)}
+  batch = config.train.global_batch_size
+  return {
+      'config': config.name, 'topology': topology, 'device_kind': devices[0].device_kind,
+      'chips': len(devices), 'slices': sharding.granules(devices)[1],
+      'mesh': dict(zip(*sharding.mesh_shape(config.sharding.mesh, len(devices)))),
+      'global_batch_size': batch, 'images_per_chip': batch / len(devices),
+      'compute_dtype': config.efficiency.compute_dtype,
+      'remat_policy': config.efficiency.remat_policy,
+      'argument_bytes': None, 'temporary_bytes': sizes.get('hlo temporaries'),
+      'output_bytes': None, 'total_bytes': None,
+      'hbm_bytes': sizes.get('available hbm', chip.hbm_bytes), 'fits': False,
+      'compiler_refused': ' '.join(message.split())[:400],
+      'flops_per_chip': None, 'peak_flops_per_chip': None, 'ideal_step_s': None,
+      'collective_bytes': {}, 'collective_bytes_total': None, 'dcn_bytes': {},
+      'dcn_bytes_total': None, 'compile_s': compile_s,
+  }
+
 
 def with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:
   """A copy of `config` with another global batch."""
@@ -305,6 +343,16 @@ def report(result: dict[str, Any]) -> str:
   collectives = ', '.join(f'{k} {gib(v)}' for k, v in sorted(result['collective_bytes'].items()))
   dcn = ', '.join(f'{k} {gib(v)}' for k, v in sorted(result['dcn_bytes'].items()))
   ideal = result['ideal_step_s']
+  if result.get('compiler_refused'):
+    needs = (f"temporaries alone {gib(result['temporary_bytes'])}"
+             if result['temporary_bytes'] else 'more than the chip has')
+    return '\n'.join([
+        f"{result['config']} on {result['topology']} ({result['chips']} x "
+        f"{result['device_kind']}, mesh {result['mesh']}), global batch "
+        f"{result['global_batch_size']} ({result['images_per_chip']:g} per chip): DOES NOT FIT",
+        f"  per chip: {needs} of {gib(result['hbm_bytes'])} HBM (the TPU compiler refused the "
+        f"step after {result['compile_s']:.0f} s); lower --config.train.global_batch_size, or "
+        'run with --find_max_batch for the largest batch that fits.'])
   return '\n'.join([
       f"{result['config']} on {result['topology']}"
       + (f" x {result['slices']} slices" if result['slices'] > 1 else '')

@@ -58,6 +58,34 @@ class WorkdirBusyError(errors.UserError):
   """Another live run holds the workdir's lock."""
 
 
+class WorkdirUnusableError(errors.UserError):
+  """The workdir cannot be created or written (a file is in the way, a read-only disk)."""
+
+
+def make_workdir(workdir: str | os.PathLike[str]) -> epath.Path:
+  """Creates `workdir` (gs://: nothing to create) and checks that a file can be written in it.
+
+  Raises:
+    WorkdirUnusableError: one line naming the cause, instead of the OSError's traceback.
+  """
+  try:
+    path = storage.makedirs(workdir)
+    if not storage.is_gcs(path):
+      probe = path / f'.capi_jax_write_test.{os.getpid()}'
+      probe.write_bytes(b'')
+      probe.unlink()
+  except OSError as e:
+    where = f' ({e.filename})' if e.filename and os.fspath(e.filename) != os.fspath(workdir) else ''
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+      why = 'it, or a folder above it, is a file'
+    else:
+      why = e.strerror or str(e)
+    raise WorkdirUnusableError(
+        f'--workdir={workdir} cannot be used: {why}{where}. Give a --workdir in a writable '
+        'folder.') from None
+  return path
+
+
 def _utc_now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
 

@@ -50,7 +50,6 @@ from capi_jax.base import errors
 from capi_jax.base import hardware
 from capi_jax.base import interface
 from capi_jax.base import sharding
-from capi_jax.base import storage
 from capi_jax.data import pipeline
 from capi_jax.engine import checkpointing
 from capi_jax.engine import config_checks
@@ -140,6 +139,29 @@ def _require_finite(state: state_lib.TrainState, ckpt: checkpointing.Checkpointe
     raise _diverged(ckpt, f'The state after step {step} is not finite ({when})')
 
 
+class InputPipelineError(errors.UserError):
+  """The input pipeline failed (a data worker died or raised)."""
+
+
+def _input_failed(error: Exception, ckpt: checkpointing.Checkpointer,
+                  state: state_lib.TrainState, step: int, data_iter: Any) -> InputPipelineError:
+  """The one-line error for an input pipeline that failed before step `step`, after saving
+  the healthy state of `step` steps where that is safe (one process: the others of a
+  multi-process run would wait for it in the save's collectives)."""
+  reason = f'{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ""}'
+  saved = ''
+  if jax.process_count() == 1 and step > 0 and bool(_all_finite(state)):
+    try:
+      ckpt.save(step, state, data_iter)
+      ckpt.wait()
+      saved = f' The state after step {step} is checkpointed.'
+    except Exception as e:  # pylint: disable=broad-except  (the error to report is `error`)
+      logger.error('Could not checkpoint step %d after the input failure: %s', step, e)
+  return InputPipelineError(
+      f'The input pipeline failed before step {step} ({reason}).{saved} Fix the cause (memory, '
+      'a killed worker, the data) and rerun with the same --workdir to resume.')
+
+
 def _log_memory(compiled) -> None:
   try:
     mem = compiled.memory_analysis()
@@ -176,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
   distributed.initialize()
   config_checks.validate(config)
-  workdir = storage.makedirs(workdir)  # gs:// stays gs:// (never a local ./gs:/ folder).
+  workdir = runs.make_workdir(workdir)  # gs:// stays gs:// (never a local ./gs:/ folder).
   lock = runs.lock_workdir(workdir)
   try:
     is_main = jax.process_index() == 0
@@ -210,6 +232,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
                                    data_iter)
     if restored is not None:
       state, latest = restored
+      if latest > config.train.total_iters:
+        # Training on would do nothing and evaluate the step-`latest` model under the label
+        # total_iters.
+        raise errors.UserError(
+            f'{ckpt.directory} holds step {latest}, beyond train.total_iters='
+            f'{config.train.total_iters}: raise --config.train.total_iters to train on, evaluate '
+            f'that checkpoint with `python -m capi_jax.evaluate --config=CONFIG '
+            f'--workdir={workdir}`, or use a new --workdir.')
       logger.info('Resuming from step %d.', latest)
     else:
       state = jax.jit(layout.init, out_shardings=layout.shardings)(rng)
@@ -249,7 +279,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
         unit='step', dynamic_ncols=True))
     for step in range(start, total):
       with stats.waiting_for_data():
-        batch = next_batch()
+        try:
+          batch = next_batch()
+        except (errors.UserError, KeyboardInterrupt):
+          raise
+        except Exception as e:  # pylint: disable=broad-except  (a dead data worker, a crash)
+          raise _input_failed(e, ckpt, state, step, data_iter) from e
       if compiled is None:
         compiled = step_fn.lower(state, batch).compile()
         _log_memory(compiled)

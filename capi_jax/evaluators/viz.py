@@ -18,6 +18,7 @@ projections agree to ~1e-4).
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import io
 import pathlib
 from typing import ClassVar
 
@@ -25,6 +26,7 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
+from capi_jax.base import storage
 from capi_jax.data import transforms as image_ops
 from capi_jax.evaluators import protocol
 from capi_jax.evaluators import seg_data
@@ -138,12 +140,19 @@ def save_pictures(image_fn: Callable[[int], np.ndarray], feature_maps: np.ndarra
       row = [_picture(image_fn(index)), Image.fromarray(build_rgb(h, w, projected))]
       row += [_heatmap(c) for c in projected.T.reshape(-1, h, w)]
       base = out_dir / f'{index:07d}_pca_{kind}'
-      _grid_row(row).save(f'{base}.png')
+      _save_png(_grid_row(row), f'{base}.png')
       for i, direction in enumerate(FLIP_DIRECTIONS):
-        Image.fromarray(build_rgb(h, w, projected[:, :3] * direction)).save(
-            f'{base}all_flips_{i}.png')
+        _save_png(Image.fromarray(build_rgb(h, w, projected[:, :3] * direction)),
+                  f'{base}all_flips_{i}.png')
       written.append(pathlib.Path(f'{base}.png'))
   return written
+
+
+def _save_png(image: Image.Image, path: str) -> None:
+  """Writes `image` whole or not at all (a full disk leaves no truncated PNG behind)."""
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG')
+  storage.write_atomic(path, buffer.getvalue())
 
 
 def run(backbone, dataset, resolution: int, out_dir: str | pathlib.Path,

@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 from typing import IO, Any, NamedTuple
+import uuid
 import zipfile
 
 from etils import epath
@@ -351,21 +352,44 @@ def _read_torchscript(path: epath.Path) -> StateDict:
       # Any failure to parse an untrusted file (pickle, zip, source) means it cannot be read.
       raise _damaged(path, e) from e
 
-def write_state_dict(sd: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> None:
-  """Writes {official name: array} to `.npz`, or `.pth` / `.pt` (PyTorch)."""
+class OutputExistsError(errors.UserError, FileExistsError):
+  """A weights file would replace an existing file."""
+
+
+def write_state_dict(sd: Mapping[str, np.ndarray], path: str | os.PathLike[str],
+                     overwrite: bool = False) -> None:
+  """Writes {official name: array} to `.npz`, or `.pth` / `.pt` (PyTorch), whole or not at all.
+
+  Raises:
+    OutputExistsError: `path` exists and not `overwrite` (as save_params refuses a folder).
+  """
   path = storage.path(path)
   if path.suffix not in ('.npz', '.pth', '.pt'):
     raise ValueError(f'Unknown checkpoint format {path.suffix!r} for {path}: use .pth or .npz.')
+  if not overwrite and path.exists():
+    raise OutputExistsError(f'{path} exists: give another --output, or remove it first.')
   torch = _import_torch() if path.suffix != '.npz' else None
   with storage.staged_file(path) as local:
-    if torch is None:
-      np.savez(os.fspath(local), **sd)
-    else:
-      torch.save({k: _numpy_to_torch(torch, v) for k, v in sd.items()}, os.fspath(local))
+    # Locally, written beside and renamed when complete (a full disk leaves no truncated file
+    # under the name); on GCS the staged file is one upload.
+    aside = local if storage.is_gcs(path) else local.with_name(
+        f'.{local.name}.{uuid.uuid4().hex[:8]}.tmp{local.suffix}')
+    try:
+      if torch is None:
+        np.savez(os.fspath(aside), **sd)
+      else:
+        torch.save({k: _numpy_to_torch(torch, v) for k, v in sd.items()}, os.fspath(aside))
+      if aside != local:
+        os.replace(aside, local)
+    finally:
+      if aside != local and os.path.exists(aside):
+        os.remove(aside)
 
 def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) -> epath.Path:
   """Saves capi_jax parameter trees with Orbax's StandardCheckpointer to `directory/params`."""
   target = storage.path(directory) / 'params'
+  if target.exists():
+    raise OutputExistsError(f'{target} exists: give another --output, or remove it first.')
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(target, jax.tree_util.tree_map(np.asarray, dict(parts)))
   return target

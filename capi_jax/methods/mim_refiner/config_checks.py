@@ -3,6 +3,7 @@
 `mim_refiner.optim` and the training lengths it schedules over (`train`)."""
 
 import dataclasses
+import math
 
 import ml_collections
 
@@ -110,17 +111,21 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       augment.MultiCrop(global_size=config.data.image_size, **dict(cfg.views))
     except (TypeError, ValueError) as e:
       found.append(f'mim_refiner.views: {e}')
-  check(o.base_lr > 0, f'mim_refiner.optim.base_lr={o.base_lr} must be > 0.')
-  check(o.end_lr >= 0, f'mim_refiner.optim.end_lr={o.end_lr} must be >= 0.')
+  finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+  check(finite(o.base_lr) and o.base_lr > 0,
+        f'mim_refiner.optim.base_lr={o.base_lr} must be a finite number > 0.')
+  check(finite(o.end_lr) and o.end_lr >= 0,
+        f'mim_refiner.optim.end_lr={o.end_lr} must be a finite number >= 0.')
   check(0 <= o.warmup_iters < t.total_iters,
         f'mim_refiner.optim.warmup_iters={o.warmup_iters} must be in [0, train.total_iters='
         f'{t.total_iters}).')
   check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
         f'mim_refiner.optim.betas={tuple(o.betas)} must be two values in [0, 1).')
-  check(o.eps > 0, f'mim_refiner.optim.eps={o.eps} must be > 0.')
-  check(o.weight_decay >= 0 and o.head_weight_decay >= 0,
+  check(finite(o.eps) and o.eps > 0, f'mim_refiner.optim.eps={o.eps} must be a finite number > 0.')
+  check(finite(o.weight_decay) and finite(o.head_weight_decay) and o.weight_decay >= 0
+        and o.head_weight_decay >= 0,
         f'mim_refiner.optim.weight_decay={o.weight_decay} and mim_refiner.optim.'
-        f'head_weight_decay={o.head_weight_decay} must be >= 0.')
+        f'head_weight_decay={o.head_weight_decay} must be finite numbers >= 0.')
   check(t.global_batch_size >= 2,
         f'train.global_batch_size={t.global_batch_size} must be >= 2: the heads\' BatchNorm '
         'normalises over the batch.')
