@@ -108,7 +108,7 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
                                          jax.random.PRNGKey(config.train.seed))
   step_fn = step_lib.jit_train_step(method, layout, mesh)
   batch = jax.device_put(synthetic_batch(config, method.train_transform(), config.train.seed),
-                         sharding.batch_sharding(mesh))
+                         sharding.batch_sharding(mesh, layout.logical_rules))
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
