@@ -56,6 +56,52 @@ def test_services_and_egress():
   assert b == {'compute': 2.0, 'memory': 1e-3, 'interconnect': 2.0, 'dcn': 0.0}
 
 
+# A scan of 3 layers: each iteration reads one layer's weights (dynamic-slice of the stacked
+# f32[3,64,64]) and writes one slot of the stacked outputs in place (dynamic-update-slice).
+_SCAN_HLO = """\
+HloModule scan
+
+%read (p0: f32[3,64,64], p1: s32[]) -> f32[64,64] {
+  %p0 = f32[3,64,64]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  ROOT %ds = f32[1,64,64]{2,1,0} dynamic-slice(%p0, %p1, %c, %c), dynamic_slice_sizes={1,64,64}
+}
+
+%write (q0: f32[3,8,64], q1: f32[1,8,64], q2: s32[]) -> f32[3,8,64] {
+  %q0 = f32[3,8,64]{2,1,0} parameter(0)
+  %q1 = f32[1,8,64]{2,1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %b = f32[3,8,64]{2,1,0} bitcast(%q0)
+  ROOT %dus = f32[3,8,64]{2,1,0} dynamic-update-slice(%b, %q1, %q2, %c, %c)
+}
+
+%body (p: (s32[], f32[3,64,64], f32[3,8,64])) -> (s32[], f32[3,64,64], f32[3,8,64]) {
+  %p = (s32[], f32[3,64,64]{2,1,0}, f32[3,8,64]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %w = f32[3,64,64]{2,1,0} get-tuple-element(%p), index=1
+  %o = f32[3,8,64]{2,1,0} get-tuple-element(%p), index=2
+  %layer = f32[1,64,64]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%read
+  %y = f32[1,8,64]{2,1,0} convolution(%layer, %layer)
+  %o2 = f32[3,8,64]{2,1,0} fusion(%o, %y, %i), kind=kLoop, calls=%write
+  ROOT %t = (s32[], f32[3,64,64]{2,1,0}, f32[3,8,64]{2,1,0}) tuple(%i, %w, %o2)
+}
+
+ENTRY %main (a: f32[3,64,64]) -> f32[3,8,64] {
+  %a = f32[3,64,64]{2,1,0} parameter(0)
+  %loop = (s32[], f32[3,64,64]{2,1,0}, f32[3,8,64]{2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = f32[3,8,64]{2,1,0} get-tuple-element(%loop), index=2
+}
+"""
+
+
+def test_hbm_bytes_count_a_scan_per_layer():
+  layer, slot = 64 * 64 * 4, 8 * 64 * 4
+  read = layer + 4 + layer  # The layer's slice (not the stack), the index; the result.
+  conv = 2 * layer + slot
+  write = slot + slot + 4  # The update read, the index, the update written in place.
+  assert scaling.hbm_bytes(_SCAN_HLO) == 3 * (read + conv + write)
+
+
 @pytest.mark.skipif(not _HAS_LIBTPU, reason='libtpu not installed')
 def test_tiny_sweep_on_v5e_resumes(tmp_path):
   """Two meshes of a tiny CAPI on a v5e:2x2 slice: table, pictures, bounds; a rerun compiles

@@ -162,19 +162,75 @@ def collectives_by_service(hlo_text: str, mesh: Sequence[tuple[str, int]]
   return dict(served), sent
 
 
+_INSTRUCTION = re.compile(r'\s+(ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)')
+
+
+def _instruction_bytes(line: str, computations: dict[str, list[str]],
+                       shapes: dict[str, str]) -> int:
+  """HBM bytes of one top-level instruction: its operands read and its result written, except
+  that a buffer updated in place (dynamic-update-slice, a scan writing one layer's slot) costs
+  the update only and a buffer read through dynamic-slices (a scan reading one layer's
+  weights) costs the slices only, inside a fusion as well."""
+  m = _INSTRUCTION.match(line)
+  if not m:
+    return 0
+  _, _, result, opcode, operand_text = m.groups()
+  operands = re.findall(r'%([\w.\-]+)', operand_text)
+  size = lambda name: plans.shape_bytes(shapes.get(name, ''))
+  if opcode == 'dynamic-slice':
+    return 2 * plans.shape_bytes(result)
+  if opcode == 'dynamic-update-slice':
+    return 2 * size(operands[1])
+  callee = re.search(r'calls=%([\w.\-]+)', line)
+  body = computations.get(callee.group(1), []) if opcode == 'fusion' and callee else []
+  if not body:
+    return plans.shape_bytes(result) + sum(size(o) for o in operands)
+  params, users, alias, shape_of, updates = {}, collections.defaultdict(list), {}, {}, []
+  for inner in body:
+    im = _INSTRUCTION.match(inner)
+    if not im:
+      continue
+    _, name, shape, op, args = im.groups()
+    shape_of[name] = shape
+    if op == 'parameter':
+      params[int(args)] = name
+      continue
+    arg_names = re.findall(r'%([\w.\-]+)', args)
+    if op == 'bitcast':
+      alias[name] = arg_names[0]
+    for a in arg_names:
+      users[a].append((op, shape, arg_names))
+    if op == 'dynamic-update-slice':
+      updates.append(arg_names[:2])
+  source = lambda n: source(alias[n]) if n in alias else n
+  # Buffers updated in place (a scan's stacked outputs): the updates are the traffic.
+  in_place = {source(buffer): update for buffer, update in updates}
+  total = 0
+  for i, operand in enumerate(operands):
+    param = params.get(i)
+    uses = users.get(param, [])
+    if param is not None and param in in_place:
+      total += plans.shape_bytes(shape_of.get(in_place[param], ''))
+    elif uses and all(op == 'dynamic-slice' and args[0] == param for op, _, args in uses):
+      total += sum(plans.shape_bytes(shape) for _, shape, _ in uses)
+    else:
+      total += size(operand)
+  written = plans.shape_bytes(result) - sum(
+      plans.shape_bytes(shape_of[p]) for p in in_place if p in shape_of and p in params.values())
+  return total + max(written, 0)
+
+
 def hbm_bytes(hlo_text: str) -> int:
   """HBM bytes one run of a compiled module reads and writes, per device: operands and result
-  of every top-level instruction (a fusion is one), times its loops' trip counts. XLA's own
-  `cost_analysis()['bytes accessed']` counts a loop body once, which undercounts scanned
-  layers by their depth."""
-  shapes = plans._parse(hlo_text)[2]  # pylint: disable=protected-access
+  of every top-level instruction (a fusion is one; `_instruction_bytes`), times its loops'
+  trip counts. XLA's own `cost_analysis()['bytes accessed']` counts a loop body once, which
+  undercounts scanned layers by their depth."""
+  _, computations, shapes = plans._parse(hlo_text)  # pylint: disable=protected-access
   total = 0
-  for _, opcode, operands, line, times, caller in plans.walk_ops(hlo_text):
+  for _, opcode, _, line, times, caller in plans.walk_ops(hlo_text):
     if caller not in _TOP_LEVEL or opcode in _FREE or opcode.endswith('-done'):
       continue
-    result = re.match(r'\s+(?:ROOT )?%[\w.\-]+ = (\(.*?\)|\S+) ', line)
-    total += times * (plans.shape_bytes(result.group(1) if result else '')
-                      + plans.operand_bytes(operands, shapes))
+    total += times * _instruction_bytes(line, computations, shapes)
   return total
 
 
