@@ -32,6 +32,7 @@ import jax
 from ml_collections import config_flags
 
 from capi_jax.base import cli
+from capi_jax.base import sharding
 from capi_jax.engine import scaling
 
 
@@ -42,7 +43,7 @@ def main(argv: Sequence[str]) -> None:
   # Compile-only TPU devices come from libtpu; the host runs nothing, so JAX stays on the CPU.
   jax.config.update('jax_platforms', 'cpu')
   for mesh in fl.meshes:
-    scaling.parse_mesh(mesh)  # Fail on a mistyped mesh before the first compile.
+    sharding.parse_mesh(mesh)  # Fail on a mistyped mesh before the first compile.
   rows = scaling.sweep(fl.config, fl.models, fl.topologies, fl.meshes, fl.batch_per_device,
                        epath.Path(fl.out), retry_errors=fl.retry_errors,
                        log=lambda line: print(line, flush=True))

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from capi_jax.base import sharding
 from capi_jax.engine import scaling
 from configs import tiny
 
@@ -13,12 +14,12 @@ _HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
 
 def test_parse_mesh():
-  assert scaling.parse_mesh('fsdp') == (('fsdp', -1),)
-  assert scaling.parse_mesh('data=2:fsdp:tensor=4') == (('data', 2), ('fsdp', -1), ('tensor', 4))
-  assert scaling.mesh_label(scaling.parse_mesh('data=2:fsdp')) == 'data=2:fsdp'
+  assert sharding.parse_mesh('fsdp') == (('fsdp', -1),)
+  assert sharding.parse_mesh('data=2:fsdp:tensor=4') == (('data', 2), ('fsdp', -1), ('tensor', 4))
+  assert sharding.mesh_label(sharding.parse_mesh('data=2:fsdp')) == 'data=2:fsdp'
   for bad in ('', 'fsdp=x', 'fsdp;tensor'):
     with pytest.raises(ValueError):
-      scaling.parse_mesh(bad)
+      sharding.parse_mesh(bad)
 
 
 def test_replica_groups_and_the_axes_they_span():

@@ -154,6 +154,25 @@ def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int
   return names, tuple(sizes)
 
 
+def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
+  """'fsdp' -> (('fsdp', -1),); 'data=2:fsdp:tensor=4' -> (('data', 2), ('fsdp', -1),
+  ('tensor', 4)): ':'-separated axes, '=size' or none (-1: the devices left)."""
+  axes = []
+  for part in filter(None, text.split(':')):
+    name, _, size = part.partition('=')
+    if not re.fullmatch(r'[a-z_]+', name) or (size and not size.isdigit()):
+      raise ValueError(f'Mesh {text!r}: expected AXIS[=SIZE] parts joined by ":", e.g. '
+                       "'fsdp:tensor=4'.")
+    axes.append((name, int(size) if size else -1))
+  if not axes:
+    raise ValueError('An empty mesh.')
+  return tuple(axes)
+
+
+def mesh_label(mesh: Sequence[tuple[str, int]]) -> str:
+  return ':'.join(name if size == -1 else f'{name}={size}' for name, size in mesh)
+
+
 def granules(devices: Sequence[jax.Device]) -> tuple[str, int]:
   """(what a DCN granule is, how many `devices` span): TPU slices, else processes (a GPU node
   runs one process in the default SLURM launch; GPUs report slice_index 0 on every node)."""

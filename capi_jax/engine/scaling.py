@@ -55,26 +55,6 @@ _FREE = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'whil
 _TOP_LEVEL = (None, 'while', 'call', 'conditional')
 
 
-# ---------------------------------------------------------------------------- meshes
-def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
-  """'fsdp' -> (('fsdp', -1),); 'data=2:fsdp:tensor=4' -> (('data', 2), ('fsdp', -1),
-  ('tensor', 4)): ':'-separated axes, '=size' or none (-1: the devices left)."""
-  axes = []
-  for part in filter(None, text.split(':')):
-    name, _, size = part.partition('=')
-    if not re.fullmatch(r'[a-z_]+', name) or (size and not size.isdigit()):
-      raise ValueError(f'Mesh {text!r}: expected AXIS[=SIZE] parts joined by ":", e.g. '
-                       "'fsdp:tensor=4'.")
-    axes.append((name, int(size) if size else -1))
-  if not axes:
-    raise ValueError('An empty mesh.')
-  return tuple(axes)
-
-
-def mesh_label(mesh: Sequence[tuple[str, int]]) -> str:
-  return ':'.join(name if size == -1 else f'{name}={size}' for name, size in mesh)
-
-
 # ---------------------------------------------------------------------------- HLO analyses
 def replica_groups(line: str, n_devices: int) -> np.ndarray:
   """(groups, group size) logical device ids of a collective's `replica_groups` (every
@@ -316,7 +296,7 @@ def point_config(base: ml_collections.ConfigDict, point: Point, n_devices: int
                          "configs take --models=config (the config's own model).")
       c.name = point.model
       family.set_encoder_decoder(c.capi.model, point.model)
-    c.sharding.mesh = parse_mesh(point.mesh)
+    c.sharding.mesh = sharding.parse_mesh(point.mesh)
     c.train.global_batch_size = point.batch_per_device * n_devices
   return c
 
