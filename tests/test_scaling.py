@@ -130,6 +130,7 @@ def test_tiny_sweep_on_v5e_resumes(tmp_path):
   assert {p.name for p in tmp_path.iterdir()} >= {'points.jsonl', 'table.csv', 'table.json',
                                                   'memory.png', 'bounds.png'}
   assert len(json.loads((tmp_path / 'table.json').read_text())) == 2
+  assert len(list((tmp_path / 'hlo').glob('*.hlo.txt.gz'))) == 2
   logged.clear()
   again = scaling.sweep(c, ['config'], ['v5e:2x2'], ['fsdp', 'fsdp:tensor=2'], 2, tmp_path,
                         log=logged.append)

@@ -17,13 +17,15 @@ mesh axes it spans) and its op_name metadata (forward or `transpose`, the backwa
 
 `sweep` runs every point once, appending each result (or the error that stopped it) as one
 JSON line to OUT/points.jsonl and skipping points already there, so an interrupted sweep
-resumes; it then writes OUT/table.csv, OUT/table.json and pictures (`pictures`).
+resumes; it then writes OUT/table.csv, OUT/table.json and pictures (`pictures`). Each point's
+compiled HLO is kept in OUT/hlo/ (gzipped text).
 """
 
 from collections.abc import Iterable, Sequence
 import collections
 import csv
 import dataclasses
+import gzip
 import json
 import math
 import re
@@ -238,9 +240,11 @@ class Point:
 
 
 def plan_point(config: ml_collections.ConfigDict, point: Point,
-               devices: Sequence[jax.Device]) -> dict[str, Any]:
+               devices: Sequence[jax.Device], hlo_dir: epath.Path | None = None
+               ) -> dict[str, Any]:
   """Compiles one point's train step (`config` already carries its model, mesh and batch) and
-  reports its memory, bounds and collectives per chip."""
+  reports its memory, bounds and collectives per chip; keeps the compiled HLO text gzipped in
+  `hlo_dir` (the analyses can be rerun on it without compiling)."""
   chip_name, chip, _ = plans.parse_topology(point.topology)
   mesh = sharding.mesh_shape(config.sharding.mesh, len(devices))
   start = time.perf_counter()
@@ -251,6 +255,10 @@ def plan_point(config: ml_collections.ConfigDict, point: Point,
   total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   text = compiled.as_text()
+  if hlo_dir is not None:
+    hlo_dir.mkdir(parents=True, exist_ok=True)
+    (hlo_dir / (re.sub(r'[^\w.=-]+', '_', point.key) + '.hlo.txt.gz')).write_bytes(
+        gzip.compress(text.encode()))
   xla_cost = compiled.cost_analysis()
   xla_cost = (xla_cost[0] if isinstance(xla_cost, list) else xla_cost) or {}
   flops = plans.step_flops(config, devices, lowered)
@@ -330,7 +338,8 @@ def sweep(base: ml_collections.ConfigDict, models: Sequence[str], topologies: Se
           continue
         log(f'planning {point.key} ...')
         try:
-          row = plan_point(point_config(base, point, len(devices)), point, devices)
+          row = plan_point(point_config(base, point, len(devices)), point, devices,
+                           out / 'hlo')
         except Exception as e:  # pylint: disable=broad-except
           # A point that cannot be built (a mesh that does not divide the heads, a compile
           # out of host memory) is a result of the study, recorded and skipped on resume.
