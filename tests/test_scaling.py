@@ -55,6 +55,11 @@ def test_services_and_egress():
   assert scaling.egress_bytes('reduce-scatter', 100, 1) == 0
   b = scaling.bounds(2e12, 1e9, 1e9, 0, peak=1e12, bw={'hbm': 1e12, 'ici': 1e9, 'dcn': None})
   assert b == {'compute': 2.0, 'memory': 1e-3, 'interconnect': 2.0, 'dcn': 0.0}
+  assert scaling.chip_bandwidth('v5e', None)['ici'] == 400e9
+
+  class Gpu:  # A GPU `plans.Chip`: only its HBM bandwidth is known here.
+    gpu = type('Facts', (), {'memory_bandwidth': 3.35e12})()
+  assert scaling.chip_bandwidth('h100', Gpu()) == {'hbm': 3.35e12, 'ici': None, 'dcn': None}
 
 
 # A scan of 3 layers: each iteration reads one layer's weights (dynamic-slice of the stacked

@@ -226,6 +226,15 @@ def bounds(flops: float, hbm: float, ici_sent: float, dcn_sent: float, peak: flo
           'dcn': (dcn_sent / bw['dcn'] if bw['dcn'] else None) if dcn_sent else 0.0}
 
 
+def chip_bandwidth(name: str, chip: Any) -> dict[str, float | None]:
+  """HBM / ICI / DCN bytes/s per chip: TPUs from `hardware.TPU_BANDWIDTH`; a GPU (a `Chip` with
+  `gpu` facts) its HBM bandwidth only (no NVLink or network figure here yet)."""
+  if name in hardware.TPU_BANDWIDTH:
+    return hardware.TPU_BANDWIDTH[name]
+  facts = getattr(chip, 'gpu', None)
+  return {'hbm': getattr(facts, 'memory_bandwidth', None), 'ici': None, 'dcn': None}
+
+
 # ---------------------------------------------------------------------------- points
 @dataclasses.dataclass(frozen=True)
 class Point:
@@ -267,8 +276,7 @@ def plan_point(config: ml_collections.ConfigDict, point: Point,
                  if k.startswith(plans.DCN_PREFIX))
   hbm = hbm_bytes(text)
   peak = hardware.table_peak_flops(devices[0].device_kind, 'bfloat16')
-  step_bounds = bounds(flops, hbm, ici_sent, dcn_sent, peak,
-                       hardware.TPU_BANDWIDTH[chip_name])
+  step_bounds = bounds(flops, hbm, ici_sent, dcn_sent, peak, chip_bandwidth(chip_name, chip))
   known = {k: v for k, v in step_bounds.items() if v is not None}
   method = methods.from_config(config)
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(
