@@ -50,6 +50,9 @@ def test_services_and_egress():
   assert scaling.service('all-reduce', ('data',), bwd) == 'gradient reductions'
   assert scaling.service('all-reduce', ('fsdp',), 'op_name="jit(s)/reduce_sum"') == (
       'batch activations')
+  gather_as_sum = ('%ar = bf16[1,64,64]{1,0} all-reduce(%dynamic-slice_dynamic-update-slice_fusion.4'
+                   '), channel_id=23, to_apply=%add')
+  assert scaling.service('all-reduce', ('fsdp',), gather_as_sum) == 'weight gathers'
   assert scaling.egress_bytes('all-gather', 100, 4) == 300
   assert scaling.egress_bytes('all-reduce', 100, 4) == 150
   assert scaling.egress_bytes('reduce-scatter', 100, 1) == 0

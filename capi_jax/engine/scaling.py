@@ -101,11 +101,16 @@ def spanned_axes(groups: np.ndarray, names: Sequence[str], sizes: Sequence[int]
 
 
 def service(kind: str, axes: Sequence[str], line: str) -> str:
-  """Which of `SERVICES` one collective serves."""
+  """Which of `SERVICES` one collective serves (`line`: its HLO instruction)."""
+  m = re.match(r'[^=]*= (?:\(.*?\)|\S+) [\w\-]+\((.*?)\)', line)
+  operands = m.group(1) if m else ''
   m = re.search(r'op_name="([^"]*)"', line)
   op_name = m.group(1) if m else ''
-  if kind == 'all-gather':
-    return 'weight gathers'  # FSDP: a block's weights, again in the backward under remat.
+  if kind == 'all-gather' or (kind == 'all-reduce' and 'dynamic-update-slice' in operands):
+    # FSDP: a block's weights, again in the backward under remat. The TPU compiler may gather
+    # a scanned layer's weights as an all-reduce of each shard written into a zero buffer
+    # (its operand a dynamic-update-slice: the whole layer, twice an all-gather's traffic).
+    return 'weight gathers'
   if sharding.TENSOR_AXIS in axes and (op_name.endswith('dot_general') or set(axes) == {
       sharding.TENSOR_AXIS}):
     # Row-split outputs summed over 'tensor' (proj, fc2), and in the backward the inputs'
