@@ -28,6 +28,9 @@ See `capi_jax.engine.benchmark` for how MFU and peaks are computed.
 `--scaling` runs the same benchmark on the first 1, 2, 4, 8 devices (sub-meshes) with a fixed
 per-device batch (weak scaling: global_batch_size / the largest count), and prints one JSON
 line with a `scaling` list of per-count results, each with images_per_s_per_device.
+`--meshes=fsdp,fsdp:tensor=2` runs each count under each mesh that fits it (measured on the
+devices JAX sees: on fake CPU devices, the cost of the meshes' collectives and partitioning,
+not an accelerator's speed).
 """
 
 if __name__ == '__main__':  # First, before jax is imported: this may restart the process.
@@ -62,9 +65,12 @@ def main(argv: Sequence[str]) -> None:
   if fl.scaling:
     counts = [int(c) for c in fl.device_counts]
     runs = []
-    for count, sub in benchmark.scaling_configs(config, counts, len(devices)):
-      logging.info('Scaling: %d devices, global batch %d', count, sub.train.global_batch_size)
-      runs.append(benchmark.bench(sub, devices[:count], steps, warmup, fl.peak_tflops))
+    for count, mesh, sub in benchmark.mesh_configs(
+        benchmark.scaling_configs(config, counts, len(devices)), fl.meshes):
+      logging.info('Scaling: %d devices, mesh %s, global batch %d', count, mesh,
+                   sub.train.global_batch_size)
+      runs.append({**benchmark.bench(sub, devices[:count], steps, warmup, fl.peak_tflops),
+                   'mesh': mesh})
     result = {'config': config.name, 'scaling': runs,
               'per_device_batch': runs[0]['global_batch_size'] // runs[0]['device_count']}
   else:
@@ -86,6 +92,9 @@ def _run_cli() -> None:
   flags.DEFINE_list('device_counts', ['1', '2', '4', '8'],
                     'Device counts for --scaling (those above the number of devices JAX sees '
                     'are skipped).')
+  flags.DEFINE_list('meshes', [], 'Meshes for --scaling, each on every device count it fits, '
+                    "e.g. fsdp,data=2:fsdp,fsdp:tensor=2 (':'-joined AXIS[=SIZE]); default the "
+                    "config's.")
   flags.DEFINE_integer('data_batches', 10, 'Batches timed for the data pipeline; 0 skips it.',
                        lower_bound=0)
   flags.DEFINE_float('peak_tflops', None, 'Per-device peak TFLOP/s for MFU; overrides the table.')

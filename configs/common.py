@@ -97,6 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Arrays below this size are replicated whatever their rule (norm scales, biases, tokens):
   # their shards would save little memory for one more collective each.
   c.sharding.min_shard_bytes = 64 * 1024
+  # Logical axis -> mesh axis (MaxText's logical_axis_rules; names in base/sharding.py's
+  # PARAM_AXES): with a 'tensor' axis in the mesh, e.g. (('fsdp', -1), ('tensor', 4)), attention
+  # heads and MLP hidden units split over it (Megatron-style). The batch splits over every mesh
+  # axis no rule claims, or over a ('batch', axes) rule's axes.
+  c.sharding.logical_rules = (('heads', 'tensor'), ('mlp', 'tensor'))
 
   # The official evaluations (default_eval_config.yaml, default_pretrain_config.yaml `evals`):
   # seg + viz of the student every 10k steps, classification every 20k, all on the EMA at the

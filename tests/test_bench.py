@@ -91,3 +91,14 @@ def test_scaling_configs_keep_the_per_device_batch():
   assert config.train.global_batch_size == 128  # The caller's config is untouched.
   with pytest.raises(ValueError, match='device_counts'):
     benchmark.scaling_configs(config, [16], n_available=8)
+
+
+def test_mesh_configs_run_each_count_under_each_mesh_that_fits():
+  config = tiny.get_config()
+  runs = benchmark.scaling_configs(config, [1, 2, 4], n_available=8)
+  got = [(count, mesh, c.sharding.mesh)
+         for count, mesh, c in benchmark.mesh_configs(runs, ['fsdp', 'fsdp:tensor=2'])]
+  assert got == [(1, 'fsdp', (('fsdp', -1),)), (2, 'fsdp', (('fsdp', -1),)),
+                 (2, 'fsdp:tensor=2', (('fsdp', -1), ('tensor', 2))),
+                 (4, 'fsdp', (('fsdp', -1),)), (4, 'fsdp:tensor=2', (('fsdp', -1), ('tensor', 2)))]
+  assert [m for _, m, _ in benchmark.mesh_configs(runs, [])] == ['data=1:fsdp'] * 3

@@ -8,8 +8,9 @@ Layers, bottom to top (docs/architecture.md has the picture):
   methods, evaluators   pretraining methods and evaluation protocols (each behind a registry)
   engine                state, step, loop, checkpoints, runs, evaluation runner
   reference             parity suites against the official releases (behind check_reference)
-  commands              main, evaluate, convert, bench, aot, prepare_data, check_reference,
-                        extract, and api (`capi_jax.load`: the package's Python entry point)
+  commands              main, evaluate, convert, bench, aot, scaling, prepare_data,
+                        check_reference, extract, and api (`capi_jax.load`: the package's
+                        Python entry point)
 A part is a subpackage or a top-level module. A function-level import of the package is a
 cycle in hiding, so there are none.
 """
@@ -22,8 +23,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'capi_jax'
 LAYERS = (('base',), ('models',), ('weights',), ('data',), ('methods', 'evaluators'),
           ('engine',), ('reference',), ('commands',))
-COMMANDS = ('main', 'evaluate', 'convert', 'bench', 'aot', 'prepare_data', 'check_reference',
-            'api', 'extract')
+COMMANDS = ('main', 'evaluate', 'convert', 'bench', 'aot', 'scaling', 'prepare_data',
+            'check_reference', 'api', 'extract')
 
 
 def _part(module: str) -> str:

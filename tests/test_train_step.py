@@ -13,6 +13,7 @@ from capi_jax.data import pipeline
 from capi_jax.engine import state as state_lib
 from capi_jax.engine import step as step_lib
 from capi_jax.methods.capi import optim as capi_optim
+from capi_jax.models import layers
 from capi_jax.reference import harness
 from configs import tiny
 
@@ -101,21 +102,31 @@ def _run(config, devices, batches):
   return losses, jax.device_get(state.params), state_bytes, compiled.memory_analysis()
 
 
-def test_one_device_equals_eight_devices():
-  """Same losses and parameters on 1 and 8 devices; per-device state memory falls as 1/8."""
+@pytest.fixture(scope='module')
+def one_device():
+  """(config, batches, the 1-device run's _run result) of micro_config, shared by the tests."""
   config = micro_config()
   loader = pipeline.create_train_loader(config, methods.from_config(config).train_transform(),
                                         seed=0, process_index=0, process_count=1)
   batches = [next(loader) for _ in range(3)]
-  one, params_one, bytes_one, memory_one = _run(config, jax.devices()[:1], batches)
-  eight, params_eight, bytes_eight, memory_eight = _run(config, jax.devices(), batches)
-  assert len(jax.devices()) == 8
-  for a, b in zip(one, eight):
+  return config, batches, _run(config, jax.devices()[:1], batches)
+
+
+def _assert_same_run(one, params_one, other, params_other):
+  for a, b in zip(one, other):
     for key in ('capi_loss', 'clustering_loss', 'target_entropy', 'lr', 'momentum'):
       # Same math, different reduction order across devices: float32 rounding only.
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=key)
   assert one[0]['capi_loss'] != one[2]['capi_loss']  # It trains.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_one, params_eight)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_one, params_other)
+
+
+def test_one_device_equals_eight_devices(one_device):
+  """Same losses and parameters on 1 and 8 devices; per-device state memory falls as 1/8."""
+  config, batches, (one, params_one, bytes_one, memory_one) = one_device
+  eight, params_eight, bytes_eight, memory_eight = _run(config, jax.devices(), batches)
+  assert len(jax.devices()) == 8
+  _assert_same_run(one, params_one, eight, params_eight)
   # Parameters, EMA and AdamW moments stay sharded: 1/8 per device, up to the few leaves that
   # no dimension of which divides by 8 (scalars: step counts).
   assert bytes_eight <= 1.02 * bytes_one / 8, (bytes_one, bytes_eight)
@@ -124,6 +135,47 @@ def test_one_device_equals_eight_devices():
   assert memory_eight.argument_size_in_bytes < 0.2 * memory_one.argument_size_in_bytes
   total = lambda m: m.argument_size_in_bytes + m.temp_size_in_bytes
   assert total(memory_eight) < 0.8 * total(memory_one), (total(memory_one), total(memory_eight))
+
+
+@pytest.mark.parametrize('mesh', [(('data', 2), ('fsdp', 2), ('tensor', 2)),
+                                  (('fsdp', 4), ('tensor', 2))])
+def test_tensor_parallel_equals_one_device(one_device, mesh):
+  """Megatron-style tensor parallelism (heads and MLP units over 'tensor'): the 1-device run's
+  losses and parameters; per-device state bytes shrink with fsdp x tensor."""
+  config, batches, (one, params_one, bytes_one, _) = one_device
+  config = config.copy_and_resolve_references()
+  config.sharding.mesh = mesh
+  other, params_other, bytes_other, _ = _run(config, jax.devices(), batches)
+  _assert_same_run(one, params_one, other, params_other)
+  sizes = dict(mesh)
+  # Block kernels split over fsdp x tensor; the rest (patch embedding, heads) over fsdp only.
+  assert bytes_other < bytes_one / sizes['fsdp'] / 1.5, (bytes_one, bytes_other)
+  assert bytes_other <= 1.15 * bytes_one / (sizes['fsdp'] * sizes['tensor']), (bytes_one,
+                                                                               bytes_other)
+
+
+def test_tensor_parallel_layout():
+  """Column-split q/k/v and fc1, row-split proj and fc2; blocks gather over fsdp only."""
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  config = micro_config()
+  config.sharding.mesh = (('fsdp', 4), ('tensor', 2))
+  mesh = sharding.make_mesh(config)
+  layout = state_lib.state_layout(config, methods.from_config(config), mesh)
+  block = layout.shardings.params['backbone']['encoder']['blocks_0']
+  assert block['residual1']['fn']['q_proj']['kernel'].spec == P('fsdp', 'tensor')
+  assert block['residual1']['fn']['proj']['kernel'].spec == P('tensor', 'fsdp')
+  assert block['residual2']['fn']['fc1']['kernel'].spec == P('fsdp', 'tensor')
+  assert block['residual2']['fn']['fc2']['kernel'].spec == P('tensor', 'fsdp')
+  assert sharding.batch_sharding(mesh, layout.logical_rules).spec == P(('fsdp',))
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    assert layers.gathered_spec('residual2/fn/fc1/kernel', (32, 128), mesh.abstract_mesh) == P(
+        None, 'tensor')
+    assert layers.gathered_spec('norm/scale', (32,), mesh.abstract_mesh) == P()
+  # A scanned stack's leaf: the leading layer axis is never split.
+  assert sharding.param_axes('encoder/blocks/attn/qkv/kernel', 3) == ('layers', 'embed', 'heads')
+  # Without a 'tensor' axis the rules change nothing: today's FSDP layout.
+  assert sharding.batch_axes(('data', 'fsdp'), sharding.DEFAULT_LOGICAL_RULES) == ('data', 'fsdp')
+  assert sharding.batch_axes(('data', 'fsdp', 'tensor'), (('batch', 'data'),)) == ('data',)
 
 
 def test_state_is_born_sharded_fsdp():

@@ -24,6 +24,20 @@ PEAK_BF16_FLOPS = (
     ('TPU v6e', 918e12),
 )
 
+# Bandwidths per TPU chip, bytes/s, from Google Cloud's TPU pages (docs.cloud.google.com/tpu/
+# docs/{v4,v5e,v5p,v6e}), for step-time bounds of compiled plans (`engine.scaling`):
+#   hbm  HBM bandwidth per chip;
+#   ici  bidirectional inter-chip interconnect bandwidth per chip (all links, both ways);
+#   dcn  data centre network bandwidth per chip (v5p: 50 Gbps per chip; v5e: a host's 2 x
+#        100 Gbps NICs over its 8 chips); None where no page gives it.
+TPU_BANDWIDTH = {
+    'v4': {'hbm': 1200e9, 'ici': None, 'dcn': None},
+    'v5e': {'hbm': 819e9, 'ici': 400e9, 'dcn': 200e9 / 8 / 8},
+    'v5p': {'hbm': 2765e9, 'ici': 1200e9, 'dcn': 50e9 / 8},
+    'v6e': {'hbm': 1638e9, 'ici': 800e9, 'dcn': None},
+}
+
+
 def table_peak_flops(device_kind: str, compute_dtype: str) -> float | None:
   """Per-device datasheet peak for bf16 compute, or None (other dtypes, unknown devices)."""
   if jnp.dtype(compute_dtype) != jnp.bfloat16:

@@ -20,9 +20,23 @@ Parameters stay sharded through the whole step: the models' transformer blocks g
 own weights where they run (`models.layers.gathered`, under the mesh the step puts in context),
 so GSPMD all-gathers one block's weights at a time and reduces its gradients back to the
 shards; per-device state memory falls as 1 / (fsdp axis size).
+
+Tensor parallelism (Megatron-style), by logical axes (MaxText's `logical_axis_rules`): every
+block parameter has named axes (`PARAM_AXES`: 'embed', 'heads', 'mlp'), and
+`config.sharding.logical_rules` maps names to mesh axes, by default 'heads' and 'mlp' to
+'tensor'. With a 'tensor' axis in the mesh, q/k/v (or fused qkv) and fc1 kernels are split by
+columns, the attention output projection and fc2 by rows; a block then gathers its weights over
+'fsdp' only (they stay split over 'tensor', `gathered_spec`), each device computes its heads and
+its slice of the MLP, and GSPMD all-reduces the row-split outputs over 'tensor'. The batch is
+split over every mesh axis no rule claims ('data' and 'fsdp' with the default rules), or over
+the axes of an explicit 'batch' rule: activations are replicated over 'tensor'. The 'fsdp'
+strategy then shards the largest remaining dimension. Without a 'tensor' axis the rules change
+nothing: the FSDP recipe above is the rule set with 'tensor' of size 1.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
+import contextvars
 import math
 import re
 from typing import Any
@@ -37,6 +51,89 @@ from capi_jax.base import optim
 
 PyTree = Any
 FSDP_AXIS = 'fsdp'
+TENSOR_AXIS = 'tensor'
+LogicalRules = Sequence[tuple[str, str | Sequence[str]]]
+
+# The logical axes of the blocks' parameters, per block (a scanned stack's leaves have one more,
+# leading 'layers' axis): (regex on the '/'-joined path, names). The names follow
+# `models.layers.Attention` and `Mlp`: q/k/v projections map 'embed' to 'heads' (a fused qkv's
+# columns are [q; k; v], each heads-major), the attention output projection (under an
+# attention module: ViT's `attn`, CAPI's `fn`, CAE v2's `cross_attn`) maps 'heads' back, fc1 /
+# fc2 to and from 'mlp'. First match wins; other parameters have no logical axes.
+PARAM_AXES = (
+    (r'(^|/)(qkv|q_proj|k_proj|v_proj|q|k|v)/kernel$', ('embed', 'heads')),
+    (r'(^|/)(qkv|q_proj|k_proj|v_proj|q|k|v)/bias$', ('heads',)),
+    (r'(^|/)(q_bias|v_bias)$', ('heads',)),
+    (r'(^|/)(attn|fn|cross_attn)/proj/kernel$', ('heads', 'embed')),
+    (r'(^|/)fc1/kernel$', ('embed', 'mlp')),
+    (r'(^|/)fc1/bias$', ('mlp',)),
+    (r'(^|/)fc2/kernel$', ('mlp', 'embed')),
+)
+_PARAM_AXES = tuple((re.compile(pattern), names) for pattern, names in PARAM_AXES)
+# Megatron-style tensor parallelism where the mesh has a 'tensor' axis; nothing otherwise.
+DEFAULT_LOGICAL_RULES = (('heads', TENSOR_AXIS), ('mlp', TENSOR_AXIS))
+_RULES = contextvars.ContextVar('logical_rules', default=DEFAULT_LOGICAL_RULES)
+
+
+def _axes(mesh_axes: str | Sequence[str] | None) -> tuple[str, ...]:
+  if mesh_axes is None:
+    return ()
+  return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
+@contextlib.contextmanager
+def use_rules(rules: LogicalRules) -> Iterator[None]:
+  """`rules` are the logical-axis rules that models read (`current_rules`) inside."""
+  token = _RULES.set(tuple(rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def current_rules() -> LogicalRules:
+  return _RULES.get()
+
+
+def config_rules(config: ml_collections.ConfigDict) -> LogicalRules:
+  """`config.sharding.logical_rules`, the defaults where a config predates them."""
+  return tuple(config.sharding.get('logical_rules', DEFAULT_LOGICAL_RULES))
+
+
+def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+  """The logical axis names of a parameter at '/'-joined `path` with `ndim` dimensions
+  (all None where `PARAM_AXES` names none; 'layers' leading a scanned stack's leaf)."""
+  for pattern, names in _PARAM_AXES:
+    if pattern.search(path):
+      if ndim == len(names) + 1:
+        return ('layers', *names)
+      if ndim == len(names):
+        return names
+  return (None,) * ndim
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int],
+                 axis_sizes: dict[str, int], rules: LogicalRules) -> list[str | None]:
+  """Per dimension, the mesh axis that `rules` map its logical name to, where that axis is in
+  the mesh with size > 1 and divides the dimension (None elsewhere)."""
+  mapping = dict(rules)
+  spec = []
+  for name, size in zip(names, shape):
+    axes = [a for a in _axes(mapping.get(name)) if axis_sizes.get(a, 1) > 1]
+    ok = axes and size % math.prod(axis_sizes[a] for a in axes) == 0
+    spec.append((axes[0] if len(axes) == 1 else tuple(axes)) if ok else None)
+  return spec
+
+
+def batch_axes(axis_names: Sequence[str], rules: LogicalRules | None = None
+               ) -> tuple[str, ...]:
+  """The mesh axes that split the batch: a 'batch' rule's, else every axis no rule claims."""
+  rules = current_rules() if rules is None else rules
+  explicit = dict(rules).get('batch')
+  if explicit is not None:
+    return tuple(a for a in _axes(explicit) if a in axis_names)
+  claimed = {a for _, axes in rules for a in _axes(axes)}
+  return tuple(a for a in axis_names if a not in claimed)
 
 
 def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int
@@ -55,6 +152,25 @@ def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int
     raise ValueError(f'Mesh {axes} needs {math.prod(sizes)} devices, but {n_devices} are given. '
                      'Set config.sharding.mesh sizes to multiply to the device count, or use -1.')
   return names, tuple(sizes)
+
+
+def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
+  """'fsdp' -> (('fsdp', -1),); 'data=2:fsdp:tensor=4' -> (('data', 2), ('fsdp', -1),
+  ('tensor', 4)): ':'-separated axes, '=size' or none (-1: the devices left)."""
+  axes = []
+  for part in filter(None, text.split(':')):
+    name, _, size = part.partition('=')
+    if not re.fullmatch(r'[a-z_]+', name) or (size and not size.isdigit()):
+      raise ValueError(f'Mesh {text!r}: expected AXIS[=SIZE] parts joined by ":", e.g. '
+                       "'fsdp:tensor=4'.")
+    axes.append((name, int(size) if size else -1))
+  if not axes:
+    raise ValueError('An empty mesh.')
+  return tuple(axes)
+
+
+def mesh_label(mesh: Sequence[tuple[str, int]]) -> str:
+  return ':'.join(name if size == -1 else f'{name}={size}' for name, size in mesh)
 
 
 def granules(devices: Sequence[jax.Device]) -> tuple[str, int]:
@@ -109,46 +225,58 @@ def make_mesh(config: ml_collections.ConfigDict,
   return Mesh(grid, names, axis_types=axis_types)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over every mesh axis."""
-  return NamedSharding(mesh, P(mesh.axis_names))
+def batch_sharding(mesh: Mesh, rules: LogicalRules | None = None) -> NamedSharding:
+  """Leading (batch) axis split over the batch axes of `rules` (default: the current rules;
+  every mesh axis but 'tensor')."""
+  return NamedSharding(mesh, P(batch_axes(mesh.axis_names, rules)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def leaf_spec(shape: Sequence[int], strategy: str, fsdp_size: int) -> P:
-  """PartitionSpec of one array under a rule's strategy."""
+def leaf_spec(shape: Sequence[int], strategy: str, fsdp_size: int,
+              taken: Sequence[Any] = ()) -> P:
+  """PartitionSpec of one array under a rule's strategy.
+
+  `taken`: the spec the logical rules already gave (e.g. a dimension over 'tensor'); 'fsdp'
+  shards the largest dimension of the others.
+  """
+  spec = list(taken) or [None] * len(shape)
   if strategy == 'replicate' or fsdp_size == 1 or not shape:
-    return P()
+    return P(*spec) if any(spec) else P()
   if strategy != 'fsdp':
     raise ValueError(f"Unknown sharding strategy {strategy!r}: use 'fsdp' or 'replicate'.")
   # The largest dimension divisible by the axis size; ties go to the last dimension (the
   # output features of a kernel), which keeps the all-gather contiguous.
-  candidates = [(d, i) for i, d in enumerate(shape) if d % fsdp_size == 0]
+  candidates = [(d, i) for i, d in enumerate(shape) if d % fsdp_size == 0 and spec[i] is None]
   if not candidates:
-    return P()
+    return P(*spec) if any(spec) else P()
   _, axis = max(candidates)
-  spec = [None] * len(shape)
   spec[axis] = FSDP_AXIS
   return P(*spec)
 
 
 def tree_shardings(mesh: Mesh, abstract_tree: PyTree, rules: Sequence[tuple[str, str]],
-                   min_shard_bytes: int = 0) -> PyTree:
+                   min_shard_bytes: int = 0,
+                   logical_rules: LogicalRules = DEFAULT_LOGICAL_RULES) -> PyTree:
   """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs).
 
-  Leaves of fewer than `min_shard_bytes` bytes are replicated whatever their rule.
+  Dimensions with logical axes (`param_axes`) are split as `logical_rules` say; then the
+  regex `rules` apply. Leaves of fewer than `min_shard_bytes` bytes are not FSDP-sharded
+  whatever their rule.
   """
-  fsdp_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(FSDP_AXIS, 1)
+  axis_sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  fsdp_size = axis_sizes.get(FSDP_AXIS, 1)
   compiled = [(re.compile(pattern), strategy) for pattern, strategy in rules]
 
   def one(path, leaf):
     name = optim.path_name(path)
+    shape = np.shape(leaf)
     strategy = next((s for r, s in compiled if r.search(name)), 'replicate')
-    if math.prod(np.shape(leaf)) * np.dtype(leaf.dtype).itemsize < min_shard_bytes:
+    if math.prod(shape) * np.dtype(leaf.dtype).itemsize < min_shard_bytes:
       strategy = 'replicate'
-    return NamedSharding(mesh, leaf_spec(np.shape(leaf), strategy, fsdp_size))
+    taken = logical_spec(param_axes(name, len(shape)), shape, axis_sizes, logical_rules)
+    return NamedSharding(mesh, leaf_spec(shape, strategy, fsdp_size, taken))
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)

@@ -108,7 +108,7 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
                                          jax.random.PRNGKey(config.train.seed))
   step_fn = step_lib.jit_train_step(method, layout, mesh)
   batch = jax.device_put(synthetic_batch(config, method.train_transform(), config.train.seed),
-                         sharding.batch_sharding(mesh))
+                         sharding.batch_sharding(mesh, layout.logical_rules))
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -202,3 +202,25 @@ def scaling_configs(config: ml_collections.ConfigDict, counts: Sequence[int],
       sub.train.global_batch_size = per_device * count
     result.append((count, sub))
   return result
+
+
+def mesh_configs(runs: Sequence[tuple[int, ml_collections.ConfigDict]], meshes: Sequence[str]
+                 ) -> list[tuple[int, str, ml_collections.ConfigDict]]:
+  """(device count, mesh, config) of every run under every mesh (`sharding.parse_mesh` specs,
+  e.g. 'fsdp:tensor=2') that the count divides into; no meshes: the configs' own."""
+  if not meshes:
+    return [(count, sharding.mesh_label(c.sharding.mesh), c) for count, c in runs]
+  result = []
+  for count, c in runs:
+    for text in meshes:
+      mesh = sharding.parse_mesh(text)
+      try:
+        sharding.mesh_shape(mesh, count)
+      except ValueError:
+        continue  # e.g. a tensor axis of 2 on 1 device.
+      sub = c.copy_and_resolve_references()
+      with sub.unlocked():
+        sub.sharding.mesh = mesh
+      result.append((count, text, sub))
+  return result
+

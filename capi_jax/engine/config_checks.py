@@ -71,6 +71,14 @@ def _check_sharding(p: problems_lib.Problems, s: ml_collections.ConfigDict,
         p.found.append(f'sharding.param_rules: {pattern!r} is not a regular expression ({e}).')
       p.choice(f'sharding.param_rules strategy of {pattern!r}', strategy, _SHARDING_STRATEGIES)
   p.number('sharding.min_shard_bytes', s.min_shard_bytes, 0, integer=True)
+  logical = s.get('logical_rules', ())
+  p.check(isinstance(logical, (tuple, list)) and all(
+      isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)
+      and (isinstance(r[1], str) or (isinstance(r[1], (tuple, list))
+                                     and all(isinstance(a, str) for a in r[1])))
+      for r in logical),
+          f'sharding.logical_rules={logical!r} must be (logical axis, mesh axis or axes) pairs, '
+          "e.g. (('heads', 'tensor'), ('mlp', 'tensor')).")
 
 
 def _engine_problems(p: problems_lib.Problems, config: ml_collections.ConfigDict,

@@ -15,7 +15,7 @@ network (DCN) is not a collective op but host-transfer `send`s handled by the
 `xla_megascale_runtime`, reported apart as `dcn_bytes` (the bytes a chip sends per step).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import collections
 import dataclasses
 import os
@@ -160,14 +160,33 @@ def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int:
   compares = [line for line in lines if ' compare(' in line and 'direction=LT' in line]
   return bounds[0] if len(bounds) == 1 and len(compares) == 1 else 1
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Operand bytes per collective kind in one run of the compiled module, per device.
+def walk_ops(hlo_text: str) -> Iterator[tuple[str, str, str, str, int, str | None]]:
+  """Every instruction of a compiled module's text in one run, with how often it runs.
 
-  Collectives inside while loops count once per iteration (`_trip_count`); a loop whose
-  count is not known is counted once. The TPU compiler's `all-reduce-scatter` computations
-  (an all-reduce sliced to shards) count as reduce-scatters. Cross-slice sends (megascale) count
-  under 'dcn ' + their transfer type, e.g. 'dcn all-reduce'.
+  Yields (computation, opcode, operand text, line, times, caller): `times` multiplies the trip
+  counts of the while loops around it (`_trip_count`; a loop whose count is not known counts
+  once), `caller` is the opcode that reaches its computation (None in ENTRY; 'while', 'fusion',
+  'all-reduce' for a reducer, ...). Shapes of operands: `_parse(hlo_text)[2]`.
   """
+  entry, computations, _ = _parse(hlo_text)
+
+  def visit(name: str, times: int, caller: str | None):
+    for line in computations.get(name, []):
+      m = re.match(r'\s+(?:ROOT )?%[\w.\-]+ = (?:\(.*?\)|\S+) ([\w\-]+)\((.*?)\)', line)
+      if not m:
+        continue
+      opcode, operands = m.groups()
+      yield name, opcode, operands, line, times, caller
+      trips = _trip_count(line, computations) if opcode == 'while' else 1
+      for callee in re.findall(r'(?:body|calls|to_apply|branch_computations)=\{?%([\w.\-]+)',
+                               line):
+        yield from visit(callee, times * trips, opcode)
+
+  yield from visit(entry, 1, None)
+
+
+def _parse(hlo_text: str) -> tuple[str, dict[str, list[str]], dict[str, str]]:
+  """(ENTRY's name, {computation: its instruction lines}, {instruction: its shape text})."""
   computations: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -187,32 +206,49 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
       m = re.match(r'\s+(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ', line)
       if m:
         shapes[m.group(1)] = m.group(2)
+  return entry, computations, shapes
 
+
+def operand_bytes(operands: str, shapes: dict[str, str]) -> int:
+  """Bytes of the named operands of one instruction."""
+  return sum(shape_bytes(shapes.get(o, '')) for o in re.findall(r'%([\w.\-]+)', operands))
+
+
+def collective_kind(computation: str, opcode: str, line: str) -> str | None:
+  """The collective kind of an instruction ('all-gather', ..., 'dcn all-reduce'), or None."""
+  kind = opcode.removesuffix('-start')
+  if kind == 'all-reduce' and computation.startswith('all-reduce-scatter'):
+    # The TPU compiler's fused reduce-scatter: an all-reduce whose result is sliced to each
+    # device's shard (the gradients of FSDP-sharded weights).
+    kind = 'reduce-scatter'
+  if opcode == 'send' and _MEGASCALE in line:
+    transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+    kind = DCN_PREFIX + (transfer.group(1).lower().replace('_', '-') if transfer else 'send')
+  if (kind in _COLLECTIVES or kind.startswith(DCN_PREFIX)) and not opcode.endswith('-done'):
+    return kind
+  return None
+
+
+def collective_ops(hlo_text: str) -> Iterator[tuple[str, int, str, int]]:
+  """(kind, operand bytes, line, times) of every collective of one run, per device."""
+  shapes = _parse(hlo_text)[2]
+  for computation, opcode, operands, line, times, _ in walk_ops(hlo_text):
+    kind = collective_kind(computation, opcode, line)
+    if kind:
+      yield kind, operand_bytes(operands, shapes), line, times
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Operand bytes per collective kind in one run of the compiled module, per device.
+
+  Collectives inside while loops count once per iteration (`_trip_count`); a loop whose
+  count is not known is counted once. The TPU compiler's `all-reduce-scatter` computations
+  (an all-reduce sliced to shards) count as reduce-scatters. Cross-slice sends (megascale) count
+  under 'dcn ' + their transfer type, e.g. 'dcn all-reduce'.
+  """
   totals: collections.Counter[str] = collections.Counter()
-
-  def visit(name: str, times: int) -> None:
-    for line in computations.get(name, []):
-      m = re.match(r'\s+(?:ROOT )?%[\w.\-]+ = (?:\(.*?\)|\S+) ([\w\-]+)\((.*?)\)', line)
-      if not m:
-        continue
-      opcode, operands = m.groups()
-      kind = opcode.removesuffix('-start')
-      if kind == 'all-reduce' and name.startswith('all-reduce-scatter'):
-        # The TPU compiler's fused reduce-scatter: an all-reduce whose result is sliced to
-        # each device's shard (the gradients of FSDP-sharded weights).
-        kind = 'reduce-scatter'
-      if opcode == 'send' and _MEGASCALE in line:
-        transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
-        kind = DCN_PREFIX + (transfer.group(1).lower().replace('_', '-') if transfer else 'send')
-      if (kind in _COLLECTIVES or kind.startswith(DCN_PREFIX)) and not opcode.endswith('-done'):
-        totals[kind] += times * sum(shape_bytes(shapes.get(o, ''))
-                                    for o in re.findall(r'%([\w.\-]+)', operands))
-      trips = _trip_count(line, computations) if opcode == 'while' else 1
-      for callee in re.findall(r'(?:body|calls|to_apply|branch_computations)=\{?%([\w.\-]+)',
-                               line):
-        visit(callee, times * trips)
-
-  visit(entry, 1)
+  for kind, size, _, times in collective_ops(hlo_text):
+    totals[kind] += times * size
   return dict(totals)
 
 def plan(config: ml_collections.ConfigDict, topology: str,

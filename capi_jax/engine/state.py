@@ -56,11 +56,14 @@ class StateLayout(NamedTuple):
     shardings: a TrainState of NamedShardings (`config.sharding.param_rules` and
       `min_shard_bytes`).
     optimizer: the method's optimiser of `params`.
+    logical_rules: `config.sharding.logical_rules`, which the step traces the models under
+      (`sharding.use_rules`) and splits its batch by.
   """
   init: Callable[[jax.Array], TrainState]
   abstract: TrainState
   shardings: TrainState
   optimizer: optax.GradientTransformation
+  logical_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES
 
 
 def _check_dtypes(config: ml_collections.ConfigDict) -> None:
@@ -102,9 +105,10 @@ def state_layout(config: ml_collections.ConfigDict, method: interface.Method,
   optimizer = method.optimizer(abstract_params)
   init = init_fn(method, optimizer)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  rules = sharding.config_rules(config)
   shardings = sharding.tree_shardings(mesh, abstract, config.sharding.param_rules,
-                                     config.sharding.min_shard_bytes)
-  return StateLayout(init, abstract, shardings, optimizer)
+                                     config.sharding.min_shard_bytes, rules)
+  return StateLayout(init, abstract, shardings, optimizer, rules)
 
 
 def create_state(config: ml_collections.ConfigDict, method: interface.Method,

@@ -30,6 +30,7 @@ StepFn = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, Met
 def train_step(state: state_lib.TrainState, batch: Batch, *, method: interface.Method,
                optimizer: optax.GradientTransformation,
                mesh: jax.sharding.Mesh | None = None,
+               logical_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
                ) -> tuple[state_lib.TrainState, Metrics]:
   """One iteration on a global batch; metrics are float32 scalars.
 
@@ -37,9 +38,12 @@ def train_step(state: state_lib.TrainState, batch: Batch, *, method: interface.M
   own FSDP-sharded weights at the point of use and keep activations split along the batch
   (`models.layers.gathered`), so the variables, their gradients and the optimiser state stay
   sharded everywhere else (one block's weights are whole at a time, not the whole model).
+  `logical_rules` say which weights stay split (over 'tensor') and which mesh axes split the
+  batch (`sharding.use_rules`).
   """
   with (contextlib.nullcontext() if mesh is None
-        else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
+        else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)), sharding.use_rules(
+            logical_rules):
     rng = jax.random.fold_in(state.rng, state.step)
     grads, aux, metrics = method.loss_and_grads(state.variables, batch, rng)
 
@@ -55,16 +59,20 @@ def train_step(state: state_lib.TrainState, batch: Batch, *, method: interface.M
 
 
 def make_train_step(method: interface.Method, optimizer: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh | None = None) -> StepFn:
+                    mesh: jax.sharding.Mesh | None = None,
+                    logical_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES
+                    ) -> StepFn:
   """train_step with its static arguments bound: (state, batch) -> (state, metrics)."""
-  return functools.partial(train_step, method=method, optimizer=optimizer, mesh=mesh)
+  return functools.partial(train_step, method=method, optimizer=optimizer, mesh=mesh,
+                           logical_rules=logical_rules)
 
 
 def jit_train_step(method: interface.Method, layout: state_lib.StateLayout,
                    mesh: jax.sharding.Mesh) -> Any:
-  """The jitted step: state donated, batch split over all devices, metrics replicated."""
+  """The jitted step: state donated, batch split over the batch axes (all devices but the
+  'tensor' axis), metrics replicated."""
   return jax.jit(
-      make_train_step(method, layout.optimizer, mesh),
-      in_shardings=(layout.shardings, sharding.batch_sharding(mesh)),
+      make_train_step(method, layout.optimizer, mesh, layout.logical_rules),
+      in_shardings=(layout.shardings, sharding.batch_sharding(mesh, layout.logical_rules)),
       out_shardings=(layout.shardings, sharding.replicated(mesh)),
       donate_argnums=0)

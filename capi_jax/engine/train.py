@@ -258,7 +258,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
     cleanup.callback(writer.close)
     stop = _StopFlag()
     cleanup.callback(stop.restore, stop.install())
-    batch_spec = sharding.batch_sharding(mesh).spec
+    batch_spec = sharding.batch_sharding(mesh, layout.logical_rules).spec
     next_batch = lambda: pipeline.make_global_batch(next(data_iter), mesh, batch_spec)
 
     step_fn = step_lib.jit_train_step(method, layout, mesh)

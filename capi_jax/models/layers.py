@@ -2,10 +2,10 @@
 
 Images are NHWC and linear kernels (in, out) here (PyTorch: NCHW, weights (out, in)).
 
-Sharding (FSDP, see `capi_jax/base/sharding.py`): parameters are stored sharded; `gathered`
-wraps a block class so that its weights are gathered whole where the block runs (one block at a
-time, and again in the backward pass under remat) and its input and output stay split along the
-batch. Both constraints refer to the mesh in context (`jax.sharding.get_abstract_mesh()`, set
+Sharding (FSDP and tensor parallelism, see `capi_jax/base/sharding.py`): parameters are stored
+sharded; `gathered` wraps a block class so that its weights are gathered where the block runs
+(whole, or split over 'tensor' where the logical rules say; one block at a time, and again in
+the backward pass under remat) and its input and output stay split along the batch. Both constraints refer to the mesh in context (`jax.sharding.get_abstract_mesh()`, set
 by the train step); without one they do nothing, so single-device code is unchanged.
 """
 
@@ -18,6 +18,9 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
+
+from capi_jax.base import optim
+from capi_jax.base import sharding
 
 Array = jax.Array
 DType = Any
@@ -52,23 +55,41 @@ def _context_mesh() -> jax.sharding.AbstractMesh | None:
   return None if mesh.empty or mesh.size == 1 else mesh
 
 
+def gathered_spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.AbstractMesh
+                  ) -> jax.sharding.PartitionSpec:
+  """The compute layout of a block parameter (`path` relative to the block): whole, except
+  the dimensions that the logical rules in context split (over 'tensor': Megatron-style)."""
+  axis_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  spec = sharding.logical_spec(sharding.param_axes(path, len(shape)), shape, axis_sizes,
+                               sharding.current_rules())
+  return jax.sharding.PartitionSpec(*spec) if any(spec) else jax.sharding.PartitionSpec()
+
+
 def gather_weights(tree: Any) -> Any:
-  """Every leaf of `tree` replicated over the context mesh: the compute layout of FSDP.
+  """Every leaf of `tree` gathered over the context mesh: the compute layout of FSDP, and of
+  tensor parallelism where the logical rules split a leaf (`gathered_spec`).
 
   GSPMD turns the constraint into an all-gather of the stored shards, and its gradient into a
   reduction back to them (a reduce-scatter, or an all-reduce then a slice, as XLA chooses).
   """
-  if _context_mesh() is None:
+  mesh = _context_mesh()
+  if mesh is None:
     return tree
-  return jax.lax.with_sharding_constraint(tree, jax.sharding.PartitionSpec())
+  specs = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: gathered_spec(optim.path_name(path), leaf.shape, mesh), tree)
+  if all(spec == jax.sharding.PartitionSpec() for spec in jax.tree.leaves(specs)):
+    return jax.lax.with_sharding_constraint(tree, jax.sharding.PartitionSpec())
+  return jax.lax.with_sharding_constraint(tree, specs)
 
 
 def shard_batch(x: Array) -> Array:
-  """x (batch, ...) with its leading axis split over every axis of the context mesh."""
+  """x (batch, ...) with its leading axis split over the batch axes of the context mesh (every
+  axis but those the logical rules give to parameters: 'tensor')."""
   mesh = _context_mesh()
   if mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(sharding.batch_axes(mesh.axis_names)))
 
 
 def gathered(block_cls: type[nn.Module], remat_policy: Callable[..., bool] | None,
