@@ -19,8 +19,6 @@ EXPECTED_SKIPS = (
     # fixture itself is checked by test_operations_match_torchvision, never skipped).
     ('tests/test_transforms.py::test_fixture_regenerates_with_torchvision',
      'torchvision is not installed'),
-    # The second evaluation variants are kept outside the repository (too big to ship).
-    ('tests/test_method_evals.py::', 'no $CAPI_JAX_EVAL_VARIANTS folder'),
 )
 
 

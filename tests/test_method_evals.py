@@ -3,11 +3,9 @@ check_reference, the pieces behave as the releases', and every protocol runs end
 small ViT (each image of the test set scored exactly once).
 
 The second fixture variants (other sizes everywhere, made by the same generators with `--variant
-second`) are kept outside the repository like CAPI's hidden variant; the tests read them from
-the folder named by $CAPI_JAX_EVAL_VARIANTS when set, and say they skipped otherwise.
+second`) ship beside the first ones and pass too.
 """
 
-import os
 import pathlib
 
 import jax
@@ -32,9 +30,6 @@ from configs.mim_refiner import d2v2_h14
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 FIXTURE = FIXTURES / 'mim_refiner_eval' / 'mimref_eval_small.npz'
 CAEV2_FIXTURE = FIXTURES / 'caev2_eval' / 'caev2_eval_small.npz'
-VARIANTS = os.environ.get('CAPI_JAX_EVAL_VARIANTS', '')
-_NO_VARIANTS = ('no $CAPI_JAX_EVAL_VARIANTS folder with the second variants '
-                '(mimref_eval_second.npz, caev2_eval_second.npz), kept outside the repository')
 
 
 def test_shipped_fixture_passes(capsys):
@@ -61,11 +56,11 @@ def test_shipped_caev2_fixture_passes(capsys):
   assert 'FAIL' not in out and 'skipped' not in out and out.rstrip().endswith('PASS')
 
 
-@pytest.mark.skipif(not VARIANTS, reason=_NO_VARIANTS)
-@pytest.mark.parametrize('name, kind', [('mimref_eval_second.npz', 'mim_refiner_eval'),
-                                        ('caev2_eval_second.npz', 'caev2_eval')])
+@pytest.mark.parametrize('name, kind', [('mim_refiner_eval/mimref_eval_second.npz',
+                                         'mim_refiner_eval'),
+                                        ('caev2_eval/caev2_eval_second.npz', 'caev2_eval')])
 def test_second_variants_pass(name, kind):
-  report = harness.run(harness.load_fixture(os.path.join(VARIANTS, name)))
+  report = harness.run(harness.load_fixture(str(FIXTURES / name)))
   assert report.kind == kind and report.ok, report.table()
   assert not report.skipped
 
