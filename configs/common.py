@@ -81,6 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
   # instead of every one. False keeps the per-block loop (parity, debugging); checkpoints move
   # between the two layouts on restore and through `convert`.
   c.efficiency.scan_layers = True
+  # Attention kernels (`models/layers.attention`): 'xla' (einsum and float32 softmax: exact, every
+  # platform), 'cudnn' (cuDNN flash attention, NVIDIA GPUs, bf16), 'splash' (Pallas splash
+  # attention, TPUs), 'auto' (cudnn on GPUs, splash on TPUs from 257 tokens on, else xla). A
+  # kernel that cannot serve a call falls back to 'xla' and says so once in the log.
+  c.efficiency.attention = 'xla'
 
   # FSDP (capi_jax/base/sharding.py): parameters, EMA and optimiser state are stored sharded
   # over the 'fsdp' axis; each transformer block gathers its own weights where it runs.

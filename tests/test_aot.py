@@ -146,6 +146,29 @@ def test_tiny_config_compiles_for_a_v5e_slice():
 
 
 @_NEEDS_LIBTPU
+def test_splash_attention_compiles_into_the_tpu_step():
+  """With `efficiency.attention='splash'` the Mosaic kernels are in the compiled HLO (forward,
+  dq and dkv of the encoder's self-attention and the predictor's cross-attention with a few
+  queries), and the plan counts FLOPs on XLA's attention (a custom call counts nothing)."""
+  config = _small_tpu_config(8)
+  with config.unlocked():
+    config.efficiency.attention = 'splash'
+  devices = plans.topology_devices('v5e:2x2')
+  lowered = plans.lower_train_step(config, devices)
+  hlo = lowered.compile().as_text()
+  assert hlo.count('custom_call_target="tpu_custom_call"') >= 6, 'fwd + dq + dkv, 2 stacks'
+  assert 'splash_mha' in hlo
+  with config.unlocked():
+    config.efficiency.attention = 'xla'
+  xla_lowered = plans.lower_train_step(config, devices)
+  assert 'tpu_custom_call' not in xla_lowered.compile().as_text()
+  with config.unlocked():
+    config.efficiency.attention = 'splash'
+  assert plans.step_flops(config, devices, lowered) == plans.step_flops(config, devices,
+                                                                       xla_lowered)
+
+
+@_NEEDS_LIBTPU
 def test_two_slices_fsdp_inside_data_parallel_across():
   config = _small_tpu_config(16)
   with config.unlocked():

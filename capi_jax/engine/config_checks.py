@@ -20,6 +20,7 @@ from capi_jax.base import errors
 from capi_jax.base import problems as problems_lib
 from capi_jax.base import sharding
 from capi_jax.engine import evaluation
+from capi_jax.models import layers
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 _SHARDING_STRATEGIES = ('fsdp', 'replicate')
@@ -89,6 +90,8 @@ def _engine_problems(p: problems_lib.Problems, config: ml_collections.ConfigDict
           f'equal efficiency.param_dtype={e.param_dtype!r}.')
   if 'scan_layers' in e:
     p.boolean('efficiency.scan_layers', e.scan_layers)
+  if 'attention' in e:
+    p.choice('efficiency.attention', e.attention, layers.ATTENTION_IMPLEMENTATIONS)
   p.string('data.dataset', d.dataset)
   p.string('data.split', d.split)
   p.string('data.data_dir', d.data_dir, nonempty=False)

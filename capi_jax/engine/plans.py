@@ -105,8 +105,9 @@ def step_flops(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
   """XLA's FLOP count of one train step per device, on the unoptimised HLO.
 
   XLA's cost analysis counts a while loop's body once, so a step whose blocks are scanned
-  (`efficiency.scan_layers`) is counted with its blocks looped: the same computation. The
-  count runs on the CPU backend (TPU and GPU compile-only clients have none for an
+  (`efficiency.scan_layers`) is counted with its blocks looped: the same computation; and a
+  custom call counts nothing, so a step with attention kernels (`efficiency.attention`) is
+  counted with XLA's attention: the same math. The count runs on the CPU backend (TPU and GPU compile-only clients have none for an
   unoptimised module) over the global program, divided by the devices.
 
   Args:
@@ -114,10 +115,12 @@ def step_flops(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
     devices: the devices the step is laid over.
     lowered: the step already lowered for `config` (reused when its blocks are looped).
   """
-  if config.efficiency.get('scan_layers', False):
+  e = config.efficiency
+  if e.get('scan_layers', False) or e.get('attention', 'xla') != 'xla':
     looped = config.copy_and_resolve_references()
     with looped.unlocked():
       looped.efficiency.scan_layers = False
+      looped.efficiency.attention = 'xla'
     lowered = lower_train_step(looped, devices)
   elif lowered is None:
     lowered = lower_train_step(config, devices)
