@@ -56,7 +56,7 @@ def test_choice_per_platform_and_size(platform):
 def test_a_fallback_is_logged_once(platform, caplog):
   platform('cpu')
   q, k, v = _qkv(5, 5, 'tokens_major')
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING), jax.set_mesh(jax.make_mesh((1,), ('fsdp',))):
     for _ in range(3):
       out = layers.attention(q, k, v, 'tokens_major', 'splash')
   messages = [r.getMessage() for r in caplog.records if 'falls back' in r.getMessage()]

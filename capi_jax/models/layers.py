@@ -238,17 +238,20 @@ def choose_attention(implementation: str, batch: int, n_k: int, head_dim: int,
       implementation = 'splash'
     else:
       return 'xla'
+  needs = {'cudnn': ('gpu', 'an NVIDIA GPU'), 'splash': ('tpu', 'a TPU')}[implementation]
+  if platform != needs[0]:
+    if jax.sharding.get_abstract_mesh().empty:
+      # No mesh in context: a trace outside the step (the engine's shapes of the initial
+      # state, for a target that may be another platform); the step itself reports.
+      return 'xla'
+    return _fall_back(f'{implementation!r} needs {needs[1]} (platform: {platform}).')
   if implementation == 'cudnn':
-    if platform != 'gpu':
-      return _fall_back(f"'cudnn' needs an NVIDIA GPU (platform: {platform}).")
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
       return _fall_back(f"'cudnn' takes bfloat16 / float16 inputs, not {jnp.dtype(dtype)}.")
     if head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM:
       return _fall_back(f"'cudnn' needs head_dim a multiple of 8, at most "
                         f'{_CUDNN_MAX_HEAD_DIM} (got {head_dim}).')
     return 'cudnn'
-  if platform != 'tpu':
-    return _fall_back(f"'splash' needs a TPU (platform: {platform}).")
   mesh = _context_mesh()
   shards = 1 if mesh is None else mesh.size
   if batch % shards:
