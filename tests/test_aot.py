@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -192,6 +193,36 @@ def test_splash_attention_compiles_into_the_tpu_step():
     config.efficiency.attention = 'splash'
   assert plans.step_flops(config, devices, lowered) == plans.step_flops(config, devices,
                                                                        xla_lowered)
+
+
+def _gradient_reductions(hlo: str) -> set[tuple[str, str]]:
+  """(dtype, dims) of every weight-matrix-shaped operand (2-D, both sides >= 512) of the
+  all-reduces and reduce-scatters in compiled HLO text."""
+  found = set()
+  for line in hlo.splitlines():
+    m = re.match(r'\s+(?:ROOT )?%[\w.\-]+ = (\(.*?\)|\S+) (all-reduce|reduce-scatter)'
+                 r'(-start)?\(', line)
+    if m:
+      found |= {(dtype, dims) for dtype, dims in re.findall(r'(\w+)\[(\d+,\d+)\]', m.group(1))
+                if min(map(int, dims.split(','))) >= 512}
+  return found
+
+
+@_NEEDS_LIBTPU
+def test_weight_gradients_are_reduced_in_reduce_dtype():
+  """Computing in bfloat16, the blocks' weight gradients are summed over the chips in
+  `efficiency.reduce_dtype`: float32 (the releases'), or bfloat16 when asked."""
+  config = _small_tpu_config(8)
+  devices = plans.topology_devices('v5e:2x2')
+  with config.unlocked():
+    config.efficiency.compute_dtype = 'bfloat16'
+  dtypes = lambda: {dtype for dtype, _ in _gradient_reductions(
+      plans.compile_train_step(config, devices).as_text())}
+  assert config.efficiency.reduce_dtype == 'float32'
+  assert dtypes() == {'f32'}
+  with config.unlocked():
+    config.efficiency.reduce_dtype = 'bfloat16'
+  assert dtypes() == {'bf16'}
 
 
 @_NEEDS_LIBTPU

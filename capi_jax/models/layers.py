@@ -10,6 +10,7 @@ by the train step); without one they do nothing, so single-device code is unchan
 """
 
 from collections.abc import Callable
+import contextlib
 import functools
 import logging
 from typing import Any, NamedTuple
@@ -101,6 +102,72 @@ def gathered(block_cls: type[nn.Module], remat_policy: Callable[..., bool] | Non
   if remat_policy is None:
     return Gathered
   return nn.remat(Gathered, policy=remat_policy, prevent_cse=prevent_cse)
+
+
+# The dtype weight gradients are reduced across devices in (`efficiency.reduce_dtype`), set by
+# the train step around its trace (`reduce_gradients_in`); None: the compute dtype's.
+_reduce_dtype: list[DType | None] = [None]
+
+
+@contextlib.contextmanager
+def reduce_gradients_in(dtype: DType | None):
+  """Within: blocks' Dense layers (`Attention`, `Mlp`) under a mesh compute their weight
+  gradients in `dtype` (`dense_options`), so that their sum over the batch shards, the FSDP
+  gradient collective, runs in `dtype`."""
+  previous, _reduce_dtype[0] = _reduce_dtype[0], dtype
+  try:
+    yield
+  finally:
+    _reduce_dtype[0] = previous
+
+
+def _reducing_dot(reduce_dtype: DType) -> Callable[..., Array]:
+  """A Dense layer's dot_general, x (..., d_in) @ w (d_in, d_out) with w in its parameter
+  dtype, cast to x's for the product; w's gradient is computed with `reduce_dtype` outputs and
+  stays in it. XLA sums a weight gradient over the batch shards where its matmul produces it
+  (a partial sum per device), so that sum, the FSDP gradient collective, runs in
+  `reduce_dtype`. The forward and the input gradient are the usual ones."""
+
+  @jax.custom_vjp
+  def dot(x: Array, w: Array) -> Array:
+    return jnp.dot(x, w.astype(x.dtype))
+
+  def forward(x, w):
+    return dot(x, w), (x, w)
+
+  def backward(residuals, g):
+    x, w = residuals
+    dw = jnp.einsum('...i,...o->io', x, g, preferred_element_type=reduce_dtype)
+    return jnp.dot(g, w.astype(x.dtype).T), dw.astype(w.dtype)
+
+  dot.defvjp(forward, backward)
+
+  def dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+    if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or preferred_element_type:
+      raise ValueError(f'Not a Dense layer\'s product: {dimension_numbers}.')
+    del precision  # Dense's default (None).
+    return dot(x, w)
+
+  return dot_general
+
+
+def _promote_all_but_kernel(inputs: Array, kernel: Array, bias: Array | None,
+                            dtype: DType) -> tuple[Array, Array, Array | None]:
+  """Dense's dtype promotion with the kernel left in its parameter dtype (`_reducing_dot`
+  casts it)."""
+  return inputs.astype(dtype), kernel, None if bias is None else bias.astype(dtype)
+
+
+def dense_options(dtype: DType) -> dict[str, Any]:
+  """nn.Dense arguments for a layer computing in `dtype`: under a mesh where
+  `reduce_gradients_in` names a wider dtype, its weight gradient is computed and reduced in
+  that dtype (`_reducing_dot`); otherwise none (flax's promotion, lax's dot)."""
+  reduce_dtype = _reduce_dtype[0]
+  if (_context_mesh() is None or reduce_dtype is None
+      or jnp.dtype(reduce_dtype).itemsize <= jnp.dtype(dtype).itemsize):
+    return {}
+  return dict(promote_dtype=_promote_all_but_kernel,
+              dot_general=_reducing_dot(jnp.dtype(reduce_dtype)))
 
 
 class Encoded(NamedTuple):
@@ -439,7 +506,7 @@ class Attention(nn.Module):
 
   def _dense(self, name: str, t: Array, width: int, use_bias: bool) -> Array:
     layer = nn.Dense(width, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=xavier_uniform, name=name)
+                     kernel_init=xavier_uniform, name=name, **dense_options(self.dtype))
     return on_tokens(layer, t) if self.flat_tokens else layer(t)
 
   def _bias_params(self, inner: int) -> tuple[Array, Array]:
@@ -519,7 +586,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
-                              param_dtype=self.param_dtype, kernel_init=xavier_uniform)
+                              param_dtype=self.param_dtype, kernel_init=xavier_uniform,
+                              **dense_options(self.dtype))
     dim = x.shape[-1]
     fc1, fc2 = dense(int(dim * self.mlp_ratio), name='fc1'), dense(dim, name='fc2')
     return on_tokens(lambda t: fc2(self.activation(fc1(t))), x)
