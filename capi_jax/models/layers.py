@@ -340,11 +340,15 @@ def attention_cudnn(q: Array, k: Array, v: Array) -> Array:
 
   JAX 0.10's cuDNN training rule needs even n_q and n_k: an odd length gets one zero token,
   excluded by the sequence lengths (cuDNN's padding mask, no bias tensor); the padded query's
-  output is dropped. q, k and v share one sharding, split along the batch only, as cuDNN's
-  partitioner requires.
+  output is dropped. q, k and v share one sharding, split along the batch only (cuDNN's
+  partitioner splits neither tokens nor head_dim).
   """
   b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
-  q, k, v = shard_batch(q), shard_batch(k), shard_batch(v)
+  mesh = _context_mesh()
+  # One sharding for q, k, v, the batch split (where it splits evenly: a stochastic-depth
+  # subset may not).
+  split = shard_batch if mesh is not None and b % mesh.size == 0 else (lambda t: t)
+  q, k, v = split(q), split(k), split(v)
   lengths = {}
   if n_q % 2 or n_k % 2:
     q = _pad_axis(q, 1, n_q + n_q % 2)
@@ -352,7 +356,7 @@ def attention_cudnn(q: Array, k: Array, v: Array) -> Array:
     lengths = dict(query_seq_lengths=jnp.full((b,), n_q, jnp.int32),
                    key_value_seq_lengths=jnp.full((b,), n_k, jnp.int32))
   out = jax.nn.dot_product_attention(q, k, v, implementation='cudnn', **lengths)
-  return shard_batch(out[:, :n_q])
+  return split(out[:, :n_q])
 
 
 def attention_splash(q: Array, k: Array, v: Array, interpret: bool = False) -> Array:
