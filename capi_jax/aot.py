@@ -1,13 +1,20 @@
-"""Pod plans without a pod: compile the real train step ahead of time for a TPU topology.
+"""Pod plans without a pod: compile the real train step ahead of time for a TPU topology or
+NVIDIA GPU nodes.
 
-Run (on any host, CPU only; needs libtpu: `pip install '.[tpu]'`):
+Run (on any host, CPU only; needs libtpu: `pip install '.[tpu]'`, for GPUs JAX's CUDA plugin:
+`pip install '.[gpu-plans]'`):
   python -m capi_jax.aot --config=configs/vitl.py --topology=v5e:4x4
+  python -m capi_jax.aot --config=configs/vitl.py --topology=h100:1x8 \
+      --config.efficiency.attention=cudnn
   python -m capi_jax.aot --config=configs/vitl.py --topology=v5e:4x4 --find_max_batch
   python -m capi_jax.aot --config=configs/vith.py --topology=v5p:4x4x4 \
       --config.train.global_batch_size=16384
 
 `--topology` is CHIP:GRID with CHIP one of v4, v5e, v5p, v6e and GRID the chip grid of one
-slice (v5e:16x16 = 256 chips, v4:2x2x4 = 16 chips). libtpu describes the topology
+slice (v5e:16x16 = 256 chips, v4:2x2x4 = 16 chips), or CHIP one of h100, h200, a100 and GRID
+NODESxGPUS (h100:2x8 = two nodes of 8 GPUs; XLA's GPU target is built from the GPUs' published
+facts, `base.hardware`). GPU memory excludes cuDNN's workspace and what autotuning on a real
+GPU would choose. libtpu describes the topology
 (`jax.experimental.topologies`), the config's mesh is laid over its chips, and the engine's own
 state layout and jitted step (`state.state_layout`, `step.jit_train_step`) are lowered
 for abstract inputs and compiled by the TPU compiler: the executable a pod would run, without
@@ -17,7 +24,9 @@ one. The report gives, per chip:
   - XLA's FLOP count for one step and the ideal step time at the chip's dense bf16 peak
     (`base.hardware.PEAK_BF16_FLOPS`), a lower bound that ignores memory and communication time;
   - collective bytes per step, by kind (all-gather, reduce-scatter, all-reduce, ...): the
-    operand sizes of the collectives in the compiled HLO, times their loop trip counts.
+    operand sizes of the collectives in the compiled HLO, times their loop trip counts;
+  - the fused attention kernels in the compiled HLO (`efficiency.attention`: cuDNN's
+    `__cudnn$fmha*` on GPUs, Pallas `tpu_custom_call`s on TPUs) and the compile time.
 `--find_max_batch` compiles at doubled / halved global batches (multiples of the chip count)
 until it brackets the largest batch that fits, then bisects to one image per chip.
 
@@ -71,7 +80,8 @@ def main(argv: Sequence[str]) -> None:
 def _run_cli() -> None:
   """Defines the flags (here, so that importing this module defines none) and runs main."""
   config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-  flags.DEFINE_string('topology', None, 'CHIP:GRID, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v6e:16x16.')
+  flags.DEFINE_string('topology', None, 'CHIP:GRID, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v6e:16x16, '
+                      'or GPU:NODESxGPUS, e.g. h100:1x8, h200:2x8, a100:1x8.')
   flags.DEFINE_bool('find_max_batch', False, 'Search the largest global batch that fits in HBM.')
   flags.DEFINE_integer('num_slices', 1, 'Slices of --topology, joined over the data centre '
                        'network (set --config.sharding.dcn_mesh to match).', lower_bound=1)

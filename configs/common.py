@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.efficiency = ml_collections.ConfigDict()
   c.efficiency.param_dtype = 'float32'
   c.efficiency.compute_dtype = 'bfloat16'
+  # The dtype the blocks' weight gradients are summed over devices in (the FSDP gradient
+  # collectives; `layers.reduce_gradients_in`): float32 as the release; 'bfloat16' halves those
+  # bytes (compiled for v5e:2x2 and H100, the collectives of a bf16 step are f32 / bf16 accordingly).
   c.efficiency.reduce_dtype = 'float32'
   # What the blocks keep for the backward pass: 'none' (everything), 'dots_and_attention' (the
   # release's default), 'dots', 'full' (block inputs only); see encoder_decoder.REMAT.
@@ -81,6 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
   # instead of every one. False keeps the per-block loop (parity, debugging); checkpoints move
   # between the two layouts on restore and through `convert`.
   c.efficiency.scan_layers = True
+  # Attention kernels (`models/layers.attention`): 'xla' (einsum and float32 softmax: exact, every
+  # platform), 'cudnn' (cuDNN flash attention, NVIDIA GPUs, bf16), 'splash' (Pallas splash
+  # attention, TPUs), 'auto' (cudnn on GPUs, splash on TPUs from 257 tokens on, else xla). A
+  # kernel that cannot serve a call falls back to 'xla' and says so once in the log.
+  c.efficiency.attention = 'xla'
 
   # FSDP (capi_jax/base/sharding.py): parameters, EMA and optimiser state are stored sharded
   # over the 'fsdp' axis; each transformer block gathers its own weights where it runs.

@@ -1,11 +1,18 @@
 """Pod plans: topology names, HLO collective accounting, the batch search, a tiny TPU compile."""
 
 import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import pytest
 
 from capi_jax import methods
+from capi_jax.base import hardware
 from capi_jax.base import sharding
 from capi_jax.engine import plans
 from capi_jax.engine import state as state_lib
@@ -54,6 +61,26 @@ def test_parse_topology_names_the_accepted_forms():
   for bad in ('v5e', 'v3:4x4', 'v5e:4', 'v4:2x2x2x2'):
     with pytest.raises(ValueError, match='CHIP:GRID'):
       plans.parse_topology(bad)
+
+
+def test_gpu_topologies_are_nodes_by_gpus():
+  name, chip, grid = plans.parse_topology('h100:2x8')
+  assert (name, grid, chip.gpu) == ('h100', (2, 8), hardware.H100_SXM)
+  assert chip.hbm_bytes == 80 * plans.GiB and plans.CHIPS['h200'].hbm_bytes == 141 * 10 ** 9
+  for bad in ('h100:8', 'h100:1x1x8', 'v100:1x8'):
+    with pytest.raises(ValueError, match='NODESxGPUS'):
+      plans.parse_topology(bad)
+
+
+def test_gpu_target_config_from_published_facts():
+  text = hardware.gpu_target_config(hardware.A100_80GB)
+  for line in ('core_count: 108', 'fpus_per_core: 64', 'threads_per_warp: 32',
+               'block_dim_limit_x: 2147483647', 'cuda_compute_capability { major: 8 minor: 0 }',
+               'device_memory_size: 85899345920', 'platform_name: "CUDA"',
+               'device_description_str: "NVIDIA A100-SXM4-80GB"'):
+    assert line in text, line
+  # Every GPU the plans know has a datasheet peak (ideal step times).
+  assert all(hardware.table_peak_flops(f.name, 'bfloat16') for f in hardware.GPUS.values())
 
 
 def test_shape_bytes():
@@ -146,6 +173,59 @@ def test_tiny_config_compiles_for_a_v5e_slice():
 
 
 @_NEEDS_LIBTPU
+def test_splash_attention_compiles_into_the_tpu_step():
+  """With `efficiency.attention='splash'` the Mosaic kernels are in the compiled HLO (forward,
+  dq and dkv of the encoder's self-attention and the predictor's cross-attention with a few
+  queries), and the plan counts FLOPs on XLA's attention (a custom call counts nothing)."""
+  config = _small_tpu_config(8)
+  with config.unlocked():
+    config.efficiency.attention = 'splash'
+  devices = plans.topology_devices('v5e:2x2')
+  lowered = plans.lower_train_step(config, devices)
+  hlo = lowered.compile().as_text()
+  assert hlo.count('custom_call_target="tpu_custom_call"') >= 6, 'fwd + dq + dkv, 2 stacks'
+  assert 'splash_mha' in hlo
+  with config.unlocked():
+    config.efficiency.attention = 'xla'
+  xla_lowered = plans.lower_train_step(config, devices)
+  assert 'tpu_custom_call' not in xla_lowered.compile().as_text()
+  with config.unlocked():
+    config.efficiency.attention = 'splash'
+  assert plans.step_flops(config, devices, lowered) == plans.step_flops(config, devices,
+                                                                       xla_lowered)
+
+
+def _gradient_reductions(hlo: str) -> set[tuple[str, str]]:
+  """(dtype, dims) of every weight-matrix-shaped operand (2-D, both sides >= 512) of the
+  all-reduces and reduce-scatters in compiled HLO text."""
+  found = set()
+  for line in hlo.splitlines():
+    m = re.match(r'\s+(?:ROOT )?%[\w.\-]+ = (\(.*?\)|\S+) (all-reduce|reduce-scatter)'
+                 r'(-start)?\(', line)
+    if m:
+      found |= {(dtype, dims) for dtype, dims in re.findall(r'(\w+)\[(\d+,\d+)\]', m.group(1))
+                if min(map(int, dims.split(','))) >= 512}
+  return found
+
+
+@_NEEDS_LIBTPU
+def test_weight_gradients_are_reduced_in_reduce_dtype():
+  """Computing in bfloat16, the blocks' weight gradients are summed over the chips in
+  `efficiency.reduce_dtype`: float32 (the releases'), or bfloat16 when asked."""
+  config = _small_tpu_config(8)
+  devices = plans.topology_devices('v5e:2x2')
+  with config.unlocked():
+    config.efficiency.compute_dtype = 'bfloat16'
+  dtypes = lambda: {dtype for dtype, _ in _gradient_reductions(
+      plans.compile_train_step(config, devices).as_text())}
+  assert config.efficiency.reduce_dtype == 'float32'
+  assert dtypes() == {'f32'}
+  with config.unlocked():
+    config.efficiency.reduce_dtype = 'bfloat16'
+  assert dtypes() == {'bf16'}
+
+
+@_NEEDS_LIBTPU
 def test_two_slices_fsdp_inside_data_parallel_across():
   config = _small_tpu_config(16)
   with config.unlocked():
@@ -198,3 +278,40 @@ def test_a_step_the_compiler_refuses_for_hbm_is_reported_as_not_fitting(monkeypa
       jax.errors.JaxRuntimeError('INTERNAL: something else')))
   with pytest.raises(jax.errors.JaxRuntimeError, match='something else'):
     plans.plan(config, 'v5e:2x2', jax.devices()[:4])
+
+
+def _cuda_python() -> str | None:
+  """A Python with JAX's CUDA plugin: this one, or the repository's .venv-cuda (a venv layered
+  over .venv: a .pth to its site-packages, plus `pip install '.[gpu-plans]'`)."""
+  if importlib.util.find_spec('jax_cuda12_plugin') is not None:
+    return sys.executable
+  layered = pathlib.Path(__file__).parents[1] / '.venv-cuda' / 'bin' / 'python'
+  return str(layered) if layered.exists() else None
+
+
+@pytest.mark.skipif(_cuda_python() is None, reason=(
+    "JAX's CUDA plugin is not installed here nor in .venv-cuda (pip install '.[gpu-plans]', "
+    'about 1.6 GB): it compiles for NVIDIA GPUs on this host.'))
+def test_small_config_compiles_for_h100_nodes_with_cudnn_attention():
+  """`aot --topology=h100:2x1` on a 1-block CAPI with cuDNN attention: a plan for two nodes
+  of one H100, the cuDNN flash-attention calls in the compiled HLO."""
+  overrides = dict(
+      topology='h100:2x1', **{'config.data.dataset': 'synthetic', 'config.data.image_size': 16,
+      'config.capi.model.encoder_depth': 1, 'config.capi.model.decoder_depth': 1,
+      'config.capi.model.embed_dim': 128, 'config.capi.model.num_heads': 2,
+      'config.capi.num_clusters': 16, 'config.train.global_batch_size': 8,
+      'config.efficiency.compute_dtype': 'bfloat16', 'config.efficiency.attention': 'cudnn'})
+  repo = pathlib.Path(__file__).parents[1]
+  done = subprocess.run(
+      [_cuda_python(), '-m', 'capi_jax.aot', '--config=configs/tiny.py',
+       *(f'--{k}={v}' for k, v in overrides.items())],
+      cwd=repo, capture_output=True, text=True, timeout=600,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(repo)})
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result['device_kind'] == hardware.H100_SXM.name and result['chips'] == 2
+  assert result['fits'] and result['hbm_bytes'] == hardware.H100_SXM.memory_bytes
+  assert result['fused_kernels'].get('__cudnn$fmhaSoftmax', 0) >= 2, result['fused_kernels']
+  assert result['fused_kernels'].get('__cudnn$fmhaSoftmaxBackward', 0) >= 2
+  assert result['flops_per_chip'] > 0 and result['compile_s'] > 0
+  assert result['collective_bytes'].get('all-gather', 0) > 0  # FSDP across the two nodes.

@@ -394,7 +394,8 @@ def test_grain_workers_die_with_a_killed_main_process():
     ('data.num_workers', -1, 'data.num_workers=-1 must be an integer >= 0'),
     ('sharding.mesh', (('data', 3), ('fsdp', -1)), 'do not split into mesh'),
     ('sharding.param_rules', (('(', 'fsdp'),), "'(' is not a regular expression"),
-    ('efficiency.reduce_dtype', 'bfloat16', 'must equal efficiency.param_dtype'),
+    ('efficiency.reduce_dtype', 'float64', "efficiency.reduce_dtype='float64' must be one of"),
+    ('efficiency.attention', 'flash', "efficiency.attention='flash' must be one of"),
 ])
 def test_bad_config_values_are_named_up_front(key, value, expected):
   config = _config()

@@ -315,3 +315,23 @@ def test_block_ndim_counts_per_block_dims():
   assert stack.block_ndim('encoder/blocks_3/norm/bias', 1) == 1
   assert stack.block_ndim('regresser/regressor_blocks/q_bias', 2) == 1
   assert stack.block_ndim('mask_token', 3) == 3
+
+
+def test_weight_gradients_in_reduce_dtype_match_the_usual_ones():
+  """Under a mesh, `reduce_gradients_in(float32)` gives bfloat16 Dense layers float32 weight
+  gradients (their cross-device sums run in float32); values as the usual path's, the
+  forward unchanged."""
+  mlp = layers.Mlp(2, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (8, 5, 16), jnp.bfloat16)
+  params = mlp.init(jax.random.key(1), x)
+  loss = lambda p: jnp.sum(mlp.apply(p, x).astype(jnp.float32) ** 2)
+  with jax.set_mesh(jax.make_mesh((2,), ('fsdp',))):
+    usual_loss, usual = jax.jit(jax.value_and_grad(loss))(params)
+    with layers.reduce_gradients_in(jnp.float32):
+      assert layers.dense_options(jnp.bfloat16)
+      reduced_loss, reduced = jax.jit(jax.value_and_grad(loss))(params)
+  assert reduced_loss == usual_loss
+  for got, want in zip(jax.tree.leaves(reduced), jax.tree.leaves(usual)):
+    assert got.dtype == want.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=1e-2 * float(jnp.abs(want).max()))
+  assert not layers.dense_options(jnp.bfloat16)  # Outside the context.

@@ -12,6 +12,7 @@ against the method's evaluation model), all with `base.problems`.
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from capi_jax import evaluators
@@ -20,6 +21,7 @@ from capi_jax.base import errors
 from capi_jax.base import problems as problems_lib
 from capi_jax.base import sharding
 from capi_jax.engine import evaluation
+from capi_jax.models import layers
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 _SHARDING_STRATEGIES = ('fsdp', 'replicate')
@@ -92,11 +94,15 @@ def _engine_problems(p: problems_lib.Problems, config: ml_collections.ConfigDict
             f'{device_count} devices the batch is split over.')
   p.choice('efficiency.compute_dtype', e.compute_dtype, _DTYPES)
   p.choice('efficiency.param_dtype', e.param_dtype, _DTYPES)
-  # Gradients are reduced in the master weights' dtype (see state.py).
-  p.check(e.reduce_dtype == e.param_dtype, f'efficiency.reduce_dtype={e.reduce_dtype!r} must '
-          f'equal efficiency.param_dtype={e.param_dtype!r}.')
+  # Gradient reductions run in reduce_dtype, at most the master weights' (see state.py).
+  if p.choice('efficiency.reduce_dtype', e.reduce_dtype, _DTYPES):
+    p.check(jnp.dtype(e.reduce_dtype).itemsize <= jnp.dtype(e.param_dtype).itemsize,
+            f'efficiency.reduce_dtype={e.reduce_dtype!r} must not be wider than '
+            f'efficiency.param_dtype={e.param_dtype!r}.')
   if 'scan_layers' in e:
     p.boolean('efficiency.scan_layers', e.scan_layers)
+  if 'attention' in e:
+    p.choice('efficiency.attention', e.attention, layers.ATTENTION_IMPLEMENTATIONS)
   p.string('data.dataset', d.dataset)
   p.string('data.split', d.split)
   p.string('data.data_dir', d.data_dir, nonempty=False)

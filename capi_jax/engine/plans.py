@@ -1,7 +1,9 @@
-"""Plans without the hardware: the real train step compiled ahead of time for a TPU slice.
+"""Plans without the hardware: the real train step compiled ahead of time for a TPU slice or
+NVIDIA GPU nodes.
 
-libtpu describes the topology (`jax.experimental.topologies`), the config's mesh is laid over
-its chips, and the engine's own state layout and jitted step (`state.state_layout`,
+libtpu describes a TPU topology (`jax.experimental.topologies`), the CUDA plugin GPU nodes
+(from the GPUs' published facts, `base.hardware.gpu_target_config`); the config's mesh is laid
+over their devices, and the engine's own state layout and jitted step (`state.state_layout`,
 `step.jit_train_step`) are lowered for abstract inputs and compiled by the TPU compiler: the
 executable a pod would run, without one. `plan` reports, per chip: memory (arguments,
 temporaries, outputs not aliased to donated arguments, their total against the chip's HBM),
@@ -41,10 +43,12 @@ GiB = 1024 ** 3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """What the compiler needs to name a TPU generation, and what a plan compares against."""
+  """What the compiler needs to name a TPU generation or a GPU, and what a plan compares
+  against."""
   topology_prefix: str  # libtpu's name of the generation in a topology string.
   chip_config: str  # 'megacore': one JAX device per chip (v4, v5p fuse their two cores).
   hbm_bytes: int
+  gpu: hardware.GpuFacts | None = None  # NVIDIA GPUs: compiled for from their facts.
 
 # Per-chip HBM from Google Cloud's TPU system-architecture pages.
 CHIPS = {
@@ -52,7 +56,11 @@ CHIPS = {
     'v5e': Chip('v5e', 'default', 16 * GiB),
     'v5p': Chip('v5', 'megacore', 95 * GiB),
     'v6e': Chip('v6e', 'default', 32 * GiB),
+    **{name: Chip('', '', facts.memory_bytes, facts) for name, facts in hardware.GPUS.items()},
 }
+# Fused-attention kernels in compiled HLO: cuDNN's flash attention (`__cudnn$fmha...`) on
+# GPUs, Pallas/Mosaic kernels (`tpu_custom_call`: splash attention) on TPUs.
+_FUSED_KERNELS = re.compile(r'custom_call_target="(__cudnn\$fmha\w*|tpu_custom_call)"')
 
 # HLO opcodes of collectives; async pairs are counted at their '-start'.
 _COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
@@ -64,16 +72,43 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16
                 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
 
 def parse_topology(topology: str) -> tuple[str, Chip, tuple[int, ...]]:
-  """'v5e:4x4' -> ('v5e', its Chip, (4, 4)); errors name the accepted forms."""
+  """'v5e:4x4' -> ('v5e', its Chip, (4, 4)); 'h100:2x8' -> ('h100', its Chip, (2, 8)): nodes x
+  GPUs per node. Errors name the accepted forms."""
   chip_name, _, grid = topology.partition(':')
-  if chip_name not in CHIPS or not re.fullmatch(r'\d+(x\d+){1,2}', grid):
+  form = r'\d+x\d+' if chip_name in hardware.GPUS else r'\d+(x\d+){1,2}'
+  if chip_name not in CHIPS or not re.fullmatch(form, grid):
     raise ValueError(f'--topology={topology!r}: expected CHIP:GRID with CHIP one of '
-                     f'{sorted(CHIPS)} and GRID like 4x4 or 2x2x4 (chips per slice).')
+                     f'{sorted(CHIPS)} and GRID like 4x4 or 2x2x4 (TPU chips per slice) or '
+                     'NODESxGPUS like 1x8 (NVIDIA GPUs).')
   return chip_name, CHIPS[chip_name], tuple(int(n) for n in grid.split('x'))
 
+def gpu_devices(facts: hardware.GpuFacts, nodes: int, per_node: int) -> list[jax.Device]:
+  """Compile-only devices of `nodes` x `per_node` GPUs, from the CUDA plugin (no GPU needed).
+
+  The nodes are processes (`process_index`); `slice_index` is 0 on every node, so a mesh
+  spans nodes as process granules (`sharding.make_mesh`).
+  """
+  try:
+    description = topologies.get_topology_desc(
+        platform='cuda', topology=f'1x{nodes}x{per_node}',
+        target_config=hardware.gpu_target_config(facts))
+  except Exception as e:  # The CUDA plugin missing.
+    raise RuntimeError(
+        f'JAX\'s CUDA plugin could not describe {nodes}x{per_node} {facts.name} ('
+        f"{type(e).__name__}: {e}). Install it with `pip install '.[gpu-plans]'` "
+        '(jax-cuda12-plugin pinned to this jax, and cuDNN for its attention).') from e
+  return list(description.devices)
+
+
 def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
-  """Compile-only devices of `num_slices` slices of `topology`, from libtpu (no TPU needed)."""
+  """Compile-only devices of `num_slices` slices of a TPU `topology`, from libtpu (no TPU
+  needed), or of a GPU `topology`'s nodes (`gpu_devices`)."""
   _, chip, grid = parse_topology(topology)
+  if chip.gpu:
+    if num_slices != 1:
+      raise ValueError(f'--num_slices is for TPUs; GPU nodes are the first number of '
+                       f'{topology!r}.')
+    return gpu_devices(chip.gpu, *grid)
   # Compile-only use holds no TPU: let other processes (a running job, parallel plans) load
   # libtpu too instead of failing on its lock file.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
@@ -105,8 +140,9 @@ def step_flops(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
   """XLA's FLOP count of one train step per device, on the unoptimised HLO.
 
   XLA's cost analysis counts a while loop's body once, so a step whose blocks are scanned
-  (`efficiency.scan_layers`) is counted with its blocks looped: the same computation. The
-  count runs on the CPU backend (TPU and GPU compile-only clients have none for an
+  (`efficiency.scan_layers`) is counted with its blocks looped: the same computation; and a
+  custom call counts nothing, so a step with attention kernels (`efficiency.attention`) is
+  counted with XLA's attention: the same math. The count runs on the CPU backend (TPU and GPU compile-only clients have none for an
   unoptimised module) over the global program, divided by the devices.
 
   Args:
@@ -114,10 +150,12 @@ def step_flops(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
     devices: the devices the step is laid over.
     lowered: the step already lowered for `config` (reused when its blocks are looped).
   """
-  if config.efficiency.get('scan_layers', False):
+  e = config.efficiency
+  if e.get('scan_layers', False) or e.get('attention', 'xla') != 'xla':
     looped = config.copy_and_resolve_references()
     with looped.unlocked():
       looped.efficiency.scan_layers = False
+      looped.efficiency.attention = 'xla'
     lowered = lower_train_step(looped, devices)
   elif lowered is None:
     lowered = lower_train_step(config, devices)
@@ -275,16 +313,20 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   kind = devices[0].device_kind
   peak = hardware.table_peak_flops(kind, 'bfloat16')
   batch = config.train.global_batch_size
-  every = collective_bytes(compiled.as_text())
+  hlo = compiled.as_text()
+  every = collective_bytes(hlo)
   collectives = {k: v for k, v in every.items() if not k.startswith(DCN_PREFIX)}
   dcn = {k.removeprefix(DCN_PREFIX): v for k, v in every.items() if k.startswith(DCN_PREFIX)}
+  granule, granules = sharding.granules(devices)
   return {
       'config': config.name, 'topology': topology, 'device_kind': kind, 'chips': len(devices),
-      'slices': sharding.granules(devices)[1],
+      'slices': granules if granule == 'slice' else 1,
       'mesh': dict(zip(*sharding.mesh_shape(config.sharding.mesh, len(devices)))),
       'global_batch_size': batch, 'images_per_chip': batch / len(devices),
       'compute_dtype': config.efficiency.compute_dtype,
       'remat_policy': config.efficiency.remat_policy,
+      'attention': config.efficiency.get('attention', 'xla'),
+      'fused_kernels': dict(collections.Counter(_FUSED_KERNELS.findall(hlo))),
       'argument_bytes': arguments, 'temporary_bytes': temporaries, 'output_bytes': outputs,
       'total_bytes': total, 'hbm_bytes': chip.hbm_bytes, 'fits': total <= chip.hbm_bytes,
       'flops_per_chip': flops, 'peak_flops_per_chip': peak,
@@ -406,5 +448,7 @@ def report(result: dict[str, Any]) -> str:
       f"  collectives per chip per step: {gib(result['collective_bytes_total'])}"
       + (f' ({collectives})' if collectives else '')
       + (' inside each slice (ICI)' if result['slices'] > 1 else ''),
+      f"  attention {result['attention']}; fused kernels in the HLO: "
+      + (', '.join(f'{k} x{n}' for k, n in sorted(result['fused_kernels'].items())) or 'none'),
   ] + ([f"  across slices (DCN) per chip per step: {gib(result['dcn_bytes_total'])} sent"
         + (f' ({dcn})' if dcn else '')] if result['slices'] > 1 else []))

@@ -21,6 +21,7 @@ import optax
 from capi_jax.base import interface
 from capi_jax.base import sharding
 from capi_jax.engine import state as state_lib
+from capi_jax.models import layers
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -37,13 +38,16 @@ def train_step(state: state_lib.TrainState, batch: Batch, *, method: interface.M
   With a `mesh`, the step is traced with it in context: the models' blocks then gather their
   own FSDP-sharded weights at the point of use and keep activations split along the batch
   (`models.layers.gathered`), so the variables, their gradients and the optimiser state stay
-  sharded everywhere else (one block's weights are whole at a time, not the whole model).
-  `logical_rules` say which weights stay split (over 'tensor') and which mesh axes split the
-  batch (`sharding.use_rules`).
+  sharded everywhere else (one block's weights are whole at a time, not the whole model); the
+  blocks' weight gradients are summed over the batch shards in `efficiency.reduce_dtype`
+  (`layers.reduce_gradients_in`). `logical_rules` say which weights stay split (over 'tensor')
+  and which mesh axes split the batch (`sharding.use_rules`).
   """
+  reduce_dtype = method.config.efficiency.get('reduce_dtype')
   with (contextlib.nullcontext() if mesh is None
-        else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)), sharding.use_rules(
-            logical_rules):
+        else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)), \
+      sharding.use_rules(logical_rules), \
+      layers.reduce_gradients_in(reduce_dtype and jnp.dtype(reduce_dtype)):
     rng = jax.random.fold_in(state.rng, state.step)
     grads, aux, metrics = method.loss_and_grads(state.variables, batch, rng)
 

@@ -131,13 +131,16 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def make_attention(num_heads: int, train_rope_freqs: bool = True, dtype: DType = jnp.float32,
-                   param_dtype: DType = jnp.float32, name: str | None = None) -> layers.Attention:
+                   param_dtype: DType = jnp.float32, name: str | None = None,
+                   implementation: str = 'xla') -> layers.Attention:
   """CAPI's (cross-)attention: bias-free q_proj / k_proj / v_proj / proj, RoPE on q and k (see
-  `Rope` for `train_rope_freqs`); called as (x, coords, context, context_coords)."""
+  `Rope` for `train_rope_freqs`); called as (x, coords, context, context_coords);
+  `implementation`: `layers.attention`'s."""
   return layers.Attention(
       num_heads, projections=('q_proj', 'k_proj', 'v_proj'), qkv_bias='none', out_bias=False,
       rotary=functools.partial(Rope, freeze_freqs=not train_rope_freqs, param_dtype=param_dtype),
-      flat_tokens=True, dtype=dtype, param_dtype=param_dtype, name=name)
+      flat_tokens=True, implementation=implementation, dtype=dtype, param_dtype=param_dtype,
+      name=name)
 
 
 def _select(groups: Array, keep: Array) -> Array:
@@ -194,6 +197,7 @@ class Block(nn.Module):
   deterministic: bool = True
   drop_path_groups: int = 1
   train_rope_freqs: bool = True
+  attention: str = 'xla'
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -205,7 +209,7 @@ class Block(nn.Module):
                                  deterministic=self.deterministic,
                                  drop_path_groups=self.drop_path_groups)
     attn = functools.partial(make_attention, self.num_heads, self.train_rope_freqs, self.dtype,
-                             self.param_dtype)
+                             self.param_dtype, implementation=self.attention)
     x = residual(norm, attn, name='residual1')(x, coords, context, context_coords)
     mlp = functools.partial(layers.Mlp, self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype)
     return residual(norm, mlp, name='residual2')(x)
@@ -223,6 +227,7 @@ class Transformer(nn.Module):
   remat_policy: str = 'none'
   scan: bool = False
   train_rope_freqs: bool = True
+  attention: str = 'xla'
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -246,7 +251,7 @@ class Transformer(nn.Module):
     fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps,
                   drop_path_rate=self.drop_path_rate, deterministic=deterministic,
                   drop_path_groups=self.drop_path_groups, train_rope_freqs=self.train_rope_freqs,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+                  attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype)
     # Initialisation must create every block even if this call only needs the first ones.
     n_run = self.depth if self.is_initializing() else max(return_layers)
     outputs = {0: x} if 0 in return_layers else {}
@@ -284,6 +289,7 @@ class EncoderDecoder(nn.Module):
   remat_policy: str = 'none'
   scan_layers: bool = False
   train_rope_freqs: bool = True
+  attention: str = 'xla'
 
   def setup(self):
     if self.embed_dim % self.num_heads:
@@ -305,7 +311,7 @@ class EncoderDecoder(nn.Module):
         Transformer, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps,
         drop_path_rate=self.drop_path_rate, drop_path_groups=self.drop_path_groups,
         remat_policy=self.remat_policy, scan=self.scan_layers,
-        train_rope_freqs=self.train_rope_freqs, dtype=self.dtype,
+        train_rope_freqs=self.train_rope_freqs, attention=self.attention, dtype=self.dtype,
         param_dtype=self.param_dtype)
     self.encoder = transformer(self.encoder_depth)
     self.decoder = transformer(self.decoder_depth)
@@ -466,4 +472,4 @@ def from_config(model_config: ml_collections.ConfigDict, efficiency: ml_collecti
       decoder_depth=m.decoder_depth, out_layer=m.out_layer,
       dtype=jnp.dtype(e.compute_dtype), param_dtype=jnp.dtype(e.param_dtype),
       remat_policy=e.remat_policy, scan_layers=e.get('scan_layers', False),
-      train_rope_freqs=train_rope_freqs)
+      train_rope_freqs=train_rope_freqs, attention=e.get('attention', 'xla'))

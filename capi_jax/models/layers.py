@@ -10,12 +10,15 @@ by the train step); without one they do nothing, so single-device code is unchan
 """
 
 from collections.abc import Callable
+import contextlib
 import functools
+import logging
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 import jax.numpy as jnp
 import numpy as np
 
@@ -122,6 +125,72 @@ def gathered(block_cls: type[nn.Module], remat_policy: Callable[..., bool] | Non
   return nn.remat(Gathered, policy=remat_policy, prevent_cse=prevent_cse)
 
 
+# The dtype weight gradients are reduced across devices in (`efficiency.reduce_dtype`), set by
+# the train step around its trace (`reduce_gradients_in`); None: the compute dtype's.
+_reduce_dtype: list[DType | None] = [None]
+
+
+@contextlib.contextmanager
+def reduce_gradients_in(dtype: DType | None):
+  """Within: blocks' Dense layers (`Attention`, `Mlp`) under a mesh compute their weight
+  gradients in `dtype` (`dense_options`), so that their sum over the batch shards, the FSDP
+  gradient collective, runs in `dtype`."""
+  previous, _reduce_dtype[0] = _reduce_dtype[0], dtype
+  try:
+    yield
+  finally:
+    _reduce_dtype[0] = previous
+
+
+def _reducing_dot(reduce_dtype: DType) -> Callable[..., Array]:
+  """A Dense layer's dot_general, x (..., d_in) @ w (d_in, d_out) with w in its parameter
+  dtype, cast to x's for the product; w's gradient is computed with `reduce_dtype` outputs and
+  stays in it. XLA sums a weight gradient over the batch shards where its matmul produces it
+  (a partial sum per device), so that sum, the FSDP gradient collective, runs in
+  `reduce_dtype`. The forward and the input gradient are the usual ones."""
+
+  @jax.custom_vjp
+  def dot(x: Array, w: Array) -> Array:
+    return jnp.dot(x, w.astype(x.dtype))
+
+  def forward(x, w):
+    return dot(x, w), (x, w)
+
+  def backward(residuals, g):
+    x, w = residuals
+    dw = jnp.einsum('...i,...o->io', x, g, preferred_element_type=reduce_dtype)
+    return jnp.dot(g, w.astype(x.dtype).T), dw.astype(w.dtype)
+
+  dot.defvjp(forward, backward)
+
+  def dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+    if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or preferred_element_type:
+      raise ValueError(f'Not a Dense layer\'s product: {dimension_numbers}.')
+    del precision  # Dense's default (None).
+    return dot(x, w)
+
+  return dot_general
+
+
+def _promote_all_but_kernel(inputs: Array, kernel: Array, bias: Array | None,
+                            dtype: DType) -> tuple[Array, Array, Array | None]:
+  """Dense's dtype promotion with the kernel left in its parameter dtype (`_reducing_dot`
+  casts it)."""
+  return inputs.astype(dtype), kernel, None if bias is None else bias.astype(dtype)
+
+
+def dense_options(dtype: DType) -> dict[str, Any]:
+  """nn.Dense arguments for a layer computing in `dtype`: under a mesh where
+  `reduce_gradients_in` names a wider dtype, its weight gradient is computed and reduced in
+  that dtype (`_reducing_dot`); otherwise none (flax's promotion, lax's dot)."""
+  reduce_dtype = _reduce_dtype[0]
+  if (_context_mesh() is None or reduce_dtype is None
+      or jnp.dtype(reduce_dtype).itemsize <= jnp.dtype(dtype).itemsize):
+    return {}
+  return dict(promote_dtype=_promote_all_but_kernel,
+              dot_general=_reducing_dot(jnp.dtype(reduce_dtype)))
+
+
 class Encoded(NamedTuple):
   """A backbone's `encode` result (the per-block API every refinable backbone has).
 
@@ -194,11 +263,167 @@ _ATTENTION_SPECS = {
     'heads_major': ('bhqd,bhkd->bhqk', 'bhqk,bhkd->bhqd'),
     'tokens_major': ('bqhd,bkhd->bhqk', 'bhqk,bkhd->bqhd'),
 }
+# Implementations of `attention` (`efficiency.attention`):
+#   'xla'    einsum, float32 softmax, einsum: exact, the parity path, every platform.
+#   'cudnn'  cuDNN flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`):
+#            NVIDIA GPUs, bfloat16 / float16 inputs.
+#   'splash' the Pallas splash-attention kernel (a Mosaic custom call): TPUs.
+#   'auto'   cudnn on GPUs, splash on TPUs from `SPLASH_MIN_KEYS` keys on, xla otherwise.
+# A kernel that cannot serve a call falls back to 'xla' and says why, once, in the log.
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
+# 'auto' on TPU takes splash from this many keys on. Compiled for v5e (ViT-L blocks, 64 images
+# per chip), splash needed more memory per chip than XLA at 197 tokens (the padding to 256 and
+# its float32 logsumexp residuals) and less at 272 and 577.
+SPLASH_MIN_KEYS = 257
+# Splash tiles: keys in blocks of 128 (the kernel's lane width); queries in blocks of up to 128
+# rows (a few queries, as in CAPI's predictor, need only a multiple of 8 with a static mask).
+_SPLASH_BLOCK = 128
+# cuDNN's head_dim limit as JAX checks it when compiling without a GPU (it asks the default
+# backend, not the target, so Hopper's 256 is not recognised there).
+_CUDNN_MAX_HEAD_DIM = 128
+
+_reported_fallbacks: set[str] = set()
+
+
+def _platform() -> str:
+  """'cpu', 'gpu' or 'tpu': the context mesh's devices (compile-only ones too), else JAX's
+  default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  return 'gpu' if platform in ('cuda', 'rocm', 'gpu') else platform
+
+
+def _fall_back(reason: str) -> str:
+  """'xla', after logging `reason` the first time it is given."""
+  if reason not in _reported_fallbacks:
+    _reported_fallbacks.add(reason)
+    logging.warning('Attention falls back to XLA: %s', reason)
+  return 'xla'
+
+
+def choose_attention(implementation: str, batch: int, n_k: int, head_dim: int,
+                     dtype: DType) -> str:
+  """The implementation that serves one call: `implementation` resolved for the platform (the
+  context mesh's) and the shapes; 'xla' where the kernel cannot serve them (logged once).
+
+  Args:
+    implementation: one of `ATTENTION_IMPLEMENTATIONS`.
+    batch: the call's (global) batch.
+    n_k: keys per example.
+    head_dim: channels per head.
+    dtype: the queries' dtype.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, '
+                     f'got {implementation!r}.')
+  if implementation == 'xla':
+    return 'xla'
+  platform = _platform()
+  if implementation == 'auto':
+    if platform == 'gpu':
+      implementation = 'cudnn'
+    elif platform == 'tpu' and n_k >= SPLASH_MIN_KEYS:
+      implementation = 'splash'
+    else:
+      return 'xla'
+  needs = {'cudnn': ('gpu', 'an NVIDIA GPU'), 'splash': ('tpu', 'a TPU')}[implementation]
+  if platform != needs[0]:
+    if jax.sharding.get_abstract_mesh().empty:
+      # No mesh in context: a trace outside the step (the engine's shapes of the initial
+      # state, for a target that may be another platform); the step itself reports.
+      return 'xla'
+    return _fall_back(f'{implementation!r} needs {needs[1]} (platform: {platform}).')
+  if implementation == 'cudnn':
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+      return _fall_back(f"'cudnn' takes bfloat16 / float16 inputs, not {jnp.dtype(dtype)}.")
+    if head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM:
+      return _fall_back(f"'cudnn' needs head_dim a multiple of 8, at most "
+                        f'{_CUDNN_MAX_HEAD_DIM} (got {head_dim}).')
+    return 'cudnn'
+  mesh = _context_mesh()
+  shards = 1 if mesh is None else mesh.size
+  if batch % shards:
+    return _fall_back(f"'splash' runs per batch shard: a batch of {batch} does not split over "
+                      f'{shards} devices.')
+  return 'splash'
+
+
+def _pad_axis(x: Array, axis: int, size: int) -> Array:
+  """x zero-padded at the end of `axis` to `size`."""
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def attention_cudnn(q: Array, k: Array, v: Array) -> Array:
+  """cuDNN flash attention, tokens-major: q (batch, n_q, heads, head_dim), k / v (batch, n_k,
+  heads, head_dim) -> (batch, n_q, heads, head_dim).
+
+  JAX 0.10's cuDNN training rule needs even n_q and n_k: an odd length gets one zero token,
+  excluded by the sequence lengths (cuDNN's padding mask, no bias tensor); the padded query's
+  output is dropped. q, k and v share one sharding, split along the batch only (cuDNN's
+  partitioner splits neither tokens nor head_dim).
+  """
+  b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+  mesh = _context_mesh()
+  # One sharding for q, k, v, the batch split (where it splits evenly: a stochastic-depth
+  # subset may not).
+  split = shard_batch if mesh is not None and b % mesh.size == 0 else (lambda t: t)
+  q, k, v = split(q), split(k), split(v)
+  lengths = {}
+  if n_q % 2 or n_k % 2:
+    q = _pad_axis(q, 1, n_q + n_q % 2)
+    k, v = _pad_axis(k, 1, n_k + n_k % 2), _pad_axis(v, 1, n_k + n_k % 2)
+    lengths = dict(query_seq_lengths=jnp.full((b,), n_q, jnp.int32),
+                   key_value_seq_lengths=jnp.full((b,), n_k, jnp.int32))
+  out = jax.nn.dot_product_attention(q, k, v, implementation='cudnn', **lengths)
+  return split(out[:, :n_q])
+
+
+def attention_splash(q: Array, k: Array, v: Array, interpret: bool = False) -> Array:
+  """Pallas splash attention, heads-major: q (batch, heads, n_q, head_dim), k / v (batch,
+  heads, n_k, head_dim) -> (batch, heads, n_q, head_dim).
+
+  The kernel runs per example (vmapped) on each batch shard (`shard_map` over the context
+  mesh). Keys are padded to a multiple of 128 and queries to their block; a static mask hides
+  the padded keys from every query (the kernel skips blocks that are wholly masked), and the
+  padded queries' outputs are dropped. `interpret`: Pallas's interpreter (CPU tests).
+  """
+  heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
+  round_up = lambda n, m: -(-n // m) * m
+  block_q = min(_SPLASH_BLOCK, round_up(n_q, 8))
+  padded_q, padded_k = round_up(n_q, block_q), round_up(n_k, _SPLASH_BLOCK)
+  if padded_k == n_k:
+    head_mask = splash.FullMask((padded_q, padded_k))
+  else:
+    keep = np.broadcast_to(np.arange(padded_k) < n_k, (padded_q, padded_k))
+    head_mask = splash.NumpyMask(np.ascontiguousarray(keep))
+  sizes = splash.BlockSizes(
+      block_q=block_q, block_kv=_SPLASH_BLOCK, block_kv_compute=_SPLASH_BLOCK,
+      block_q_dkv=block_q, block_kv_dkv=_SPLASH_BLOCK, block_kv_dkv_compute=_SPLASH_BLOCK,
+      block_q_dq=block_q, block_kv_dq=_SPLASH_BLOCK)
+  kernel = splash.make_splash_mha(splash.MultiHeadMask([head_mask] * heads),
+                                  block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  scale = np.asarray(q.shape[-1] ** -0.5, q.dtype)  # The kernel applies none.
+
+  def local(q: Array, k: Array, v: Array) -> Array:
+    q = _pad_axis(q * scale, 2, padded_q)
+    k, v = _pad_axis(k, 2, padded_k), _pad_axis(v, 2, padded_k)
+    return jax.vmap(kernel)(q, k, v)[:, :, :n_q]
+
+  mesh = _context_mesh()
+  if mesh is None:
+    return local(q, k, v)
+  spec = jax.sharding.PartitionSpec(mesh.axis_names)
+  # check_vma=False: Pallas calls carry no varying-manual-axes annotations.
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
 
 
 def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major',
-              bias: Array | None = None) -> Array:
-  """Softmax attention with logits and softmax in float32.
+              implementation: str = 'xla', bias: Array | None = None) -> Array:
+  """Softmax attention; with 'xla', logits and softmax in float32.
 
   Args:
     q: (batch, heads, n_q, head_dim); with layout='tokens_major' (batch, n_q, heads, head_dim).
@@ -206,12 +431,28 @@ def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major',
     v: (batch, heads, n_k, head_dim); likewise.
     layout: 'heads_major' suits callers that work per head (CAPI's RoPE); 'tokens_major' takes
       a fused qkv projection as reshaped, with no transposes (the standard ViT).
+    implementation: one of `ATTENTION_IMPLEMENTATIONS` (see there; `choose_attention`).
     bias: None, or (heads, n_q, n_k) added to the scaled logits (BEiT's relative position
-      bias, `vit.ViT(rel_pos_bias=True)`).
+      bias, `vit.ViT(rel_pos_bias=True)`); the fused kernels take none, so a bias means 'xla'.
 
   Returns:
     (batch, heads, n_q, head_dim) in v's dtype; (batch, n_q, heads, head_dim) if tokens_major.
   """
+  heads_major = layout == 'heads_major'
+  if bias is not None and implementation in ('cudnn', 'splash'):
+    implementation = _fall_back(f'{implementation!r} takes no attention bias (relative '
+                                'position bias).')
+  elif bias is not None:
+    implementation = 'xla'  # 'auto' picks no kernel that cannot serve the call.
+  chosen = choose_attention(implementation, q.shape[0], k.shape[2 if heads_major else 1],
+                            q.shape[-1], q.dtype)
+  swap, same = (lambda t: t.transpose(0, 2, 1, 3)), (lambda t: t)
+  if chosen == 'cudnn':
+    tokens = swap if heads_major else same
+    return tokens(attention_cudnn(tokens(q), tokens(k), tokens(v)))
+  if chosen == 'splash':
+    by_heads = same if heads_major else swap
+    return by_heads(attention_splash(by_heads(q), by_heads(k), by_heads(v)))
   logits_spec, out_spec = _ATTENTION_SPECS[layout]
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum(logits_spec, q, k, preferred_element_type=jnp.float32) * scale
@@ -285,6 +526,7 @@ class Attention(nn.Module):
       2-D RoPE). With it, heads are split heads-major (the rotation broadcasts over heads);
       without, tokens-major (a reshape, no transposes).
     flat_tokens: projections run on 2-D tokens (`on_tokens`; faster weight gradients on XLA:CPU).
+    implementation: `attention`'s (`efficiency.attention`).
   """
   num_heads: int
   projections: tuple[str, ...] = ('qkv',)
@@ -292,12 +534,13 @@ class Attention(nn.Module):
   out_bias: bool = True
   rotary: Callable[..., nn.Module] | None = None
   flat_tokens: bool = False
+  implementation: str = 'xla'
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
   def _dense(self, name: str, t: Array, width: int, use_bias: bool) -> Array:
     layer = nn.Dense(width, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=xavier_uniform, name=name)
+                     kernel_init=xavier_uniform, name=name, **dense_options(self.dtype))
     return on_tokens(layer, t) if self.flat_tokens else layer(t)
 
   def _bias_params(self, inner: int) -> tuple[Array, Array]:
@@ -362,7 +605,8 @@ class Attention(nn.Module):
         k = rotate_k(heads(self._dense(k_name, kv_in, inner, full)))
         v = heads(add(self._dense(v_name, v_in, inner, full), v_bias))
         layout = 'heads_major'
-    out = checkpoint_name(attention(q, k, v, layout=layout, bias=bias), ATTENTION_OUT)
+    out = checkpoint_name(attention(q, k, v, layout, self.implementation, bias),
+                          ATTENTION_OUT)
     if layout == 'heads_major':
       out = out.transpose(0, 2, 1, 3)
     return self._dense('proj', out.reshape(b, n_q, inner), dim, self.out_bias)
@@ -379,7 +623,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
-                              param_dtype=self.param_dtype, kernel_init=xavier_uniform)
+                              param_dtype=self.param_dtype, kernel_init=xavier_uniform,
+                              **dense_options(self.dtype))
     dim = x.shape[-1]
     fc1, fc2 = dense(int(dim * self.mlp_ratio), name='fc1'), dense(dim, name='fc2')
     return on_tokens(lambda t: fc2(self.activation(fc1(t))), x)

@@ -240,6 +240,7 @@ class Block(nn.Module):
   drop_path_rate: float = 0.0
   deterministic: bool = True
   rel_pos_grid: tuple[int, int] | None = None
+  attention: str = 'xla'
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -265,7 +266,8 @@ class Block(nn.Module):
   def __call__(self, x: Array) -> Array:
     """x: (batch, n, dim) -> (batch, n, dim)."""
     norm = functools.partial(layers.layer_norm, self.norm_eps, self.dtype, self.param_dtype)
-    attn = layers.Attention(self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
+    attn = layers.Attention(self.num_heads, qkv_bias=self.qkv_bias,
+                            implementation=self.attention, dtype=self.dtype,
                             param_dtype=self.param_dtype, name='attn')
     mlp = layers.Mlp(self.mlp_ratio, use_bias=True, activation=ACTIVATIONS[self.activation],
                      dtype=self.dtype, param_dtype=self.param_dtype, name='mlp')
@@ -316,6 +318,7 @@ class ViT(nn.Module):
   param_dtype: DType = jnp.float32
   remat_policy: str = 'none'
   scan_layers: bool = False
+  attention: str = 'xla'
 
   @property
   def frozen_params(self) -> tuple[str, ...]:
@@ -330,7 +333,8 @@ class ViT(nn.Module):
   def _check_fields(self) -> None:
     choices = dict(pos_embed=POS_EMBEDS, pos_resize=POS_RESIZES, qkv_bias=layers.QKV_BIASES,
                    block=BLOCKS, activation=tuple(ACTIVATIONS),
-                   remat_policy=layers.REMAT_POLICIES)
+                   remat_policy=layers.REMAT_POLICIES,
+                   attention=layers.ATTENTION_IMPLEMENTATIONS)
     for name, valid in choices.items():
       if getattr(self, name) not in valid:
         raise ValueError(f'ViT {name} must be one of {valid}, got {getattr(self, name)!r}.')
@@ -409,7 +413,8 @@ class ViT(nn.Module):
     fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                   layer_scale_init=self.layer_scale_init, activation=self.activation,
                   norm_eps=self.norm_eps, postnorm=self.block == 'postnorm',
-                  deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype)
+                  deterministic=not train, attention=self.attention, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
     if self.rel_pos_bias:
       fields['rel_pos_grid'] = (self.grid, self.grid)
     rates = [float(r) for r in layers.torch_linspace(0, self.drop_path_rate, self.depth)]
@@ -440,7 +445,8 @@ class ViT(nn.Module):
         images.shape[0], grid_h, grid_w, tokens.shape[-1])
 
 
-_EFFICIENCY_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'scan_layers')
+# ViT fields that come from `config.efficiency`, never from a model section.
+EFFICIENCY_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'scan_layers', 'attention')
 
 
 def from_config(model_config: ml_collections.ConfigDict,
@@ -452,11 +458,11 @@ def from_config(model_config: ml_collections.ConfigDict,
   Unknown keys are an error.
   """
   m = model_config
-  names = {f.name for f in dataclasses.fields(ViT)} - {'parent', 'name', *_EFFICIENCY_FIELDS}
+  names = {f.name for f in dataclasses.fields(ViT)} - {'parent', 'name', *EFFICIENCY_FIELDS}
   unknown = sorted(set(m) - names)
   if unknown:
     raise ValueError(f'Unknown ViT field(s) {unknown} in the model config; valid: {sorted(names)}.')
   e = efficiency
   return ViT(**{k: m[k] for k in m}, dtype=jnp.dtype(e.compute_dtype),
              param_dtype=jnp.dtype(e.param_dtype), remat_policy=e.remat_policy,
-             scan_layers=e.get('scan_layers', False))
+             scan_layers=e.get('scan_layers', False), attention=e.get('attention', 'xla'))

@@ -13,7 +13,7 @@ from capi_jax.models import layers
 from capi_jax.models import vit
 
 _VIT_FIELDS = {f.name for f in dataclasses.fields(vit.ViT)} - {
-    'parent', 'name', 'dtype', 'param_dtype', 'remat_policy', 'scan_layers'}
+    'parent', 'name', *vit.EFFICIENCY_FIELDS}
 _CAPI_MODEL_KEYS = ('patch_size', 'embed_dim', 'num_heads', 'mlp_ratio', 'encoder_depth',
                     'decoder_depth', 'n_registers')
 

@@ -63,7 +63,7 @@ class CaeV2(interface.Method):
         drop_path_rate=c.model.get('drop_path_rate', 0.0),
         norm_eps=c.model.norm_eps, dtype=jnp.dtype(e.compute_dtype),
         param_dtype=jnp.dtype(e.param_dtype), remat_policy=e.remat_policy,
-        scan_layers=e.get('scan_layers', False))
+        scan_layers=e.get('scan_layers', False), attention=e.get('attention', 'xla'))
 
   @classmethod
   def config_problems(cls, config):

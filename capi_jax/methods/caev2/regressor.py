@@ -109,6 +109,7 @@ class RegressorBlock(nn.Module):
   drop_path_rate: float = 0.0
   deterministic: bool = True
   norm_eps: float = 1e-6
+  attention: str = 'xla'
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -124,7 +125,7 @@ class RegressorBlock(nn.Module):
     residual = lambda branch: layers.drop_path(branch, self.drop_path_rate, self.deterministic,
                                                self.make_rng)
     cross_attn = layers.Attention(self.num_heads, projections=('q', 'k', 'v'), qkv_bias='q_v',
-                                  dtype=self.dtype, param_dtype=self.param_dtype,
+                                  implementation=self.attention, dtype=self.dtype, param_dtype=self.param_dtype,
                                   name='cross_attn')
     attn = cross_attn(norm(name='norm1_q')(x_q + pos_q),
                       context=norm(name='norm1_k')(x_kv + pos_kv),
@@ -210,6 +211,7 @@ class RegressorDecoder(nn.Module):
     dtype: compute dtype; the output rows are normalised in float32.
     remat_policy: what each regressor block keeps for its backward pass (`layers.REMAT`).
     scan_layers: the blocks as one scan over stacked parameters (`stack.block_stack`).
+    attention: `layers.attention`'s implementation.
   """
   grid: tuple[int, int]
   embed_dim: int
@@ -224,6 +226,7 @@ class RegressorDecoder(nn.Module):
   param_dtype: DType = jnp.float32
   remat_policy: str = 'none'
   scan_layers: bool = False
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, latents: Array, visible_indices: Array, masked_indices: Array,
@@ -259,7 +262,7 @@ class RegressorDecoder(nn.Module):
     queries = jnp.broadcast_to(mask_token.astype(self.dtype), (b, n_masked, self.embed_dim))
     block_fields = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                         layer_scale_init=self.layer_scale_init, norm_eps=self.norm_eps,
-                        dtype=self.dtype, param_dtype=self.param_dtype)
+                        attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype)
     regressed = LatentRegressor(self.depth, self.drop_path_rate, block_fields, self.remat_policy,
                                 self.scan_layers, name='regresser')(
         queries, visible, table[masked_indices], table[visible_indices], deterministic)

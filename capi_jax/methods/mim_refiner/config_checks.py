@@ -22,7 +22,7 @@ def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
   kind = config.mim_refiner.encoder
   if kind != encoder.CAPI:
     fields = {f.name for f in dataclasses.fields(vit.ViT)} - {
-        'parent', 'name', 'dtype', 'param_dtype', 'remat_policy', 'scan_layers'}
+        'parent', 'name', *vit.EFFICIENCY_FIELDS}
     unknown = sorted(set(m) - fields)
     if unknown:
       return [f'mim_refiner.model has keys {unknown} that vit.ViT does not have '
