@@ -19,7 +19,11 @@ EXPECTED_SKIPS = (
     # fixture itself is checked by test_operations_match_torchvision, never skipped).
     ('tests/test_transforms.py::test_fixture_regenerates_with_torchvision',
      'torchvision is not installed'),
-)
+) + ((
+    # .ci/run could not install JAX's CUDA plugin (it says so in its log and sets the variable).
+    ('tests/test_aot.py::test_small_config_compiles_for_h100_nodes_with_cudnn_attention',
+     "JAX's CUDA plugin is not installed"),
+) if os.environ.get('CAPI_CUDA_PLUGIN_UNAVAILABLE') == '1' else ())
 
 
 def unexpected(skips: list[tuple[str, str]]) -> list[tuple[str, str]]:
