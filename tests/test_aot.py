@@ -315,3 +315,15 @@ def test_small_config_compiles_for_h100_nodes_with_cudnn_attention():
   assert result['fused_kernels'].get('__cudnn$fmhaSoftmaxBackward', 0) >= 2
   assert result['flops_per_chip'] > 0 and result['compile_s'] > 0
   assert result['collective_bytes'].get('all-gather', 0) > 0  # FSDP across the two nodes.
+
+
+def test_the_batch_search_keeps_to_batches_the_config_accepts():
+  """`--find_max_batch` for ViT-L on h100:1x8 stopped at a batch of 12912 that CAPI's 32
+  stochastic-depth groups cannot split: the search now moves in multiples of the fewest images
+  per chip the config's checks accept."""
+  config = tiny.get_config()
+  assert plans.batch_unit(config, 4) == 1
+  config.capi.model.drop_path_groups = 8
+  assert plans.batch_unit(config, 4) == 2
+  config.capi.model.drop_path_groups = 12
+  assert plans.batch_unit(config, 8) == 3

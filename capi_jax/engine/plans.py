@@ -36,6 +36,7 @@ from capi_jax.base import hardware
 from capi_jax.base import interface
 from capi_jax.base import sharding
 from capi_jax.engine import benchmark
+from capi_jax.engine import config_checks
 from capi_jax.engine import state as state_lib
 from capi_jax.engine import step as step_lib
 
@@ -397,23 +398,35 @@ def largest_fitting(fits: Callable[[int], bool], start: int) -> int:
     lo, hi = (mid, hi) if fits(mid) else (lo, mid)
   return lo
 
+def batch_unit(config: ml_collections.ConfigDict, chips: int, limit: int = 256) -> int:
+  """The fewest images per chip whose global batch the config's checks accept (e.g. CAPI's
+  `drop_path_groups` must divide the batch); 1 when none up to `limit` is (the config has other
+  problems, which compiling reports)."""
+  for unit in range(1, limit + 1):
+    if not config_checks.problems(with_batch(config, unit * chips), device_count=chips):
+      return unit
+  return 1
+
+
 def find_max_batch(config: ml_collections.ConfigDict, topology: str,
                    devices: Sequence[jax.Device]) -> tuple[int, list[dict[str, Any]]]:
   """(largest global batch that fits, every plan compiled on the way, by batch); 0 when none.
 
-  Searches images per chip (global batches stay multiples of the chip count), starting from
-  the config's batch.
+  Searches images per chip in multiples of `batch_unit` (global batches stay multiples of the
+  chip count and valid for the config), starting from the config's batch.
   """
   n = len(devices)
+  unit = batch_unit(config, n)
   plans: dict[int, dict[str, Any]] = {}
 
-  def fits(per_chip: int) -> bool:
-    if per_chip not in plans:
-      plans[per_chip] = plan(with_batch(config, per_chip * n), topology, devices)
-    return plans[per_chip]['fits']
+  def fits(units: int) -> bool:
+    if units not in plans:
+      plans[units] = plan(with_batch(config, units * unit * n), topology, devices)
+    return plans[units]['fits']
 
-  per_chip = largest_fitting(fits, max(config.train.global_batch_size // n, 1))
-  return per_chip * n, [plans[k] for k in sorted(plans)]
+  units = largest_fitting(fits, max(config.train.global_batch_size // (unit * n), 1))
+  return units * unit * n, [plans[k] for k in sorted(plans)]
+
 
 def report(result: dict[str, Any]) -> str:
   """Human-readable lines for one plan."""
