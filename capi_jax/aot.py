@@ -77,6 +77,7 @@ def main(argv: Sequence[str]) -> None:
         flush=True)
   print(json.dumps({'largest_fitting_batch': largest, 'plans': compiled}), flush=True)
 
+
 def _run_cli() -> None:
   """Defines the flags (here, so that importing this module defines none) and runs main."""
   config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)

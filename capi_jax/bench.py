@@ -82,6 +82,7 @@ def main(argv: Sequence[str]) -> None:
                               else 'train_step')
   print(json.dumps(result), flush=True)
 
+
 def _run_cli() -> None:
   """Defines the flags (here, so that importing this module defines none) and runs main."""
   config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)

@@ -299,6 +299,7 @@ import os, pathlib, sys, time
 from capi_jax.engine import runs
 workdir, meeting, n = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3])
 
+
 def wait_for(prefix):  # Until all n racers have left a file starting with prefix.
   deadline = time.time() + 120
   while len(list(meeting.glob(prefix + '*'))) < n and time.time() < deadline:

@@ -37,6 +37,7 @@ from capi_jax.engine import step as step_lib
 
 _CPU_PEAK_MATMUL_SIZE = 2048
 
+
 def measure_matmul_flops(device: jax.Device, dtype: str, size: int = _CPU_PEAK_MATMUL_SIZE,
                          repeats: int = 5) -> float:
   """FLOP/s of the best of `repeats` jitted (size, size) @ (size, size) matmuls on `device`."""
@@ -49,6 +50,7 @@ def measure_matmul_flops(device: jax.Device, dtype: str, size: int = _CPU_PEAK_M
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2 * size ** 3 / best
+
 
 def peak_flops(devices: Sequence[jax.Device], compute_dtype: str, peak_tflops: float | None = None
                ) -> tuple[float | None, str]:
@@ -68,6 +70,7 @@ def peak_flops(devices: Sequence[jax.Device], compute_dtype: str, peak_tflops: f
     return None, f'no {compute_dtype} peak known for {kind!r}; pass --peak_tflops'
   return peak * len(devices), f'datasheet dense bf16 {peak / 1e12:g} TFLOP/s x device_count'
 
+
 def synthetic_batch(config: ml_collections.ConfigDict, transform: grain.transforms.RandomMap,
                     seed: int = 0) -> dict[str, np.ndarray]:
   """A host batch of the config's shape: the method's own transform (views, crops, masks) on
@@ -78,6 +81,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, transform: grain.transfor
   examples = [transform.random_map({**sources.decode(source[i]), 'index': np.int32(i)}, rng)
               for i in range(config.train.global_batch_size)]
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
 
 def peak_memory(compiled: Any, devices: Sequence[jax.Device]) -> tuple[int | None, str]:
   """(peak bytes on one device, source): the allocator's high-water mark where the backend
@@ -92,6 +96,7 @@ def peak_memory(compiled: Any, devices: Sequence[jax.Device]) -> tuple[int | Non
   total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
            - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
   return int(total), 'compiled.memory_analysis (arguments + outputs - aliased + temporaries)'
+
 
 def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
                     steps: int, warmup: int) -> dict[str, Any]:
@@ -136,6 +141,7 @@ def time_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
           'host_cpu_mean_s_per_step': statistics.mean(cpu_times), 'compile_s': compile_s,
           'peak_memory_bytes': memory, 'memory_source': memory_source}
 
+
 def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], steps: int,
           warmup: int, peak_tflops: float | None = None) -> dict[str, Any]:
   """The train-step benchmark on `devices`, as one JSON-able dict (see the module docstring)."""
@@ -178,12 +184,14 @@ def bench(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], step
       'load_average': os.getloadavg()[0],
   }
 
+
 def data_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> dict[str, Any] | None:
   """The host input pipeline's throughput on its own (None when num_batches is 0)."""
   if num_batches <= 0:
     return None
   return pipeline.measure_throughput(config, methods.from_config(config).train_transform(),
                                      num_batches=num_batches, warmup_batches=1)
+
 
 def scaling_configs(config: ml_collections.ConfigDict, counts: Sequence[int],
                     n_available: int) -> list[tuple[int, ml_collections.ConfigDict]]:

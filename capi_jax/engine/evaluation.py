@@ -65,6 +65,7 @@ def official_backbone(config: ml_collections.ConfigDict, path: str | os.PathLike
   it (`Method.official_backbone`: any method, any family it knows)."""
   return eval_method(config, compute_dtype).official_backbone(files.read_state_dict(path), which)
 
+
 def model_shape(config: ml_collections.ConfigDict) -> protocol.ModelShape | None:
   """The evaluated model's patch size and width, read from `backbone_module(config)` (its
   `patch_size` and `embed_dim`); None when the method cannot build it from this config (its own
@@ -75,10 +76,12 @@ def model_shape(config: ml_collections.ConfigDict) -> protocol.ModelShape | None
   except Exception:  # pylint: disable=broad-except  (config checks never raise)
     return None
 
+
 def environment(config: ml_collections.ConfigDict) -> protocol.Environment:
   """What every protocol gets from the run's config besides its own section."""
   return protocol.Environment(data_dir=config.data.data_dir, num_workers=config.data.num_workers,
                               seed=config.train.seed)
+
 
 def make_backbone(config: ml_collections.ConfigDict, params: PyTree,
                   mesh: jax.sharding.Mesh, module: nn.Module | None = None
@@ -88,9 +91,11 @@ def make_backbone(config: ml_collections.ConfigDict, params: PyTree,
   return backbone_lib.Backbone.from_module(module or backbone_module(config), params, mesh,
                                            config.sharding.param_rules, config.evals.batch_size)
 
+
 def _log(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
+
 
 class EvaluationWriteError(errors.UserError):
   """An evaluation's outputs could not be written (a full disk)."""
@@ -129,6 +134,7 @@ def evaluate_params(config: ml_collections.ConfigDict, params: PyTree, mesh: jax
           'again.') from None
   return out
 
+
 def flatten(results: dict[str, Any]) -> dict[str, float]:
   """{protocol: {'results': ...}} -> {'<protocol>/<name>': number}, extras as 'extra/...'."""
   flat = {}
@@ -136,6 +142,7 @@ def flatten(results: dict[str, Any]) -> dict[str, float]:
     prefix = name if evaluators.get(name).official else f'extra/{name}'
     flat.update({f'{prefix}/{k}': float(v) for k, v in part['results'].items()})
   return flat
+
 
 def format_table(results: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
   """The numbers in % (official protocols first, then extras), beside the random init's.
@@ -154,6 +161,7 @@ def format_table(results: dict[str, Any], baseline: dict[str, Any] | None = None
   width = max((len(n) for n, _ in rows), default=0)
   return '\n'.join(f'{n:<{width}}  {v}' for n, v in rows)
 
+
 def format_headline(flat: dict[str, float], headline: Any) -> str:
   """Lines 'name  ours  | paper: figure (source)' for each `config.evals.headline` entry whose
   result this evaluation produced ('' if none did)."""
@@ -163,6 +171,7 @@ def format_headline(flat: dict[str, float], headline: Any) -> str:
   width = max(len(name) for name, _, _ in rows)
   lines = [f'{name:<{width}}  {100 * value:6.2f}  | paper: {text}' for name, value, text in rows]
   return 'Beside the papers:\n' + '\n'.join(lines)
+
 
 def random_init_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> PyTree:
   """The encoder the run starts from (seed config.train.seed), born sharded."""
@@ -174,10 +183,12 @@ def random_init_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   return jax.jit(backbone, out_shardings=sharding.tree_shardings(
       mesh, abstract, config.sharding.param_rules))(rng)
 
+
 def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What a saved random-init evaluation depends on (besides the architecture)."""
   return json.loads(json.dumps({'evals': config.evals.to_dict(), 'seed': config.train.seed,
                                 'data_dir': config.data.data_dir}))
+
 
 def _evaluate_and_save(config: ml_collections.ConfigDict, params: PyTree, step: int | str,
                        workdir: epath.Path, mesh: jax.sharding.Mesh,
@@ -208,6 +219,7 @@ def _evaluate_and_save(config: ml_collections.ConfigDict, params: PyTree, step: 
       _save_training_curves(workdir / 'metrics.jsonl', local / 'curves.png')
   return {'protocols': results, 'seconds': seconds}, out_dir
 
+
 def _save_training_curves(metrics: epath.Path, png: epath.Path) -> None:
   """`curves.save_training_curves` of the run's metrics.jsonl (wherever it is), if it has one."""
   if not metrics.exists():
@@ -224,6 +236,7 @@ def _json_default(value: Any) -> Any:
     return value.tolist()
   raise TypeError(f'{type(value).__name__} is not JSON serialisable')
 
+
 def random_init_results(config: ml_collections.ConfigDict, workdir: epath.Path,
                         mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """The random init's results on every protocol, computed once per run and settings.
@@ -239,6 +252,7 @@ def random_init_results(config: ml_collections.ConfigDict, workdir: epath.Path,
   results, _ = _evaluate_and_save(config, random_init_params(config, mesh), RANDOM_INIT,
                                   workdir, mesh, None)
   return results['protocols']
+
 
 def run_evals(config: ml_collections.ConfigDict, params: PyTree, step: int | str,
               workdir: str | os.PathLike[str], *, protocols: Sequence[str] | None = None,

@@ -42,6 +42,7 @@ from capi_jax.engine import step as step_lib
 
 GiB = 1024 ** 3
 
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """What the compiler needs to name a TPU generation or a GPU, and what a plan compares
@@ -72,6 +73,7 @@ DCN_PREFIX = 'dcn '
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
                 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
 
+
 def parse_topology(topology: str) -> tuple[str, Chip, tuple[int, ...]]:
   """'v5e:4x4' -> ('v5e', its Chip, (4, 4)); 'h100:2x8' -> ('h100', its Chip, (2, 8)): nodes x
   GPUs per node. Errors name the accepted forms."""
@@ -82,6 +84,7 @@ def parse_topology(topology: str) -> tuple[str, Chip, tuple[int, ...]]:
                      f'{sorted(CHIPS)} and GRID like 4x4 or 2x2x4 (TPU chips per slice) or '
                      'NODESxGPUS like 1x8 (NVIDIA GPUs).')
   return chip_name, CHIPS[chip_name], tuple(int(n) for n in grid.split('x'))
+
 
 def gpu_devices(facts: hardware.GpuFacts, nodes: int, per_node: int) -> list[jax.Device]:
   """Compile-only devices of `nodes` x `per_node` GPUs, from the CUDA plugin (no GPU needed).
@@ -124,6 +127,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
         "`pip install '.[tpu]'` (libtpu pinned to this jax) and check the grid.") from e
   return list(description.devices)
 
+
 def lower_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
   """The engine's train step lowered for `devices` on abstract inputs (nothing allocated)."""
   method = methods.from_config(config)
@@ -132,9 +136,11 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.De
   step = step_lib.jit_train_step(method, layout, mesh)
   return step.lower(layout.abstract, abstract_batch(config, method))
 
+
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
   """The engine's train step compiled for `devices` on abstract inputs (nothing allocated)."""
   return lower_train_step(config, devices).compile()
+
 
 def step_flops(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
                lowered: Any = None) -> float:
@@ -164,6 +170,7 @@ def step_flops(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
   cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'), module)
   return float(cost.get('flops', 0.0)) / len(devices)
 
+
 def abstract_batch(config: ml_collections.ConfigDict,
                    method: interface.Method) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch's shapes and dtypes, read off one example of the method's transform."""
@@ -173,6 +180,7 @@ def abstract_batch(config: ml_collections.ConfigDict,
   batch = config.train.global_batch_size
   return {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype)
           for k, v in benchmark.synthetic_batch(one, method.train_transform(), 0).items()}
+
 
 def shape_bytes(shape: str) -> int:
   """Bytes of an HLO shape string: 'f32[8,128]{1,0}', or a tuple '(bf16[4], f32[2,2])'."""
@@ -184,6 +192,7 @@ def shape_bytes(shape: str) -> int:
         n *= int(d)
       total += n * _DTYPE_BYTES[dtype]
   return total
+
 
 def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int:
   """Iterations of a `while` op: XLA's `known_trip_count` when the text has it, else the bound
@@ -198,6 +207,7 @@ def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int:
             for m in [re.search(r'= s32\[\]\S* constant\((\d+)\)', line)] if m]
   compares = [line for line in lines if ' compare(' in line and 'direction=LT' in line]
   return bounds[0] if len(bounds) == 1 and len(compares) == 1 else 1
+
 
 def walk_ops(hlo_text: str) -> Iterator[tuple[str, str, str, str, int, str | None]]:
   """Every instruction of a compiled module's text in one run, with how often it runs.
@@ -290,6 +300,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     totals[kind] += times * size
   return dict(totals)
 
+
 def plan(config: ml_collections.ConfigDict, topology: str,
          devices: Sequence[jax.Device]) -> dict[str, Any]:
   """Compiles the step for `devices` (one slice of `topology`) and reports what a chip needs."""
@@ -375,6 +386,7 @@ def with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.
     other.train.global_batch_size = batch
   return other
 
+
 def largest_fitting(fits: Callable[[int], bool], start: int) -> int:
   """The largest n >= 1 with fits(n), for a `fits` true up to some limit and false above it.
 
@@ -397,6 +409,7 @@ def largest_fitting(fits: Callable[[int], bool], start: int) -> int:
     mid = (lo + hi) // 2
     lo, hi = (mid, hi) if fits(mid) else (lo, mid)
   return lo
+
 
 def batch_unit(config: ml_collections.ConfigDict, chips: int, limit: int = 256) -> int:
   """The fewest images per chip whose global batch the config's checks accept (e.g. CAPI's

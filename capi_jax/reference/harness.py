@@ -38,6 +38,7 @@ SUITES = {
 class Skipped(Exception):
   """A comparison that this fixture (or this checkout) cannot run; the message says why."""
 
+
 @dataclasses.dataclass(frozen=True)
 class Result:
   """One compared quantity. It passes when max_abs <= tolerance * max(1, scale) unless
@@ -60,6 +61,7 @@ class Result:
     bound = self.tolerance if self.absolute else self.tolerance * max(1.0, self.scale)
     return self.max_abs <= bound
 
+
 def compare(quantity: str, ours: Any, ref: Any, tolerance: float,
             absolute: bool = False) -> Result:
   """Errors of `ours` against `ref` (same shape) as a `Result`."""
@@ -71,11 +73,13 @@ def compare(quantity: str, ours: Any, ref: Any, tolerance: float,
   scale = float(np.max(np.abs(ref))) if ref.size else 0.0
   return Result(quantity, max_abs, scale, tolerance, absolute)
 
+
 @dataclasses.dataclass(frozen=True)
 class Comparison:
   name: str
   requires: tuple[str, ...]
   fn: Callable[[Any], list[Result]]
+
 
 @dataclasses.dataclass
 class Suite:
@@ -102,10 +106,12 @@ class Suite:
 
     return wrap
 
+
 def suite(kind: str) -> Suite:
   if kind not in SUITES:
     raise ValueError(f'Unknown fixture kind {kind!r}; known: {sorted(SUITES)}.')
   return importlib.import_module(SUITES[kind]).SUITE
+
 
 def detect(arrays: Arrays) -> Suite:
   """The suite whose fixture format `arrays` is in."""
@@ -114,6 +120,7 @@ def detect(arrays: Arrays) -> Suite:
     what = 'no known fixture format' if not found else f'several formats {[s.kind for s in found]}'
     raise ValueError(f'The fixture matches {what}; pass --kind (one of {sorted(SUITES)}).')
   return found[0]
+
 
 @dataclasses.dataclass
 class Report:
@@ -143,6 +150,7 @@ class Report:
               'any comparison needs (see the skips above)')
     return 'PASS' if self.ok else 'FAIL: some quantities are out of tolerance'
 
+
 def run(arrays: Arrays, kind: str | None = None,
         comparisons: Sequence[Comparison] | None = None, scan_layers: bool = False) -> Report:
   """Runs every comparison of the fixture's suite that its arrays allow, the models' blocks
@@ -162,10 +170,12 @@ def run(arrays: Arrays, kind: str | None = None,
         report.skipped.append((comparison.name, str(e)))
   return report
 
+
 def one_device_mesh() -> jax.sharding.Mesh:
   """A ('batch',) mesh of the first device: the suites run everything on one device."""
   return jax.make_mesh((1,), ('batch',), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:1])
+
 
 def load_fixture(path: str) -> dict[str, np.ndarray]:
   with np.load(path) as f:

@@ -49,6 +49,7 @@ def _import_torch():
                       'or use .npz files with the same names.') from e
   return torch
 
+
 def _torch_to_numpy(torch, tensor) -> np.ndarray:
   """Exact copy; bfloat16 (unknown to numpy) goes through its bits into ml_dtypes.bfloat16."""
   tensor = tensor.detach().cpu()
@@ -56,11 +57,13 @@ def _torch_to_numpy(torch, tensor) -> np.ndarray:
     return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return tensor.numpy()
 
+
 def _numpy_to_torch(torch, array: np.ndarray):
   array = np.ascontiguousarray(array)
   if array.dtype == ml_dtypes.bfloat16:
     return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
   return torch.from_numpy(array)
+
 
 def _is_torchscript(path: str | os.PathLike[str]) -> bool:
   """A TorchScript archive (e.g. OpenAI's CLIP `.pt`): a zip with `<root>/constants.pkl`."""
@@ -68,6 +71,7 @@ def _is_torchscript(path: str | os.PathLike[str]) -> bool:
     return False
   with zipfile.ZipFile(path) as archive:
     return any(name.endswith('/constants.pkl') for name in archive.namelist())
+
 
 def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
   """Reads an official-format checkpoint into a flat {name: array} mapping.
@@ -176,6 +180,7 @@ def _name_list(node: ast.expr, what: str) -> tuple[str, ...]:
     raise ValueError(f'{what} is not a list of names: {value!r}')
   return tuple(value)
 
+
 def _class_infos(source: str) -> dict[str, _ClassInfo]:
   """{class name: _ClassInfo} for the top-level classes of one TorchScript source file."""
   infos = {}
@@ -194,6 +199,7 @@ def _class_infos(source: str) -> dict[str, _ClassInfo]:
                          for item in node.body))
   return infos
 
+
 def _as_strided_copy(storage: np.ndarray, offset: int, shape: tuple[int, ...],
                      stride: tuple[int, ...]) -> np.ndarray:
   """A C-contiguous copy of `storage` (1-D) seen as torch's `as_strided(shape, stride, offset)`."""
@@ -207,8 +213,10 @@ def _as_strided_copy(storage: np.ndarray, offset: int, shape: tuple[int, ...],
                                          [s * storage.itemsize for s in stride], writeable=False)
   return np.array(view, order='C')
 
+
 def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
+
 
 def _is_int_tuple(value: Any) -> bool:
   return isinstance(value, tuple) and all(_is_int(v) for v in value)
@@ -352,6 +360,7 @@ def _read_torchscript(path: epath.Path) -> StateDict:
       # Any failure to parse an untrusted file (pickle, zip, source) means it cannot be read.
       raise _damaged(path, e) from e
 
+
 class OutputExistsError(errors.UserError, FileExistsError):
   """A weights file would replace an existing file."""
 
@@ -385,6 +394,7 @@ def write_state_dict(sd: Mapping[str, np.ndarray], path: str | os.PathLike[str],
       if aside != local and os.path.exists(aside):
         os.remove(aside)
 
+
 def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) -> epath.Path:
   """Saves capi_jax parameter trees with Orbax's StandardCheckpointer to `directory/params`."""
   target = storage.path(directory) / 'params'
@@ -393,6 +403,7 @@ def save_params(parts: Mapping[str, Params], directory: str | os.PathLike[str]) 
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(target, jax.tree_util.tree_map(np.asarray, dict(parts)))
   return target
+
 
 def restore_params(path: str | os.PathLike[str]) -> dict[str, Params]:
   """Restores what `save_params` wrote (numpy arrays, as saved)."""

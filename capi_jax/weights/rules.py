@@ -27,6 +27,7 @@ StateDict = dict[str, np.ndarray]
 
 _MAX_PROBLEMS_SHOWN = 30
 
+
 class CheckpointMismatchError(errors.UserError, ValueError):
   """An official checkpoint does not fit the architecture it is loaded into."""
 
@@ -36,17 +37,21 @@ class CheckpointMismatchError(errors.UserError, ValueError):
 def linear_to_official(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.T)
 
+
 def conv_to_official(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # (kh, kw, in, out) -> (out, in, kh, kw)
 
+
 def conv_to_flax(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # (out, in, kh, kw) -> (kh, kw, in, out)
+
 
 def identity(x: np.ndarray) -> np.ndarray:
   return x
 
 # (official name, to_official, to_flax) for one capi_jax leaf path.
 Rule = tuple[str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
 
 def dotted_rule(path: tuple[str, ...], ndim: int) -> Rule:
   """The naming of modules written after their official counterparts (CAPI's backbone, CAE v2's
@@ -61,6 +66,7 @@ def dotted_rule(path: tuple[str, ...], ndim: int) -> Rule:
   if leaf == 'scale':
     return '.'.join(parts[:-1] + ['weight']), identity, identity
   return '.'.join(parts), identity, identity
+
 
 def _path_keys(path) -> tuple[str, ...]:
   return tuple(k.key for k in path)
@@ -78,6 +84,7 @@ def to_official(params: Params, rule_fn: Callable[[tuple[str, ...], int], Rule])
     out[name] = leaf_to_official(leaf)
   return out
 
+
 def _value_problem(value: np.ndarray) -> str | None:
   """Why `value` cannot be a weight (not floating point, or NaN/inf), or None."""
   if not jnp.issubdtype(value.dtype, jnp.floating):
@@ -86,6 +93,7 @@ def _value_problem(value: np.ndarray) -> str | None:
   if bad:
     return f'{bad} of its {value.size} values are NaN or inf'
   return None
+
 
 def to_flax(state_dict: Mapping[str, Any], expected: Params,
             rule_fn: Callable[[tuple[str, ...], int], Rule], what: str,

@@ -39,6 +39,7 @@ _STUDENT_HEAD_NAMES = {'kernel_v': 'last_layer.weight_v', 'kernel_g': 'last_laye
 
 _CLUSTERING_HEAD_NAMES = {'kernel': 'layer.weight', 'bias': 'layer.bias'}
 
+
 def _head_rule(names: Mapping[str, str]) -> Callable[[tuple[str, ...], int], rules.Rule]:
   def rule(path, ndim):
     return names[path[-1]], *((rules.linear_to_official,) * 2 if ndim == 2 else (rules.identity,) * 2)
@@ -52,22 +53,27 @@ def backbone_shapes(config: ml_collections.ConfigDict) -> Params:
   images = jax.ShapeDtypeStruct((1, p, p, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0), images)['params']
 
+
 def student_head_shapes(embed_dim: int, num_clusters: int) -> Params:
   x = jax.ShapeDtypeStruct((1, embed_dim), jnp.float32)
   return jax.eval_shape(heads.L2NormLinear(num_clusters).init, jax.random.key(0), x)['params']
+
 
 def clustering_head_shapes(embed_dim: int, num_clusters: int, use_bias: bool) -> Params:
   x = jax.ShapeDtypeStruct((1, embed_dim), jnp.float32)
   head = heads.ClusteringHead(num_clusters, use_bias=use_bias)
   return jax.eval_shape(head.init, jax.random.key(0), x)['params']
 
+
 def backbone_to_flax(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict) -> Params:
   """Official EncoderDecoder state_dict (no prefix) -> capi_jax backbone params (numpy)."""
   return rules.to_flax(state_dict, backbone_shapes(config), rules.dotted_rule, 'backbone')
 
+
 def backbone_to_official(params: Params) -> StateDict:
   """capi_jax backbone params -> official EncoderDecoder state_dict names and layouts."""
   return rules.to_official(params, rules.dotted_rule)
+
 
 def student_head_to_flax(state_dict: Mapping[str, Any], embed_dim: int,
                          num_clusters: int) -> Params:
@@ -75,8 +81,10 @@ def student_head_to_flax(state_dict: Mapping[str, Any], embed_dim: int,
   return rules.to_flax(state_dict, student_head_shapes(embed_dim, num_clusters),
                  _head_rule(_STUDENT_HEAD_NAMES), 'student head')
 
+
 def student_head_to_official(params: Params) -> StateDict:
   return rules.to_official(params, _head_rule(_STUDENT_HEAD_NAMES))
+
 
 def clustering_head_to_flax(state_dict: Mapping[str, Any], embed_dim: int, num_clusters: int,
                             use_bias: bool = True) -> Params:
@@ -84,8 +92,10 @@ def clustering_head_to_flax(state_dict: Mapping[str, Any], embed_dim: int, num_c
   return rules.to_flax(state_dict, clustering_head_shapes(embed_dim, num_clusters, use_bias),
                  _head_rule(_CLUSTERING_HEAD_NAMES), 'clustering head')
 
+
 def clustering_head_to_official(params: Params) -> StateDict:
   return rules.to_official(params, _head_rule(_CLUSTERING_HEAD_NAMES))
+
 
 def _normalise_training_names(sd: StateDict, source: str) -> StateDict:
   """Maps a full official training state_dict (student./student_ema./teacher.) to file names."""
@@ -101,8 +111,10 @@ def _normalise_training_names(sd: StateDict, source: str) -> StateDict:
       out[PREFIXES['clustering_head'] + k[len('teacher.head.'):]] = v
   return out
 
+
 def _strip(sd: StateDict, prefix: str) -> StateDict:
   return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
 
 def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDict,
                   source: str = 'student') -> dict[str, Params]:
@@ -121,6 +133,7 @@ def load_official(path: str | os.PathLike[str], config: ml_collections.ConfigDic
     rules.CheckpointMismatchError: a name or shape does not fit the configured architecture.
   """
   return parts_from_state_dict(files.read_state_dict(path), config, source, str(path))
+
 
 def parts_from_state_dict(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict,
                           source: str = 'student', path: str = 'The checkpoint'
@@ -147,6 +160,7 @@ def parts_from_state_dict(state_dict: Mapping[str, Any], config: ml_collections.
         clustering_sd, dim, k, use_bias=config.capi.clustering_kwargs.bias)
   return parts
 
+
 def to_official_state_dict(parts: Mapping[str, Params]) -> StateDict:
   """{'backbone': ..., ['head'], ['clustering_head']} -> flat official-format names."""
   converters = {'backbone': backbone_to_official, 'head': student_head_to_official,
@@ -159,9 +173,11 @@ def to_official_state_dict(parts: Mapping[str, Params]) -> StateDict:
     sd.update({PREFIXES[part] + k: v for k, v in converters[part](params).items()})
   return sd
 
+
 def export_official(parts: Mapping[str, Params], path: str | os.PathLike[str]) -> None:
   """Writes capi_jax parameter trees under official names to `.npz`, or `.pth` (PyTorch)."""
   files.write_state_dict(to_official_state_dict(parts), path)
+
 
 def check_restored_architecture(parts: Mapping[str, Params],
                                  config: ml_collections.ConfigDict) -> None:
