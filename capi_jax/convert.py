@@ -29,6 +29,9 @@ CLIP's ViT-B/16 (CAE v2's teacher) and back:
 The official side holds the ViT under `vit_weights.OFFICIAL_PREFIXES[family]` (CLIP: `visual.`;
 the rest of OpenAI's file, the text tower, is not read); the capi_jax side is a params
 directory with the ViT as 'backbone' (also a capi_jax training run: its evaluation backbone).
+A params directory does not record the MLP activation (OpenAI's QuickGELU or open_clip / LAION's
+GELU, same names): whoever loads it sets it (`caev2.teacher.model.activation`); a TorchScript
+archive whose modules contradict the section's activation is refused here.
 """
 
 from absl import flags
@@ -62,11 +65,19 @@ def _run_vit(cfg: ml_collections.ConfigDict, family: str, section: str, directio
   """The command line's work for a ViT family (`weights/vit.py`): its official file (names
   under `vit_weights.OFFICIAL_PREFIXES[family]`, e.g. OpenAI CLIP's `.pt`) <-> the 'backbone'
   of a capi_jax params directory."""
-  model = vit.from_config(_config_section(cfg, section or f'{cfg.method}.model'), cfg.efficiency)
+  section = section or f'{cfg.method}.model'
+  fields = _config_section(cfg, section)
+  activation = fields.get('activation', vit_weights.FROM_FILE)
+  model = vit.from_config(fields, cfg.efficiency,
+                          activation=vit_weights.built_activation(activation, family))
   prefix = vit_weights.OFFICIAL_PREFIXES[family]
   if direction == 'capi_jax':
-    params = vit_weights.official_to_params(files.read_state_dict(source_path), model, family,
-                                            prefix)
+    state_dict = files.read_state_dict(source_path)
+    # The parameters do not depend on it: only an archive that contradicts the section's
+    # activation is refused (the output does not record it; whoever loads it sets the key).
+    vit_weights.check_activation(state_dict, model, activation, f'{section}.activation',
+                                 source_path, prefix, required=False)
+    params = vit_weights.official_to_params(state_dict, model, family, prefix)
     target = files.save_params({'backbone': params}, output)
     print(f'Wrote the {family} ViT ({prefix}*) as backbone to {target}')
     return

@@ -8,6 +8,7 @@ benchmarks on a micro config with a capi_jax (CAPI) teacher, and OpenAI CLIP's c
 format round-trips through `python -m capi_jax.convert`.
 """
 
+import collections
 import json
 import math
 import pathlib
@@ -29,6 +30,7 @@ from capi_jax.data import masking
 from capi_jax.data import transforms
 from capi_jax.engine import benchmark
 from capi_jax.engine import config_checks
+from capi_jax.engine import evaluation
 from capi_jax.engine import pretrained
 from capi_jax.engine import train
 from capi_jax.methods.caev2 import convert as caev2_convert
@@ -560,3 +562,161 @@ def test_clip_checkpoint_round_trips_through_the_converter(tmp_path):
   with pytest.raises(rules.CheckpointMismatchError,
                      match=r"'visual.class_embedding': expected shape \(8,\), found \(16,\)"):
     run('capi_jax', tmp_path / 'ViT-B-16.pt', tmp_path / 'wrong')
+
+
+# ---------------------------------------------------------------------------- CLIP's activation
+def _torch_clip(torch, activation: str, seed: int, width: int = 16, heads: int = 2,
+                depth: int = 2, patch: int = 4, size: int = 8, out: int = 6):
+  """A small CLIP in OpenAI's module layout and names (`visual.conv1`, ...,
+  `visual.transformer.resblocks.{i}.mlp.{c_fc, gelu, c_proj}`) whose MLPs apply `activation`
+  as a `QuickGELU` module (OpenAI's clip/model.py) or torch's `nn.GELU` (open_clip / LAION's)."""
+
+  class QuickGELU(torch.nn.Module):
+
+    def forward(self, x):
+      return x * torch.sigmoid(1.702 * x)
+
+  class Block(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.ln_1 = torch.nn.LayerNorm(width)
+      self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+      self.ln_2 = torch.nn.LayerNorm(width)
+      self.mlp = torch.nn.Sequential(collections.OrderedDict(
+          c_fc=torch.nn.Linear(width, 4 * width),
+          gelu=QuickGELU() if activation == 'quick_gelu' else torch.nn.GELU(),
+          c_proj=torch.nn.Linear(4 * width, width)))
+
+    def forward(self, x):
+      h = self.ln_1(x)
+      x = x + self.attn(h, h, h, need_weights=False)[0]
+      return x + self.mlp(self.ln_2(x))
+
+  class Transformer(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.resblocks = torch.nn.Sequential(*[Block() for _ in range(depth)])
+
+    def forward(self, x):
+      return self.resblocks(x)
+
+  class Visual(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.conv1 = torch.nn.Conv2d(3, width, patch, patch, bias=False)
+      self.class_embedding = torch.nn.Parameter(torch.randn(width))
+      self.positional_embedding = torch.nn.Parameter(torch.randn((size // patch)**2 + 1, width))
+      self.ln_pre = torch.nn.LayerNorm(width)
+      self.transformer = Transformer()
+      self.ln_post = torch.nn.LayerNorm(width)
+      self.proj = torch.nn.Parameter(torch.randn(width, out))
+
+    def forward(self, x):  # (B, 3, H, W) -> the class token's feature (B, out).
+      x = self.conv1(x).flatten(2).transpose(1, 2)
+      x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1)
+      x = self.transformer(self.ln_pre(x + self.positional_embedding))
+      return self.ln_post(x[:, 0]) @ self.proj
+
+  class CLIP(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.visual = Visual()
+
+    def forward(self, x):
+      return self.visual(x)
+
+  torch.manual_seed(seed)
+  model = CLIP().eval()
+  with torch.no_grad():  # Weights that make the two activations' features clearly apart.
+    for p in model.parameters():
+      p.mul_(2.0)
+  return model
+
+
+def _clip_teacher_config(activation: str) -> ml_collections.ConfigDict:
+  """The micro CAE v2 with an OpenAI-CLIP-layout teacher (8 px, patch 4, 2 blocks of 16)."""
+  c = _micro_config()
+  c.caev2.teacher.update(backbone='clip', image_size=8, normalization='clip')
+  c.caev2.teacher.model = _clip_section(patch_size=4, image_size=8, embed_dim=16, depth=2,
+                                        num_heads=2, out_dim=6, activation=activation)
+  return c
+
+
+def test_clip_activation_is_read_from_torchscript_and_asked_for_otherwise(tmp_path):
+  """OpenAI's releases are traced TorchScript archives whose MLP activation is a `QuickGELU`
+  module; open_clip / LAION's GELU weights carry the same names. The archive's module classes
+  decide where the config leaves the activation to the file (''); a state dict is refused until
+  the key is set; a set value the archive contradicts is refused; the features then match
+  PyTorch's."""
+  torch = pytest.importorskip('torch')
+  images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  want, paths = {}, {}
+  for activation in ('quick_gelu', 'gelu'):
+    model = _torch_clip(torch, activation, seed=1)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+      want[activation] = model(x).numpy()
+    paths[activation] = tmp_path / f'{activation}.pt'
+    torch.jit.trace(model, x, check_trace=False).save(str(paths[activation]))
+  paths['state_dict'] = tmp_path / 'laion.pth'
+  torch.save(_torch_clip(torch, 'gelu', seed=1).state_dict(), paths['state_dict'])
+  assert np.abs(want['quick_gelu'] - want['gelu']).max() > 0.1  # What a wrong guess costs.
+
+  sd = files.read_state_dict(paths['quick_gelu'])
+  assert sd.module_classes['visual.transformer.resblocks.1.mlp.gelu'].endswith('.QuickGELU')
+  assert vit_weights.file_activation(sd, 'visual.') == 'quick_gelu'
+  assert vit_weights.file_activation(files.read_state_dict(paths['gelu']), 'visual.') == 'gelu'
+  assert vit_weights.file_activation(files.read_state_dict(paths['state_dict'])) is None
+
+  def features(activation, path):
+    """The teacher's class feature through training's loader and evaluate's (same params)."""
+    config = _clip_teacher_config(activation)
+    config.caev2.teacher.checkpoint = str(path)
+    method = methods.from_config(config)
+    variables = jax.eval_shape(method.init, jax.random.key(0))
+    variables = method.from_pretrained(variables, {'teacher': pretrained.load(str(path))})
+    module, params = evaluation.official_backbone(config, path)
+    jax.tree.map(np.testing.assert_array_equal, params, variables.frozen['teacher'])
+    assert module.activation == method.teacher.activation
+    return np.asarray(module.apply({'params': params}, images)[0])
+
+  # The default (''): each archive says its activation.
+  np.testing.assert_allclose(features('', paths['quick_gelu']), want['quick_gelu'], atol=2e-5)
+  with pytest.raises(vit_weights.ActivationMismatchError,
+                     match=r"torch's GELU, but caev2\.teacher\.model\.activation='' .* builds "
+                           r"quick_gelu: set --config\.caev2\.teacher\.model\.activation=gelu\.$"):
+    features('', paths['gelu'])
+  np.testing.assert_allclose(features('gelu', paths['gelu']), want['gelu'], atol=2e-5)
+  with pytest.raises(vit_weights.ActivationMismatchError,
+                     match=r'QuickGELU, but caev2\.teacher\.model\.activation=gelu: set '
+                           r'--config\.caev2\.teacher\.model\.activation=quick_gelu\.$'):
+    features('gelu', paths['quick_gelu'])
+  # A state dict does not say it: refused, naming the key and both values, until it is set.
+  with pytest.raises(vit_weights.ActivationMismatchError,
+                     match=r'does not say its activation .*: set --config\.caev2\.teacher\.model'
+                           r'\.activation=quick_gelu or =gelu\.$'):
+    features('', paths['state_dict'])
+  np.testing.assert_allclose(features('gelu', paths['state_dict']), want['gelu'], atol=2e-5)
+  # So does a converted directory (the conversion itself does not need it, but refuses an
+  # archive that contradicts the section).
+  config = _clip_teacher_config('')
+  run = lambda config, source, output: convert._run_vit(  # pylint: disable=protected-access
+      config, 'clip', 'caev2.teacher.model', 'capi_jax', str(source), str(tmp_path / output))
+  with pytest.raises(vit_weights.ActivationMismatchError, match=r'activation=quick_gelu\.$'):
+    run(_clip_teacher_config('gelu'), paths['quick_gelu'], 'refused')
+  run(config, paths['state_dict'], 'converted')
+  config.caev2.teacher.checkpoint = str(tmp_path / 'converted')
+  method = methods.from_config(config)
+  variables = jax.eval_shape(method.init, jax.random.key(0))
+  with pytest.raises(vit_weights.ActivationMismatchError, match='=quick_gelu or =gelu'):
+    method.from_pretrained(variables, {'teacher': pretrained.load(str(tmp_path / 'converted'))})
+  # The release's recipe leaves it to the file; its config checks accept that, not a typo.
+  base = caev2_base.get_config()
+  assert base.caev2.teacher.model.activation == ''
+  assert not [p for p in config_checks.problems(base) if 'activation' in p]
+  base.caev2.teacher.model.activation = 'quickgelu'
+  assert [p for p in config_checks.problems(base) if 'caev2.teacher.model.activation' in p]

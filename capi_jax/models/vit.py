@@ -450,19 +450,24 @@ EFFICIENCY_FIELDS = ('dtype', 'param_dtype', 'remat_policy', 'scan_layers', 'att
 
 
 def from_config(model_config: ml_collections.ConfigDict,
-                efficiency: ml_collections.ConfigDict) -> ViT:
+                efficiency: ml_collections.ConfigDict, **fields: Any) -> ViT:
   """Builds a ViT from a model section (e.g. `config.caev2.model`, a teacher's section).
 
   The section's keys are ViT field names (start from `FAMILIES[...]`); compute / param dtype,
-  remat policy and scanned blocks come from `efficiency` (the run's `config.efficiency`).
-  Unknown keys are an error.
+  remat policy and scanned blocks come from `efficiency` (the run's `config.efficiency`);
+  `fields` replace the section's (e.g. the activation its checkpoint's loader resolved, where
+  the section leaves it to the file: activation ''). Unknown keys are an error.
   """
-  m = model_config
+  m = {**model_config, **fields}
   names = {f.name for f in dataclasses.fields(ViT)} - {'parent', 'name', *EFFICIENCY_FIELDS}
   unknown = sorted(set(m) - names)
   if unknown:
     raise ValueError(f'Unknown ViT field(s) {unknown} in the model config; valid: {sorted(names)}.')
+  if m.get('activation', 'gelu') not in ACTIVATIONS:
+    raise ValueError(f'activation={m["activation"]!r}: a ViT is built with one of '
+                     f'{tuple(ACTIVATIONS)} (a section that leaves it to its checkpoint, \'\', '
+                     'is built by that checkpoint\'s loader).')
   e = efficiency
-  return ViT(**{k: m[k] for k in m}, dtype=jnp.dtype(e.compute_dtype),
+  return ViT(**m, dtype=jnp.dtype(e.compute_dtype),
              param_dtype=jnp.dtype(e.param_dtype), remat_policy=e.remat_policy,
              scan_layers=e.get('scan_layers', False), attention=e.get('attention', 'xla'))

@@ -40,6 +40,22 @@ class UnreadableCheckpointError(errors.UserError, ValueError):
   """A checkpoint file cannot be read (truncated, damaged, or not a checkpoint)."""
 
 
+class ArchiveStateDict(dict):
+  """The state dict of a TorchScript archive, with what its pickle says of its modules.
+
+  Attributes:
+    module_classes: {module path ('' for the root, 'visual.transformer.resblocks.0.mlp.gelu'):
+      its TorchScript class without `__torch__.` and the `___torch_mangle_N` parts, e.g.
+      'multimodal.model.multimodal_transformer.QuickGELU' or 'torch.nn.modules.activation.GELU'}.
+      A plain state dict (`.pth` of tensors, `.npz`) has no such record: its module classes,
+      and so e.g. a CLIP's MLP activation, are not in the file.
+  """
+
+  def __init__(self, tensors: StateDict, module_classes: dict[str, str]):
+    super().__init__(tensors)
+    self.module_classes = module_classes
+
+
 # ---------------------------------------------------------------------------- files
 def _import_torch():
   try:
@@ -79,7 +95,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
   `.npz`; or `.pth` / `.pt` / `.th` (needs PyTorch): a state_dict, one wrapped in 'model' (an
   official training checkpoint) or 'state_dict' (MIM-Refiner); or a TorchScript archive (OpenAI
   CLIP; no PyTorch needed), whose module's parameters and buffers are read by name as
-  `torch.jit.load(path).state_dict()` names them, running nothing from the file.
+  `torch.jit.load(path).state_dict()` names them, running nothing from the file: an
+  `ArchiveStateDict`, which also says the class of each module (the only record of e.g. which
+  activation a CLIP applies: OpenAI's QuickGELU or torch's GELU under the same weight names).
 
   Raises:
     UnreadableCheckpointError: the file is missing, truncated, not a checkpoint, or a
@@ -302,8 +320,16 @@ class _ArchiveUnpickler(pickle.Unpickler):
     return _as_strided_copy(storage, offset, size, stride)
 
 
-def _read_torchscript(path: epath.Path) -> StateDict:
-  """The parameters and buffers of the TorchScript module in `path`, by state_dict name.
+def _plain_class_name(qualname: str) -> str:
+  """'__torch__.a.b.___torch_mangle_12.C' -> 'a.b.C' (the class as its Python source names it;
+  `torch.jit.trace` numbers each traced copy of a class)."""
+  parts = qualname.split('.')[1:]  # Without '__torch__'.
+  return '.'.join(p for p in parts if not p.startswith('___torch_mangle_'))
+
+
+def _read_torchscript(path: epath.Path) -> ArchiveStateDict:
+  """The parameters and buffers of the TorchScript module in `path`, by state_dict name, with
+  the classes of its modules.
 
   Raises:
     UnreadableCheckpointError: damaged, or not readable without running the archive's code.
@@ -327,9 +353,12 @@ def _read_torchscript(path: epath.Path) -> StateDict:
                                         f'in {source}: the archive is damaged.')
       return sources[source][name]
 
+    module_classes: dict[str, str] = {}
+
     def module_state_dict(module: _ScriptObject, prefix: str) -> StateDict:
       """Parameters, then buffers, then submodules': the order of `Module.state_dict()`."""
       info = class_info(module.qualname)
+      module_classes[prefix[:-1]] = _plain_class_name(module.qualname)
       if info.has_setstate or not isinstance(module.state, dict):
         raise UnreadableCheckpointError(
             f'{path}: the TorchScript module {repr(prefix[:-1]) if prefix else "at the root"} '
@@ -353,7 +382,7 @@ def _read_torchscript(path: epath.Path) -> StateDict:
         tree = _ArchiveUnpickler(data_pkl, archive, root, path).load()
       if not isinstance(tree, _ScriptObject) or not class_info(tree.qualname).is_module:
         raise ValueError(f'data.pkl holds a {type(tree).__name__}, not a TorchScript module')
-      return module_state_dict(tree, '')
+      return ArchiveStateDict(module_state_dict(tree, ''), module_classes)
     except UnreadableCheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-exception-caught

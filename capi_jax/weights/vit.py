@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capi_jax.base import errors
 from capi_jax.models import vit
 from capi_jax.weights import rules
 
@@ -75,6 +76,76 @@ OFFICIAL_PREFIXES = {family: {'clip': 'visual.', 'caev2': 'encoder.'}.get(family
                      for family in FAMILIES}
 
 _Layout = Callable[[np.ndarray], np.ndarray]
+
+# ---------------------------------------------------------------------------- MLP activation
+# The weights do not say which activation a ViT's MLPs apply, and one family's names may mean
+# two: OpenAI's CLIP models apply QuickGELU (its clip/model.py; open_clip builds them with
+# `quick_gelu=True`, "OpenAI models were trained with QuickGELU"), open_clip / LAION's ViT-B-16,
+# ViT-L-14... torch's GELU (their `-quickgelu` variants QuickGELU), under the same state_dict
+# names. Only a TorchScript archive records it: its modules' classes (`files.ArchiveStateDict`;
+# OpenAI's traced releases hold `multimodal.model.multimodal_transformer.QuickGELU` modules at
+# `visual.transformer.resblocks.{i}.mlp.gelu`). A config section read from a checkpoint may
+# leave `activation` to the file (FROM_FILE); the model is then built with the family's own
+# (`built_activation`) and the file must confirm it (`check_activation`).
+FROM_FILE = ''  # A section's `activation` that the checkpoint's file is to say.
+_ACTIVATION_NAMES = {'quick_gelu': 'QuickGELU', 'gelu': "torch's GELU"}
+
+
+class ActivationMismatchError(errors.UserError, ValueError):
+  """A checkpoint's MLP activation is not known, or is not the one its model is built with."""
+
+
+def built_activation(configured: str, family: str) -> str:
+  """The activation a ViT of `family` is built with: `configured`, or when it is FROM_FILE the
+  family's own (`vit.FAMILIES`), which `check_activation` holds the file to."""
+  return configured or vit.FAMILIES[family]['activation']
+
+
+def file_activation(state_dict: Mapping[str, Any] | None, prefix: str = '') -> str | None:
+  """The activation the modules under `prefix` of a TorchScript archive apply ('quick_gelu' or
+  'gelu'); None where the file cannot tell (a plain state dict, a params directory, an archive
+  with neither class or both)."""
+  found = set()
+  for path, name in (getattr(state_dict, 'module_classes', None) or {}).items():
+    if not f'{path}.'.startswith(prefix):
+      continue
+    if name.rsplit('.', 1)[-1] == 'QuickGELU':  # OpenAI's (clip/model.py), open_clip's: same.
+      found.add('quick_gelu')
+    elif name == 'torch.nn.modules.activation.GELU':
+      found.add('gelu')
+  return found.pop() if len(found) == 1 else None
+
+
+def check_activation(state_dict: Mapping[str, Any] | None, model: vit.ViT, configured: str,
+                     key: str, source: str, prefix: str = '', required: bool = True) -> None:
+  """Refuses a checkpoint whose activation is not `model`'s or, when `configured` leaves it to
+  the file (FROM_FILE) and `required`, cannot be known from the file.
+
+  Args:
+    state_dict: the file as `files.read_state_dict` read it (None: a params directory or run).
+    model: the ViT it is loaded into (built with `built_activation(configured, ...)`).
+    configured: the config's value at `key`.
+    key: the config key, e.g. 'caev2.teacher.model.activation'.
+    source: the checkpoint, for the message.
+    prefix: where the ViT's modules are (e.g. 'visual.').
+    required: refuse an unknown activation with `configured` FROM_FILE (False where the
+      activation is not used, e.g. a conversion).
+
+  Raises:
+    ActivationMismatchError: one line naming `key` and the value(s) to set.
+  """
+  found = file_activation(state_dict, prefix)
+  if found is not None and found != model.activation:
+    built = (f'{key}={configured}' if configured
+             else f"{key}='' (the file's) builds {model.activation}")
+    raise ActivationMismatchError(
+        f'{source}: its modules apply {_ACTIVATION_NAMES[found]}, but {built}: set '
+        f'--config.{key}={found}.')
+  if found is None and configured == FROM_FILE and required:
+    raise ActivationMismatchError(
+        f'{source}: a CLIP state dict does not say its activation (OpenAI\'s QuickGELU or '
+        f'open_clip / LAION\'s GELU; only a TorchScript archive such as OpenAI\'s ViT-B-16.pt '
+        f'does): set --config.{key}=quick_gelu or =gelu.')
 
 
 def _grid_table_to_official(x: np.ndarray) -> np.ndarray:

@@ -10,10 +10,11 @@ Every value is the release's (`docs/reference/caev2_algorithm.md`, Recipes): Ima
 epochs then cosine to 1e-5, AdamW (0.9, 0.999) with weight decay 0.05, gradient clip 3.0,
 drop path 0.1, layer scale 0.1; 98 of 196 patches masked by BEiT's block generator; the
 teacher sees the same crop at 224, CLIP-normalised. The official checkpoint `ViT-B-16.pt`
-(TorchScript) is read directly; or convert it once
+(TorchScript) is read directly, its QuickGELU read from the archive; or convert it once
 (`python -m capi_jax.convert --config=configs/caev2/base.py --family=clip
 --section=caev2.teacher.model --to=capi_jax --input=ViT-B-16.pt --output=/tmp/clip_b16`) and
-pass /tmp/clip_b16. The method-neutral sections are configs/common.py's (its ImageNet source at
+pass /tmp/clip_b16 with --config.caev2.teacher.model.activation=quick_gelu (a directory, like a
+state dict, does not say it; open_clip / LAION CLIP weights: =gelu). The method-neutral sections are configs/common.py's (its ImageNet source at
 224, efficiency, sharding, evals); CAE v2's own keys are in `caev2` (its student `model`,
 `optim`, `data` augmentation, masks, regressor and teacher). The evaluation
 is CAE v2's linear probe ('caev2_linear', `add_evals`: the class token after the last norm,
@@ -69,9 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.caev2.teacher.checkpoint = ''  # Path to OpenAI's ViT-B-16.pt (not shipped).
   c.caev2.teacher.image_size = 224  # --second_input_size
   c.caev2.teacher.normalization = 'clip'
+  # activation '': the checkpoint's. OpenAI's TorchScript ViT-B-16.pt says QuickGELU; a state
+  # dict or converted directory does not (open_clip / LAION's use GELU under the same names):
+  # set 'quick_gelu' or 'gelu' for those.
   c.caev2.teacher.model = ml_collections.ConfigDict(dict(
       vit.FAMILIES['clip'], patch_size=16, image_size=224, embed_dim=768, depth=12,
-      num_heads=12, mlp_ratio=4.0, out_dim=512))
+      num_heads=12, mlp_ratio=4.0, out_dim=512, activation=''))
 
   # The student encoder.
   c.caev2.model = ml_collections.ConfigDict(dict(

@@ -11,6 +11,7 @@ from capi_jax.data import transforms
 from capi_jax.methods.caev2 import teacher as teacher_lib
 from capi_jax.models import layers
 from capi_jax.models import vit
+from capi_jax.weights import vit as vit_weights
 
 _VIT_FIELDS = {f.name for f in dataclasses.fields(vit.ViT)} - {
     'parent', 'name', *vit.EFFICIENCY_FIELDS}
@@ -18,8 +19,10 @@ _CAPI_MODEL_KEYS = ('patch_size', 'embed_dim', 'num_heads', 'mlp_ratio', 'encode
                     'decoder_depth', 'n_registers')
 
 
-def _vit_problems(section: str, m: ml_collections.ConfigDict) -> list[str]:
-  """Problems of a `vit.ViT` config section named `section`."""
+def _vit_problems(section: str, m: ml_collections.ConfigDict,
+                  read_from_file: bool = False) -> list[str]:
+  """Problems of a `vit.ViT` config section named `section` (`read_from_file`: its weights come
+  from a checkpoint, which may say its activation: '' allowed)."""
   unknown = sorted(set(m) - _VIT_FIELDS)
   if unknown:
     return [f'{section} has unknown ViT field(s) {unknown}; valid: {sorted(_VIT_FIELDS)}.']
@@ -29,8 +32,10 @@ def _vit_problems(section: str, m: ml_collections.ConfigDict) -> list[str]:
       found.append(f'{section}.{key}={m.get(key)!r} must be a positive integer.')
   if found:
     return found
+  activations = (*vit.ACTIVATIONS, vit_weights.FROM_FILE) if read_from_file else tuple(
+      vit.ACTIVATIONS)
   choices = {'pos_embed': vit.POS_EMBEDS, 'pos_resize': vit.POS_RESIZES,
-             'qkv_bias': layers.QKV_BIASES, 'block': vit.BLOCKS, 'activation': tuple(vit.ACTIVATIONS)}
+             'qkv_bias': layers.QKV_BIASES, 'block': vit.BLOCKS, 'activation': activations}
   for key, valid in choices.items():
     if key in m and m[key] not in valid:
       found.append(f'{section}.{key}={m[key]!r} must be one of {valid}.')
@@ -60,7 +65,7 @@ def _teacher_problems(config: ml_collections.ConfigDict, grid: int | None) -> li
       found.append(f'caev2.teacher.model.embed_dim={t.model.embed_dim} must be divisible by 4 x '
                    f'caev2.teacher.model.num_heads={t.model.num_heads} (2-D RoPE per head).')
   else:
-    found += _vit_problems('caev2.teacher.model', t.model)
+    found += _vit_problems('caev2.teacher.model', t.model, read_from_file=True)
   if not t.checkpoint:
     found.append('caev2.teacher.checkpoint is empty: CAE v2 regresses a pretrained teacher\'s '
                  'features; pass --config.caev2.teacher.checkpoint=PATH (an official CLIP '

@@ -199,9 +199,11 @@ class CaeV2(interface.Method):
     model = c.model.to_dict()
     # Stochastic depth changes no parameter; a run may resume with a different one.
     model.pop('drop_path_rate', None)
+    teacher = c.teacher.model.to_dict()
+    if c.teacher.backbone != teacher_lib.CAPI:  # The built one ('' is the checkpoint's).
+      teacher['activation'] = self.teacher.activation
     return {'model': model, 'caev2.regressor': c.regressor.to_dict(),
-            'caev2.teacher.backbone': c.teacher.backbone,
-            'caev2.teacher.model': c.teacher.model.to_dict()}
+            'caev2.teacher.backbone': c.teacher.backbone, 'caev2.teacher.model': teacher}
 
   def flops_per_step(self):
     return flops.train_step_flops(self.config)
@@ -225,6 +227,9 @@ class CaeV2(interface.Method):
     t_prefix = vit_weights.OFFICIAL_PREFIXES.get(teacher.backbone)
     if t_prefix and any(k.startswith(t_prefix) for k in state_dict):
       module, family, prefix = self.teacher, teacher.backbone, t_prefix
+      vit_weights.check_activation(
+          state_dict, module, teacher.model.get('activation', vit_weights.FROM_FILE),
+          teacher_lib.ACTIVATION_KEY, f'the {family} checkpoint', prefix)
     else:
       module, family = self.encoder, 'caev2'
       prefix = 'encoder.' if any(k.startswith('encoder.') for k in state_dict) else ''

@@ -6,7 +6,14 @@
                  `ln_post` on every token and the projection) whose `model` section holds
                  `vit.ViT` fields, or 'capi' (CAPI's EncoderDecoder; `model` is CAPI's
                  `config.capi.model` section).
-  model          that architecture's config section.
+  model          that architecture's config section. Its `activation` '' (the recipes'
+                 default) leaves it to the checkpoint: the teacher is built with the family's
+                 own (CLIP: OpenAI's QuickGELU) and the file must say so, as OpenAI's
+                 TorchScript archives do (their QuickGELU modules); an archive of torch's GELU
+                 is refused naming =gelu, and a state dict or converted directory, which does
+                 not say it, unless the key is set ('quick_gelu': OpenAI's; 'gelu': open_clip /
+                 LAION's, under the same weight names); a set value the archive contradicts is
+                 refused too (`vit_weights.check_activation`).
   checkpoint     the weights (`Method.pretrained_paths` role 'teacher'): an official file of
                  the ViT family (CLIP's TorchScript `ViT-B-16.pt` or a state_dict, names under
                  `vit_weights.OFFICIAL_PREFIXES[backbone]`), the output directory of
@@ -41,6 +48,7 @@ from capi_jax.weights import vit as vit_weights
 PyTree = Any
 CAPI = 'capi'
 BACKBONES = (CAPI, *vit_weights.FAMILIES)
+ACTIVATION_KEY = 'caev2.teacher.model.activation'
 
 
 def from_config(config: ml_collections.ConfigDict) -> nn.Module:
@@ -50,7 +58,8 @@ def from_config(config: ml_collections.ConfigDict) -> nn.Module:
     return encoder_decoder.from_config(t.model, config.efficiency)
   if t.backbone not in BACKBONES:
     raise ValueError(f'caev2.teacher.backbone={t.backbone!r} must be one of {BACKBONES}.')
-  return vit.from_config(t.model, config.efficiency)
+  return vit.from_config(t.model, config.efficiency, activation=vit_weights.built_activation(
+      t.model.get('activation', vit_weights.FROM_FILE), t.backbone))
 
 
 def out_dim(teacher: ml_collections.ConfigDict) -> int:
@@ -95,12 +104,19 @@ def load(pretrained: interface.Pretrained, expected: PyTree, config: ml_collecti
     module: the teacher (`from_config(config)`).
 
   Raises:
+    ActivationMismatchError: a ViT's file that does not say its activation while the config
+      leaves it to the file, or that says another than the config's.
     CheckpointMismatchError: a name or shape does not fit `caev2.teacher.model`.
     ValueError: an official file for the 'capi' backbone, which is converted beforehand.
   """
   t = config.caev2.teacher
   fix = (f'set caev2.teacher.backbone / caev2.teacher.model to the architecture of '
          f'{t.checkpoint}')
+  if t.backbone != CAPI:
+    vit_weights.check_activation(
+        pretrained.state_dict, module, t.model.get('activation', vit_weights.FROM_FILE),
+        ACTIVATION_KEY, f'caev2.teacher.checkpoint={t.checkpoint}',
+        vit_weights.OFFICIAL_PREFIXES[t.backbone])
   if pretrained.state_dict is None:
     params = rules.to_flax(_flat(pretrained.backbone), expected, _by_path,
                              f'teacher ({t.backbone})', fix=fix)

@@ -172,6 +172,8 @@ class Finetune(interface.Method):
       prefix = vit_weights.OFFICIAL_PREFIXES[family]
       if not any(k.startswith(prefix) for k in pre.state_dict):
         prefix = ''
+      vit_weights.check_activation(pre.state_dict, self.backbone, self.backbone.activation,
+                                   'finetune.model.activation', f'the {family} checkpoint', prefix)
       state_dict = {k: v for k, v in pre.state_dict.items()
                     if not k.endswith('relative_position_index')}
       tree = vit_weights.official_to_params(state_dict, self._pretraining_vit(), family, prefix)

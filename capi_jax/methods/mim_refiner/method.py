@@ -111,6 +111,8 @@ class MimRefiner(interface.Method):
                        '(`python -m capi_jax.convert --to=capi_jax`) and pass the output directory '
                        'as config.init.checkpoint.')
     prefix = 'encoder.' if any(k.startswith('encoder.') for k in state_dict) else ''
+    vit_weights.check_activation(state_dict, self.encoder, self.encoder.activation,
+                                 'mim_refiner.model.activation', f'the {family} checkpoint', prefix)
     params = vit_weights.official_to_params(state_dict, self.encoder, family, prefix)
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
