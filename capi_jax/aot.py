@@ -26,7 +26,9 @@ one. The report gives, per chip:
   - collective bytes per step, by kind (all-gather, reduce-scatter, all-reduce, ...): the
     operand sizes of the collectives in the compiled HLO, times their loop trip counts;
   - the fused attention kernels in the compiled HLO (`efficiency.attention`: cuDNN's
-    `__cudnn$fmha*` on GPUs, Pallas `tpu_custom_call`s on TPUs) and the compile time.
+    `__cudnn$fmha*` on GPUs, Pallas `tpu_custom_call`s on TPUs) and the compile time: wall
+    seconds (`compile_s`) and the process's CPU seconds (`compile_cpu_s`, all compiler threads:
+    the steadier figure where other jobs share the host).
 `--find_max_batch` compiles at doubled / halved global batches (multiples of the chip count)
 until it brackets the largest batch that fits, then bisects to one image per chip.
 

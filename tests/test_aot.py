@@ -314,6 +314,7 @@ def test_small_config_compiles_for_h100_nodes_with_cudnn_attention():
   assert result['fused_kernels'].get('__cudnn$fmhaSoftmax', 0) >= 2, result['fused_kernels']
   assert result['fused_kernels'].get('__cudnn$fmhaSoftmaxBackward', 0) >= 2
   assert result['flops_per_chip'] > 0 and result['compile_s'] > 0
+  assert result['compile_cpu_s'] > 0
   assert result['collective_bytes'].get('all-gather', 0) > 0  # FSDP across the two nodes.
 
 
