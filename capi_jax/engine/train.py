@@ -197,6 +197,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        ) -> state_lib.TrainState:
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
   distributed.initialize()
+  try:
+    state = _train_in_workdir(config, workdir)
+  except BaseException as e:
+    # Several processes: the others stop too, naming this one (or a dead peer caused `e`).
+    distributed.finished(e)
+    raise
+  distributed.finished(None)
+  return state
+
+
+def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+                      ) -> state_lib.TrainState:
   config_checks.validate(config)
   workdir = runs.make_workdir(workdir)  # gs:// stays gs:// (never a local ./gs:/ folder).
   lock = runs.lock_workdir(workdir)
