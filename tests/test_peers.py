@@ -72,6 +72,9 @@ def test_watchdog_names_the_stale_the_failed_and_the_lost_service():
   assert me.check() == ('the coordination service (beside process 0) cannot be reached '
                         '(RuntimeError: UNAVAILABLE: Socket closed): process 0 or its host is '
                         'gone')
+  # Telling the others is best effort: the process's own ending goes on without the service.
+  me.finish(None)
+  me.finish(RuntimeError('own error'))
 
 
 def test_watchdog_thread_stops_once_and_not_after_its_own_failure():

@@ -61,10 +61,10 @@ class _Peer:
 
 
 def one_line(error: BaseException) -> str:
-  """'TypeName: first line of the message', cut to _REASON_CHARS."""
+  """'TypeName: first line of the message', cut to _REASON_CHARS, without a final period."""
   text = str(error).strip()
   reason = f'{type(error).__name__}: {text.splitlines()[0]}' if text else type(error).__name__
-  return reason[:_REASON_CHARS]
+  return reason[:_REASON_CHARS].rstrip('.')
 
 
 class Watchdog:
@@ -156,12 +156,15 @@ class Watchdog:
     barrier for a peer that failed later.
     """
     with self._lock:
-      if error is None:
-        self._client.key_value_set(f'{PREFIX}done/{self._index}', '', allow_overwrite=True)
-        return
-      self._finished.set()
-    self._client.key_value_set(f'{PREFIX}failed/{self._index}', one_line(error),
-                               allow_overwrite=True)
+      if error is not None:
+        self._finished.set()
+    key, value = (f'{PREFIX}done/{self._index}', '') if error is None else (
+        f'{PREFIX}failed/{self._index}', one_line(error))
+    try:
+      self._client.key_value_set(key, value, allow_overwrite=True)
+    except Exception as e:  # pylint: disable=broad-except  (the service is gone: say so, go on)
+      logger.warning('Could not tell the other processes that process %d %s: %s', self._index,
+                     'finished' if error is None else 'failed', one_line(e))
 
 
 def _exit_with_line(line: str) -> None:
