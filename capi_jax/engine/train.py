@@ -157,6 +157,9 @@ def _input_failed(error: Exception, ckpt: checkpointing.Checkpointer,
       saved = f' The state after step {step} is checkpointed.'
     except Exception as e:  # pylint: disable=broad-except  (the error to report is `error`)
       logger.error('Could not checkpoint step %d after the input failure: %s', step, e)
+  released = pipeline.release_worker_memory(data_iter)
+  if released:
+    logger.info('Removed %d shared-memory block(s) the data workers left.', released)
   return InputPipelineError(
       f'The input pipeline failed before step {step} ({reason}).{saved} Fix the cause (memory, '
       'a killed worker, the data) and rerun with the same --workdir to resume.')
