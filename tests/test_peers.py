@@ -77,6 +77,15 @@ def test_watchdog_names_the_stale_the_failed_and_the_lost_service():
   me.finish(RuntimeError('own error'))
 
 
+def test_timeout_variable():
+  assert peers.timeout_from({}) == peers.TIMEOUT_S
+  assert peers.timeout_from({'CAPI_JAX_PEER_TIMEOUT': '30'}) == 30
+  for bad in ('abc', '1', 'nan', '-5'):
+    with pytest.raises(errors.UserError, match=f"CAPI_JAX_PEER_TIMEOUT='{bad}' must be a number "
+                                               'of seconds above 2'):
+      peers.timeout_from({'CAPI_JAX_PEER_TIMEOUT': bad})
+
+
 def test_watchdog_thread_stops_once_and_not_after_its_own_failure():
   store, lines = FakeStore(), []
   quiet = peers.Watchdog(store, 0, 2, timeout_s=0.1, stop=lines.append).start()
