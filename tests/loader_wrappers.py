@@ -49,6 +49,9 @@ class WrappedLoader:
   def start_prefetch(self) -> None:
     self.loader.start_prefetch()
 
+  def close(self) -> None:
+    self.loader.close()
+
 
 class HostRows(WrappedLoader):
   """The single-host training stream, reduced to this process's rows of each batch."""

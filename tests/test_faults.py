@@ -536,11 +536,18 @@ def test_evaluate_reads_the_newest_checkpoint_when_training_rotates_one_away(
 
 def test_a_killed_data_worker_stops_the_run_with_one_line_and_a_checkpoint(tmp_path, cache_dir):
   """Issue 23 item 11: the run went on ~4 steps, then a 27-line Grain traceback, no checkpoint
-  of the healthy state."""
+  of the healthy state, and 18 shared-memory blocks left behind."""
   workdir = tmp_path / 'run'
   start = time.monotonic()
-  rc, out = _finish(_script(cache_dir, workdir, '--kill_workers_at=6'))
+  run = _script(cache_dir, workdir, '--kill_workers_at=6')
+  rc, out = _finish(run)
   assert rc == 1, out
+  # The killed worker's shared-memory blocks are removed on the way out (18 were left to
+  # Python's resource tracker, which warned that they leaked).
+  removed = re.search(r'Removed (\d+) shared-memory block\(s\) the data workers left', out)
+  assert removed and int(removed.group(1)) >= 1, out
+  assert 'leaked shared_memory' not in out, out
+  assert not list(pathlib.Path('/dev/shm').glob(f'capi_jax_{run.pid}_*'))
   line = next(l for l in out.splitlines() if l.startswith('error: '))
   assert 'The input pipeline failed before step' in line and 'terminated unexpectedly' in line
   assert 'is checkpointed' in line and 'rerun with the same --workdir' in line, line

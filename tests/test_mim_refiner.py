@@ -36,9 +36,13 @@ from capi_jax.methods.mim_refiner import loss
 from capi_jax.methods.mim_refiner import objective
 from capi_jax.methods.mim_refiner import optim
 from capi_jax.methods.mim_refiner import queue
+from capi_jax.engine import pretrained
 from capi_jax.models import encoder_decoder
 from capi_jax.reference import harness
 from capi_jax.reference import mim_refiner as parity
+from capi_jax.weights import files
+from capi_jax.weights import rules
+from capi_jax.weights import vit as vit_weights
 from configs.mim_refiner import base as base_config
 from configs.mim_refiner import capi_vitl
 from configs.mim_refiner import d2v2_h14
@@ -671,3 +675,39 @@ def test_config_problems_name_each_bad_key():
               'mim_refiner.optim.warmup_iters=10 must be in [0, train.total_iters=10)',
               'base_lr=inf must be a finite number > 0', 'weight_decay=nan and'):
     assert any(key in sentence for sentence in found), (key, found)
+
+
+def test_init_checkpoint_of_another_architecture_is_refused_in_one_line(tmp_path):
+  """A wider official file, or another method's run of another width: one line naming the
+  file, the first mismatching parameter with both shapes and the config keys to check."""
+  config = _small_config('mae')
+  wide = methods.from_config(config).encoder.clone(embed_dim=24, num_heads=2)
+  params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), vit_weights.param_shapes(wide))
+  files.write_state_dict(vit_weights.params_to_official(params, 'mae'), tmp_path / 'wide.npz')
+  config.init.checkpoint = str(tmp_path / 'wide.npz')
+  method = methods.from_config(config)
+  with pytest.raises(rules.CheckpointMismatchError) as error:
+    pretrained.apply(method, jax.eval_shape(method.init, jax.random.key(0)))
+  assert str(error.value) == (
+      f"{tmp_path / 'wide.npz'} (init) does not fit the configured mim_refiner model: parameter "
+      "'blocks.0.attn.proj.bias': expected shape (16,), found (24,) (and 29 more). Check "
+      "mim_refiner.model and mim_refiner.encoder against the checkpoint's architecture.")
+
+  config = _small_config(encoder.CAPI)
+  narrow = config.mim_refiner.model.copy_and_resolve_references()
+  narrow.embed_dim = 8
+  capi = encoder_decoder.from_config(narrow, config.efficiency)
+  backbone = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
+      capi.init, jax.random.key(1), jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))['params'])
+  files.save_params({'backbone': backbone}, tmp_path / 'capi_run')
+  config.init.checkpoint = str(tmp_path / 'capi_run')
+  method = methods.from_config(config)
+  with pytest.raises(rules.CheckpointMismatchError) as error:
+    pretrained.apply(method, jax.eval_shape(method.init, jax.random.key(0)))
+  message = str(error.value)
+  assert len(message.splitlines()) == 1, message
+  assert message.startswith(f"{tmp_path / 'capi_run'} (init) does not fit the configured "
+                            'mim_refiner model: '), message
+  assert re.search(r': expected \(\d*,? ?16\)?.*, found \(.*8\)', message), message
+  assert message.endswith('Check mim_refiner.model and mim_refiner.encoder against the '
+                          "checkpoint's architecture."), message

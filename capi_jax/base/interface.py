@@ -109,6 +109,12 @@ class Method(abc.ABC):
     init = self.config.get('init', {})
     return {'init': init.checkpoint} if init.get('checkpoint') else {}
 
+  def architecture_keys(self, role: str) -> str:
+    """The config keys that must describe the architecture of the pretrained checkpoint `role`
+    (named when one does not fit)."""
+    del role
+    return f'{self.name}.model'
+
   def from_pretrained(self, variables: Variables, pretrained: dict[str, Pretrained]
                       ) -> Variables:
     """`variables` (fresh from `init`) with the pretrained weights put in: the same structure

@@ -26,7 +26,10 @@ the same `batched`, with every batch kept whole and in order (`whole_batches`).
 """
 
 import logging
+from multiprocessing import shared_memory
 import os
+import pathlib
+import secrets
 import signal
 import threading
 import time
@@ -156,17 +159,30 @@ def _train_batches(ds: grain.MapDataset, config: ml_collections.ConfigDict,
 
 # How often a worker process checks that the main process is still alive.
 _PARENT_CHECK_S = 0.5
+# Where POSIX shared memory appears as files (Linux).
+_SHM_DIR = pathlib.Path('/dev/shm')
+
+
+def _shm_prefix(main_pid: int) -> str:
+  """The name prefix of the shared-memory blocks made by the workers of process `main_pid`."""
+  return f'capi_jax_{main_pid}_'
 
 
 def _init_worker(worker_index: int, worker_count: int) -> None:
-  """Runs first in every Grain worker process: signals go to the main process alone, and the
-  worker exits once the main process is gone (it would otherwise live on as an orphan)."""
+  """Runs first in every Grain worker process: signals go to the main process alone, the
+  worker exits once the main process is gone (it would otherwise live on as an orphan), and
+  its shared-memory blocks carry the main process's id (`release_worker_memory`)."""
   del worker_index, worker_count
+  parent = os.getppid()
+  # Grain's batches travel in blocks named by multiprocessing (psm_<random>): a worker killed
+  # mid-batch leaves its blocks behind, and only this prefix tells the main process which are
+  # its own.
+  shared_memory._make_filename = (  # pylint: disable=protected-access
+      lambda: f'/{_shm_prefix(parent)}{secrets.token_hex(6)}')
   # Ctrl-C reaches the whole foreground process group, SLURM signals every process of a job
   # step: only the main process acts on them (it checkpoints, then closes the workers).
   for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
     signal.signal(sig, signal.SIG_IGN)
-  parent = os.getppid()
 
   def exit_with_parent():
     while os.getppid() == parent:  # Re-parented (to init or a subreaper) once it died.
@@ -174,6 +190,36 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     os._exit(1)  # pylint: disable=protected-access  (no cleanup: the consumer is gone)
 
   threading.Thread(target=exit_with_parent, name='exit-with-parent', daemon=True).start()
+
+
+def worker_memory() -> list[str]:
+  """The shared-memory blocks (names) that this process's data workers made and left."""
+  if not _SHM_DIR.is_dir():
+    return []
+  return sorted(p.name for p in _SHM_DIR.glob(f'{_shm_prefix(os.getpid())}*'))
+
+
+def release_worker_memory(loader: Any) -> int:
+  """Closes `loader` (its workers stop) and removes the shared-memory blocks its workers left:
+  a killed worker's batches in flight, which nothing else frees (Python's resource tracker
+  removes them only when every process is gone, with a warning that they leaked). Returns how
+  many were removed. For a loader that failed: blocks still in use by it become invalid."""
+  close = getattr(loader, 'close', None)
+  if close is not None:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except  (a broken pipeline: free what is left)
+      logger.warning('Closing the input pipeline failed: %s', e)
+  removed = 0
+  for name in worker_memory():
+    try:
+      block = shared_memory.SharedMemory(name)
+    except FileNotFoundError:
+      continue  # Freed meanwhile.
+    block.close()
+    block.unlink()  # Also tells the resource tracker, which would warn at exit otherwise.
+    removed += 1
+  return removed
 
 
 def create_train_loader(config: ml_collections.ConfigDict, transform: grain.transforms.RandomMap,

@@ -20,24 +20,45 @@ GPUs allocated on its node (SLURM_GPUS_ON_NODE, else `visible`):
     it sees;
   - every task sees all of the node's GPUs: task L of T gets the L-th block of on_node / T.
 JAX_LOCAL_DEVICE_IDS, when set, overrides that (as it does in JAX).
+
+When one process dies or fails, the others stop within seconds, each with one line naming it
+(`engine.peers`: a watchdog thread per process). For that, the coordination service that JAX
+would run inside process 0 runs in a small child process of it (`engine.coordination_service`;
+explicit and SLURM launches): a killed process 0 would otherwise take the service down and make
+every other process abort at once with a C++ stack trace, naming nobody.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+import contextlib
 import dataclasses
 import logging
 import os
+import pathlib
 import re
+import subprocess
+import sys
+import tempfile
 from typing import Any
 
 import jax
+from jax._src import distributed as jax_distributed
 
 from capi_jax.base import errors
+from capi_jax.engine import peers
 
 logger = logging.getLogger(__name__)
 
 # SLURM jobs without JAX_COORDINATOR_PORT: a port in the ephemeral range derived from the job id,
 # the same on every task (the range JAX's own SLURM detection uses).
 _PORT_BASE, _PORT_SPAN = 65536 - 4096, 4096
+# JAX's default: its own backstop, after the watchdogs' (`peers.TIMEOUT_S`), for a process whose
+# Python threads are stuck.
+HEARTBEAT_TIMEOUT_S = 100
+# The project's root (the folder holding capi_jax/), for the service's child process.
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# This process's coordination service child and watchdog, once `initialize` has run.
+_service: subprocess.Popen | None = None
+_watchdog: peers.Watchdog | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,12 +159,98 @@ def init_args(env: Mapping[str, str]) -> InitArgs | None:
   return args
 
 
+def start_service(coordinator_address: str, num_processes: int, linger_s: float,
+                  env: Mapping[str, str]) -> subprocess.Popen:
+  """Starts the coordination service in a child process (`engine.coordination_service`).
+
+  It binds where JAX's would (JAX_COORDINATOR_BIND_ADDRESS, else all addresses on the
+  coordinator's port) and lives until this process exits, plus `linger_s`.
+  """
+  port = coordinator_address.rsplit(':', 1)[1]
+  bind = env.get('JAX_COORDINATOR_BIND_ADDRESS') or f'[::]:{port}'
+  path = os.pathsep.join(filter(None, (str(_ROOT), env.get('PYTHONPATH'))))
+  log = tempfile.TemporaryFile()
+  child = subprocess.Popen(
+      [sys.executable, '-m', 'capi_jax.engine.coordination_service', bind, str(num_processes),
+       str(HEARTBEAT_TIMEOUT_S), str(linger_s)],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env={**env, 'PYTHONPATH': path},
+      start_new_session=True)  # Ctrl-C in a terminal reaches the training processes only.
+  if child.stdout.readline().strip() != b'ready':
+    child.wait()
+    log.seek(0)
+    lines = log.read().decode(errors='replace').strip().splitlines()
+    raise errors.UserError(
+        f'The coordination service for {num_processes} processes could not start on {bind} '
+        f'(exit status {child.returncode}: {lines[-1] if lines else "no output"}). Is the port '
+        'in use? Set JAX_COORDINATOR_ADDRESS (or JAX_COORDINATOR_PORT under SLURM) to a free one.')
+  return child
+
+
+class _WithoutService:
+  """jaxlib's module as `jax._src.distributed` sees it, except that it starts no service."""
+
+  def __init__(self, real: Any):
+    self._real = real
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._real, name)
+
+  @staticmethod
+  def get_distributed_runtime_service(*args, **kwargs) -> None:
+    del args, kwargs  # The service runs in `start_service`'s child.
+
+
+@contextlib.contextmanager
+def _service_elsewhere() -> Iterator[None]:
+  """Within: `jax.distributed.initialize` in process 0 connects without starting a service."""
+  real = jax_distributed._jax  # pylint: disable=protected-access
+  jax_distributed._jax = _WithoutService(real)  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    jax_distributed._jax = real  # pylint: disable=protected-access
+
+
 def initialize(env: Mapping[str, str] | None = None) -> InitArgs | None:
-  """`jax.distributed.initialize(...)` per `init_args` (once per process); returns the args."""
-  args = init_args(os.environ if env is None else env)
+  """`jax.distributed.initialize(...)` per `init_args` (once per process), then the watchdog
+  (`peers`); returns the args."""
+  global _service, _watchdog
+  env = os.environ if env is None else env
+  args = init_args(env)
   if args is None or jax.distributed.is_initialized():
     return args
   logger.info('jax.distributed.initialize (%s launch): %s', args.launcher,
               {k: v for k, v in args.kwargs.items() if k != 'cluster_detection_method'})
-  jax.distributed.initialize(**args.kwargs)
+  timeout_s = peers.timeout_from(env)
+  kwargs = {**args.kwargs, 'heartbeat_timeout_seconds': HEARTBEAT_TIMEOUT_S}
+  if args.launcher != 'cloud_tpu' and kwargs['process_id'] == 0:
+    # The others may still read why this process stopped, after it is gone.
+    _service = start_service(kwargs['coordinator_address'], kwargs['num_processes'],
+                             linger_s=timeout_s + 5 * peers.BEAT_PERIOD_S, env=env)
+    with _service_elsewhere():
+      jax.distributed.initialize(**kwargs)
+  else:
+    jax.distributed.initialize(**kwargs)
+  state = jax_distributed.global_state
+  _watchdog = peers.Watchdog(state.client, state.process_id, state.num_processes,
+                             timeout_s).start()
   return args
+
+
+def finished(error: BaseException | None) -> None:
+  """This process ends: normally (`error` None, or a stop every process shares: Ctrl-C), or
+  with `error`, which the other processes are told (they stop, naming this one and `error`).
+
+  An error a dead peer may have caused (a collective that lost it) first gives the watchdog
+  time to find that peer: it then ends this process with the line that names it. A failed
+  process exits without JAX's shutdown barrier, where it would wait for the stopped others.
+  """
+  if _watchdog is None:
+    return
+  if error is None or isinstance(error, KeyboardInterrupt | SystemExit):
+    _watchdog.finish(None)
+    return
+  if isinstance(error, jax.errors.JaxRuntimeError):
+    _watchdog.wait_for_verdict()
+  _watchdog.finish(error)
+  peers.exit_without_shutdown_barrier(1)

@@ -15,7 +15,9 @@ use it.
     resolves them; the `Pretrained` carries that method's evaluation backbone (its EMA where it
     has one), its name and its whole variables.
 `apply` calls the method's `from_pretrained` and checks that the variables keep their
-structure, shapes and dtypes.
+structure, shapes and dtypes. A checkpoint that does not fit (another architecture, another
+method's run) is refused in one line: the file, the first mismatching parameter with both
+shapes, and the config keys to check (`Method.architecture_keys`).
 """
 
 import os
@@ -132,17 +134,42 @@ def _in_layout_of(pretrained: interface.Pretrained, variables: interface.Variabl
       variables=stack.to_layout_of(pretrained.variables, variables))
 
 
+def _first_mismatch(problems: tuple[str, ...]) -> str:
+  """The most telling of `problems`: a shape that differs, else a missing or extra name."""
+  shapes = [p for p in problems if 'found (' in p]
+  return (shapes or list(problems))[0]
+
+
+def _refusal(error: ValueError, method: interface.Method, paths: dict[str, str]
+             ) -> rules.CheckpointMismatchError:
+  """`error` from `from_pretrained` as one line naming the file(s) and what to check."""
+  which = ' / '.join(f'{path} ({role})' for role, path in paths.items())
+  problems = getattr(error, 'problems', ())
+  if not problems:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return rules.CheckpointMismatchError(f'{which}: {first}')
+  more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+  keys = ' / '.join(method.architecture_keys(role) for role in paths)
+  return rules.CheckpointMismatchError(
+      f'{which} does not fit the configured {method.name} model: {_first_mismatch(problems)}'
+      f'{more}. Check {keys} against the checkpoint\'s architecture.', problems)
+
+
 def apply(method: interface.Method, variables: interface.Variables) -> interface.Variables:
   """`variables` with the method's pretrained checkpoints put in (unchanged when it has none).
 
   Raises:
+    CheckpointMismatchError: a checkpoint does not fit (one line: `_refusal`).
     ValueError: the method returned variables of another structure, shape or dtype.
   """
   paths = method.pretrained_paths()
   if not paths:
     return variables
   pretrained = {role: _in_layout_of(load(path), variables) for role, path in paths.items()}
-  loaded = method.from_pretrained(jax.device_get(variables), pretrained)
+  try:
+    loaded = method.from_pretrained(jax.device_get(variables), pretrained)
+  except ValueError as e:
+    raise _refusal(e, method, paths) from e
   before, after = _layout(variables), _layout(loaded)
   if before != after:
     diffs = [f'{a} -> {b}' for a, b in zip(before, after) if a != b][:5]

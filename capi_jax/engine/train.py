@@ -157,6 +157,9 @@ def _input_failed(error: Exception, ckpt: checkpointing.Checkpointer,
       saved = f' The state after step {step} is checkpointed.'
     except Exception as e:  # pylint: disable=broad-except  (the error to report is `error`)
       logger.error('Could not checkpoint step %d after the input failure: %s', step, e)
+  released = pipeline.release_worker_memory(data_iter)
+  if released:
+    logger.info('Removed %d shared-memory block(s) the data workers left.', released)
   return InputPipelineError(
       f'The input pipeline failed before step {step} ({reason}).{saved} Fix the cause (memory, '
       'a killed worker, the data) and rerun with the same --workdir to resume.')
@@ -197,6 +200,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        ) -> state_lib.TrainState:
   """Pretrains per `config` in `workdir` (resuming if it holds a checkpoint); returns the state."""
   distributed.initialize()
+  try:
+    state = _train_in_workdir(config, workdir)
+  except BaseException as e:
+    # Several processes: the others stop too, naming this one (or a dead peer caused `e`).
+    distributed.finished(e)
+    raise
+  distributed.finished(None)
+  return state
+
+
+def _train_in_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
+                      ) -> state_lib.TrainState:
   config_checks.validate(config)
   workdir = runs.make_workdir(workdir)  # gs:// stays gs:// (never a local ./gs:/ folder).
   lock = runs.lock_workdir(workdir)

@@ -11,7 +11,7 @@ The models' own rules live beside their converters (`weights/vit.py`, each metho
 `convert.py`).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import re
 from typing import Any
 
@@ -29,7 +29,15 @@ _MAX_PROBLEMS_SHOWN = 30
 
 
 class CheckpointMismatchError(errors.UserError, ValueError):
-  """An official checkpoint does not fit the architecture it is loaded into."""
+  """A checkpoint does not fit the architecture it is loaded into.
+
+  `problems` lists the mismatches one by one ('parameter NAME: expected shape A, found B'), so
+  that a caller can report the first one alone.
+  """
+
+  def __init__(self, message: str, problems: Sequence[str] = ()):
+    super().__init__(message)
+    self.problems = tuple(problems)
 
 
 # ---------------------------------------------------------------------------- leaf layouts
@@ -140,5 +148,5 @@ def to_flax(state_dict: Mapping[str, Any], expected: Params,
       shown.append(f'... and {len(problems) - len(shown)} more')
     raise CheckpointMismatchError(
         f'The {what} checkpoint does not fit the configured architecture '
-        f'({len(problems)} problem(s)); {fix}:\n  ' + '\n  '.join(shown))
+        f'({len(problems)} problem(s)); {fix}:\n  ' + '\n  '.join(shown), problems)
   return stack.to_layout_of(jax.tree_util.tree_unflatten(treedef, converted), expected)

@@ -90,6 +90,11 @@ class CaeV2(interface.Method):
     checkpoint = self.config.caev2.teacher.checkpoint
     return {**super().pretrained_paths(), **({'teacher': checkpoint} if checkpoint else {})}
 
+  def architecture_keys(self, role: str) -> str:
+    if role == 'teacher':
+      return 'caev2.teacher.backbone and caev2.teacher.model'
+    return super().architecture_keys(role)
+
   def from_pretrained(self, variables: interface.Variables,
                       pretrained: dict[str, interface.Pretrained]) -> interface.Variables:
     """The teacher from its checkpoint; the student starts from scratch, as in the release."""

@@ -38,6 +38,7 @@ from capi_jax.methods.finetune import transform
 from capi_jax.models import flops as flops_lib
 from capi_jax.models import stack
 from capi_jax.models import vit
+from capi_jax.weights import rules
 from capi_jax.weights import vit as vit_weights
 
 PyTree = Any
@@ -116,9 +117,11 @@ def transplant(fresh: PyTree, pretrained: PyTree) -> PyTree:
     if value is None and name.endswith('relative_position_bias_table'):
       value = leaf
     if value is None or value.shape != leaf.shape:
-      raise ValueError(f'The pretrained backbone has {name} with shape '
-                       f'{None if value is None else value.shape}, the fine-tuned ViT expects '
-                       f'{leaf.shape}: check finetune.model against the pretraining run.')
+      found = None if value is None else value.shape
+      raise rules.CheckpointMismatchError(
+          f'The pretrained backbone has {name} with shape {found}, the fine-tuned ViT expects '
+          f'{leaf.shape}: check finetune.model against the pretraining run.',
+          [f'{name}: expected {leaf.shape}, found {found}'])
     merged[name] = value.astype(leaf.dtype)
   backbone = jax.tree_util.tree_map_with_path(lambda p, _: merged[optim.path_name(p)], target)
   return {**fresh, 'backbone': stack.to_layout_of(backbone, fresh['backbone']),
@@ -159,6 +162,10 @@ class Finetune(interface.Method):
   def _pretraining_vit(self) -> vit.ViT:
     """The backbone as pretraining had it: final norm, no relative position bias."""
     return self.backbone.clone(final_norm=True, rel_pos_bias=False, scan_layers=False)
+
+  def architecture_keys(self, role: str) -> str:
+    del role  # Only 'init'.
+    return 'finetune.model and finetune.family'
 
   def from_pretrained(self, variables, pretrained):
     if set(pretrained) != {'init'}:

@@ -45,6 +45,7 @@ from capi_jax.methods.mim_refiner import heads as heads_lib
 from capi_jax.methods.mim_refiner import objective
 from capi_jax.methods.mim_refiner import optim
 from capi_jax.methods.mim_refiner import queue as queue_lib
+from capi_jax.weights import rules
 from capi_jax.weights import vit as vit_weights
 
 PyTree = Any
@@ -54,8 +55,9 @@ Array = jax.Array
 # order; training draws them from the step's rng instead (the release draws them at random).
 
 
-def tree_differences(expected: PyTree, found: PyTree, limit: int = 5) -> list[str]:
-  """The first `limit` paths where two trees differ in presence or shape, as sentences."""
+def tree_differences(expected: PyTree, found: PyTree, limit: int | None = 5) -> list[str]:
+  """The first `limit` (None: all) paths where two trees differ in presence or shape, as
+  sentences."""
   flat = lambda tree: {core_optim.path_name(p): tuple(jnp.shape(x))
                        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
   want, got = flat(expected), flat(found)
@@ -67,11 +69,13 @@ def tree_differences(expected: PyTree, found: PyTree, limit: int = 5) -> list[st
 
 
 def _checked(expected: PyTree, found: PyTree, what: str, fix: str) -> PyTree:
-  """`found` cast to `expected`'s dtypes if the trees match, else a ValueError naming the first
-  differences."""
-  problems = tree_differences(expected, found)
+  """`found` cast to `expected`'s dtypes if the trees match, else a CheckpointMismatchError
+  naming the first differences."""
+  problems = tree_differences(expected, found, limit=None)
   if problems:
-    raise ValueError(f'{what} does not fit the configured model ({fix}): ' + '; '.join(problems))
+    raise rules.CheckpointMismatchError(
+        f'{what} does not fit the configured model ({fix}): ' + '; '.join(problems[:5]),
+        problems)
   return jax.tree.map(lambda e, x: jnp.asarray(x, e.dtype), expected, found)
 
 
@@ -115,6 +119,10 @@ class MimRefiner(interface.Method):
                                  'mim_refiner.model.activation', f'the {family} checkpoint', prefix)
     params = vit_weights.official_to_params(state_dict, self.encoder, family, prefix)
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+  def architecture_keys(self, role: str) -> str:
+    del role  # Only 'init'.
+    return 'mim_refiner.model and mim_refiner.encoder'
 
   def _head_in_dim(self, name: str) -> int:
     """Width of a head's input: the final output's (a ViT may project it) or a block's."""
