@@ -22,6 +22,7 @@ import time
 from typing import Callable
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -67,7 +68,7 @@ def _metrics(workdir: pathlib.Path) -> list[dict[str, float]]:
   return [{k: v for k, v in json.loads(l).items() if k not in progress.TIMING_KEYS} for l in lines]
 
 
-def _rows_written(workdir: pathlib.Path) -> int:
+def rows_written(workdir: pathlib.Path) -> int:
   """Complete rows of metrics.jsonl so far (the run may be writing the next one)."""
   path = workdir / 'metrics.jsonl'
   return path.read_text().count('\n') if path.exists() else 0
@@ -84,7 +85,7 @@ def _run_script(workdir: pathlib.Path, total: int, method: str = 'capi',
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(run: subprocess.Popen, condition: Callable[[], bool]) -> None:
+def wait_for(run: subprocess.Popen, condition: Callable[[], bool]) -> None:
   """Polls `condition` while `run` is alive (its output on failure)."""
   deadline = time.time() + 600
   while not condition():
@@ -92,13 +93,13 @@ def _wait_for(run: subprocess.Popen, condition: Callable[[], bool]) -> None:
     time.sleep(0.01)
 
 
-def _finish(run: subprocess.Popen) -> str:
+def finish(run: subprocess.Popen) -> str:
   out, _ = run.communicate(timeout=600)
   assert run.returncode == 0, out
   return out
 
 
-def _assert_same_final_state(workdir: pathlib.Path, expected: pathlib.Path) -> None:
+def assert_same_final_state(workdir: pathlib.Path, expected: pathlib.Path) -> None:
   """Every array of the final TrainState (parameters, frozen parts, buffers such as queues,
   BatchNorm statistics and EMA copies, optimiser state, step, rng) is bitwise the same."""
   with np.load(workdir / FINAL_STATE) as got, np.load(expected / FINAL_STATE) as want:
@@ -107,33 +108,37 @@ def _assert_same_final_state(workdir: pathlib.Path, expected: pathlib.Path) -> N
       np.testing.assert_array_equal(got[key], want[key], err_msg=key, strict=True)
 
 
-def _save_final_state(state, workdir: str) -> None:
+def save_final_state(state, workdir: str | os.PathLike[str]) -> None:
+  """Writes every array of `state` (all processes take part; process 0 writes)."""
+  if jax.process_count() > 1:  # Global arrays: each process holds only its shards.
+    state = multihost_utils.process_allgather(state, tiled=True)
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
-  np.savez(pathlib.Path(workdir) / FINAL_STATE,
-           **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})
+  if jax.process_index() == 0:
+    np.savez(pathlib.Path(workdir) / FINAL_STATE,
+             **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})
 
 
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
   total = 24
-  _finish(_run_script(tmp_path / 'straight', total))
+  finish(_run_script(tmp_path / 'straight', total))
 
   workdir = tmp_path / 'preempted'
   first = _run_script(workdir, total)
-  _wait_for(first, lambda: _rows_written(workdir) >= 3)
+  wait_for(first, lambda: rows_written(workdir) >= 3)
   first.send_signal(signal.SIGTERM)
-  out = _finish(first)
+  out = finish(first)
   assert 'Stopped by signal' in out, out
   stopped_at = len(_metrics(workdir))
   assert 3 <= stopped_at < total, 'the signal should land mid-run'
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [stopped_at]
 
-  out = _finish(_run_script(workdir, total))
+  out = finish(_run_script(workdir, total))
   assert f'Resuming from step {stopped_at}' in out, out
   assert _metrics(workdir) == _metrics(tmp_path / 'straight')
-  _assert_same_final_state(workdir, tmp_path / 'straight')
+  assert_same_final_state(workdir, tmp_path / 'straight')
 
 
-def _saved_steps(workdir: pathlib.Path) -> list[int]:
+def saved_steps(workdir: pathlib.Path) -> list[int]:
   """Finished checkpoints (Orbax renames a step's temporary folder to its number when done)."""
   folder = workdir / 'checkpoints'
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
@@ -147,24 +152,24 @@ def kill_and_resume_equals_straight(tmp_path: pathlib.Path, total: int, method: 
   straight = _run_script(tmp_path / 'straight', total, method, devices=2)
   # Once the straight run has compiled (its first checkpoint), the second reads the programs from
   # the cache while the first finishes.
-  _wait_for(straight, lambda: _saved_steps(tmp_path / 'straight'))
+  wait_for(straight, lambda: saved_steps(tmp_path / 'straight'))
   workdir = tmp_path / 'killed'
   first = _run_script(workdir, total, method, devices=2)
-  _wait_for(first, lambda: _saved_steps(workdir) and _rows_written(workdir) >= _saved_steps(
+  wait_for(first, lambda: saved_steps(workdir) and rows_written(workdir) >= saved_steps(
       workdir)[-1] + 2)
   first.kill()
   first.communicate(timeout=60)
   assert first.returncode == -signal.SIGKILL
-  logged = _rows_written(workdir)
-  _finish(straight)
+  logged = rows_written(workdir)
+  finish(straight)
 
-  out = _finish(_run_script(workdir, total, method, devices=2))
+  out = finish(_run_script(workdir, total, method, devices=2))
   resumed = re.search(r'Resuming from step (\d+)', out)
   assert resumed, out
   # Rows past the restored step were logged before the kill: the resumed run rewrites them.
   assert 0 < int(resumed[1]) < logged < total, (resumed[1], logged)
   assert _metrics(workdir) == _metrics(tmp_path / 'straight')
-  _assert_same_final_state(workdir, tmp_path / 'straight')
+  assert_same_final_state(workdir, tmp_path / 'straight')
 
 
 def test_mim_refiner_resumes_exactly_after_kill_9(tmp_path):
@@ -216,4 +221,4 @@ if __name__ == '__main__':
       lambda *a, **k: loader_wrappers.Throttled(real_loader(*a, **k), 0.1))
   run_dir, run_method = pathlib.Path(sys.argv[1]), (sys.argv[3:] or ['capi'])[0]
   final = train.train_and_evaluate(_config(run_method, int(sys.argv[2]), run_dir), run_dir)
-  _save_final_state(final, run_dir)
+  save_final_state(final, run_dir)
