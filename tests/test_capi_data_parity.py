@@ -16,6 +16,8 @@ import pytest
 
 from capi_jax.data import masking
 from capi_jax.data import transforms
+from capi_jax.methods.capi import transform as capi_transform
+from configs import tiny
 
 FIXTURE = (pathlib.Path(__file__).parent / 'fixtures' / 'capi_data_reference' /
            'capi_data_small.npz')
@@ -140,3 +142,42 @@ def test_flips_are_torchvisions(official):
              for _ in arrays['flip/flipped']]
   np.testing.assert_array_equal(flipped, arrays['flip/flipped'])
   rng.assert_used_up()
+
+
+def test_capi_transform_is_the_official_training_path(official):
+  """train_capi.py's per-image transform (crop, flip, ToTensor, ImageNet normalisation) and
+  collate vs configs/tiny.py's CapiTransform at the fixture's size, then `normalize`: the
+  images to float32 rounding (one uint8 level is 0.017), the index lists exactly."""
+  arrays, meta = official
+  cfg = meta['pipeline']
+  config = tiny.get_config()
+  config.data.image_size = cfg['image_size']
+  assert config.capi.model.patch_size == cfg['patch_size']
+  data = config.capi.data
+  assert (tuple(data.crop_scale), data.mask_ratio, data.prediction_subsampling) == (
+      tuple(cfg['crop_scale']), cfg['mask_ratio'], cfg['prediction_subsampling'])
+  assert (data.do_hflip, data.masking_generator, data.masking_roll) == (True, 'InverseBlock', True)
+  transform = capi_transform.from_config(config)
+  n_tokens = cfg['grid'][0] * cfg['grid'][1]
+  uniform, integers = list(arrays['pipeline/uniform']), list(arrays['pipeline/integers'])
+  k = 0  # Image index over the batches (flip and mask draws are one per image, four integers).
+  for b in range(cfg['batches']):
+    images, visible, predict = [], [], []
+    for i, (n_uniform, n_integers) in enumerate(arrays[f'pipeline/{b}/crop_draws']):
+      rng = RecordedDraws(
+          random=[arrays['pipeline/flip_rand'][k], arrays['pipeline/mask_random'][k]],
+          integers=integers[:n_integers] + list(arrays['pipeline/mask_integers'][4 * k:4 * k + 4]),
+          uniform=uniform[:n_uniform], rand_rows=[arrays[f'pipeline/{b}/rand'][i]])
+      del uniform[:n_uniform], integers[:n_integers]
+      example = transform.random_map(
+          {'image': Image.fromarray(arrays[f'pipeline/{b}/input/{i}'])}, rng)
+      rng.assert_used_up()
+      images.append(transforms.normalize(example['images']))
+      visible.append(example['visible_indices'] + i * n_tokens)
+      predict.append(example['predict_indices'] + i * n_tokens)
+      k += 1
+    np.testing.assert_allclose(np.stack(images), arrays[f'pipeline/{b}/images'], rtol=0,
+                               atol=1e-5, err_msg=f'batch {b}')
+    np.testing.assert_array_equal(np.concatenate(visible), arrays[f'pipeline/{b}/visible_indices'])
+    np.testing.assert_array_equal(np.concatenate(predict), arrays[f'pipeline/{b}/predict_indices'])
+  assert not uniform and not integers
