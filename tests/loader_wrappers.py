@@ -39,11 +39,16 @@ class WrappedLoader:
     del state
 
   def get_state(self) -> bytes:
-    return json.dumps({'inner': self.loader.get_state(), **self.extra_state()}).encode()
+    inner = self.loader.get_state()
+    if isinstance(self.loader, WrappedLoader):  # A wrapped wrapper: its JSON bytes as JSON.
+      inner = json.loads(inner.decode())
+    return json.dumps({'inner': inner, **self.extra_state()}).encode()
 
   def set_state(self, state: bytes) -> None:
     state = json.loads(state.decode())
-    self.loader.set_state(state['inner'])
+    inner = state['inner']
+    self.loader.set_state(json.dumps(inner).encode() if isinstance(self.loader, WrappedLoader)
+                          else inner)
     self.load_extra_state(state)
 
   def start_prefetch(self) -> None:

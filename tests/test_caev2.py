@@ -391,7 +391,7 @@ def _two_kinds_of_images(root: pathlib.Path) -> str:
   return f'folder:{root}'
 
 
-def _micro_config(teacher_checkpoint: str = '', dataset: str = 'synthetic'
+def micro_config(teacher_checkpoint: str = '', dataset: str = 'synthetic'
                   ) -> ml_collections.ConfigDict:
   """A seconds-sized CAE v2: 16 px student (patch 4, D 16 -> D_r 8), and a CAPI teacher that
   sees the same 4x4 grid at 8 px in 2 px patches."""
@@ -416,7 +416,7 @@ def _micro_config(teacher_checkpoint: str = '', dataset: str = 'synthetic'
   return c
 
 
-def _capi_teacher_dir(config: ml_collections.ConfigDict, directory: pathlib.Path) -> dict:
+def capi_teacher_dir(config: ml_collections.ConfigDict, directory: pathlib.Path) -> dict:
   """A random CAPI backbone of `config.caev2.teacher.model` written as a convert output."""
   module = teacher_lib.from_config(config)
   size = config.caev2.teacher.image_size
@@ -448,7 +448,7 @@ def test_configs_are_valid_and_the_recipes_differ_as_the_release():
 
 def test_config_problems_name_each_key():
   def problems(key, value):
-    c = _micro_config('/some/teacher')
+    c = micro_config('/some/teacher')
     *path, leaf = key.split('.')
     section = c
     for part in path:
@@ -474,7 +474,7 @@ def test_config_problems_name_each_key():
 
 
 def test_transform_views_normalisations_and_exact_masks():
-  c = _micro_config()
+  c = micro_config()
   c.caev2.data.color_jitter = 0.0
   c.caev2.data.do_hflip = False
   c.caev2.teacher.normalization = 'clip'
@@ -496,8 +496,8 @@ def test_transform_views_normalisations_and_exact_masks():
 
 
 def test_trains_from_a_capi_teacher_evaluates_and_benchmarks(tmp_path):
-  config = _micro_config(str(tmp_path / 'teacher'), _two_kinds_of_images(tmp_path / 'data'))
-  teacher = _capi_teacher_dir(config, tmp_path / 'teacher')
+  config = micro_config(str(tmp_path / 'teacher'), _two_kinds_of_images(tmp_path / 'data'))
+  teacher = capi_teacher_dir(config, tmp_path / 'teacher')
   method = methods.from_config(config)
   parts = method.flops_per_step()
   assert parts['total'] == sum(v for k, v in parts.items() if k != 'total') > 0
@@ -522,8 +522,8 @@ def test_trains_from_a_capi_teacher_evaluates_and_benchmarks(tmp_path):
 
 
 def test_a_wrong_teacher_checkpoint_names_the_parameter(tmp_path):
-  config = _micro_config(str(tmp_path / 'teacher'))
-  _capi_teacher_dir(config, tmp_path / 'teacher')
+  config = micro_config(str(tmp_path / 'teacher'))
+  capi_teacher_dir(config, tmp_path / 'teacher')
   config.caev2.teacher.model.embed_dim = 24
   method = methods.from_config(config)
   variables = jax.eval_shape(method.init, jax.random.key(0))

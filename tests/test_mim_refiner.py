@@ -481,7 +481,7 @@ def test_operations_match_torchvision():
 
 
 # ---------------------------------------------------------------------------- the method
-def _small_config(encoder_kind='kappamodules', stage=3, batch=8):
+def small_config(encoder_kind='kappamodules', stage=3, batch=8):
   """configs/mim_refiner/tiny.py shrunk: 8x8 global and 4x4 local views, a 2-block encoder."""
   c = tiny.get_config(str(stage))
   c.data.image_size = 8
@@ -536,7 +536,7 @@ def test_a_step_on_8_devices_is_the_global_batch_step_on_1():
   warm-up step), so that a leaf left at its init by either run cannot pass (issue 23: at the
   tiny config's 3e-5, 24 of 60 leaves equalled their untrained init within the tolerances).
   """
-  config = _small_config()
+  config = small_config()
   config.mim_refiner.optim.warmup_iters = 1
   config.mim_refiner.optim.base_lr = 1e-3 * 256 / config.train.global_batch_size
   batches = _batches(config, 2)
@@ -578,13 +578,13 @@ def test_a_step_on_8_devices_is_the_global_batch_step_on_1():
 
 
 def test_stage_2_trains_the_heads_only_and_evaluates_the_frozen_encoder():
-  config = _small_config(stage=2)
+  config = small_config(stage=2)
   method = methods.from_config(config)
   variables = method.init(jax.random.PRNGKey(0))
   assert set(variables.params) == {'heads'} and set(variables.frozen) == {'encoder'}
   assert set(variables.buffers) == {'heads'}
   assert method.eval_params(variables, 'ema') is variables.frozen['encoder']
-  stage3 = methods.from_config(_small_config(stage=3))
+  stage3 = methods.from_config(small_config(stage=3))
   flops2, flops3 = method.flops_per_step(), stage3.flops_per_step()
   assert flops2['heads'] == flops3['heads'] and flops3['encoder'] > 2 * flops2['encoder']
   assert flops3['total'] == sum(v for k, v in flops3.items() if k != 'total')
@@ -596,7 +596,7 @@ def test_stage_2_trains_the_heads_only_and_evaluates_the_frozen_encoder():
 
 
 def test_from_pretrained_takes_a_backbone_or_a_stage_2_run_and_names_mismatches():
-  config = _small_config(encoder.CAPI)
+  config = small_config(encoder.CAPI)
   method = methods.from_config(config)
   fresh = method.init(jax.random.PRNGKey(0))
   capi = encoder_decoder.from_config(config.mim_refiner.model, config.efficiency)
@@ -607,7 +607,7 @@ def test_from_pretrained_takes_a_backbone_or_a_stage_2_run_and_names_mismatches(
   jax.tree.map(np.testing.assert_array_equal, loaded.buffers['ema'], backbone)
   jax.tree.map(np.testing.assert_array_equal, loaded.params['heads'], fresh.params['heads'])
 
-  stage2 = methods.from_config(_small_config(encoder.CAPI, stage=2))
+  stage2 = methods.from_config(small_config(encoder.CAPI, stage=2))
   source = stage2.init(jax.random.PRNGKey(2))
   continued = method.from_pretrained(fresh, {'init': interface.Pretrained(
       backbone=backbone, method='mim_refiner', variables=source)})
@@ -627,7 +627,7 @@ def test_from_pretrained_takes_a_backbone_or_a_stage_2_run_and_names_mismatches(
 
 
 def test_capi_encoder_encode_and_parameter_groups():
-  config = _small_config(encoder.CAPI)
+  config = small_config(encoder.CAPI)
   method = methods.from_config(config)
   params = method.init(jax.random.PRNGKey(0)).params['encoder']
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
@@ -646,8 +646,8 @@ def test_capi_encoder_encode_and_parameter_groups():
   assert groups['registers'].wd_mult == 0.0
   assert groups['encoder']['blocks_1']['residual2']['fn']['fc1']['kernel'].lr_mult == (
       pytest.approx(d))
-  vit_groups = methods.from_config(_small_config()).encoder_groups(
-      methods.from_config(_small_config()).init(jax.random.PRNGKey(0)).params['encoder'])
+  vit_groups = methods.from_config(small_config()).encoder_groups(
+      methods.from_config(small_config()).init(jax.random.PRNGKey(0)).params['encoder'])
   assert vit_groups['pos_embed'].frozen  # the fixed sin-cos table
 
 
@@ -660,7 +660,7 @@ def test_configs_are_valid(module, arg):
 
 
 def test_config_problems_name_each_bad_key():
-  config = _small_config()
+  config = small_config()
   config.mim_refiner.stage = 4
   config.mim_refiner.heads = ('main', 'cls7', 'last')
   config.mim_refiner.queue_size = 4
