@@ -75,9 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.efficiency.reduce_dtype = 'float32'
   # What the blocks keep for the backward pass: 'none' (everything), 'dots_and_attention' (the
   # release's default), 'dots', 'full' (block inputs only); see encoder_decoder.REMAT.
-  # Measured with `python -m capi_jax.aot --topology=v5e:4x4` (16 GiB per chip) at 64 images
-  # per chip: dots_and_attention 9.72 GiB per chip (2.23e13 FLOPs per step), full 6.55 GiB
-  # (2.48e13); dots_and_attention still fits at 104 per chip (14.93 GiB). docs/pod_plans.md.
+  # Compiled with `python -m capi_jax.aot --topology=v5e:4x4` (ViT-L/14, 16 GiB per chip,
+  # blocks scanned) at 64 images per chip: dots_and_attention 6.32 GiB per chip, full 5.58 GiB
+  # (XLA's FLOPs 2.56e13 and 2.57e13 per chip per step); dots_and_attention fits up to 226 per
+  # chip (15.91 GiB). docs/pod_plans.md.
   c.efficiency.remat_policy = 'dots_and_attention'
   # The blocks of each stack as one scan over stacked parameters (checkpoints hold them with a
   # leading layer axis; `models/stack.py`), not a Python loop: XLA compiles one block per stack

@@ -639,7 +639,7 @@ def _torch_clip(torch, activation: str, seed: int, width: int = 16, heads: int =
 
 def _clip_teacher_config(activation: str) -> ml_collections.ConfigDict:
   """The micro CAE v2 with an OpenAI-CLIP-layout teacher (8 px, patch 4, 2 blocks of 16)."""
-  c = _micro_config()
+  c = micro_config()
   c.caev2.teacher.update(backbone='clip', image_size=8, normalization='clip')
   c.caev2.teacher.model = _clip_section(patch_size=4, image_size=8, embed_dim=16, depth=2,
                                         num_heads=2, out_dim=6, activation=activation)

@@ -680,7 +680,7 @@ def test_config_problems_name_each_bad_key():
 def test_init_checkpoint_of_another_architecture_is_refused_in_one_line(tmp_path):
   """A wider official file, or another method's run of another width: one line naming the
   file, the first mismatching parameter with both shapes and the config keys to check."""
-  config = _small_config('mae')
+  config = small_config('mae')
   wide = methods.from_config(config).encoder.clone(embed_dim=24, num_heads=2)
   params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), vit_weights.param_shapes(wide))
   files.write_state_dict(vit_weights.params_to_official(params, 'mae'), tmp_path / 'wide.npz')
@@ -693,7 +693,7 @@ def test_init_checkpoint_of_another_architecture_is_refused_in_one_line(tmp_path
       "'blocks.0.attn.proj.bias': expected shape (16,), found (24,) (and 29 more). Check "
       "mim_refiner.model and mim_refiner.encoder against the checkpoint's architecture.")
 
-  config = _small_config(encoder.CAPI)
+  config = small_config(encoder.CAPI)
   narrow = config.mim_refiner.model.copy_and_resolve_references()
   narrow.embed_dim = 8
   capi = encoder_decoder.from_config(narrow, config.efficiency)

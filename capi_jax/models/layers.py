@@ -271,9 +271,11 @@ _ATTENTION_SPECS = {
 #   'auto'   cudnn on GPUs, splash on TPUs from `SPLASH_MIN_KEYS` keys on, xla otherwise.
 # A kernel that cannot serve a call falls back to 'xla' and says why, once, in the log.
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
-# 'auto' on TPU takes splash from this many keys on. Compiled for v5e (ViT-L blocks, 64 images
-# per chip), splash needed more memory per chip than XLA at 197 tokens (the padding to 256 and
-# its float32 logsumexp residuals) and less at 272 and 577.
+# 'auto' on TPU takes splash from this many keys on. Compiled for v5e (a 4-block ViT-L stack, 64
+# images per chip), splash needed more memory per chip than XLA at 197 tokens (the padding to 256
+# and its float32 logsumexp residuals) and less at 272 and 577; the whole CAPI ViT-L step on
+# v5e:4x4 needs the same with 'auto' as with 'xla' at 224 px, and more with splash everywhere
+# (docs/pod_plans.md).
 SPLASH_MIN_KEYS = 257
 # Splash tiles: keys in blocks of 128 (the kernel's lane width); queries in blocks of up to 128
 # rows (a few queries, as in CAPI's predictor, need only a multiple of 8 with a static mask).
