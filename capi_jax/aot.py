@@ -20,7 +20,9 @@ state layout and jitted step (`state.state_layout`, `step.jit_train_step`) are l
 for abstract inputs and compiled by the TPU compiler: the executable a pod would run, without
 one. The report gives, per chip:
   - memory: arguments (the sharded train state + the batch shard), temporaries, outputs not
-    aliased to donated arguments, their total, and the chip's HBM: `fits` when total <= HBM;
+    aliased to donated arguments, their total, and the HBM a program may use (on TPUs the
+    compiler's own figure, e.g. 15.75 of v5e's 16 GiB; on GPUs the datasheet's): `fits` when
+    total <= that HBM;
   - XLA's FLOP count for one step and the ideal step time at the chip's dense bf16 peak
     (`base.hardware.PEAK_BF16_FLOPS`), a lower bound that ignores memory and communication time;
   - collective bytes per step, by kind (all-gather, reduce-scatter, all-reduce, ...): the

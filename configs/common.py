@@ -77,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   # release's default), 'dots', 'full' (block inputs only); see encoder_decoder.REMAT.
   # Compiled with `python -m capi_jax.aot --topology=v5e:4x4` (ViT-L/14, 16 GiB per chip,
   # blocks scanned) at 64 images per chip: dots_and_attention 6.32 GiB per chip, full 5.58 GiB
-  # (XLA's FLOPs 2.56e13 and 2.57e13 per chip per step); dots_and_attention fits up to 226 per
-  # chip (15.91 GiB). docs/pod_plans.md.
+  # (XLA's FLOPs 2.56e13 and 2.57e13 per chip per step); dots_and_attention fits up to 224 per
+  # chip (15.70 of the 15.75 GiB the compiler lets a program use). docs/pod_plans.md.
   c.efficiency.remat_policy = 'dots_and_attention'
   # The blocks of each stack as one scan over stacked parameters (checkpoints hold them with a
   # leading layer axis; `models/stack.py`), not a Python loop: XLA compiles one block per stack

@@ -151,6 +151,8 @@ def test_tiny_config_compiles_for_a_v5e_slice():
   result = plans.plan(config, 'v5e:2x2', devices)
   assert result['fits'] and result['images_per_chip'] == 2
   assert 0 < result['total_bytes'] <= result['hbm_bytes']
+  # `fits` compares with what the TPU compiler lets a program use, not the datasheet's 16 GiB.
+  assert result['hbm_bytes'] == round(15.75 * plans.GiB) == plans.usable_hbm_bytes(devices[0])
   assert result['flops_per_chip'] > 0 and result['ideal_step_s'] > 0
   # Parameters, EMA and optimiser state stay sharded over the 4 chips (fsdp): a chip's
   # arguments hold a quarter of the state, and the blocks gather their weights.

@@ -6,7 +6,8 @@ libtpu describes a TPU topology (`jax.experimental.topologies`), the CUDA plugin
 over their devices, and the engine's own state layout and jitted step (`state.state_layout`,
 `step.jit_train_step`) are lowered for abstract inputs and compiled by the TPU compiler: the
 executable a pod would run, without one. `plan` reports, per chip: memory (arguments,
-temporaries, outputs not aliased to donated arguments, their total against the chip's HBM),
+temporaries, outputs not aliased to donated arguments, their total against the HBM a program
+may use: on TPUs the compiler's own figure, `usable_hbm_bytes`),
 XLA's FLOP count for one step (on the unoptimised HLO, blocks looped: `step_flops`) and the
 ideal step at the chip's bf16 peak, collective bytes per step by kind; `find_max_batch`
 searches the largest global batch that fits.
@@ -29,7 +30,9 @@ import jax
 from jax._src import xla_bridge  # CPU cost analysis of unoptimised HLO (`step_flops`).
 from jax._src.lib import _jax
 from jax.experimental import topologies
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from capi_jax import methods
 from capi_jax.base import hardware
@@ -333,6 +336,7 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes
   temporaries = memory.temp_size_in_bytes
   total = arguments + outputs + temporaries
+  hbm = usable_hbm_bytes(devices[0]) or chip.hbm_bytes
   flops = step_flops(config, devices, lowered)
   kind = devices[0].device_kind
   peak = hardware.table_peak_flops(kind, 'bfloat16')
@@ -352,7 +356,7 @@ def plan(config: ml_collections.ConfigDict, topology: str,
       'attention': config.efficiency.get('attention', 'xla'),
       'fused_kernels': dict(collections.Counter(_FUSED_KERNELS.findall(hlo))),
       'argument_bytes': arguments, 'temporary_bytes': temporaries, 'output_bytes': outputs,
-      'total_bytes': total, 'hbm_bytes': chip.hbm_bytes, 'fits': total <= chip.hbm_bytes,
+      'total_bytes': total, 'hbm_bytes': hbm, 'fits': total <= hbm,
       'flops_per_chip': flops, 'peak_flops_per_chip': peak,
       'ideal_step_s': flops / peak if peak else None,
       'collective_bytes': collectives, 'collective_bytes_total': sum(collectives.values()),
@@ -363,6 +367,40 @@ def plan(config: ml_collections.ConfigDict, topology: str,
 _SIZE_UNITS = {'K': 2 ** 10, 'M': 2 ** 20, 'G': GiB, 'T': 2 ** 40}
 
 
+def compiler_sizes(message: str) -> dict[str, int]:
+  """Bytes the TPU compiler names when it refuses a program for HBM: 'HLO temporaries
+  (57.31G) exceeds available HBM (15.75G)' -> {'hlo temporaries': ..., 'available hbm': ...}."""
+  return {m.group(1).lower(): round(float(m.group(2)) * _SIZE_UNITS[m.group(3)])
+          for m in re.finditer(r'(HLO temporaries|available HBM) \((\d+(?:\.\d+)?)([KMGT])\)',
+                               message)}
+
+
+# The HBM one program may use per TPU chip kind, as its compiler states it (`usable_hbm_bytes`).
+_usable_hbm: dict[str, int | None] = {}
+
+
+def usable_hbm_bytes(device: jax.Device) -> int | None:
+  """The HBM the TPU compiler lets one program use on `device`'s chip: the chip's HBM less the
+  runtime's reserve (15.75 GiB of v5e's 16, 31.25 of v6e's 32), as the compiler states
+  it when refusing a probe whose float32 temporaries (512 GiB) exceed any chip's; found once per
+  chip kind (a compile of about a second). None off TPU: GPU compile-only clients check no
+  memory, and plans there compare with the datasheet's."""
+  if device.platform != 'tpu':
+    return None
+  if device.device_kind not in _usable_hbm:
+    one = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), ('probe',)),
+                                     jax.sharding.PartitionSpec())
+    running_sums = lambda x: jnp.cumsum(jnp.tile(x, 2 ** 16).reshape(2 ** 16, -1), axis=0)[-1]
+    probe = jax.jit(running_sums, in_shardings=one, out_shardings=one)
+    try:
+      probe.lower(jax.ShapeDtypeStruct((2 ** 20,), jnp.float32, sharding=one)).compile()
+      message = ''
+    except jax.errors.JaxRuntimeError as e:
+      message = str(e)
+    _usable_hbm[device.device_kind] = compiler_sizes(message).get('available hbm')
+  return _usable_hbm[device.device_kind]
+
+
 def refused_plan(config: ml_collections.ConfigDict, topology: str,
                  devices: Sequence[jax.Device], message: str, compile_times: dict[str, float]
                  ) -> dict[str, Any]:
@@ -370,9 +408,7 @@ def refused_plan(config: ml_collections.ConfigDict, topology: str,
   named (e.g. 'HLO temporaries (57.31G) exceeds available HBM (15.75G)') where it named one,
   None for what it did not compute."""
   _, chip, _ = parse_topology(topology)
-  sizes = {m.group(1).lower(): round(float(m.group(2)) * _SIZE_UNITS[m.group(3)])
-           for m in re.finditer(r'(HLO temporaries|available HBM) \((\d+(?:\.\d+)?)([KMGT])\)',
-                                message)}
+  sizes = compiler_sizes(message)
   batch = config.train.global_batch_size
   return {
       'config': config.name, 'topology': topology, 'device_kind': devices[0].device_kind,
