@@ -90,7 +90,7 @@ def test_shape_bytes():
 
 
 def test_collective_bytes_counts_operands_and_loop_trips():
-  assert plans.collective_bytes(_HLO) == {
+  assert plans.collective_bytes(plans.parse_hlo(_HLO)) == {
       'all-gather': 4 * 16 * 2,  # The bf16 shard that is gathered, once.
       'reduce-scatter': 8 * 16 * 4 + 3 * 8 * 16 * 4,  # The fused one, then three loop trips.
       'all-reduce': 3 * 8 * 16 * 4,  # Async pair counted once per trip, at its start.
@@ -109,7 +109,7 @@ def test_collective_bytes_reads_a_scan_loops_trips_off_its_condition():
 }
 
 %body (p:""")
-  assert plans.collective_bytes(hlo)['all-reduce'] == 4 * 8 * 16 * 4
+  assert plans.collective_bytes(plans.parse_hlo(hlo))['all-reduce'] == 4 * 8 * 16 * 4
 
 
 @pytest.mark.parametrize('limit,start,expected', [

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from capi_jax.base import sharding
+from capi_jax.engine import plans
 from capi_jax.engine import scaling
 from configs import tiny
 
@@ -108,7 +109,7 @@ def test_hbm_bytes_count_a_scan_per_layer():
   read = layer + 4 + layer  # The layer's slice (not the stack), the index; the result.
   conv = 2 * layer + slot
   write = slot + slot + 4  # The update read, the index, the update written in place.
-  assert scaling.hbm_bytes(_SCAN_HLO) == 3 * (read + conv + write)
+  assert scaling.hbm_bytes(plans.parse_hlo(_SCAN_HLO)) == 3 * (read + conv + write)
 
 
 @pytest.mark.skipif(not _HAS_LIBTPU, reason='libtpu not installed')

@@ -24,7 +24,7 @@ import dataclasses
 import os
 import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax._src import xla_bridge  # CPU cost analysis of unoptimised HLO (`step_flops`).
@@ -212,15 +212,22 @@ def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int:
   return bounds[0] if len(bounds) == 1 and len(compares) == 1 else 1
 
 
-def walk_ops(hlo_text: str) -> Iterator[tuple[str, str, str, str, int, str | None]]:
-  """Every instruction of a compiled module's text in one run, with how often it runs.
+class HloModule(NamedTuple):
+  """A compiled module's text, split once for every walk over it (`parse_hlo`)."""
+  entry: str  # ENTRY's name.
+  computations: dict[str, list[str]]  # {computation: its instruction lines}.
+  shapes: dict[str, str]  # {instruction: its shape text}.
+
+
+def walk_ops(module: HloModule) -> Iterator[tuple[str, str, str, str, int, str | None]]:
+  """Every instruction of a compiled module in one run, with how often it runs.
 
   Yields (computation, opcode, operand text, line, times, caller): `times` multiplies the trip
   counts of the while loops around it (`_trip_count`; a loop whose count is not known counts
   once), `caller` is the opcode that reaches its computation (None in ENTRY; 'while', 'fusion',
-  'all-reduce' for a reducer, ...). Shapes of operands: `_parse(hlo_text)[2]`.
+  'all-reduce' for a reducer, ...). Shapes of operands: `module.shapes`.
   """
-  entry, computations, _ = _parse(hlo_text)
+  computations = module.computations
 
   def visit(name: str, times: int, caller: str | None):
     for line in computations.get(name, []):
@@ -234,11 +241,11 @@ def walk_ops(hlo_text: str) -> Iterator[tuple[str, str, str, str, int, str | Non
                                line):
         yield from visit(callee, times * trips, opcode)
 
-  yield from visit(entry, 1, None)
+  yield from visit(module.entry, 1, None)
 
 
-def _parse(hlo_text: str) -> tuple[str, dict[str, list[str]], dict[str, str]]:
-  """(ENTRY's name, {computation: its instruction lines}, {instruction: its shape text})."""
+def parse_hlo(hlo_text: str) -> HloModule:
+  """`HloModule` of a compiled module's text (`compiled.as_text()`)."""
   computations: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -258,7 +265,7 @@ def _parse(hlo_text: str) -> tuple[str, dict[str, list[str]], dict[str, str]]:
       m = re.match(r'\s+(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ', line)
       if m:
         shapes[m.group(1)] = m.group(2)
-  return entry, computations, shapes
+  return HloModule(entry, computations, shapes)
 
 
 def operand_bytes(operands: str, shapes: dict[str, str]) -> int:
@@ -281,16 +288,15 @@ def collective_kind(computation: str, opcode: str, line: str) -> str | None:
   return None
 
 
-def collective_ops(hlo_text: str) -> Iterator[tuple[str, int, str, int]]:
+def collective_ops(module: HloModule) -> Iterator[tuple[str, int, str, int]]:
   """(kind, operand bytes, line, times) of every collective of one run, per device."""
-  shapes = _parse(hlo_text)[2]
-  for computation, opcode, operands, line, times, _ in walk_ops(hlo_text):
+  for computation, opcode, operands, line, times, _ in walk_ops(module):
     kind = collective_kind(computation, opcode, line)
     if kind:
-      yield kind, operand_bytes(operands, shapes), line, times
+      yield kind, operand_bytes(operands, module.shapes), line, times
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
+def collective_bytes(module: HloModule) -> dict[str, int]:
   """Operand bytes per collective kind in one run of the compiled module, per device.
 
   Collectives inside while loops count once per iteration (`_trip_count`); a loop whose
@@ -299,7 +305,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   under 'dcn ' + their transfer type, e.g. 'dcn all-reduce'.
   """
   totals: collections.Counter[str] = collections.Counter()
-  for kind, size, _, times in collective_ops(hlo_text):
+  for kind, size, _, times in collective_ops(module):
     totals[kind] += times * size
   return dict(totals)
 
@@ -342,7 +348,7 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   peak = hardware.table_peak_flops(kind, 'bfloat16')
   batch = config.train.global_batch_size
   hlo = compiled.as_text()
-  every = collective_bytes(hlo)
+  every = collective_bytes(parse_hlo(hlo))
   collectives = {k: v for k, v in every.items() if not k.startswith(DCN_PREFIX)}
   dcn = {k.removeprefix(DCN_PREFIX): v for k, v in every.items() if k.startswith(DCN_PREFIX)}
   granule, granules = sharding.granules(devices)

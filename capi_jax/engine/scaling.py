@@ -132,7 +132,7 @@ def egress_bytes(kind: str, operand: int, group: int) -> float:
           'collective-permute': operand}.get(kind, operand)
 
 
-def collectives_by_service(hlo_text: str, mesh: Sequence[tuple[str, int]]
+def collectives_by_service(module: plans.HloModule, mesh: Sequence[tuple[str, int]]
                            ) -> tuple[dict[str, int], float]:
   """({service: operand bytes per chip per step}, bytes a chip sends over ICI per step)."""
   names = [n for n, _ in mesh]
@@ -140,7 +140,7 @@ def collectives_by_service(hlo_text: str, mesh: Sequence[tuple[str, int]]
   n_devices = math.prod(sizes)
   served: collections.Counter[str] = collections.Counter()
   sent = 0.0
-  for kind, size, line, times in plans.collective_ops(hlo_text):
+  for kind, size, line, times in plans.collective_ops(module):
     if kind.startswith(plans.DCN_PREFIX):
       continue
     groups = replica_groups(line, n_devices)
@@ -207,17 +207,16 @@ def _instruction_bytes(line: str, computations: dict[str, list[str]],
   return total + max(written, 0)
 
 
-def hbm_bytes(hlo_text: str) -> int:
+def hbm_bytes(module: plans.HloModule) -> int:
   """HBM bytes one run of a compiled module reads and writes, per device: operands and result
   of every top-level instruction (a fusion is one; `_instruction_bytes`), times its loops'
   trip counts. XLA's own `cost_analysis()['bytes accessed']` counts a loop body once, which
   undercounts scanned layers by their depth."""
-  _, computations, shapes = plans._parse(hlo_text)  # pylint: disable=protected-access
   total = 0
-  for _, opcode, _, line, times, caller in plans.walk_ops(hlo_text):
+  for _, opcode, _, line, times, caller in plans.walk_ops(module):
     if caller not in _TOP_LEVEL or opcode in _FREE or opcode.endswith('-done'):
       continue
-    total += times * _instruction_bytes(line, computations, shapes)
+    total += times * _instruction_bytes(line, module.computations, module.shapes)
   return total
 
 
@@ -276,10 +275,11 @@ def plan_point(config: ml_collections.ConfigDict, point: Point,
   xla_cost = compiled.cost_analysis()
   xla_cost = (xla_cost[0] if isinstance(xla_cost, list) else xla_cost) or {}
   flops = plans.step_flops(config, devices, lowered)
-  served, ici_sent = collectives_by_service(text, tuple(zip(*mesh)))
-  dcn_sent = sum(v for k, v in plans.collective_bytes(text).items()
+  module = plans.parse_hlo(text)
+  served, ici_sent = collectives_by_service(module, tuple(zip(*mesh)))
+  dcn_sent = sum(v for k, v in plans.collective_bytes(module).items()
                  if k.startswith(plans.DCN_PREFIX))
-  hbm = hbm_bytes(text)
+  hbm = hbm_bytes(module)
   peak = hardware.table_peak_flops(devices[0].device_kind, 'bfloat16')
   step_bounds = bounds(flops, hbm, ici_sent, dcn_sent, peak, chip_bandwidth(chip_name, chip))
   known = {k: v for k, v in step_bounds.items() if v is not None}
