@@ -10,3 +10,10 @@ is a bug and keeps its traceback. Each layer subclasses it where it raises (`Con
 
 class UserError(Exception):
   """A problem with the user's input or environment; the message names it and the fix."""
+
+
+def summary(error: BaseException) -> str:
+  """'TypeName: first line of the message' ('TypeName' for an empty message): an error for a
+  one-line report."""
+  text = str(error).strip()
+  return f'{type(error).__name__}: {text.splitlines()[0]}' if text else type(error).__name__

@@ -79,9 +79,7 @@ class _Peer:
 
 def one_line(error: BaseException) -> str:
   """'TypeName: first line of the message', cut to _REASON_CHARS, without a final period."""
-  text = str(error).strip()
-  reason = f'{type(error).__name__}: {text.splitlines()[0]}' if text else type(error).__name__
-  return reason[:_REASON_CHARS].rstrip('.')
+  return errors.summary(error)[:_REASON_CHARS].rstrip('.')
 
 
 class Watchdog:
@@ -184,13 +182,18 @@ class Watchdog:
                      'finished' if error is None else 'failed', one_line(e))
 
 
-def _exit_with_line(line: str) -> None:
-  """Ends the process at once with `line`: no atexit (JAX's shutdown barrier waits for all)."""
+def _flush_streams() -> None:
+  """Flushes stdout and stderr before an `os._exit`, which would drop what they buffer."""
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
     except Exception:  # pylint: disable=broad-except  (a closed stream: still exit)
       pass
+
+
+def _exit_with_line(line: str) -> None:
+  """Ends the process at once with `line`: no atexit (JAX's shutdown barrier waits for all)."""
+  _flush_streams()
   os.write(2, f'error: {line}\n'.encode())
   os._exit(PEER_FAILED_EXIT_CODE)
 
@@ -204,11 +207,7 @@ def exit_without_shutdown_barrier(code: int) -> None:
   """
   def leave() -> None:
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-      try:
-        stream.flush()
-      except Exception:  # pylint: disable=broad-except  (a closed stream: still exit)
-        pass
+    _flush_streams()
     os._exit(code)
 
   atexit.register(leave)

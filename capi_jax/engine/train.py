@@ -148,7 +148,7 @@ def _input_failed(error: Exception, ckpt: checkpointing.Checkpointer,
   """The one-line error for an input pipeline that failed before step `step`, after saving
   the healthy state of `step` steps where that is safe (one process: the others of a
   multi-process run would wait for it in the save's collectives)."""
-  reason = f'{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ""}'
+  reason = errors.summary(error)
   saved = ''
   if jax.process_count() == 1 and step > 0 and bool(_all_finite(state)):
     try:
