@@ -7,7 +7,8 @@ error, and a training run whose process 1 is killed after a few steps.
 
 Run as a script (`python tests/test_peers.py FAILING_PROCESS FAIL_AT`), this file is a process
 that loops over cross-process collectives and, when it is FAILING_PROCESS, fails at loop FAIL_AT
-(-1: never).
+(-1: never); as `python tests/test_peers.py exit BEAT_PERIOD_S`, a process that runs one
+collective and ends normally, its watchdog beating every BEAT_PERIOD_S.
 """
 
 import os
@@ -15,6 +16,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import itertools
@@ -97,6 +99,20 @@ def test_watchdog_thread_stops_once_and_not_after_its_own_failure():
   assert len(lines) == 1 and failing.verdict is None
 
 
+def test_close_waits_for_the_peers_then_joins_the_thread(monkeypatch):
+  monkeypatch.setattr(peers, 'BEAT_PERIOD_S', 0.01)
+  store = FakeStore()
+  me = peers.Watchdog(store, 0, 2, timeout_s=5).start()
+  peer = peers.Watchdog(store, 1, 2, timeout_s=5).start()
+  threading.Timer(0.5, peer.finish, (None,)).start()
+  start = time.monotonic()
+  me.close()  # Publishes its own end (it had not), then waits for the peer's.
+  assert 0.5 <= time.monotonic() - start < 3
+  assert f'{peers.PREFIX}done/0' in store.values and not me._thread.is_alive()  # pylint: disable=protected-access
+  peer.close()
+  assert not peer._thread.is_alive()  # pylint: disable=protected-access
+
+
 @pytest.fixture(name='started')
 def _started():
   """The processes a test starts (`_start`); those still running at its end are killed."""
@@ -155,6 +171,20 @@ def _errors(stderr: pathlib.Path) -> list[str]:
 def _loop_started(tmp_path: pathlib.Path, count: int):
   return lambda: all('collectives running' in (tmp_path / f'stdout_{i}.txt').read_text()
                      for i in range(count))
+
+
+def test_a_finished_run_exits_cleanly_while_its_watchdog_is_busy(tmp_path, started):
+  # With beats every millisecond, the watchdog is nearly always inside a key-value call: left
+  # running into interpreter finalization, that call aborted 5 of 6 exits ('terminate called
+  # after throwing an instance of ...', exit 134) before `Watchdog.close`.
+  for attempt in range(3):
+    (tmp_path / str(attempt)).mkdir()
+    procs = _start(2, [sys.executable, __file__, 'exit', '0.001'], tmp_path / str(attempt),
+                   started)
+    for proc, stderr in procs:
+      assert _ended_within(proc, 60) < 60
+      assert proc.returncode == 0, stderr.read_text()
+      assert 'terminate' not in stderr.read_text()
 
 
 def test_killed_process_0_is_named_by_the_others(tmp_path, started):
@@ -228,5 +258,15 @@ def _main(failing_process: int, fail_at: int) -> None:
     sys.exit(f'error: {e}')  # As the command line does (`base.cli`).
 
 
+def _exit_after_one_collective(beat_period_s: float) -> None:
+  peers.BEAT_PERIOD_S = beat_period_s
+  distributed.initialize()
+  multihost_utils.process_allgather(np.array(1))
+  distributed.finished(None)
+
+
 if __name__ == '__main__':
-  _main(int(sys.argv[1]), int(sys.argv[2]))
+  if sys.argv[1] == 'exit':
+    _exit_after_one_collective(float(sys.argv[2]))
+  else:
+    _main(int(sys.argv[1]), int(sys.argv[2]))

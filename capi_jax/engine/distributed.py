@@ -29,6 +29,7 @@ every other process abort at once with a C++ stack trace, naming nobody.
 """
 
 from collections.abc import Iterator, Mapping
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -234,6 +235,8 @@ def initialize(env: Mapping[str, str] | None = None) -> InitArgs | None:
   state = jax_distributed.global_state
   _watchdog = peers.Watchdog(state.client, state.process_id, state.num_processes,
                              timeout_s).start()
+  # Registered after JAX's `clean_up` (at `import jax`), so it runs before JAX's shutdown.
+  atexit.register(_watchdog.close)
   return args
 
 

@@ -16,6 +16,11 @@ and then ends its own process with one line, 'error: process 1 of 2 (host h, pid
 (...); stopping process 0 too.', exit status PEER_FAILED_EXIT_CODE, without JAX's shutdown
 barrier (it would wait for the dead one). Time to stop: `timeout_s` + BEAT_PERIOD_S at most.
 
+At a normal exit the thread is stopped and joined (`Watchdog.close`, before JAX's own atexit
+shutdown) once every peer has finished: a daemon thread still inside a key-value call when the
+interpreter finalizes is unwound through jaxlib's C++ frames, which aborts the process
+('terminate called after throwing ...', exit 134) after a run that succeeded.
+
 Beats are counted, not time-stamped: each watcher times changes with its own clock, so hosts'
 clocks need not agree. The beat thread needs the GIL for a moment each second; a healthy
 process holding it for longer than `timeout_s` would be declared dead, hence the generous
@@ -43,6 +48,9 @@ BEAT_PERIOD_S = 1.0
 TIMEOUT_S = 10.0
 TIMEOUT_VARIABLE = 'CAPI_JAX_PEER_TIMEOUT'
 PEER_FAILED_EXIT_CODE = 1
+# How long an exiting process waits for its peers to finish (JAX's own shutdown barrier's
+# default timeout): a peer still running after that is left to JAX's barrier.
+CLOSE_WAIT_S = 300.0
 # A peer's published reason is cut to this many characters in the line that names it.
 _REASON_CHARS = 300
 
@@ -100,8 +108,10 @@ class Watchdog:
     self._peers = {i: _Peer(changed=time.monotonic()) for i in range(count) if i != index}
     self._lock = threading.Lock()  # Held while deciding to stop, and by `finish`.
     self._finished = threading.Event()
+    self._published = False  # `finish` has told the others.
     self.verdict: str | None = None
     self._verdict_ready = threading.Event()
+    self._settled = threading.Event()  # Every peer finished, or a verdict.
     self._thread = threading.Thread(target=self._run, name='capi_jax-peers', daemon=True)
 
   def start(self) -> 'Watchdog':
@@ -139,6 +149,8 @@ class Watchdog:
         return (f'{peer.who(index, self._count)} died (no sign of life for '
                 f'{self._timeout_s:g} s: killed, out of memory, or its host failed; its own log '
                 'may say more)')
+    if all(f'{PREFIX}done/{index}' in entries for index in self._peers):
+      self._settled.set()
     return None
 
   def _run(self) -> None:
@@ -151,6 +163,7 @@ class Watchdog:
           return
         self.verdict = verdict
         self._verdict_ready.set()
+        self._settled.set()
         self._stop(f'{verdict}; stopping process {self._index} too.')
         return
 
@@ -175,11 +188,29 @@ class Watchdog:
         self._finished.set()
     key, value = (f'{PREFIX}done/{self._index}', '') if error is None else (
         f'{PREFIX}failed/{self._index}', one_line(error))
+    self._published = True
     try:
       self._client.key_value_set(key, value, allow_overwrite=True)
     except Exception as e:  # pylint: disable=broad-except  (the service is gone: say so, go on)
       logger.warning('Could not tell the other processes that process %d %s: %s', self._index,
                      'finished' if error is None else 'failed', one_line(e))
+
+  def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+    """At interpreter exit: waits (watching) up to `wait_s` for every peer to finish, then
+    stops and joins the thread, so that no key-value call is under way when the client shuts
+    down and the interpreter finalizes (module docstring).
+
+    A process that exits without `finish` (a script's normal end) is done. A verdict meanwhile
+    ends the process, as always.
+    """
+    if not self._thread.is_alive():
+      return
+    if not self._published:
+      self.finish(None)
+    self._settled.wait(wait_s)
+    with self._lock:
+      self._finished.set()
+    self._thread.join()
 
 
 def _flush_streams() -> None:
