@@ -120,6 +120,19 @@ def test_sharded_sinkhorn_equals_single_device():
   local = heads.sinkhorn_knopp(
       heads.ClusteringHead(k).apply({'params': params}, patches[:, :2]) / 0.06, 3)
   assert not np.allclose(local, assign_1[:, :2], atol=1e-4)
+  # The step's form, two groups of positions with the batch split, under the mesh (head
+  # parameters gathered, per-sample targets on their batch shard): as on one device.
+  picked = jax.random.randint(jax.random.key(3), (batch, 2), 0, n_pos)
+  step = jax.jit(functools.partial(heads.clustering_step, target_temp=0.06, pred_temp=0.12,
+                                   n_sk_iter=3, chunks=2))
+  with jax.set_mesh(mesh):
+    loss_s, grads_s, targets_s = step(params, sharded, jax.device_put(
+        picked, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))))
+  targets_1 = np.take_along_axis(np.swapaxes(assign_1, 0, 1), np.asarray(picked)[..., None], 1)
+  np.testing.assert_allclose(targets_s, targets_1, atol=1e-6)
+  np.testing.assert_allclose(loss_s, loss_1, rtol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+               grads_s, grads_1)
 
 
 def test_heads_init_as_release():
@@ -138,3 +151,27 @@ def test_target_entropy_of_one_hot_and_uniform():
   one_hot = jax.nn.one_hot(jnp.array([1, 3]), 4)
   np.testing.assert_allclose(heads.target_entropy(one_hot), 0.0, atol=1e-7)
   np.testing.assert_allclose(heads.target_entropy(jnp.full((2, 4), 0.25)), np.log(4), rtol=1e-6)
+
+
+def test_clustering_in_groups_of_positions_equals_the_whole(ctx):
+  params = _clustering_params(ctx)
+  patches = jnp.asarray(ctx.arrays['clustering/input'])  # (n_pos, batch, D)
+  n_pos, batch = patches.shape[:2]
+  picked = jax.random.randint(jax.random.key(0), (batch, 3), 0, n_pos)
+  (loss, assignments), grads = jax.value_and_grad(_clustering_fn(ctx), has_aux=True)(
+      params, patches)
+  targets = np.take_along_axis(np.swapaxes(assignments, 0, 1), np.asarray(picked)[..., None], 1)
+  kw = ctx.config.capi.clustering_kwargs
+  chunks = [c for c in range(2, n_pos + 1) if n_pos % c == 0][0]
+  for c in (1, chunks):
+    loss_c, grads_c, targets_c = jax.jit(functools.partial(
+        heads.clustering_step, target_temp=kw.target_temp, pred_temp=kw.pred_temp,
+        n_sk_iter=kw.n_sk_iter, chunks=c))(params, patches, picked)
+    np.testing.assert_allclose(loss_c, loss, rtol=1e-6)
+    np.testing.assert_allclose(targets_c, targets, atol=1e-6)  # jit vs eager roundings.
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 grads_c, grads)
+  # The fewest groups whose logits fit the budget.
+  assert heads.position_chunks(256, 64, 16384) == 4
+  assert heads.position_chunks(64, 64, 1024) == 1
+  assert heads.position_chunks(6, 1, 100, max_bytes=1000) == 3

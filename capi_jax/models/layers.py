@@ -85,6 +85,15 @@ def gather_weights(tree: Any) -> Any:
   return jax.lax.with_sharding_constraint(tree, specs)
 
 
+def batch_shards() -> int:
+  """How many pieces the context mesh splits a batch into (`shard_batch`); 1 without a mesh."""
+  mesh = _context_mesh()
+  if mesh is None:
+    return 1
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  return int(np.prod([sizes[a] for a in sharding.batch_axes(mesh.axis_names)]))
+
+
 def shard_batch(x: Array) -> Array:
   """x (batch, ...) with its leading axis split over the batch axes of the context mesh (every
   axis but those the logical rules give to parameters: 'tensor')."""

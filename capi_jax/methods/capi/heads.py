@@ -94,9 +94,80 @@ def clustering_targets_and_loss(head_params: Params, patches: Array, target_temp
   """
   num_clusters = head_params['kernel'].shape[-1]
   head = ClusteringHead(num_clusters, use_bias='bias' in head_params)
-  logits = head.apply({'params': head_params}, patches)
+  # Whole on every device (64 MiB for ViT-L's 1024 x 16384): from the kernel's FSDP shards, XLA
+  # computed the (n_pos, batch, K) logits as a collective matmul whose partial sums were each a
+  # new logits-sized buffer.
+  logits = head.apply({'params': layers.gather_weights(head_params)}, patches)
   assignments = jax.lax.stop_gradient(sinkhorn_knopp(logits / target_temp, n_sk_iter))
   return soft_cross_entropy(logits, assignments, pred_temp), assignments
+
+
+def clustering_step(head_params: Params, patches: Array, picked: Array, target_temp: float,
+                    pred_temp: float, n_sk_iter: int, chunks: int = 1
+                    ) -> tuple[Array, Params, Array]:
+  """`clustering_targets_and_loss`, its gradient and the targets at `picked`, `chunks` groups of
+  positions at a time.
+
+  Sinkhorn runs per position, so groups of positions are independent: each group's logits,
+  assignments and loss gradient are computed and dropped in turn (a scan), and per-device
+  memory holds one group's (positions / chunks, local batch, K) arrays instead of the whole
+  step's (a GiB each for ViT-L at 64 images per device). The loss and gradient are the means
+  of the groups' (equal-sized) means: the whole step's, up to float32 summation order.
+
+  Args:
+    head_params: `ClusteringHead` params.
+    patches: (n_pos, batch, D) teacher patch outputs; batch is the global batch.
+    picked: (batch, n_pick) int positions whose assignments are returned.
+    target_temp, pred_temp, n_sk_iter: as `clustering_targets_and_loss`.
+    chunks: groups of positions; divides n_pos.
+
+  Returns:
+    loss (), grads like head_params, targets (batch, n_pick, K): the (detached) assignments of
+    each sample at its picked positions.
+  """
+  n_pos, batch = patches.shape[:2]
+  if n_pos % chunks:
+    raise ValueError(f'chunks={chunks} must divide the {n_pos} positions.')
+  size = n_pos // chunks
+  loss_fn = lambda p, x: clustering_targets_and_loss(p, x, target_temp, pred_temp, n_sk_iter)
+
+  def group(start: Array, x: Array) -> tuple[Array, Params, Array, Array]:
+    loss, vjp, assignments = jax.vjp(lambda p: loss_fn(p, x), head_params, has_aux=True)
+    (grads,) = vjp(jnp.ones_like(loss))
+    local = picked - start
+    mine = (local >= 0) & (local < size)
+    # Per sample (vmapped: a gather with a batch dimension, which stays on each batch shard).
+    rows = jax.vmap(lambda a, i: a[i], in_axes=(1, 0))(assignments, jnp.clip(local, 0, size - 1))
+    return loss, grads, rows, mine  # rows: (batch, n_pick, K)
+
+  if chunks == 1:
+    loss, grads, targets, _ = group(jnp.int32(0), patches)
+    return loss, grads, targets
+
+  def body(carry, xs):
+    loss_sum, grads_sum, targets = carry
+    loss, grads, rows, mine = group(*xs)
+    targets = jnp.where(mine[..., None], rows, targets)
+    return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads), targets), None
+
+  num_clusters = head_params['kernel'].shape[-1]
+  init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, head_params),
+          layers.shard_batch(jnp.zeros((batch, picked.shape[1], num_clusters), jnp.float32)))
+  starts = jnp.arange(chunks, dtype=picked.dtype) * size
+  groups = patches.reshape(chunks, size, *patches.shape[1:])
+  (loss_sum, grads_sum, targets), _ = jax.lax.scan(body, init, (starts, groups))
+  return loss_sum / chunks, jax.tree.map(lambda g: g / chunks, grads_sum), targets
+
+
+def position_chunks(n_pos: int, local_batch: int, num_clusters: int,
+                    max_bytes: int = 256 * 2**20) -> int:
+  """The fewest groups of positions (a divisor of n_pos) whose (positions, local_batch,
+  num_clusters) float32 logits take at most `max_bytes` on a device (one position a group at
+  most)."""
+  for chunks in range(1, n_pos + 1):
+    if n_pos % chunks == 0 and (n_pos // chunks) * local_batch * num_clusters * 4 <= max_bytes:
+      return chunks
+  return n_pos
 
 
 class L2NormLinear(nn.Module):

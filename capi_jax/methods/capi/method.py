@@ -39,6 +39,7 @@ from capi_jax.methods.capi import heads
 from capi_jax.methods.capi import optim as capi_optim
 from capi_jax.methods.capi import transform
 from capi_jax.models import encoder_decoder
+from capi_jax.models import layers
 
 PyTree = Any
 _STUDENT_PARTS = ('backbone', 'head')
@@ -113,13 +114,13 @@ class Capi(interface.Method):
         {'params': ema['backbone']}, images, method='encode_all')
     teacher_patches = jax.lax.stop_gradient(teacher_patches).astype(jnp.float32)
     # The release clusters (position, sample, dim): Sinkhorn normalises over samples per position.
-    clustering_fn = lambda p: heads.clustering_targets_and_loss(
-        p, jnp.swapaxes(teacher_patches, 0, 1), cfg.clustering_kwargs.target_temp,
-        cfg.clustering_kwargs.pred_temp, cfg.clustering_kwargs.n_sk_iter)
-    (clustering_loss, assignments), clustering_grads = jax.value_and_grad(
-        clustering_fn, has_aux=True)(params['clustering_head'])
-    assignments = jax.lax.stop_gradient(jnp.swapaxes(assignments, 0, 1))  # (B, n_tokens, K)
-    targets = jnp.take_along_axis(assignments, predict_indices[:, :, None], axis=1)
+    patches = jnp.swapaxes(teacher_patches, 0, 1)
+    kw = cfg.clustering_kwargs
+    chunks = heads.position_chunks(patches.shape[0], patches.shape[1] // layers.batch_shards(),
+                                   cfg.num_clusters)
+    clustering_loss, clustering_grads, targets = heads.clustering_step(
+        params['clustering_head'], patches, predict_indices, kw.target_temp, kw.pred_temp,
+        kw.n_sk_iter, chunks)
 
     def capi_loss_fn(student):
       _, predictions = self.model.apply(
