@@ -19,7 +19,7 @@ class ScaleByPosition(nn.Module):
   head_dim: int
 
   def __call__(self, positions):
-    scale = 1.0 + positions[:, None, :, :1]  # (batch or 1, 1, n, 1): broadcasts over heads.
+    scale = 1.0 + positions[:, :, None, :1]  # (batch or 1, n, 1, 1): broadcasts over heads.
     return lambda t: t * scale
 
 
@@ -109,6 +109,7 @@ def test_rotary_attention_rotates_q_and_k_at_their_positions(cross):
   assert set(params) == {'q_proj', 'k_proj', 'v_proj', 'proj'}
   assert all(set(params[n]) == {'kernel'} for n in params)
   got = attn.apply({'params': params}, *args)
+  # The reference rotates heads-major (batch, heads, n, head_dim) tokens.
   hook = lambda pos: (lambda t: t * (1.0 + np.asarray(pos, np.float64)[:, None, :, :1]))
   expected = _reference_attention(params, x, context, None, 2, ('q_proj', 'k_proj', 'v_proj'),
                                   'none', hook(positions),

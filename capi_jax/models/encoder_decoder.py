@@ -109,14 +109,14 @@ class Rope(nn.Module):
 
   @nn.compact
   def __call__(self, coords: Array) -> Callable[[Array], Array]:
-    """coords (batch, n, 2) -> the rotation of (batch, heads, n, head_dim) tokens at them (the
+    """coords (batch, n, 2) -> the rotation of (batch, n, heads, head_dim) tokens at them (the
     rotary hook of `layers.Attention`); batch may be 1 (coordinates shared by every image)."""
     freqs = self.param('freqs', lambda *_: jnp.asarray(rope_frequencies(self.head_dim),
                                                        self.param_dtype))
     if self.freeze_freqs:
       freqs = jax.lax.stop_gradient(freqs)
     angle = jnp.einsum('bnc,cd->bnd', coords.astype(jnp.float32), freqs.astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)[:, None]
+                       precision=jax.lax.Precision.HIGHEST)[:, :, None]
     # Materialised once: XLA would otherwise fuse cos/sin into every consumer (q, k, forward
     # and backward) and evaluate them once per head and per use.
     cos, sin = jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
@@ -124,7 +124,7 @@ class Rope(nn.Module):
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-  """x (batch, heads, n, head_dim) rotated by angles with cos and sin (batch or 1, 1, n,
+  """x (batch, n, heads, head_dim) rotated by angles with cos and sin (batch or 1, n, 1,
   head_dim) float32; same shape and dtype as x."""
   x32 = x.astype(jnp.float32)
   return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)

@@ -280,12 +280,12 @@ _ATTENTION_SPECS = {
 #   'auto'   cudnn on GPUs, splash on TPUs from `SPLASH_MIN_KEYS` keys on, xla otherwise.
 # A kernel that cannot serve a call falls back to 'xla' and says why, once, in the log.
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
-# 'auto' on TPU takes splash from this many keys on. Compiled for v5e (a 4-block ViT-L stack, 64
-# images per chip), splash needed more memory per chip than XLA at 197 tokens (the padding to 256
-# and its float32 logsumexp residuals) and less at 272 and 577; the whole CAPI ViT-L step on
-# v5e:4x4 needs the same with 'auto' as with 'xla' at 224 px, and more with splash everywhere
-# (docs/pod_plans.md).
-SPLASH_MIN_KEYS = 257
+# 'auto' on TPU takes splash from this many keys on: the whole CAPI ViT-L/14 step compiled for
+# v5e:4x4 needs fewer temporaries per chip with splash than with XLA at 592 tokens (336 px, 32
+# images per chip: 1.96 vs 2.08 GiB) and 1040 (448 px, 16: 1.80 vs 2.31 GiB), more at 272
+# (224 px, 64: 1.79 vs 1.63 GiB: the keys' padding to 384 and the kernel's copies of q, k, v
+# outweigh XLA's (272 x 272) scores); the threshold lies between (docs/pod_plans.md).
+SPLASH_MIN_KEYS = 512
 # Splash tiles: keys in blocks of 128 (the kernel's lane width); queries in blocks of up to 128
 # rows (a few queries, as in CAPI's predictor, need only a multiple of 8 with a static mask).
 _SPLASH_BLOCK = 128
@@ -533,8 +533,8 @@ class Attention(nn.Module):
       parameters and no key bias, which would cancel in the softmax) or 'none'.
     out_bias: whether `proj` has a bias.
     rotary: None, or a factory `rotary(head_dim, name='rope')` of a module that maps positions
-      (batch or 1, n, P) to a function rotating (batch, heads, n, head_dim) tokens (CAPI's
-      2-D RoPE). With it, heads are split heads-major (the rotation broadcasts over heads);
+      (batch or 1, n, P) to a function rotating (batch, n, heads, head_dim) tokens (CAPI's
+      2-D RoPE). With it, attention runs heads-major (the rotated q and k, and v, transposed);
       without, tokens-major (a reshape, no transposes).
     flat_tokens: projections run on 2-D tokens (`on_tokens`; faster weight gradients on XLA:CPU).
     implementation: `attention`'s (`efficiency.attention`).
@@ -606,15 +606,17 @@ class Attention(nn.Module):
         heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim)
         q, k, v, layout = heads(q), heads(k), heads(v), 'tokens_major'
       else:
-        # Heads-major (batch, heads, n, head_dim): the rotation tables broadcast over heads
-        # and attention's matmuls batch over the leading axes.
+        # Rotated tokens-major, as projected; then heads-major (batch, heads, n, head_dim):
+        # attention's matmuls batch over the leading axes. Rotating after the transpose had
+        # XLA transpose float32 copies for the TPU attention kernel.
         rope = self.rotary(head_dim, name='rope')
         rotate_q = rope(positions)
         rotate_k = rotate_q if context is None else rope(context_positions)
-        heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim).transpose(0, 2, 1, 3)
-        q = rotate_q(heads(add(self._dense(q_name, x, inner, full), q_bias)))
-        k = rotate_k(heads(self._dense(k_name, kv_in, inner, full)))
-        v = heads(add(self._dense(v_name, v_in, inner, full), v_bias))
+        tokens = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim)
+        heads = lambda t: t.transpose(0, 2, 1, 3)
+        q = heads(rotate_q(tokens(add(self._dense(q_name, x, inner, full), q_bias))))
+        k = heads(rotate_k(tokens(self._dense(k_name, kv_in, inner, full))))
+        v = heads(tokens(add(self._dense(v_name, v_in, inner, full), v_bias)))
         layout = 'heads_major'
     out = checkpoint_name(attention(q, k, v, layout, self.implementation, bias),
                           ATTENTION_OUT)
