@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.efficiency.scan_layers = True
   # Attention kernels (`models/layers.attention`): 'xla' (einsum and float32 softmax: exact, every
   # platform), 'cudnn' (cuDNN flash attention, NVIDIA GPUs, bf16), 'splash' (Pallas splash
-  # attention, TPUs), 'auto' (cudnn on GPUs, splash on TPUs from 257 tokens on, else xla). A
+  # attention, TPUs), 'auto' (cudnn on GPUs, splash on TPUs from 512 keys on, else xla). A
   # kernel that cannot serve a call falls back to 'xla' and says so once in the log.
   c.efficiency.attention = 'xla'
 

@@ -163,10 +163,10 @@ def test_clustering_in_groups_of_positions_equals_the_whole(ctx):
   targets = np.take_along_axis(np.swapaxes(assignments, 0, 1), np.asarray(picked)[..., None], 1)
   kw = ctx.config.capi.clustering_kwargs
   chunks = [c for c in range(2, n_pos + 1) if n_pos % c == 0][0]
-  for c in (1, chunks):
+  for c, unroll in ((1, False), (chunks, False), (chunks, True)):
     loss_c, grads_c, targets_c = jax.jit(functools.partial(
         heads.clustering_step, target_temp=kw.target_temp, pred_temp=kw.pred_temp,
-        n_sk_iter=kw.n_sk_iter, chunks=c))(params, patches, picked)
+        n_sk_iter=kw.n_sk_iter, chunks=c, unroll=unroll))(params, patches, picked)
     np.testing.assert_allclose(loss_c, loss, rtol=1e-6)
     np.testing.assert_allclose(targets_c, targets, atol=1e-6)  # jit vs eager roundings.
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),

@@ -103,7 +103,7 @@ def clustering_targets_and_loss(head_params: Params, patches: Array, target_temp
 
 
 def clustering_step(head_params: Params, patches: Array, picked: Array, target_temp: float,
-                    pred_temp: float, n_sk_iter: int, chunks: int = 1
+                    pred_temp: float, n_sk_iter: int, chunks: int = 1, unroll: bool = False
                     ) -> tuple[Array, Params, Array]:
   """`clustering_targets_and_loss`, its gradient and the targets at `picked`, `chunks` groups of
   positions at a time.
@@ -120,6 +120,8 @@ def clustering_step(head_params: Params, patches: Array, picked: Array, target_t
     picked: (batch, n_pick) int positions whose assignments are returned.
     target_temp, pred_temp, n_sk_iter: as `clustering_targets_and_loss`.
     chunks: groups of positions; divides n_pos.
+    unroll: the groups one after the other in the program instead of a loop (XLA's cost
+      analysis counts a loop's body once; the step's FLOPs are counted with loops unrolled).
 
   Returns:
     loss (), grads like head_params, targets (batch, n_pick, K): the (detached) assignments of
@@ -155,7 +157,7 @@ def clustering_step(head_params: Params, patches: Array, picked: Array, target_t
           layers.shard_batch(jnp.zeros((batch, picked.shape[1], num_clusters), jnp.float32)))
   starts = jnp.arange(chunks, dtype=picked.dtype) * size
   groups = patches.reshape(chunks, size, *patches.shape[1:])
-  (loss_sum, grads_sum, targets), _ = jax.lax.scan(body, init, (starts, groups))
+  (loss_sum, grads_sum, targets), _ = jax.lax.scan(body, init, (starts, groups), unroll=unroll)
   return loss_sum / chunks, jax.tree.map(lambda g: g / chunks, grads_sum), targets
 
 

@@ -120,7 +120,7 @@ class Capi(interface.Method):
                                    cfg.num_clusters)
     clustering_loss, clustering_grads, targets = heads.clustering_step(
         params['clustering_head'], patches, predict_indices, kw.target_temp, kw.pred_temp,
-        kw.n_sk_iter, chunks)
+        kw.n_sk_iter, chunks, unroll=not self.config.efficiency.get('scan_layers', False))
 
     def capi_loss_fn(student):
       _, predictions = self.model.apply(
