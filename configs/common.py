@@ -76,9 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   # What the blocks keep for the backward pass: 'none' (everything), 'dots_and_attention' (the
   # release's default), 'dots', 'full' (block inputs only); see encoder_decoder.REMAT.
   # Compiled with `python -m capi_jax.aot --topology=v5e:4x4` (ViT-L/14, 16 GiB per chip,
-  # blocks scanned) at 64 images per chip: dots_and_attention 6.32 GiB per chip, full 5.58 GiB
-  # (XLA's FLOPs 2.56e13 and 2.57e13 per chip per step); dots_and_attention fits up to 224 per
-  # chip (15.70 of the 15.75 GiB the compiler lets a program use). docs/pod_plans.md.
+  # blocks scanned) at 64 images per chip: dots_and_attention 2.09 GiB per chip, full 1.72 GiB
+  # (XLA's FLOPs 2.56e13 and 2.57e13 per chip per step); dots_and_attention fits up to 848 per
+  # chip (15.65 of the 15.75 GiB the compiler lets a program use). docs/pod_plans.md.
   c.efficiency.remat_policy = 'dots_and_attention'
   # The blocks of each stack as one scan over stacked parameters (checkpoints hold them with a
   # leading layer axis; `models/stack.py`), not a Python loop: XLA compiles one block per stack
