@@ -598,25 +598,21 @@ class Attention(nn.Module):
       add = lambda t, bias: t if bias is None else t + bias.astype(self.dtype)
       kv_in = x if context is None else context
       v_in = kv_in if value is None else value
-      if self.rotary is None:
-        # Tokens-major (batch, n, heads, head_dim): heads are a reshape of the projections.
-        q = add(self._dense(q_name, x, inner, full), q_bias)
-        k = self._dense(k_name, kv_in, inner, full)
-        v = add(self._dense(v_name, v_in, inner, full), v_bias)
-        heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim)
-        q, k, v, layout = heads(q), heads(k), heads(v), 'tokens_major'
-      else:
+      # Tokens-major (batch, n, heads, head_dim): heads are a reshape of the projections.
+      heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim)
+      q = heads(add(self._dense(q_name, x, inner, full), q_bias))
+      k = heads(self._dense(k_name, kv_in, inner, full))
+      v = heads(add(self._dense(v_name, v_in, inner, full), v_bias))
+      layout = 'tokens_major'
+      if self.rotary is not None:
         # Rotated tokens-major, as projected; then heads-major (batch, heads, n, head_dim):
         # attention's matmuls batch over the leading axes. Rotating after the transpose had
         # XLA transpose float32 copies for the TPU attention kernel.
         rope = self.rotary(head_dim, name='rope')
         rotate_q = rope(positions)
         rotate_k = rotate_q if context is None else rope(context_positions)
-        tokens = lambda t: t.reshape(*t.shape[:2], self.num_heads, head_dim)
-        heads = lambda t: t.transpose(0, 2, 1, 3)
-        q = heads(rotate_q(tokens(add(self._dense(q_name, x, inner, full), q_bias))))
-        k = heads(rotate_k(tokens(self._dense(k_name, kv_in, inner, full))))
-        v = heads(tokens(add(self._dense(v_name, v_in, inner, full), v_bias)))
+        by_heads = lambda t: t.transpose(0, 2, 1, 3)
+        q, k, v = by_heads(rotate_q(q)), by_heads(rotate_k(k)), by_heads(v)
         layout = 'heads_major'
     out = checkpoint_name(attention(q, k, v, layout, self.implementation, bias),
                           ATTENTION_OUT)
