@@ -74,6 +74,9 @@ def train_dataset(config: ml_collections.ConfigDict, transform: grain.transforms
   shuffle_seed, map_seed = _host_seeds(seed, process_index)
   ds = grain.MapDataset.source(source).map_with_index(lambda i, record: {**record, 'index': i})
   ds = ds[process_index::process_count]
+  logger.info('Training on %s: an epoch is %.1f steps of %d images; host %d of %d reads %d.',
+              source.description, len(source) / config.train.global_batch_size,
+              config.train.global_batch_size, process_index, process_count, len(ds))
   ds = ds.shuffle(seed=shuffle_seed).repeat(None)
   ds = ds.map(sources.decode)
   return ds.random_map(transform, seed=map_seed)
