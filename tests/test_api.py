@@ -42,6 +42,8 @@ from configs.caev2 import fashion_mnist as caev2_fashion_mnist
 from configs.mim_refiner import base as mimref_base
 from configs.mim_refiner import tiny as mimref_tiny
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 
 def _random_tree(shapes, seed):
   """Random float32 numpy leaves shaped like `shapes` (no init to compile)."""
@@ -314,12 +316,14 @@ def test_extract_writes_resumable_shards(small_run, tmp_path):
   samples = [(_png(fmnist.images[i]), 'png', int(fmnist.labels[i])) for i in range(20)]
   samples[5] = (b'broken', 'jpg', 0)
   wds.write_shards(samples, str(tmp_path / '%04d.tar'), 10)
-  source = sources.make_source(f'wds:{tmp_path}/{{0000..0001}}.tar', 'train')
+  pattern = f'wds:{tmp_path}/{{0000..0001}}.tar'
+  source = sources.make_source(pattern, 'train')
   encoder = capi_jax.load(run)
   out = tmp_path / 'features'
   lines = []
-  manifest = extract.extract(encoder, source, str(out), resolution=28, shard_size=8,
-                             batch_size=8, outputs=('global_repr',), log=lines.append)
+  kw = dict(resolution=28, shard_size=8, outputs=('global_repr',))
+  assert extract.extract(encoder, source, str(out), batch_size=8, log=lines.append, **kw) == 3
+  manifest = extract.write_manifest(source, str(out), **kw)
   assert manifest['num_images'] == 19 and manifest['skipped'] == 1 and manifest['shards'] == 3
   assert len(lines) == 3 and 'images/s' in lines[0]
   shards = [np.load(out / extract.shard_name(k, 3)) for k in range(3)]
@@ -334,10 +338,29 @@ def test_extract_writes_resumable_shards(small_run, tmp_path):
   before = {k: (out / extract.shard_name(k, 3)).read_bytes() for k in range(3)}
   (out / extract.shard_name(1, 3)).unlink()
   lines.clear()
-  extract.extract(encoder, source, str(out), resolution=28, shard_size=8, batch_size=8,
-                  outputs=('global_repr',), log=lines.append)
+  extract.extract(encoder, source, str(out), batch_size=8, log=lines.append, **kw)
   assert len(lines) == 1 and lines[0].startswith('[extract] shard 2/3')
   assert {k: (out / extract.shard_name(k, 3)).read_bytes() for k in range(3)} == before
+  # The command as 2 processes of 1 device: shards 0 and 2 from process 0, 1 from process 1,
+  # the manifest from process 0 once both are done; batches of 3 (uneven, padded) give the
+  # same features.
+  two = tmp_path / 'features_2proc'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  done = subprocess.run(
+      [sys.executable, str(ROOT / 'launch' / 'local_multiprocess.py'), '--num_processes=2',
+       '--devices_per_process=1', '--', sys.executable, '-m', 'capi_jax.extract',
+       f'--checkpoint={run}', f'--dataset={pattern}', f'--output={two}', '--resolution=28',
+       '--shard_size=8', '--batch_size=3', '--outputs=global_repr'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stdout + done.stderr
+  written = sorted(re.findall(r'shard (\d)/3 written', done.stdout))
+  assert written == ['1', '2', '3'], done.stdout
+  assert json.loads((two / 'manifest.json').read_text()) == json.loads(
+      (out / 'manifest.json').read_text())
+  for k in range(3):
+    a, b = np.load(two / extract.shard_name(k, 3)), np.load(out / extract.shard_name(k, 3))
+    np.testing.assert_array_equal(a['index'], b['index'])
+    np.testing.assert_allclose(a['global_repr'], b['global_repr'], atol=1e-5)
 
 
 def test_commands_hide_library_info_logs_unless_asked():

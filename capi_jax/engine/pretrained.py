@@ -68,14 +68,14 @@ def restore_run(step_dir: str | os.PathLike[str], config: ml_collections.ConfigD
   Args:
     step_dir: a step folder (`WORKDIR/checkpoints/<step>`, or a copy of one).
     config: the run's config; by default its run's newest record (`run_config`).
-    mesh: where to place the state, by `config.sharding`'s rules; None: the first device
+    mesh: where to place the state, by `config.sharding`'s rules; None: this process's first device
       (variables returned as numpy trees).
   """
   step_dir = storage.path(step_dir)
   config = run_config(step_dir) if config is None else config
   method = methods.from_config(config)
   if mesh is None:
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     layout = state_lib.state_layout(config, method, sharding.make_mesh(config, [device]))
     target = checkpointing.restore_target(layout.abstract,
                                           jax.sharding.SingleDeviceSharding(device))
