@@ -88,6 +88,16 @@ def test_timeout_variable():
       peers.timeout_from({'CAPI_JAX_PEER_TIMEOUT': bad})
 
 
+def test_errors_a_lost_peer_may_cause_wait_for_the_watchdog():
+  """A collective's failure reaches Python as JaxRuntimeError or, through JAX's and Orbax's
+  barriers, as ValueError with XLA's status: both wait for the verdict naming the peer."""
+  lost = 'UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer [127.0.0.1]:1'
+  from_the_runtime = distributed._from_the_runtime  # pylint: disable=protected-access
+  assert from_the_runtime(ValueError(lost))
+  assert from_the_runtime(jax.errors.JaxRuntimeError(lost))
+  assert not from_the_runtime(ValueError('config.x must be > 0'))
+
+
 def test_watchdog_thread_stops_once_and_not_after_its_own_failure():
   store, lines = FakeStore(), []
   quiet = peers.Watchdog(store, 0, 2, timeout_s=0.1, stop=lines.append).start()

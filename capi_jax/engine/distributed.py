@@ -240,6 +240,18 @@ def initialize(env: Mapping[str, str] | None = None) -> InitArgs | None:
   return args
 
 
+# Status codes that start the message of an error from XLA's runtime (a collective that lost its
+# peer: 'UNKNOWN: Gloo AllGather failed: ... Connection closed by peer'); some reach Python as
+# ValueError (jax.experimental.multihost_utils' barriers, Orbax's), not JaxRuntimeError.
+_RUNTIME_STATUS = re.compile(r'(UNKNOWN|INTERNAL|UNAVAILABLE|ABORTED|DEADLINE_EXCEEDED|'
+                             r'CANCELLED|FAILED_PRECONDITION): ')
+
+
+def _from_the_runtime(error: BaseException) -> bool:
+  return (isinstance(error, jax.errors.JaxRuntimeError)
+          or _RUNTIME_STATUS.match(str(error)) is not None)
+
+
 def finished(error: BaseException | None) -> None:
   """This process ends: normally (`error` None, or a stop every process shares: Ctrl-C), or
   with `error`, which the other processes are told (they stop, naming this one and `error`).
@@ -253,7 +265,7 @@ def finished(error: BaseException | None) -> None:
   if error is None or isinstance(error, KeyboardInterrupt | SystemExit):
     _watchdog.finish(None)
     return
-  if isinstance(error, jax.errors.JaxRuntimeError):
+  if _from_the_runtime(error):
     _watchdog.wait_for_verdict()
   _watchdog.finish(error)
   peers.exit_without_shutdown_barrier(1)
