@@ -468,8 +468,9 @@ def test_weight_files_and_params_on_gcs(gcs_path):
   np.testing.assert_array_equal(files.restore_params(target)['backbone']['w'], sd['backbone.w'])
 
 
-def test_webdataset_shards_on_gcs(gcs_path, tmp_path):
-  """`wds:` shards in a bucket (brace range and glob) read as their local copies."""
+def test_webdataset_shards_on_gcs(gcs_path, tmp_path, monkeypatch):
+  """`wds:` shards in a bucket (brace range and glob) read as their local copies; their indexes
+  are cached beside them, and a shard uploaded again (a new generation) is indexed again."""
   rng = np.random.default_rng(0)
   samples = []
   for i in range(6):
@@ -484,3 +485,11 @@ def test_webdataset_shards_on_gcs(gcs_path, tmp_path):
     assert len(remote) == len(local) == 6
     assert [(remote[i]['image'], remote[i]['label']) for i in range(6)] == [
         (local[i]['image'], local[i]['label']) for i in range(6)]
+  assert sorted(storage.list_files(f'{gcs_path}/shards/{wds.INDEX_FOLDER}')) == [
+      '0000.tar.npz', '0001.tar.npz']
+  indexed = []
+  index_shard = wds.index_shard
+  monkeypatch.setattr(wds, 'index_shard', lambda shard: indexed.append(shard) or index_shard(shard))
+  wds.write_shards(samples[3:], f'{gcs_path}/shards/%04d.tar', 3)  # 0000: other samples, same size.
+  remote = sources.make_source(f'wds:{gcs_path}/shards/{{0000..0001}}.tar', 'train')
+  assert indexed == [f'{gcs_path}/shards/0000.tar'] and remote[0]['image'] == local[3]['image']

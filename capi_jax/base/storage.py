@@ -19,6 +19,8 @@ differently on GCS, is here:
   - `list_files`: every file below a folder with its size and, on GCS, the server's CRC32C
     (one paged listing; epath's `walk()` yields roots without `gs://` there, and `rglob` /
     `glob('**')` are refused).
+  - `stat`: a file's size and a version that changes whenever its content is rewritten (keys
+    of caches derived from the file).
   - `upload_tree`, `staged_dir`, `staged_file`, `local_copy`: for writers and readers that only
     know local files (TFDS / ArrayRecord, matplotlib, PIL, torch, tensorboardX, jax.profiler):
     work on local disk, then upload (or download first).
@@ -355,6 +357,28 @@ def list_files(top: PathLike) -> dict[str, FileInfo]:
       rel = name if relative == '.' else f'{relative.replace(os.sep, "/")}/{name}'
       out[rel] = FileInfo(os.stat(os.path.join(root, name)).st_size)
   return dict(sorted(out.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+  """A file's size and version: the GCS object's generation (any upload makes a new one);
+  locally its inode and modification time in ns (a rewrite or an `os.replace` changes them)."""
+  size: int
+  version: str
+
+
+def stat(p: PathLike) -> Stat:
+  """File `p`'s size and version (one metadata request on GCS); FileNotFoundError if absent."""
+  if is_gcs(p):
+    _, exceptions = _gcs()
+    blob = _blob(p)
+    try:
+      blob.reload()
+    except exceptions.NotFound as e:
+      raise FileNotFoundError(os.fspath(p)) from e
+    return Stat(blob.size, str(blob.generation))
+  info = os.stat(path(p))
+  return Stat(info.st_size, f'{info.st_ino}-{info.st_mtime_ns}')
 
 
 def crc32c(p: PathLike) -> str:
