@@ -191,6 +191,16 @@ def test_processes_index_their_share_then_read_the_others(shards, tmp_path, monk
   plain = sources.make_source(f'wds:{shards}/{{0000..0003}}.tar', 'train')
   assert _records(made[0]) == _records(made[1])
   assert [r[:2] for r in _records(made[0])] == [r[:2] for r in _records(plain)]
+  # The training pipeline makes the source with its host's share (no barrier in one process).
+  for i in range(4):
+    (tmp_path / 'host' / f'{i:04d}.tar').parent.mkdir(exist_ok=True)
+    (tmp_path / 'host' / f'{i:04d}.tar').write_bytes((shards / f'{i:04d}.tar').read_bytes())
+  counted.clear()
+  pipeline.train_dataset(_loader_config(tmp_path / 'host'), _Keep(), seed=0, process_index=1,
+                         process_count=2)
+  shard = lambda i: f'{tmp_path}/host/{i:04d}.tar'
+  assert sorted(counted[:2]) == [shard(1), shard(3)] and sorted(counted[2:]) == [shard(0),
+                                                                                shard(2)]
 
 
 class _Keep(grain.transforms.RandomMap):

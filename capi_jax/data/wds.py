@@ -123,7 +123,9 @@ def shard_paths(spec: str, split: str) -> list[str]:
       if not found:
         raise ShardsNotFoundError(f'No shard matches {expanded!r} (from wds:{spec}).')
       paths += found
-  missing = [p for p in paths if not storage.path(p).is_file()]
+  with concurrent.futures.ThreadPoolExecutor(INDEX_THREADS) as pool:  # A request each on GCS.
+    exist = list(pool.map(lambda p: storage.path(p).is_file(), paths))
+  missing = [p for p, there in zip(paths, exist) if not there]
   if missing:
     raise ShardsNotFoundError(f'{len(missing)} of the {len(paths)} shards of wds:{spec} do not '
                               f'exist, e.g. {missing[0]}.')
