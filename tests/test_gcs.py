@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 
+from google.cloud.storage import blob as blob_lib
 import grain
 import jax
 import jax.numpy as jnp
@@ -493,3 +494,14 @@ def test_webdataset_shards_on_gcs(gcs_path, tmp_path, monkeypatch):
   wds.write_shards(samples[3:], f'{gcs_path}/shards/%04d.tar', 3)  # 0000: other samples, same size.
   remote = sources.make_source(f'wds:{gcs_path}/shards/{{0000..0001}}.tar', 'train')
   assert indexed == [f'{gcs_path}/shards/0000.tar'] and remote[0]['image'] == local[3]['image']
+  # A shard's member table is read in large chunks (one ranged download here), not a request per
+  # member; a shard cut short keeps its samples before the cut there too.
+  downloads = []
+  download = blob_lib.Blob.download_as_bytes
+  monkeypatch.setattr(blob_lib.Blob, 'download_as_bytes',
+                      lambda blob, *a, **k: downloads.append(blob.name) or download(blob, *a, **k))
+  data = (tmp_path / '0000.tar').read_bytes()
+  storage.path(f'{gcs_path}/cut/0.tar').write_bytes(data[:data.index(b'00000002.png') + 600])
+  cut = sources.make_source(f'wds:{gcs_path}/cut/0.tar', 'train')
+  assert downloads == [f'{gcs_path}/cut/0.tar'.split('/', 3)[3]]
+  assert [cut[i]['image'] for i in range(len(cut))] == [local[i]['image'] for i in range(2)]

@@ -15,9 +15,9 @@ slice). A shard cut short keeps the samples before the cut (a warning names it, 
 a sample without an image is skipped with a count; an undecodable image is skipped by the
 decoder like any bad record.
 
-Indexing reads a shard's headers, which on gs:// means downloading most of it (the reader
-fetches blocks of MiBs; a ranged request per header would cost one round trip per member). So
-each shard's index is cached, as a small .npz file made once:
+Indexing reads a shard's headers: locally by seeking over the data, on gs:// by downloading the
+shard in chunks of 16 MiB (`storage.open_read_ahead`: a request per member, gcsfs's way, costs a
+round trip each). So each shard's index is cached, as a small .npz file made once:
   - where: `DIR/.wds_index/SHARD.npz` beside the shard, the place every host of a pod reads;
     where that cannot be written (read-only data), `$CAPI_JAX_CACHE/wds_index/` (default
     ~/.cache/capi_jax/wds_index/; a gs:// folder there is shared by the hosts, a local one is
@@ -203,7 +203,7 @@ class ShardIndex:
 
 def index_shard(shard: str) -> ShardIndex:
   """The shard's member table, read from its headers."""
-  with storage.path(shard).open('rb') as f:
+  with storage.open_read_ahead(shard) as f:
     file_size = f.seek(0, io.SEEK_END)
     f.seek(0)
     try:
