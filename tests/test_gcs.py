@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 
+from google.cloud.storage import blob as blob_lib
 import grain
 import jax
 import jax.numpy as jnp
@@ -468,8 +469,9 @@ def test_weight_files_and_params_on_gcs(gcs_path):
   np.testing.assert_array_equal(files.restore_params(target)['backbone']['w'], sd['backbone.w'])
 
 
-def test_webdataset_shards_on_gcs(gcs_path, tmp_path):
-  """`wds:` shards in a bucket (brace range and glob) read as their local copies."""
+def test_webdataset_shards_on_gcs(gcs_path, tmp_path, monkeypatch):
+  """`wds:` shards in a bucket (brace range and glob) read as their local copies; their indexes
+  are cached beside them, and a shard uploaded again (a new generation) is indexed again."""
   rng = np.random.default_rng(0)
   samples = []
   for i in range(6):
@@ -484,3 +486,22 @@ def test_webdataset_shards_on_gcs(gcs_path, tmp_path):
     assert len(remote) == len(local) == 6
     assert [(remote[i]['image'], remote[i]['label']) for i in range(6)] == [
         (local[i]['image'], local[i]['label']) for i in range(6)]
+  assert sorted(storage.list_files(f'{gcs_path}/shards/{wds.INDEX_FOLDER}')) == [
+      '0000.tar.npz', '0001.tar.npz']
+  indexed = []
+  index_shard = wds.index_shard
+  monkeypatch.setattr(wds, 'index_shard', lambda shard: indexed.append(shard) or index_shard(shard))
+  wds.write_shards(samples[3:], f'{gcs_path}/shards/%04d.tar', 3)  # 0000: other samples, same size.
+  remote = sources.make_source(f'wds:{gcs_path}/shards/{{0000..0001}}.tar', 'train')
+  assert indexed == [f'{gcs_path}/shards/0000.tar'] and remote[0]['image'] == local[3]['image']
+  # A shard's member table is read in large chunks (one ranged download here), not a request per
+  # member; a shard cut short keeps its samples before the cut there too.
+  downloads = []
+  download = blob_lib.Blob.download_as_bytes
+  monkeypatch.setattr(blob_lib.Blob, 'download_as_bytes',
+                      lambda blob, *a, **k: downloads.append(blob.name) or download(blob, *a, **k))
+  data = (tmp_path / '0000.tar').read_bytes()
+  storage.path(f'{gcs_path}/cut/0.tar').write_bytes(data[:data.index(b'00000002.png') + 600])
+  cut = sources.make_source(f'wds:{gcs_path}/cut/0.tar', 'train')
+  assert downloads == [f'{gcs_path}/cut/0.tar'.split('/', 3)[3]]
+  assert [cut[i]['image'] for i in range(len(cut))] == [local[i]['image'] for i in range(2)]

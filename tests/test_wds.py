@@ -4,7 +4,12 @@ Fashion-MNIST; nothing is downloaded."""
 
 import concurrent.futures
 import io
+import logging
+import pathlib
 import tarfile
+import threading
+import time
+import zipfile
 
 import grain
 import numpy as np
@@ -94,6 +99,108 @@ def test_damage_is_skipped_and_counted(tmp_path, caplog):
   cut.write_bytes(data[:data.index(b'00000003.png') + 700])
   assert len(sources.make_source(f'wds:{cut}', 'train')) == 3
   assert 'cut.tar is damaged after 00000002' in caplog.text
+  caplog.clear()  # Said again when the index comes from the cache.
+  assert len(sources.make_source(f'wds:{cut}', 'train')) == 3
+  assert 'cut.tar is damaged after 00000002' in caplog.text
+
+
+def _records(source) -> list[tuple[bytes, int, str]]:
+  return [(r['image'], r['label'], r['name']) for r in (source[i] for i in range(len(source)))]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+  """The shards read for their index, in order (`wds.index_shard` calls)."""
+  calls = []
+
+  def index_shard(shard):
+    calls.append(shard)
+    return original(shard)
+
+  original = wds.index_shard
+  monkeypatch.setattr(wds, 'index_shard', index_shard)
+  return calls
+
+
+def test_the_index_cache_is_used_and_rebuilt_when_stale_or_damaged(tmp_path, monkeypatch,
+                                                                     counted, caplog):
+  images, labels = _fashion_mnist(6)
+  samples = [(_png(x), 'png', int(y)) for x, y in zip(images, labels)]
+  wds.write_shards(samples, str(tmp_path / '%d.tar'), 3)
+  spec = f'wds:{tmp_path}/{{0..1}}.tar'
+  monkeypatch.setattr(wds, '_PROGRESS_S', 0.0)  # Every shard a progress line.
+  caplog.set_level(logging.INFO, logger=wds.logger.name)
+  first = _records(sources.make_source(spec, 'train'))
+  assert len(counted) == 2 and len(first) == 6
+  assert f'Indexing {spec}: 2 of 2 shards (0 from the index cache)' in caplog.text
+  assert sorted(p.name for p in (tmp_path / wds.INDEX_FOLDER).iterdir()) == ['0.tar.npz',
+                                                                           '1.tar.npz']
+  assert _records(sources.make_source(spec, 'train')) == first and len(counted) == 2
+  # Shard 1 rewritten, its samples in another order: same size, other offsets and labels.
+  size = (tmp_path / '1.tar').stat().st_size
+  other, = wds.write_shards(samples[3:][::-1], str(tmp_path / 'other-%d.tar'), 3)
+  (tmp_path / '1.tar').write_bytes(pathlib.Path(other).read_bytes())
+  assert (tmp_path / '1.tar').stat().st_size == size
+  changed = _records(sources.make_source(spec, 'train'))
+  assert counted[2:] == [str(tmp_path / '1.tar')]
+  assert [r[:2] for r in changed] == [r[:2] for r in first[:3] + first[3:][::-1]]
+  index = tmp_path / wds.INDEX_FOLDER / '0.tar.npz'
+  whole = index.read_bytes()
+  flipped = bytearray(whole)
+  flipped[zipfile.ZipFile(index).start_dir - 5] ^= 0xff  # In the last array's data.
+  for damaged in (whole[:-9], bytes(flipped)):
+    index.write_bytes(damaged)
+    caplog.clear()
+    assert _records(sources.make_source(spec, 'train')) == changed
+    assert f'Index {index} of {tmp_path}/0.tar is damaged' in caplog.text
+  assert len(counted) == 5
+  assert _records(sources.make_source(spec, 'train')) == changed and len(counted) == 5
+
+
+def test_the_index_goes_to_the_cache_folder_when_not_beside_the_shards(tmp_path, monkeypatch,
+                                                                      counted, caplog):
+  data, cache = tmp_path / 'data', tmp_path / 'cache'
+  data.mkdir()
+  wds.write_shards([(_png(_fashion_mnist(1)[0][0]), 'png', 1)], str(data / '%d.tar'), 1)
+  (data / wds.INDEX_FOLDER).write_text('a file where the folder would be')
+  monkeypatch.setenv('CAPI_JAX_CACHE', str(cache))
+  for _ in range(2):
+    assert len(sources.make_source(f'wds:{data}/0.tar', 'train')) == 1
+  assert len(counted) == 1 and [p.name for p in (cache / 'wds_index').iterdir()] == [
+      wds.index_files(str(data / '0.tar'))[1].name]
+  monkeypatch.setenv('CAPI_JAX_CACHE', str(data / wds.INDEX_FOLDER))  # Not writable either.
+  assert len(sources.make_source(f'wds:{data}/0.tar', 'train')) == 1 and len(counted) == 2
+  assert 'the indexes of 1 shards could not be written' in caplog.text
+
+
+def test_processes_index_their_share_then_read_the_others(shards, tmp_path, monkeypatch,
+                                                         counted):
+  """Two processes (threads here) sharing the cache: each shard is read once, by its process;
+  the barrier holds process 0 back until process 1 (slow here) has written its share."""
+  for i in range(4):
+    (tmp_path / f'{i}.tar').write_bytes((shards / f'{i:04d}.tar').read_bytes())
+  counting = wds.index_shard
+  monkeypatch.setattr(wds, 'index_shard', lambda shard: (
+      time.sleep(0.3 * shard.endswith(('1.tar', '3.tar'))), counting(shard))[1])
+  barrier = threading.Barrier(2)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    made = list(pool.map(lambda i: wds.WebDatasetSource(f'{tmp_path}/{{0..3}}.tar', 'train',
+                                                        wds.IndexShare(i, 2, barrier.wait)),
+                         range(2)))
+  assert sorted(counted) == [f'{tmp_path}/{i}.tar' for i in range(4)]
+  plain = sources.make_source(f'wds:{shards}/{{0000..0003}}.tar', 'train')
+  assert _records(made[0]) == _records(made[1])
+  assert [r[:2] for r in _records(made[0])] == [r[:2] for r in _records(plain)]
+  # The training pipeline makes the source with its host's share (no barrier in one process).
+  for i in range(4):
+    (tmp_path / 'host' / f'{i:04d}.tar').parent.mkdir(exist_ok=True)
+    (tmp_path / 'host' / f'{i:04d}.tar').write_bytes((shards / f'{i:04d}.tar').read_bytes())
+  counted.clear()
+  pipeline.train_dataset(_loader_config(tmp_path / 'host'), _Keep(), seed=0, process_index=1,
+                         process_count=2)
+  shard = lambda i: f'{tmp_path}/host/{i:04d}.tar'
+  assert sorted(counted[:2]) == [shard(1), shard(3)] and sorted(counted[2:]) == [shard(0),
+                                                                                shard(2)]
 
 
 class _Keep(grain.transforms.RandomMap):

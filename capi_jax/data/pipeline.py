@@ -39,11 +39,13 @@ from typing import Any
 from absl import flags
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from capi_jax.base import errors
 from capi_jax.data import sources
+from capi_jax.data import wds
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,12 @@ def _host_seeds(seed: int, process_index: int) -> tuple[int, int]:
   return int(shuffle_seed), int(map_seed)
 
 
+def _wait_for_all_processes() -> None:
+  """Returns once every process of the run has called it (they all make the training source)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('capi_jax: wds shards indexed')
+
+
 def train_dataset(config: ml_collections.ConfigDict, transform: grain.transforms.RandomMap, *,
                   seed: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """This host's infinite stream of training examples made by `transform` (before batching).
@@ -67,8 +75,9 @@ def train_dataset(config: ml_collections.ConfigDict, transform: grain.transforms
   The transform receives decoded records `{'image', 'label', 'index'}`, 'index' being the
   image's position in the whole dataset (methods that must tell samples apart read it).
   """
-  source = sources.make_source(config.data.dataset, config.data.split, config.data.data_dir,
-                               config.data.image_size)
+  source = sources.make_source(
+      config.data.dataset, config.data.split, config.data.data_dir, config.data.image_size,
+      wds.IndexShare(process_index, process_count, _wait_for_all_processes))
   if len(source) < process_count:
     raise ValueError(f'{source.description} has fewer images than the {process_count} hosts.')
   shuffle_seed, map_seed = _host_seeds(seed, process_index)

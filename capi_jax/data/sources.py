@@ -393,8 +393,10 @@ class SyntheticSource:
             'name': f'synthetic[{index}]'}
 
 
-def make_source(dataset: str, split: str, data_dir: str = '', image_size: int = 224):
-  """The random-access source named by `dataset` (see the module docstring)."""
+def make_source(dataset: str, split: str, data_dir: str = '', image_size: int = 224,
+                index_share: wds.IndexShare = wds.IndexShare()):
+  """The random-access source named by `dataset` (see the module docstring); `index_share`:
+  this process's part in indexing `wds:` shards when all processes make the source together."""
   kind, _, arg = dataset.partition(':')
   if kind == 'fashion_mnist':
     return FashionMnistSource(arg or data_dir or FASHION_MNIST_DIR, split)
@@ -405,12 +407,13 @@ def make_source(dataset: str, split: str, data_dir: str = '', image_size: int = 
   if kind == 'synthetic':
     return SyntheticSource(image_size)
   if kind == 'wds' and arg:
-    return wds.WebDatasetSource(arg, split)
+    return wds.WebDatasetSource(arg, split, index_share)
   if kind == 'hf' and arg:
     return hf.HfSource(arg, split)
   if kind == 'mix' and arg:
     return mixture.MixtureSource(
-        [(w, make_source(d, split, data_dir, image_size)) for w, d in mixture.parse(arg)], arg)
+        [(w, make_source(d, split, data_dir, image_size, index_share))
+         for w, d in mixture.parse(arg)], arg)
   raise DatasetError(f'Unknown dataset {dataset!r}. Use fashion_mnist, fashion_mnist:DIR, '
                    'tfds:NAME, folder:PATH, wds:PATTERN, hf:NAME, mix:W*A|W*B or synthetic.')
 

@@ -8,28 +8,53 @@ order), and `{split}` for the split's name (`DIR/{split}-{0000..0009}.tar`); a p
 A sample is the group of consecutive members sharing a key (the member's path up to the first
 dot of its file name, WebDataset's rule): its image is the member with an image extension
 (jpg, jpeg, png, webp), its label the integer in a `cls` / `label` member (-1 without one).
-Each shard's member table is read once, when the source is made (headers only: the reader seeks
-over the data), so records are read at random by offset: the Grain pipeline's guarantees hold
-unchanged (per-record determinism, shuffling, exact resume, each host its slice). A shard cut
-short keeps the samples before the cut (a warning names it); a sample without an image is
-skipped with a count; an undecodable image is skipped by the decoder like any bad record.
+Each shard's member table (its index: the image members' offsets, sizes, names and labels) is
+read when the source is made, so records are read at random by offset: the Grain pipeline's
+guarantees hold unchanged (per-record determinism, shuffling, exact resume, each host its
+slice). A shard cut short keeps the samples before the cut (a warning names it, at every start);
+a sample without an image is skipped with a count; an undecodable image is skipped by the
+decoder like any bad record.
+
+Indexing reads a shard's headers: locally by seeking over the data, on gs:// by downloading the
+shard in chunks of 16 MiB (`storage.open_read_ahead`: a request per member, gcsfs's way, costs a
+round trip each). So each shard's index is cached, as a small .npz file made once:
+  - where: `DIR/.wds_index/SHARD.npz` beside the shard, the place every host of a pod reads;
+    where that cannot be written (read-only data), `$CAPI_JAX_CACHE/wds_index/` (default
+    ~/.cache/capi_jax/wds_index/; a gs:// folder there is shared by the hosts, a local one is
+    each host's own), named by a hash of the shard's path.
+  - validity: the file records the shard's path, size and version (GCS generation; locally
+    inode and modification time) and is used only while they match, so a shard rewritten is
+    indexed again; a damaged or cut file (zip CRCs) is ignored with a warning and rewritten.
+    Writes are atomic.
+  - building: INDEX_THREADS shards at a time. When all processes of a run make the source
+    together (training: `IndexShare`), process p indexes shards i with i % count == p, all wait
+    at a barrier, then each reads the others' indexes from the cache; one it cannot find there
+    (a cache that is not shared) it indexes itself: correct, only slower.
+A long indexing logs its progress every 10 s.
 """
 
-from collections.abc import Iterator
+import collections
+from collections.abc import Callable
+import concurrent.futures
 import dataclasses
 import fnmatch
 import glob
+import hashlib
 import io
 import itertools
+import json
 import logging
+import os
 import re
 import tarfile
+import time
 from typing import Any
 
 import numpy as np
 
 from capi_jax.base import errors
 from capi_jax.base import storage
+from capi_jax.weights import releases
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +62,11 @@ IMAGE_SUFFIXES = ('jpg', 'jpeg', 'png', 'webp')
 LABEL_SUFFIXES = ('cls', 'cls.txt', 'label', 'label.txt', 'label.cls')
 _GLOB_CHARS = re.compile(r'[*?\[]')
 _BRACE = re.compile(r'\{([^{}]*)\}')
+INDEX_FOLDER = '.wds_index'
+_INDEX_FORMAT = 1  # One more when what an index file holds changes: older files are rebuilt.
+# Shards indexed at once: on gs:// each waits for its reads (the GIL is free meanwhile).
+INDEX_THREADS = 16
+_PROGRESS_S = 10.0  # A long indexing logs its progress this often.
 
 
 class ShardsNotFoundError(errors.UserError, FileNotFoundError):
@@ -93,7 +123,9 @@ def shard_paths(spec: str, split: str) -> list[str]:
       if not found:
         raise ShardsNotFoundError(f'No shard matches {expanded!r} (from wds:{spec}).')
       paths += found
-  missing = [p for p in paths if not storage.path(p).is_file()]
+  with concurrent.futures.ThreadPoolExecutor(INDEX_THREADS) as pool:  # A request each on GCS.
+    exist = list(pool.map(lambda p: storage.path(p).is_file(), paths))
+  missing = [p for p, there in zip(paths, exist) if not there]
   if missing:
     raise ShardsNotFoundError(f'{len(missing)} of the {len(paths)} shards of wds:{spec} do not '
                               f'exist, e.g. {missing[0]}.')
@@ -124,10 +156,10 @@ def _read_label(archive: tarfile.TarFile, member: tarfile.TarInfo) -> int:
     return -1
 
 
-def _samples(archive: tarfile.TarFile, shard: str, file_size: int) -> Iterator[_Sample]:
-  """The shard's samples in order; stops (with a warning) where the archive is cut short: the
-  sample whose data runs past the end is dropped with everything after it."""
-  current, last_whole = None, None
+def _samples(archive: tarfile.TarFile, file_size: int) -> tuple[list[_Sample], str]:
+  """The shard's samples in order, and '' or what damage ended the reading: where the archive
+  is cut short, the sample whose data runs past the end is dropped with everything after it."""
+  samples, current = [], None
   members = iter(archive)
   while True:
     member = None
@@ -141,31 +173,37 @@ def _samples(archive: tarfile.TarFile, shard: str, file_size: int) -> Iterator[_
       # The sample being read is whole only if the damage is in the next sample's members.
       next_key = None if member is None else _key_and_suffix(member.name)[0]
       if current is not None and next_key not in (None, current.key):
-        yield current
-        last_whole = current.key
-      logger.warning('Shard %s is damaged after %s (%s): its samples up to there are used.',
-                     shard, last_whole or 'its start', e)
-      return
+        samples.append(current)
+      return samples, f'damaged after {samples[-1].key if samples else "its start"} ({e})'
     if not member.isfile():
       continue
     key, suffix = _key_and_suffix(member.name)
     if current is None or key != current.key:
       if current is not None:
-        yield current
-        last_whole = current.key
+        samples.append(current)
       current = _Sample(key)
     if suffix in IMAGE_SUFFIXES and current.image is None:
       current.image, current.image_name = (member.offset_data, member.size), member.name
     elif suffix in LABEL_SUFFIXES:
       current.label = _read_label(archive, member)
   if current is not None:
-    yield current
+    samples.append(current)
+  return samples, ''
 
 
-def index_shard(shard: str) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-  """(offsets, sizes, labels) int64 arrays of the shard's image samples, their names, and how
-  many samples had no image."""
-  with storage.path(shard).open('rb') as f:
+@dataclasses.dataclass(frozen=True)
+class ShardIndex:
+  """What a shard holds: its image samples' data spans and labels, and a count of the rest."""
+  spans: np.ndarray  # (n, 2) int64: offset and size of each image member's data.
+  labels: np.ndarray  # (n,) int64, -1 without a label.
+  names: list[str]  # The n image members' names.
+  without_image: int  # Samples skipped for having no image.
+  damage: str = ''  # Why reading stopped before the end ('damaged after KEY (error)'), or ''.
+
+
+def index_shard(shard: str) -> ShardIndex:
+  """The shard's member table, read from its headers."""
+  with storage.open_read_ahead(shard) as f:
     file_size = f.seek(0, io.SEEK_END)
     f.seek(0)
     try:
@@ -173,33 +211,170 @@ def index_shard(shard: str) -> tuple[np.ndarray, np.ndarray, list[str], int]:
     except tarfile.TarError as e:
       raise ShardError(f'{shard} is not an uncompressed tar archive (WebDataset shard): '
                        f'{e}.') from e
+    samples, damage = _samples(archive, file_size)
     rows, names, without_image = [], [], 0
-    for sample in _samples(archive, shard, file_size):
+    for sample in samples:
       if sample.image is None:
         without_image += 1
         continue
       rows.append((*sample.image, sample.label))
       names.append(sample.image_name)
   table = np.asarray(rows, np.int64).reshape(-1, 3)
-  return table[:, :2], table[:, 2], names, without_image
+  return ShardIndex(table[:, :2], table[:, 2], names, without_image, damage)
+
+
+# ------------------------------------------------------------------------------ the index cache
+def cache_dir() -> storage.Path:
+  """Where indexes go when the shards' folder is not writable: `$CAPI_JAX_CACHE/wds_index`
+  (gs:// allowed, then shared by the hosts), default ~/.cache/capi_jax/wds_index."""
+  root = os.environ.get(releases.CACHE_ENV) or os.path.expanduser('~/.cache/capi_jax')
+  return storage.path(root) / 'wds_index'
+
+
+def index_files(shard: str) -> tuple[storage.Path, storage.Path]:
+  """The places of `shard`'s cached index, in the order they are tried: beside the shard (the
+  place every host of a pod reads, where the data is), then `cache_dir()`, named by a hash of
+  the shard's path (one folder for every dataset)."""
+  shard = storage.path(shard)
+  digest = hashlib.sha256(os.fspath(shard).encode()).hexdigest()[:16]
+  return (shard.parent / INDEX_FOLDER / f'{shard.name}.npz',
+          cache_dir() / f'{digest}-{shard.name}.npz')
+
+
+def _identity(shard: str) -> dict[str, Any]:
+  """What a cached index must have been made from: this shard path, size and version. Taken
+  before the shard is read: a shard rewritten while it is indexed is indexed again next time."""
+  stat = storage.stat(shard)
+  return {'format': _INDEX_FORMAT, 'shard': os.fspath(storage.path(shard)), 'size': stat.size,
+          'version': stat.version}
+
+
+def _encode(index: ShardIndex, identity: dict[str, Any]) -> bytes:
+  out = io.BytesIO()
+  np.savez_compressed(out, identity=json.dumps(identity, sort_keys=True), spans=index.spans,
+                      labels=index.labels, names=np.asarray(index.names, dtype=str),
+                      without_image=index.without_image, damage=index.damage)
+  return out.getvalue()
+
+
+def _decode(data: bytes, identity: dict[str, Any]) -> ShardIndex | None:
+  """The index in `data` if it was made from `identity`, else None; raises if `data` is damaged
+  (zip's CRCs catch a changed byte, a cut file has no directory)."""
+  with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+    if json.loads(str(saved['identity'])) != identity:
+      return None
+    return ShardIndex(saved['spans'], saved['labels'], saved['names'].tolist(),
+                      int(saved['without_image']), str(saved['damage']))
+
+
+def _load_cached(shard: str, identity: dict[str, Any]) -> ShardIndex | None:
+  for place in index_files(shard):
+    try:
+      data = place.read_bytes()
+    except FileNotFoundError:
+      continue
+    except Exception as e:  # pylint: disable=broad-except  (unreadable: as good as absent)
+      logger.debug('Cannot read %s: %s', place, e)
+      continue
+    try:
+      index = _decode(data, identity)
+    except Exception as e:  # pylint: disable=broad-except
+      logger.warning('Index %s of %s is damaged (%s): ignored, the shard is indexed again.',
+                     place, shard, e)
+      continue
+    if index is not None:
+      return index
+  return None
+
+
+def _store(shard: str, data: bytes) -> bool:
+  """Writes a shard's encoded index at the first of its places that takes it; False if none."""
+  for place in index_files(shard):
+    try:
+      storage.makedirs(place.parent)
+      storage.write_atomic(place, data)
+      return True
+    except Exception as e:  # pylint: disable=broad-except  (read-only data, a full disk, ...)
+      logger.debug('Cannot write %s: %s', place, e)
+  return False
+
+
+def _cached_or_built(shard: str) -> tuple[ShardIndex, str]:
+  """The shard's index and where it came from: 'cache', 'built' or 'not stored'."""
+  identity = _identity(shard)
+  index = _load_cached(shard, identity)
+  if index is not None:
+    return index, 'cache'
+  index = index_shard(shard)
+  return index, 'built' if _store(shard, _encode(index, identity)) else 'not stored'
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexShare:
+  """This process's part in indexing the shards when several processes (hosts) start together:
+  it indexes shards i with i % count == index and caches them, calls `wait` (which returns once
+  every process has called it), then reads the other shards' indexes from the cache, indexing
+  any it does not find there itself (a cache that is not shared: correct, just slower)."""
+  index: int = 0
+  count: int = 1
+  wait: Callable[[], None] = lambda: None
+
+
+class _Progress:
+  """Counts indexed shards by origin; logs them every _PROGRESS_S while indexing takes long."""
+
+  def __init__(self, spec: str, total: int):
+    self.spec, self.total = spec, total
+    self.origins = collections.Counter()
+    self._next_report = time.monotonic() + _PROGRESS_S
+
+  def tick(self, origin: str) -> None:
+    self.origins[origin] += 1
+    if time.monotonic() >= self._next_report:
+      self._next_report = time.monotonic() + _PROGRESS_S
+      logger.info('Indexing wds:%s: %d of %d shards (%d from the index cache).', self.spec,
+                  sum(self.origins.values()), self.total, self.origins['cache'])
+
+
+def index_shards(shards: list[str], spec: str, share: IndexShare = IndexShare()
+                 ) -> list[ShardIndex]:
+  """Every shard's index, from the cache or read from the shard, INDEX_THREADS at a time."""
+  progress = _Progress(spec, len(shards))
+  found = {}
+
+  def index_all(numbers: list[int]) -> None:
+    with concurrent.futures.ThreadPoolExecutor(INDEX_THREADS) as pool:
+      for i, (index, origin) in zip(numbers, pool.map(_cached_or_built,
+                                                      [shards[i] for i in numbers])):
+        found[i] = index
+        progress.tick(origin)
+
+  index_all([i for i in range(len(shards)) if i % share.count == share.index])
+  share.wait()
+  index_all([i for i in range(len(shards)) if i % share.count != share.index])
+  indexes = [found[i] for i in range(len(shards))]
+  for shard, index in zip(shards, indexes):
+    if index.damage:
+      logger.warning('Shard %s is %s: its samples up to there are used.', shard, index.damage)
+  if progress.origins['not stored']:
+    logger.warning('wds:%s: the indexes of %d shards could not be written beside them nor in '
+                   '%s: every start reads them again.', spec, progress.origins['not stored'],
+                   cache_dir())
+  return indexes
 
 
 class WebDatasetSource:
   """Samples of WebDataset tar shards, read at random by offset (see the module docstring)."""
 
-  def __init__(self, spec: str, split: str):
+  def __init__(self, spec: str, split: str, share: IndexShare = IndexShare()):
     self.shards = shard_paths(spec, split)
-    spans, labels, self._names, owners, without_image = [], [], [], [], 0
-    for i, shard in enumerate(self.shards):
-      shard_spans, shard_labels, names, missing = index_shard(shard)
-      spans.append(shard_spans)
-      labels.append(shard_labels)
-      self._names += names
-      owners.append(np.full(len(names), i, np.int32))
-      without_image += missing
-    self._spans = np.concatenate(spans)
-    self._labels = np.concatenate(labels)
-    self._owner = np.concatenate(owners)
+    indexes = index_shards(self.shards, spec, share)
+    self._spans = np.concatenate([index.spans for index in indexes])
+    self._labels = np.concatenate([index.labels for index in indexes])
+    self._names = [name for index in indexes for name in index.names]
+    self._owner = np.concatenate([np.full(len(index.names), i, np.int32)
+                                  for i, index in enumerate(indexes)])
+    without_image = sum(index.without_image for index in indexes)
     if without_image:
       logger.warning('wds:%s: %d samples without an image (%s) are skipped.', spec,
                      without_image, ', '.join(IMAGE_SUFFIXES))
