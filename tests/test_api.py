@@ -30,6 +30,7 @@ from capi_jax import extract
 from capi_jax.base import cli
 from capi_jax.base import platforms
 from capi_jax.base import sharding
+from capi_jax.base import storage
 from capi_jax.data import sources
 from capi_jax.data import wds
 from capi_jax.engine import evaluation
@@ -276,7 +277,7 @@ def test_a_named_release_downloads_once_from_a_mirror(small_run, release_server,
   monkeypatch.syspath_prepend(str(config_file.parent))  # Its config, as a module.
   monkeypatch.setitem(releases.RELEASES, 'capi_test_tiny', releases.Release(
       'https://dl.fbaipublicfiles.com/capi/capi_test_tiny.npz', config_file.stem))
-  monkeypatch.setenv(releases.CACHE_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / 'cache'))
   monkeypatch.setenv(releases.MIRROR_ENV, base_url)  # Nothing reaches the real host.
   pixels = np.random.default_rng(2).integers(0, 256, (2, 28, 28, 3), np.uint8)
   want = capi_jax.load(run)(pixels)
@@ -284,17 +285,17 @@ def test_a_named_release_downloads_once_from_a_mirror(small_run, release_server,
     got = capi_jax.load('capi_test_tiny')(pixels)
     np.testing.assert_array_equal(got['global_repr'], want['global_repr'])
   assert requests == ['/capi_test_tiny.npz']  # Downloaded once, then read from the cache.
-  record = json.loads((tmp_path / 'cache' / 'capi_test_tiny.npz.json').read_text())
+  record = json.loads((tmp_path / 'cache' / 'releases' / 'capi_test_tiny.npz.json').read_text())
   assert record['size'] == official.stat().st_size
-  cached = tmp_path / 'cache' / 'capi_test_tiny.npz'
+  cached = tmp_path / 'cache' / 'releases' / 'capi_test_tiny.npz'
   cached.write_bytes(cached.read_bytes()[:-1])
   with pytest.raises(releases.ReleaseError, match='differs from the file first downloaded'):
     capi_jax.load('capi_test_tiny')
   # Unreachable (offline): the error says where to put the file.
   monkeypatch.setenv(releases.MIRROR_ENV, 'http://127.0.0.1:9/')
-  with pytest.raises(releases.ReleaseError, match=r'put it at .*cache/capi_vitl14_lvd.pth'):
+  with pytest.raises(releases.ReleaseError, match=r'put it at .*cache/releases/capi_vitl14_lvd.pth'):
     releases.fetch('capi_vitl14_lvd', timeout_s=5)
-  assert not list((tmp_path / 'cache').glob('.capi_vitl14_lvd*'))  # No partial file left.
+  assert not list((tmp_path / 'cache' / 'releases').glob('.capi_vitl14_lvd*'))  # No partial file left.
 
 
 def test_release_table_and_configs():

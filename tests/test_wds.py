@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from capi_jax.base import storage
 from capi_jax.data import mixture
 from capi_jax.data import pipeline
 from capi_jax.data import sources
@@ -163,12 +164,12 @@ def test_the_index_goes_to_the_cache_folder_when_not_beside_the_shards(tmp_path,
   data.mkdir()
   wds.write_shards([(_png(_fashion_mnist(1)[0][0]), 'png', 1)], str(data / '%d.tar'), 1)
   (data / wds.INDEX_FOLDER).write_text('a file where the folder would be')
-  monkeypatch.setenv('CAPI_JAX_CACHE', str(cache))
+  monkeypatch.setenv(storage.CACHE_ENV, str(cache))
   for _ in range(2):
     assert len(sources.make_source(f'wds:{data}/0.tar', 'train')) == 1
   assert len(counted) == 1 and [p.name for p in (cache / 'wds_index').iterdir()] == [
       wds.index_files(str(data / '0.tar'))[1].name]
-  monkeypatch.setenv('CAPI_JAX_CACHE', str(data / wds.INDEX_FOLDER))  # Not writable either.
+  monkeypatch.setenv(storage.CACHE_ENV, str(data / wds.INDEX_FOLDER))  # Not writable either.
   assert len(sources.make_source(f'wds:{data}/0.tar', 'train')) == 1 and len(counted) == 2
   assert 'the indexes of 1 shards could not be written' in caplog.text
 

@@ -58,6 +58,7 @@ from capi_jax.base import errors
 fsspec.config.conf.setdefault('gcs', {})['use_listings_cache'] = False
 
 GCS_PREFIX = 'gs://'
+CACHE_ENV = 'CAPI_JAX_CACHE'  # The root of capi_jax's caches (downloads, indexes).
 PathLike = str | os.PathLike[str]
 Path = epath.Path
 _COPY_BUFFER = 8 * 2**20
@@ -378,6 +379,12 @@ class Stat:
   locally its inode and modification time in ns (a rewrite or an `os.replace` changes them)."""
   size: int
   version: str
+
+
+def cache_dir(kind: str) -> Path:
+  """capi_jax's cache folder for `kind` ('releases', 'wds_index'): $CAPI_JAX_CACHE/kind (gs://
+  allowed where the kind's user writes through this module), default ~/.cache/capi_jax/kind."""
+  return path(os.environ.get(CACHE_ENV) or os.path.expanduser('~/.cache/capi_jax')) / kind
 
 
 def stat(p: PathLike) -> Stat:

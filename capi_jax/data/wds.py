@@ -54,7 +54,6 @@ import numpy as np
 
 from capi_jax.base import errors
 from capi_jax.base import storage
-from capi_jax.weights import releases
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +226,7 @@ def index_shard(shard: str) -> ShardIndex:
 def cache_dir() -> storage.Path:
   """Where indexes go when the shards' folder is not writable: `$CAPI_JAX_CACHE/wds_index`
   (gs:// allowed, then shared by the hosts), default ~/.cache/capi_jax/wds_index."""
-  root = os.environ.get(releases.CACHE_ENV) or os.path.expanduser('~/.cache/capi_jax')
-  return storage.path(root) / 'wds_index'
+  return storage.cache_dir('wds_index')
 
 
 def index_files(shard: str) -> tuple[storage.Path, storage.Path]:

@@ -3,7 +3,7 @@
 `RELEASES` holds the files the official repositories publish (facebookresearch/capi `hubconf.py`,
 ml-jku/MIM-Refiner `hubconf.py` / README), each with the config that describes its architecture
 (a config module and dotted overrides). `fetch(name)` downloads a file once into the cache
-(`$CAPI_JAX_CACHE`, default ~/.cache/capi_jax/releases/) and returns its path.
+(`$CAPI_JAX_CACHE/releases/`, default ~/.cache/capi_jax/releases/) and returns its path.
 
 Checksums: the releases publish none, so the first download records the file's size and sha256
 beside it (`<file>.json`); every later use checks the file against that record, and a file
@@ -25,8 +25,8 @@ import urllib.request
 from typing import Any
 
 from capi_jax.base import errors
+from capi_jax.base import storage
 
-CACHE_ENV = 'CAPI_JAX_CACHE'
 MIRROR_ENV = 'CAPI_JAX_RELEASES_MIRROR'
 _CAPI = 'https://dl.fbaipublicfiles.com/capi/'
 _MIMREF = 'https://ml.jku.at/research/mimrefiner/download/'
@@ -87,8 +87,8 @@ class ReleaseError(errors.UserError, OSError):
 
 
 def cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get(CACHE_ENV) or
-                      pathlib.Path.home() / '.cache' / 'capi_jax' / 'releases')
+  """The downloaded releases' folder (local: urllib writes there): storage.cache_dir's."""
+  return pathlib.Path(storage.cache_dir('releases'))
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -145,7 +145,7 @@ def fetch(name: str, base_url: str | None = None, timeout_s: float = 60) -> path
     raise ReleaseError(
         f'Cannot download release {name!r} from {url} ({reason}). Offline: download it '
         f'elsewhere (e.g. `curl -o {target.name} {RELEASES[name].url}`) and put it at {target} '
-        f'(or set ${CACHE_ENV} to its folder, or ${MIRROR_ENV} to a server that has it).'
+        f'(or set ${storage.CACHE_ENV} to the folder above its releases/, or ${MIRROR_ENV} to a server that has it).'
     ) from e
   finally:
     if os.path.exists(partial):
