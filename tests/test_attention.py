@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from capi_jax.engine import config_checks
+from capi_jax.models import encoder_decoder
 from capi_jax.models import layers
 from configs import tiny
 
@@ -110,3 +111,39 @@ def test_cudnn_padding_matches_xla(monkeypatch):
   grads = lambda fn: jax.jit(jax.grad(functools.partial(_loss, fn), argnums=(0, 1, 2)))(q, k, v)
   for got, want in zip(grads(cudnn), grads(xla)):
     np.testing.assert_allclose(got, want, atol=5e-6)
+
+
+def test_rotary_attention_gives_cudnn_its_tokens_major_layout(platform, monkeypatch):
+  """CAPI's rotary attention hands cuDNN q, k, v tokens-major as projected (no transposes to
+  heads-major and back): on a GPU, with JAX's XLA implementation of the cuDNN call standing in
+  for the kernel (no GPU here), the cross-attention equals the 'xla' implementation's."""
+  xla_impl = jax.nn.dot_product_attention
+  layouts = []
+
+  def as_xla(q, k, v, *args, implementation=None, **kwargs):
+    assert implementation == 'cudnn'
+    layouts.append(q.shape)
+    return xla_impl(q, k, v, *args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', as_xla)
+  platform('gpu')
+  b, n_q, n_k, dim, heads = 2, 6, 10, 128, 2
+  keys = jax.random.split(jax.random.key(1), 4)
+  x = jax.random.normal(keys[0], (b, n_q, dim), jnp.bfloat16)
+  context = jax.random.normal(keys[1], (b, n_k, dim), jnp.bfloat16)
+  coords = jax.random.uniform(keys[2], (b, n_q, 2), minval=-1, maxval=1)
+  context_coords = jax.random.uniform(keys[3], (b, n_k, 2), minval=-1, maxval=1)
+  make = lambda impl: encoder_decoder.make_attention(heads, dtype=jnp.bfloat16,
+                                                     implementation=impl)
+  args = (x, coords, context, context_coords)
+  params = make('xla').init(jax.random.key(2), *args)
+  want = make('xla').apply(params, *args)
+  got = make('cudnn').apply(params, *args)
+  assert layouts and layouts[0][1:] == (n_q + n_q % 2, heads, dim // heads)  # Tokens-major.
+  # No transposes around the kernel (there were 8: q, k, v and the output, there and back).
+  transposes = lambda fn, *a: str(jax.make_jaxpr(fn)(*a)).count('transpose[')
+  q, k, v = _qkv(n_q, n_k, 'tokens_major', jnp.bfloat16, b, heads, dim // heads)
+  assert transposes(make('cudnn').apply, params, *args) == transposes(layers.attention_cudnn,
+                                                                       q, k, v)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=2e-2)

@@ -605,15 +605,17 @@ class Attention(nn.Module):
       v = heads(add(self._dense(v_name, v_in, inner, full), v_bias))
       layout = 'tokens_major'
       if self.rotary is not None:
-        # Rotated tokens-major, as projected; then heads-major (batch, heads, n, head_dim):
-        # attention's matmuls batch over the leading axes. Rotating after the transpose had
-        # XLA transpose float32 copies for the TPU attention kernel.
+        # Rotated tokens-major, as projected (rotating after a transpose had XLA transpose
+        # float32 copies for the TPU kernel); then heads-major (batch, heads, n, head_dim),
+        # where XLA's matmuls batch over the leading axes and the TPU kernel wants them, but
+        # not for cuDNN, which takes tokens-major.
         rope = self.rotary(head_dim, name='rope')
         rotate_q = rope(positions)
         rotate_k = rotate_q if context is None else rope(context_positions)
-        by_heads = lambda t: t.transpose(0, 2, 1, 3)
+        if choose_attention(self.implementation, b, k.shape[1], head_dim, q.dtype) != 'cudnn':
+          layout = 'heads_major'
+        by_heads = lambda t: t.transpose(0, 2, 1, 3) if layout == 'heads_major' else t
         q, k, v = by_heads(rotate_q(q)), by_heads(rotate_k(k)), by_heads(v)
-        layout = 'heads_major'
     out = checkpoint_name(attention(q, k, v, layout, self.implementation, bias),
                           ATTENTION_OUT)
     if layout == 'heads_major':
