@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from capi_jax import methods
@@ -16,6 +18,7 @@ from capi_jax.base import hardware
 from capi_jax.base import sharding
 from capi_jax.engine import plans
 from capi_jax.engine import state as state_lib
+from capi_jax.engine import step as step_lib
 from configs import tiny
 
 _HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -208,6 +211,30 @@ def _gradient_reductions(hlo: str) -> set[tuple[str, str]]:
       found |= {(dtype, dims) for dtype, dims in re.findall(r'(\w+)\[(\d+,\d+)\]', m.group(1))
                 if min(map(int, dims.split(','))) >= 512}
   return found
+
+
+@_NEEDS_LIBTPU
+def test_fsdp_weights_are_all_gathered_on_a_256_chip_v5e():
+  """A float32 kernel split over all 256 chips of a v5e:16x16 slice and gathered whole in
+  bfloat16 for a matmul (a block's FSDP gather): `step.compile_step` keeps it an all-gather of
+  the bfloat16 shards. libtpu's default makes it an all-reduce of each float32 shard padded with
+  zeros to the whole kernel (256 x 2 times the bytes)."""
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  devices = plans.topology_devices('v5e:16x16')
+  mesh = jax.sharding.Mesh(np.array(devices), ('fsdp',))
+  split = lambda spec: jax.sharding.NamedSharding(mesh, spec)
+  kernel = jax.ShapeDtypeStruct((1024, 4096), jnp.float32, sharding=split(P(None, 'fsdp')))
+  x = jax.ShapeDtypeStruct((256 * 8, 1024), jnp.bfloat16, sharding=split(P('fsdp')))
+  matmul = lambda w, x: x @ jax.lax.with_sharding_constraint(w, split(P())).astype(x.dtype)
+  lowered = jax.jit(matmul).lower(kernel, x)
+
+  def collectives(compiled) -> dict[str, int]:
+    return {kind: size for kind, size in plans.collective_bytes(
+        plans.parse_hlo(compiled.as_text())).items() if size}
+
+  assert collectives(step_lib.compile_step(lowered, 'tpu')) == {'all-gather': 1024 * 16 * 2}
+  # The compiler's default (if this fails, libtpu changed it: see `step.TPU_COMPILER_OPTIONS`).
+  assert collectives(lowered.compile()) == {'all-reduce': 1024 * 4096 * 4}
 
 
 @_NEEDS_LIBTPU

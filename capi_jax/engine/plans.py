@@ -142,7 +142,7 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.De
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
   """The engine's train step compiled for `devices` on abstract inputs (nothing allocated)."""
-  return lower_train_step(config, devices).compile()
+  return step_lib.compile_step(lower_train_step(config, devices), devices[0].platform)
 
 
 def step_flops(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
@@ -329,7 +329,7 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   timer = _CompileTimer()
   lowered = lower_train_step(config, devices)
   try:
-    compiled = lowered.compile()
+    compiled = step_lib.compile_step(lowered, devices[0].platform)
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise

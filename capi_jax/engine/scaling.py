@@ -42,6 +42,7 @@ from capi_jax import methods
 from capi_jax.base import hardware
 from capi_jax.base import sharding
 from capi_jax.engine import plans
+from capi_jax.engine import step as step_lib
 from capi_jax.models import family
 
 # What each collective serves.
@@ -262,7 +263,7 @@ def plan_point(config: ml_collections.ConfigDict, point: Point,
   mesh = sharding.mesh_shape(config.sharding.mesh, len(devices))
   start = time.perf_counter()
   lowered = plans.lower_train_step(config, devices)
-  compiled = lowered.compile()
+  compiled = step_lib.compile_step(lowered, devices[0].platform)
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes

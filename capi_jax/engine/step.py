@@ -23,6 +23,16 @@ from capi_jax.base import sharding
 from capi_jax.engine import state as state_lib
 from capi_jax.models import layers
 
+# Options of the TPU compiler for the train step (`compile_step`). By default libtpu 0.0.42
+# gathers a block's FSDP shards over v5e groups of 64 chips or more as an all-reduce of each
+# float32 shard written into a zero array of the whole weight (its `TpuAllGatherDecomposer`),
+# cast to bfloat16 after the sum: ViT-L on v5e:16x16 at fsdp 256 had 4.5 GiB of such all-reduce
+# operands per chip per step, where all-gathers of the bfloat16 shards carry 0.03 GiB, and 0.59
+# GiB more temporaries (docs/pod_plans.md, "Where the bytes go"). This option keeps them
+# all-gathers on v5e; it changes nothing on v5e groups of 16 or 32 chips (already all-gathers)
+# nor on v4, v5p and v6e slices of 64 or 256 chips (all-reduces there with or without it).
+TPU_COMPILER_OPTIONS = {'xla_tpu_prefer_async_allgather_to_allreduce': 'true'}
+
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 StepFn = Callable[[state_lib.TrainState, Batch], tuple[state_lib.TrainState, Metrics]]
@@ -69,6 +79,14 @@ def make_train_step(method: interface.Method, optimizer: optax.GradientTransform
   """train_step with its static arguments bound: (state, batch) -> (state, metrics)."""
   return functools.partial(train_step, method=method, optimizer=optimizer, mesh=mesh,
                            logical_rules=logical_rules)
+
+
+def compile_step(lowered: Any, platform: str) -> Any:
+  """`lowered` (a jitted step's `.lower(...)`) compiled for devices of `platform` ('tpu',
+  'gpu', 'cpu'), with `TPU_COMPILER_OPTIONS` for TPUs."""
+  if platform != 'tpu':
+    return lowered.compile()
+  return lowered.compile(compiler_options=TPU_COMPILER_OPTIONS)
 
 
 def jit_train_step(method: interface.Method, layout: state_lib.StateLayout,

@@ -301,7 +301,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sha
         except Exception as e:  # pylint: disable=broad-except  (a dead data worker, a crash)
           raise _input_failed(e, ckpt, state, step, data_iter) from e
       if compiled is None:
-        compiled = step_fn.lower(state, batch).compile()
+        compiled = step_lib.compile_step(step_fn.lower(state, batch), jax.devices()[0].platform)
         _log_memory(compiled)
         stats.restart(step)
       profiler.before_step(step)
