@@ -238,6 +238,23 @@ def test_fsdp_weights_are_all_gathered_on_a_256_chip_v5e():
 
 
 @_NEEDS_LIBTPU
+def test_a_libtpu_without_the_options_compiles_the_step_without_them(monkeypatch, caplog):
+  """An option the TPU compiler does not know fails a compile ('No such compile option'):
+  `compile_step` then compiles without the options, with a warning naming them."""
+  monkeypatch.setattr(step_lib, 'TPU_COMPILER_OPTIONS', {'xla_tpu_not_an_option': 'true'})
+  mesh = jax.sharding.Mesh(np.array(plans.topology_devices('v5e:2x2')), ('fsdp',))
+  x = jax.ShapeDtypeStruct((16, 128), jnp.float32,
+                           sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                               'fsdp')))
+  lowered = jax.jit(lambda x: x * 2).lower(x)
+  with caplog.at_level('WARNING', logger=step_lib.__name__):
+    compiled = step_lib.compile_step(lowered, 'tpu')
+  assert compiled.as_text()
+  assert "refuses ['xla_tpu_not_an_option'] (INVALID_ARGUMENT: No such compile option" in (
+      caplog.text)
+
+
+@_NEEDS_LIBTPU
 def test_weight_gradients_are_reduced_in_reduce_dtype():
   """Computing in bfloat16, the blocks' weight gradients are summed over the chips in
   `efficiency.reduce_dtype`: float32 (the releases'), or bfloat16 when asked."""

@@ -43,3 +43,4 @@ def test_versions_and_flags(monkeypatch):
   assert record['versions']['jax'] == jax.__version__
   assert set(provenance.PACKAGES) == set(record['versions'])
   assert record['device_kind'] == jax.devices()[0].device_kind
+  assert record['compiler_options'] == {}  # The train step's options are TPU-only.

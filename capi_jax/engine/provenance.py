@@ -3,7 +3,8 @@
 `describe(mesh)` gives the git commit and dirty flag of the checkout capi_jax runs from (None,
 with the reason, when it runs from an installed copy, or git is missing or slow: no network is
 used), the versions of the libraries in the training step's path (None when not installed), the
-environment variables that change what XLA / libtpu / NCCL do, and the devices and mesh.
+environment variables that change what XLA / libtpu / NCCL do, the options the train step is
+compiled with (`step.TPU_COMPILER_OPTIONS` on TPUs), and the devices and mesh.
 """
 
 import importlib.metadata
@@ -13,6 +14,8 @@ import subprocess
 from typing import Any
 
 import jax
+
+from capi_jax.engine import step as step_lib
 
 # Distribution names, as pip knows them.
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy',
@@ -68,9 +71,11 @@ def environment() -> dict[str, str]:
 
 
 def describe(mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
-  """Run-record fields: git, versions, environment, devices, mesh."""
+  """Run-record fields: git, versions, environment, compiler options, devices, mesh."""
+  platform = jax.devices()[0].platform
   return {
       'git': git_state(), 'versions': versions(), 'environment': environment(),
+      'compiler_options': dict(step_lib.TPU_COMPILER_OPTIONS) if platform == 'tpu' else {},
       'device_kind': jax.devices()[0].device_kind,
       'local_device_count': jax.local_device_count(),
       'mesh': None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},

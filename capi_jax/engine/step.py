@@ -12,6 +12,7 @@ student); everything else lives here.
 from collections.abc import Callable
 import contextlib
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -22,6 +23,8 @@ from capi_jax.base import interface
 from capi_jax.base import sharding
 from capi_jax.engine import state as state_lib
 from capi_jax.models import layers
+
+logger = logging.getLogger(__name__)
 
 # Options of the TPU compiler for the train step (`compile_step`). By default libtpu 0.0.42
 # gathers a block's FSDP shards over v5e groups of 64 chips or more as an all-reduce of each
@@ -83,10 +86,22 @@ def make_train_step(method: interface.Method, optimizer: optax.GradientTransform
 
 def compile_step(lowered: Any, platform: str) -> Any:
   """`lowered` (a jitted step's `.lower(...)`) compiled for devices of `platform` ('tpu',
-  'gpu', 'cpu'), with `TPU_COMPILER_OPTIONS` for TPUs."""
+  'gpu', 'cpu'), with `TPU_COMPILER_OPTIONS` for TPUs.
+
+  A libtpu that no longer knows an option (they are libtpu's, not a stable interface; a pod's
+  libtpu comes with its jax) compiles without them, with a warning, rather than failing.
+  """
   if platform != 'tpu':
     return lowered.compile()
-  return lowered.compile(compiler_options=TPU_COMPILER_OPTIONS)
+  try:
+    return lowered.compile(compiler_options=TPU_COMPILER_OPTIONS)
+  except jax.errors.JaxRuntimeError as e:
+    if 'No such compile option' not in str(e):
+      raise
+    logger.warning('The TPU compiler refuses %s (%s): compiling without them (on v5e slices of '
+                   '64+ chips FSDP weight gathers then become all-reduces).',
+                   sorted(TPU_COMPILER_OPTIONS), str(e).splitlines()[0])
+    return lowered.compile()
 
 
 def jit_train_step(method: interface.Method, layout: state_lib.StateLayout,
