@@ -147,3 +147,24 @@ def test_rotary_attention_gives_cudnn_its_tokens_major_layout(platform, monkeypa
                                                                        q, k, v)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              atol=2e-2)
+
+
+def test_splash_keeps_heads_split_over_tensor(platform, monkeypatch):
+  """On a mesh with a 'tensor' axis, splash runs each device's heads (split over 'tensor', as
+  the projections leave them) of its batch shard, in Pallas's interpreter on 8 CPU devices:
+  forward and gradients match XLA's attention."""
+  platform('tpu')
+  monkeypatch.setattr(layers, 'attention_splash',
+                      functools.partial(layers.attention_splash, interpret=True))
+  mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('fsdp', 'tensor'))
+  q, k, v = (jax.device_put(t, spec) for t in _qkv(7, 20, 'heads_major', batch=4, heads=4))
+  splash = jax.jit(functools.partial(layers.attention, implementation='splash'))
+  xla = jax.jit(layers.attention)
+  with jax.set_mesh(mesh):
+    np.testing.assert_allclose(splash(q, k, v), xla(q, k, v), atol=2e-6)
+    grads = lambda fn: jax.jit(jax.grad(functools.partial(_loss, fn), argnums=(0, 1, 2)))(
+        q, k, v)
+    for got, want in zip(grads(splash), grads(xla)):
+      np.testing.assert_allclose(got, want, atol=5e-6)
+  assert not layers._reported_fallbacks

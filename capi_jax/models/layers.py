@@ -313,7 +313,7 @@ def _fall_back(reason: str) -> str:
 
 
 def choose_attention(implementation: str, batch: int, n_k: int, head_dim: int,
-                     dtype: DType) -> str:
+                     dtype: DType, heads: int = 1) -> str:
   """The implementation that serves one call: `implementation` resolved for the platform (the
   context mesh's) and the shapes; 'xla' where the kernel cannot serve them (logged once).
 
@@ -323,6 +323,7 @@ def choose_attention(implementation: str, batch: int, n_k: int, head_dim: int,
     n_k: keys per example.
     head_dim: channels per head.
     dtype: the queries' dtype.
+    heads: heads per example (splash splits them over a 'tensor' axis when they divide).
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, '
@@ -351,11 +352,10 @@ def choose_attention(implementation: str, batch: int, n_k: int, head_dim: int,
       return _fall_back(f"'cudnn' needs head_dim a multiple of 8, at most "
                         f'{_CUDNN_MAX_HEAD_DIM} (got {head_dim}).')
     return 'cudnn'
-  mesh = _context_mesh()
-  shards = 1 if mesh is None else mesh.size
+  _, shards, _ = _splash_layout(_context_mesh(), heads)
   if batch % shards:
     return _fall_back(f"'splash' runs per batch shard: a batch of {batch} does not split over "
-                      f'{shards} devices.')
+                      f'{shards} batch shards.')
   return 'splash'
 
 
@@ -400,7 +400,9 @@ def attention_splash(q: Array, k: Array, v: Array, interpret: bool = False) -> A
   the padded keys from every query (the kernel skips blocks that are wholly masked), and the
   padded queries' outputs are dropped. `interpret`: Pallas's interpreter (CPU tests).
   """
-  heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
+  mesh = _context_mesh()
+  spec, _, heads = _splash_layout(mesh, q.shape[1])
+  n_q, n_k = q.shape[2], k.shape[2]
   round_up = lambda n, m: -(-n // m) * m
   block_q = min(_SPLASH_BLOCK, round_up(n_q, 8))
   padded_q, padded_k = round_up(n_q, block_q), round_up(n_k, _SPLASH_BLOCK)
@@ -423,13 +425,28 @@ def attention_splash(q: Array, k: Array, v: Array, interpret: bool = False) -> A
     k, v = _pad_axis(k, 2, padded_k), _pad_axis(v, 2, padded_k)
     return jax.vmap(kernel)(q, k, v)[:, :, :n_q]
 
-  mesh = _context_mesh()
-  if mesh is None:
+  if spec is None:
     return local(q, k, v)
-  spec = jax.sharding.PartitionSpec(mesh.axis_names)
   # check_vma=False: Pallas calls carry no varying-manual-axes annotations.
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)
+
+
+def _splash_layout(mesh: jax.sharding.AbstractMesh | None, heads: int
+                   ) -> tuple[jax.sharding.PartitionSpec | None, int, int]:
+  """(how splash's (batch, heads, n, head_dim) operands lie over `mesh`, None without one; the
+  batch shards; the heads on each device). Heads over 'tensor', as the projections split them
+  (Megatron-style), and the batch over the batch axes; without a 'tensor' axis, or with heads
+  that do not divide over it, the batch over every axis."""
+  if mesh is None:
+    return None, 1, heads
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  tensor = sizes.get(sharding.TENSOR_AXIS, 1)
+  if tensor > 1 and heads % tensor == 0:
+    axes = sharding.batch_axes(mesh.axis_names)
+    return (jax.sharding.PartitionSpec(axes, sharding.TENSOR_AXIS),
+            int(np.prod([sizes[a] for a in axes])), heads // tensor)
+  return jax.sharding.PartitionSpec(mesh.axis_names), mesh.size, heads
 
 
 def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major',
@@ -456,7 +473,7 @@ def attention(q: Array, k: Array, v: Array, layout: str = 'heads_major',
   elif bias is not None:
     implementation = 'xla'  # 'auto' picks no kernel that cannot serve the call.
   chosen = choose_attention(implementation, q.shape[0], k.shape[2 if heads_major else 1],
-                            q.shape[-1], q.dtype)
+                            q.shape[-1], q.dtype, q.shape[1 if heads_major else 2])
   swap, same = (lambda t: t.transpose(0, 2, 1, 3)), (lambda t: t)
   if chosen == 'cudnn':
     tokens = swap if heads_major else same
@@ -612,7 +629,8 @@ class Attention(nn.Module):
         rope = self.rotary(head_dim, name='rope')
         rotate_q = rope(positions)
         rotate_k = rotate_q if context is None else rope(context_positions)
-        if choose_attention(self.implementation, b, k.shape[1], head_dim, q.dtype) != 'cudnn':
+        if choose_attention(self.implementation, b, k.shape[1], head_dim, q.dtype,
+                            self.num_heads) != 'cudnn':
           layout = 'heads_major'
         by_heads = lambda t: t.transpose(0, 2, 1, 3) if layout == 'heads_major' else t
         q, k, v = by_heads(rotate_q(q)), by_heads(rotate_k(k)), by_heads(v)
