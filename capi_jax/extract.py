@@ -67,6 +67,10 @@ def _write_npz(path, arrays: dict[str, np.ndarray]) -> None:
   storage.write_atomic(path, buffer.getvalue())
 
 
+def shard_count(n_records: int, shard_size: int) -> int:
+  return -(-n_records // shard_size)
+
+
 def shard_records(k: int, n_records: int, shard_size: int) -> range:
   """The records of output shard `k`."""
   return range(k * shard_size, min((k + 1) * shard_size, n_records))
@@ -102,7 +106,7 @@ def extract(encoder: api.Encoder, source, output: str, *, resolution: int,
   out = storage.path(output)
   storage.makedirs(out)
   n_records = len(source)
-  n_shards = -(-n_records // shard_size)
+  n_shards = shard_count(n_records, shard_size)
   todo = [k for k in range(process_index, n_shards, process_count)
           if not (out / shard_name(k, n_shards)).exists()]  # Others were written whole before.
   work = ((k, chunk) for k in todo
@@ -149,7 +153,7 @@ def write_manifest(source, output: str, *, resolution: int, outputs: Sequence[st
   """
   out = storage.path(output)
   n_records = len(source)
-  n_shards = -(-n_records // shard_size)
+  n_shards = shard_count(n_records, shard_size)
   total = 0
   for k in range(n_shards):
     with storage.path(out / shard_name(k, n_shards)).open('rb') as f:

@@ -293,9 +293,11 @@ def test_a_named_release_downloads_once_from_a_mirror(small_run, release_server,
     capi_jax.load('capi_test_tiny')
   # Unreachable (offline): the error says where to put the file.
   monkeypatch.setenv(releases.MIRROR_ENV, 'http://127.0.0.1:9/')
-  with pytest.raises(releases.ReleaseError, match=r'put it at .*cache/releases/capi_vitl14_lvd.pth'):
+  with pytest.raises(releases.ReleaseError,
+                     match=r'put it at .*cache/releases/capi_vitl14_lvd.pth'):
     releases.fetch('capi_vitl14_lvd', timeout_s=5)
-  assert not list((tmp_path / 'cache' / 'releases').glob('.capi_vitl14_lvd*'))  # No partial file left.
+  # No partial file left.
+  assert not list((tmp_path / 'cache' / 'releases').glob('.capi_vitl14_lvd*'))
 
 
 def test_release_table_and_configs():

@@ -225,7 +225,8 @@ def test_each_image_once_per_epoch_and_an_exact_resume(shards, caplog):
   with caplog.at_level('INFO', logger=pipeline.__name__):
     iterator = pipeline.create_train_loader(config, _Keep(), seed=0)
   # The run's log states the source's image count and the epoch in steps.
-  assert f'({N} images in {N // PER_SHARD} shards): an epoch is 5.0 steps of 8 images' in caplog.text
+  assert (f'({N} images in {N // PER_SHARD} shards): an epoch is 5.0 steps of 8 images'
+          in caplog.text)
   epoch = [next(iterator) for _ in range(N // 8)]
   assert sorted(np.concatenate([b['index'] for b in epoch])) == list(range(N))
   images, _ = _fashion_mnist()  # Each record's pixels are its own (reader threads read at once).

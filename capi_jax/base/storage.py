@@ -381,12 +381,6 @@ class Stat:
   version: str
 
 
-def cache_dir(kind: str) -> Path:
-  """capi_jax's cache folder for `kind` ('releases', 'wds_index'): $CAPI_JAX_CACHE/kind (gs://
-  allowed where the kind's user writes through this module), default ~/.cache/capi_jax/kind."""
-  return path(os.environ.get(CACHE_ENV) or os.path.expanduser('~/.cache/capi_jax')) / kind
-
-
 def stat(p: PathLike) -> Stat:
   """File `p`'s size and version (one metadata request on GCS); FileNotFoundError if absent."""
   if is_gcs(p):
@@ -399,6 +393,12 @@ def stat(p: PathLike) -> Stat:
     return Stat(blob.size, str(blob.generation))
   info = os.stat(path(p))
   return Stat(info.st_size, f'{info.st_ino}-{info.st_mtime_ns}')
+
+
+def cache_dir(kind: str) -> Path:
+  """capi_jax's cache folder for `kind` ('releases', 'wds_index'): $CAPI_JAX_CACHE/kind (gs://
+  allowed where the kind's user writes through this module), default ~/.cache/capi_jax/kind."""
+  return path(os.environ.get(CACHE_ENV) or os.path.expanduser('~/.cache/capi_jax')) / kind
 
 
 def crc32c(p: PathLike) -> str:

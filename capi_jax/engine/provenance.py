@@ -3,8 +3,9 @@
 `describe(mesh)` gives the git commit and dirty flag of the checkout capi_jax runs from (None,
 with the reason, when it runs from an installed copy, or git is missing or slow: no network is
 used), the versions of the libraries in the training step's path (None when not installed), the
-environment variables that change what XLA / libtpu / NCCL do, the options the train step is
-compiled with (`step.TPU_COMPILER_OPTIONS` on TPUs), and the devices and mesh.
+environment variables that change what XLA / libtpu / NCCL do, the options the train step asks
+the TPU compiler for (`step.TPU_COMPILER_OPTIONS`; a libtpu may refuse them, with a warning in
+the log), and the devices and mesh.
 """
 
 import importlib.metadata
@@ -72,11 +73,12 @@ def environment() -> dict[str, str]:
 
 def describe(mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
   """Run-record fields: git, versions, environment, compiler options, devices, mesh."""
-  platform = jax.devices()[0].platform
+  device = jax.devices()[0]
   return {
       'git': git_state(), 'versions': versions(), 'environment': environment(),
-      'compiler_options': dict(step_lib.TPU_COMPILER_OPTIONS) if platform == 'tpu' else {},
-      'device_kind': jax.devices()[0].device_kind,
+      'compiler_options': (dict(step_lib.TPU_COMPILER_OPTIONS) if device.platform == 'tpu'
+                           else {}),
+      'device_kind': device.device_kind,
       'local_device_count': jax.local_device_count(),
       'mesh': None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},
   }

@@ -145,7 +145,8 @@ def fetch(name: str, base_url: str | None = None, timeout_s: float = 60) -> path
     raise ReleaseError(
         f'Cannot download release {name!r} from {url} ({reason}). Offline: download it '
         f'elsewhere (e.g. `curl -o {target.name} {RELEASES[name].url}`) and put it at {target} '
-        f'(or set ${storage.CACHE_ENV} to the folder above its releases/, or ${MIRROR_ENV} to a server that has it).'
+        f'(or set ${storage.CACHE_ENV} to the folder above its releases/, or ${MIRROR_ENV} to '
+        'a server that has it).'
     ) from e
   finally:
     if os.path.exists(partial):
